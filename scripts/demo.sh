@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The demo: local RabbitMQ and Redis (started or installed if needed), ecs-sim and one worker,
+# then a realistic fleet of task lifecycles published and followed to a summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/services.sh
+cargo build --quiet --bins
+
+export RELAY_EXCHANGE="${RELAY_EXCHANGE:-demo.state-changes}"
+export RELAY_METRICS_ADDR="${RELAY_METRICS_ADDR:-127.0.0.1:9464}"
+export RELAY_DRAIN_MIN_MS=1000 RELAY_DRAIN_MAX_MS=3000 RELAY_SHARDS="${RELAY_SHARDS:-16}"
+export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_EC2_METADATA_DISABLED=true
+export RUST_LOG="${RUST_LOG:-warn}"
+SIM_ADDR=127.0.0.1:4566
+export AWS_ENDPOINT_URL_ECS="http://$SIM_ADDR"
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+./target/debug/ecs-sim --listen "$SIM_ADDR" --latency-ms 20 &
+pids+=($!)
+./target/debug/ecs-state-relay worker &
+pids+=($!)
+
+./target/debug/ecs-state-relay demo --sim-url "http://$SIM_ADDR" --worker-url "http://$RELAY_METRICS_ADDR" --tasks "${DEMO_TASKS:-300}"

@@ -1,0 +1,170 @@
+//! RabbitMQ side: connection, the idempotent topology of the wire contract, and dead-lettering.
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::config::mask_url;
+use crate::wire::Reject;
+
+/// Deliveries beyond this count are dead-lettered by the broker: a safety net for a message
+/// that keeps a worker from acknowledging it (the relay itself rejects bad input explicitly).
+pub const DELIVERY_LIMIT: i64 = 50;
+pub const REJECT_HEADER: &str = "x-relay-reject-reason";
+
+pub fn shard_queue(exchange: &str, shard: u16) -> String {
+    format!("{exchange}.shard-{shard}")
+}
+pub fn dlx(exchange: &str) -> String {
+    format!("{exchange}.dlx")
+}
+pub fn dead_queue(exchange: &str) -> String {
+    format!("{exchange}.dead")
+}
+
+/// Topology problems a worker must not start with.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(
+        "RELAY_SHARDS={configured} but the broker has shard queue {found:?}: this deployment was created \
+         with more shards. The shard count is fixed for a deployment (changing it moves tasks between \
+         shards and breaks per-task order); start workers with the deployment's count"
+    )]
+    MoreShards { configured: u16, found: String },
+    #[error(
+        "RELAY_SHARDS={configured} but only {existing} of those shard queues exist: this deployment was \
+         created with fewer shards. The shard count is fixed for a deployment (changing it moves tasks \
+         between shards and breaks per-task order); start workers with the deployment's count"
+    )]
+    FewerShards { configured: u16, existing: u16 },
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+pub async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, props)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {}: {e}", mask_url(url)))
+}
+
+fn s(v: &str) -> ShortString {
+    v.into()
+}
+
+/// The exchange producers publish to (also declared by `publish`).
+pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    ch.exchange_declare(
+        s(exchange),
+        ExchangeKind::Custom("x-consistent-hash".into()),
+        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declares everything idempotently; refuses a shard count that disagrees with the broker.
+pub async fn declare(conn: &Connection, exchange: &str, shards: u16) -> Result<(), TopologyError> {
+    check_shard_count(conn, exchange, shards).await?;
+    let ch = conn.create_channel().await?;
+    declare_exchange(&ch, exchange).await?;
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    ch.exchange_declare(s(&dlx(exchange)), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await?;
+    let queue_opts = QueueDeclareOptions { durable: true, ..Default::default() };
+    let mut dead_args = FieldTable::default();
+    dead_args.insert(s("x-queue-type"), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(s(&dead_queue(exchange)), queue_opts, dead_args).await?;
+    ch.queue_bind(s(&dead_queue(exchange)), s(&dlx(exchange)), s(""), QueueBindOptions::default(), FieldTable::default())
+        .await?;
+    for shard in 0..shards {
+        let q = shard_queue(exchange, shard);
+        ch.queue_declare(s(&q), queue_opts, shard_queue_args(exchange)).await?;
+        // Weight "1": every shard takes an equal part of the hash ring.
+        ch.queue_bind(s(&q), s(exchange), s("1"), QueueBindOptions::default(), FieldTable::default())
+            .await?;
+    }
+    let _ = ch.close(200, s("topology declared")).await;
+    Ok(())
+}
+
+pub fn shard_queue_args(exchange: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(s("x-queue-type"), AMQPValue::LongString("quorum".into()));
+    args.insert(s("x-single-active-consumer"), AMQPValue::Boolean(true));
+    args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+    args.insert(s("x-dead-letter-exchange"), AMQPValue::LongString(dlx(exchange).into()));
+    args
+}
+
+/// Shard queues 0..N-1 must all exist or none (a new deployment), and queue N must not.
+async fn check_shard_count(conn: &Connection, exchange: &str, shards: u16) -> Result<(), TopologyError> {
+    let beyond = shard_queue(exchange, shards);
+    if queue_exists(conn, &beyond).await? {
+        return Err(TopologyError::MoreShards { configured: shards, found: beyond });
+    }
+    let mut existing = 0;
+    for shard in 0..shards {
+        if queue_exists(conn, &shard_queue(exchange, shard)).await? {
+            existing += 1;
+        }
+    }
+    if existing != 0 && existing != shards {
+        return Err(TopologyError::FewerShards { configured: shards, existing });
+    }
+    Ok(())
+}
+
+/// Passive declare; the broker closes the channel on "not found", so each probe gets its own.
+async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let probe = ch
+        .queue_declare(s(queue), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await;
+    match probe {
+        Ok(_) => {
+            let _ = ch.close(200, s("probe done")).await;
+            Ok(true)
+        }
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    e.to_string().contains("NOT_FOUND") || e.to_string().contains("404")
+}
+
+/// A channel in confirm mode: dead-letter publishes are confirmed before the original is acked.
+pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// Publishes a rejected message to the dead-letter exchange, unchanged but for the reason
+/// header, and waits for the broker's confirm.
+pub async fn dead_letter(
+    ch: &Channel,
+    exchange: &str,
+    source_queue: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: &BasicProperties,
+    reject: &Reject,
+) -> anyhow::Result<()> {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(s(REJECT_HEADER), AMQPValue::LongString(reject.header().into()));
+    headers.insert(s("x-relay-source-queue"), AMQPValue::LongString(source_queue.into()));
+    let props = props.clone().with_headers(headers).with_delivery_mode(2);
+    let confirm = ch
+        .basic_publish(s(&dlx(exchange)), s(routing_key), BasicPublishOptions::default(), body, props)
+        .await?
+        .await?;
+    if confirm.is_nack() {
+        anyhow::bail!("broker refused the dead-lettered message");
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Configuration: every setting is an environment variable and a CLI flag of the same name
+//! (`RELAY_SHARDS` = `--shards`). Defaults are the documented ones (docs/configuration.md).
+
+use std::time::Duration;
+
+use clap::Args;
+
+/// Settings of a worker. Tests build it with `WorkerConfig::default()` and override fields.
+#[derive(Clone, Args)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub conn: ConnConfig,
+    /// Number of shard queues; fixed for a deployment (changing it reorders task keys).
+    #[arg(long, env = "RELAY_SHARDS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: u16,
+    /// Fleet-wide limit of ECS calls in flight.
+    #[arg(long, env = "RELAY_CONCURRENCY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency_limit: u32,
+    #[arg(long, env = "RELAY_DRAIN_MIN_MS", default_value_t = 10_000)]
+    pub drain_min_ms: u64,
+    #[arg(long, env = "RELAY_DRAIN_MAX_MS", default_value_t = 30_000)]
+    pub drain_max_ms: u64,
+    #[arg(long, env = "RELAY_BACKOFF_MIN_MS", default_value_t = 1_000)]
+    pub backoff_min_ms: u64,
+    #[arg(long, env = "RELAY_BACKOFF_MAX_MS", default_value_t = 30_000)]
+    pub backoff_max_ms: u64,
+    /// Per-task state expires after this long without activity.
+    #[arg(long, env = "RELAY_TASK_RETENTION_S", default_value_t = 86_400)]
+    pub task_retention_s: u64,
+    /// Shard lease time; a dead worker's shards move after this long.
+    #[arg(long, env = "RELAY_LEASE_MS", default_value_t = 15_000)]
+    pub lease_ms: u64,
+    /// Lease of one ECS-call permit; a crashed worker's permits come back after this long.
+    #[arg(long, env = "RELAY_PERMIT_LEASE_MS", default_value_t = 30_000)]
+    pub permit_lease_ms: u64,
+    /// Timeout of one ECS call; must be shorter than the permit lease.
+    #[arg(long, env = "RELAY_CALL_TIMEOUT_MS", default_value_t = 20_000)]
+    pub call_timeout_ms: u64,
+    /// Unacknowledged deliveries per shard consumer (also the largest intake batch).
+    #[arg(long, env = "RELAY_PREFETCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+    /// `/metrics`, `/healthz`, `/readyz`; empty disables the listener.
+    #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: String,
+    /// Unique name of this worker in leases and permits (default: host name + pid).
+    #[arg(long, env = "RELAY_WORKER_ID")]
+    pub worker_id: Option<String>,
+}
+
+/// Where the broker and the store are; shared by every subcommand.
+#[derive(Clone, Args)]
+pub struct ConnConfig {
+    #[arg(long, env = "RELAY_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    pub amqp_url: String,
+    #[arg(long, env = "RELAY_REDIS_URL", default_value = "redis://127.0.0.1:6379/0", hide_env_values = true)]
+    pub redis_url: String,
+    /// Exchange agents publish to; queues, Redis keys and permits are named after it.
+    #[arg(long, env = "RELAY_EXCHANGE", default_value = "ecs.state-changes")]
+    pub exchange: String,
+}
+
+impl Default for ConnConfig {
+    fn default() -> Self {
+        Self {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            exchange: "ecs.state-changes".into(),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            conn: ConnConfig::default(),
+            shards: 16,
+            concurrency_limit: 10,
+            drain_min_ms: 10_000,
+            drain_max_ms: 30_000,
+            backoff_min_ms: 1_000,
+            backoff_max_ms: 30_000,
+            task_retention_s: 86_400,
+            lease_ms: 15_000,
+            permit_lease_ms: 30_000,
+            call_timeout_ms: 20_000,
+            prefetch: 256,
+            metrics_addr: "0.0.0.0:9464".into(),
+            worker_id: None,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Rejects combinations that would break a guarantee, with a message naming the settings.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.drain_min_ms == 0 || self.drain_min_ms > self.drain_max_ms {
+            return Err("RELAY_DRAIN_MIN_MS must be > 0 and <= RELAY_DRAIN_MAX_MS".into());
+        }
+        if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
+            return Err("RELAY_BACKOFF_MIN_MS must be > 0 and <= RELAY_BACKOFF_MAX_MS".into());
+        }
+        if self.call_timeout_ms >= self.permit_lease_ms {
+            // A call that outlives its permit could run beside a call that took the expired permit.
+            return Err("RELAY_CALL_TIMEOUT_MS must be shorter than RELAY_PERMIT_LEASE_MS".into());
+        }
+        if self.lease_ms < 300 {
+            return Err("RELAY_LEASE_MS must be at least 300".into());
+        }
+        if self.task_retention_s == 0 {
+            return Err("RELAY_TASK_RETENTION_S must be > 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "worker".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}
+
+/// Hides the password of a URL (`amqp://user:***@host`), for logs and errors.
+pub fn mask_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        // Unparseable: show only the scheme, the rest may hold a secret.
+        Err(_) => match raw.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://<unparseable>"),
+            None => "<unparseable url>".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(mask_url("amqp://guest:secret@h:5672/%2f"), "amqp://guest:***@h:5672/%2f");
+        assert_eq!(mask_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(mask_url("redis://h:6379/0"), "redis://h:6379/0");
+        assert!(!mask_url("amqp://u:p@ss@[bad").contains("p@ss"));
+    }
+
+    #[test]
+    fn call_timeout_must_be_shorter_than_permit_lease() {
+        let c = WorkerConfig { call_timeout_ms: 30_000, ..Default::default() };
+        assert!(c.validate().unwrap_err().contains("RELAY_CALL_TIMEOUT_MS"));
+        assert!(WorkerConfig::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,204 @@
+//! `demo`: publishes a realistic fleet of task lifecycles (containers, managed agents,
+//! attachments, a few ECS failures to retry, one invalid event), follows the run through
+//! ecs-sim's stats, and prints a summary. Used by `scripts/demo.sh`.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde_json::{json, Value};
+
+use crate::amqp;
+use crate::config::ConnConfig;
+use crate::publish::publish_lines;
+use crate::sim::{Action, Rule, SimStats};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub conn: ConnConfig,
+    /// Base URL of a running ecs-sim.
+    #[arg(long, default_value = "http://127.0.0.1:4566")]
+    pub sim_url: String,
+    /// Metrics address of the worker, polled on /readyz before publishing.
+    #[arg(long, default_value = "http://127.0.0.1:9464")]
+    pub worker_url: String,
+    /// Tasks in the fleet.
+    #[arg(long, default_value_t = 300)]
+    pub tasks: usize,
+    /// Give up waiting for the run after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    pub timeout_s: u64,
+}
+
+/// The generated fleet: JSON lines in publish order and what ECS should see.
+pub struct Fleet {
+    pub lines: Vec<String>,
+    pub valid_events: usize,
+    pub expected_ok_calls: u64,
+    pub rules: Vec<Rule>,
+}
+
+/// Each task: containers web and sidecar (RUNNING then STOPPED), an exec agent, task RUNNING and
+/// STOPPED; every 10th task has a task ENI attachment, every 25th an instance ENI attachment;
+/// every 20th task's first call fails twice (ServerException), one task is throttled once.
+pub fn fleet(tasks: usize, cluster: &str) -> Fleet {
+    let arn = |i: usize| format!("arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{i:032x}");
+    let at = "2026-11-28T10:00:00Z";
+    let expires = "2099-01-01T00:00:00Z";
+    let mut phases: Vec<Vec<Value>> = vec![Vec::new(); 5];
+    let mut rules = Vec::new();
+    let mut expected_ok_calls = 0u64;
+    for i in 0..tasks {
+        let task = arn(i);
+        let id = |n: &str| format!("demo-{i}-{n}");
+        let base = |kind: &str, n: &str, status: &str| {
+            json!({"schemaVersion":1,"eventId":id(n),"type":kind,"cluster":cluster,"taskArn":task,"occurredAt":at,"status":status})
+        };
+        for (c, name) in ["web", "sidecar"].iter().enumerate() {
+            let mut e = base("container", &format!("{name}-running"), "RUNNING");
+            e["containerName"] = json!(name);
+            e["runtimeId"] = json!(format!("{i:08x}{c:056x}"));
+            e["taskStatus"] = json!("CREATED");
+            e["networkBindings"] = json!([{"bindIP":"0.0.0.0","containerPort":8080+c,"hostPort":32768+c,"protocol":"tcp"}]);
+            phases[0].push(e);
+        }
+        let mut agent = base("managedAgent", "exec-running", "RUNNING");
+        agent["containerName"] = json!("web");
+        agent["managedAgentName"] = json!("ExecuteCommandAgent");
+        phases[0].push(agent);
+        phases[1].push(base("task", "running", "RUNNING"));
+        expected_ok_calls += 1;
+        if i % 10 == 0 {
+            let mut a = base("taskAttachment", "eni", "ATTACHED");
+            a["attachmentArn"] = json!(format!("arn:aws:ecs:us-east-1:123456789012:attachment/{i:032x}"));
+            a["expiresAt"] = json!(expires);
+            phases[1].push(a);
+            expected_ok_calls += 1;
+        }
+        for name in ["web", "sidecar"] {
+            let mut e = base("container", &format!("{name}-stopped"), "STOPPED");
+            e["containerName"] = json!(name);
+            e["exitCode"] = json!(0);
+            e["reason"] = json!("Essential container in task exited");
+            phases[2].push(e);
+        }
+        let mut stopped = base("task", "stopped", "STOPPED");
+        stopped["reason"] = json!("Scaling activity initiated by deployment");
+        stopped["executionStoppedAt"] = json!(at);
+        phases[3].push(stopped);
+        expected_ok_calls += 1;
+        if i % 25 == 0 {
+            let att = format!("arn:aws:ec2:us-east-1:123456789012:eni-attachment/{i:016x}");
+            phases[4].push(json!({"schemaVersion":1,"eventId":id("instance-eni"),"type":"attachment","cluster":cluster,
+                "attachmentArn":att,"attachmentType":"eni","occurredAt":at,"status":"ATTACHED","expiresAt":expires}));
+            expected_ok_calls += 1;
+        }
+        if i % 20 == 7 {
+            rules.push(Rule { key: task.clone(), action: Action::ServerError, times: 2 });
+        }
+        if i == 3 {
+            rules.push(Rule { key: task.clone(), action: Action::Throttle, times: 1 });
+        }
+    }
+    let valid_events = phases.iter().map(Vec::len).sum();
+    let mut lines: Vec<String> = phases.into_iter().flatten().map(|v| v.to_string()).collect();
+    // One invalid event: a container status ECS cannot take; it must be dead-lettered.
+    let invalid = json!({"schemaVersion":1,"eventId":"demo-invalid","type":"container","cluster":cluster,
+        "taskArn":arn(0),"occurredAt":at,"status":"CREATED","containerName":"web"});
+    lines.insert(lines.len() / 2, invalid.to_string());
+    Fleet { lines, valid_events, expected_ok_calls, rules }
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let sim = args.sim_url.trim_end_matches('/').to_string();
+    let stats = || async {
+        let s: SimStats = http.get(format!("{sim}/_sim/stats")).send().await?.error_for_status()?.json().await?;
+        anyhow::Ok(s)
+    };
+    // Both just started: wait (bounded) until the sim answers and the worker is ready.
+    let ready_url = format!("{}/readyz", args.worker_url.trim_end_matches('/'));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sim_up = stats().await.is_ok();
+        let worker_ready = matches!(http.get(&ready_url).send().await, Ok(r) if r.status().is_success());
+        if sim_up && worker_ready {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("not ready after 60 s: ecs-sim at {sim} up: {sim_up}, worker {ready_url} ready: {worker_ready}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = stats().await?;
+    let dead_before = dead_count(&args.conn).await?;
+
+    let fleet = fleet(args.tasks, "demo");
+    for rule in &fleet.rules {
+        http.post(format!("{sim}/_sim/rules")).json(rule).send().await?.error_for_status()?;
+    }
+    println!(
+        "demo: publishing {} events for {} tasks ({} failures injected, 1 invalid event)",
+        fleet.lines.len(),
+        args.tasks,
+        fleet.rules.len()
+    );
+    let started = Instant::now();
+    let input = fleet.lines.join("\n");
+    publish_lines(&args.conn, input.as_bytes()).await?;
+    println!("demo: all {} events confirmed by RabbitMQ in {:.1}s", fleet.lines.len(), started.elapsed().as_secs_f64());
+
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
+    let mut last = before.clone();
+    loop {
+        let now = stats().await?;
+        let ok = now.ok - before.ok;
+        if ok != last.ok - before.ok || now.calls != last.calls {
+            println!(
+                "demo: {:>5.1}s  ECS calls ok {ok:>4}/{}  failed {:>3}  in flight {:>2}  highest {:>2}",
+                started.elapsed().as_secs_f64(),
+                fleet.expected_ok_calls,
+                now.errors - before.errors,
+                now.in_flight,
+                now.max_in_flight
+            );
+        }
+        last = now.clone();
+        if ok >= fleet.expected_ok_calls && now.in_flight == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out: {ok} of {} ECS calls succeeded", fleet.expected_ok_calls);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let dead = dead_count(&args.conn).await? - dead_before;
+    let calls = last.calls - before.calls;
+    let ok = last.ok - before.ok;
+    println!();
+    println!("summary");
+    println!("  events published        {}", fleet.lines.len());
+    println!("  valid events            {}", fleet.valid_events);
+    println!("  ECS calls               {calls} ({ok} ok, {} failed and retried)", calls - ok);
+    println!("  events per call         {:.2}", fleet.valid_events as f64 / ok.max(1) as f64);
+    println!("  highest concurrency     {} (limit 10)", last.max_in_flight);
+    println!("  dead-lettered           {dead}");
+    println!("  elapsed                 {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn dead_count(conn: &ConnConfig) -> anyhow::Result<i64> {
+    let c = amqp::connect(&conn.amqp_url, "ecs-state-relay demo").await?;
+    let ch = c.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            amqp::dead_queue(&conn.exchange).as_str().into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = c.close(200, "done".into()).await;
+    Ok(i64::from(q.message_count()))
+}

@@ -1,0 +1,203 @@
+//! The ECS client: builds the three Submit* requests from stored changes and classifies errors.
+//!
+//! The SDK's own retries are off: the sender's backoff is the one retry loop, so a permit is
+//! never held across retries, and each call has a timeout shorter than the permit lease.
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::types::{
+    AttachmentStateChange, ContainerStateChange, ManagedAgentStateChange, NetworkBinding, TransportProtocol,
+};
+use aws_smithy_types::DateTime;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::wire::{container_wire_status, task_wire_status, AttachmentChange, BatchItem, Binding, TaskChange};
+
+/// How a failed call is handled: dropped (InvalidParameterException) or retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// ECS refuses the request itself: retrying cannot help (rule 8).
+    InvalidParameter(String),
+    /// Anything else: throttling, 5xx, timeouts, connection errors.
+    Retry { code: String, message: String },
+}
+
+impl CallError {
+    /// The outcome label of the call metric.
+    pub fn code(&self) -> &str {
+        match self {
+            CallError::InvalidParameter(_) => "InvalidParameterException",
+            CallError::Retry { code, .. } => code,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::InvalidParameter(m) => write!(f, "InvalidParameterException: {m}"),
+            CallError::Retry { code, message } => write!(f, "{code}: {message}"),
+        }
+    }
+}
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    err: SdkError<E, R>,
+) -> CallError {
+    let (code, message) = match &err {
+        SdkError::ServiceError(se) => (
+            se.err().code().unwrap_or("UnknownServiceError").to_string(),
+            se.err().message().unwrap_or_default().to_string(),
+        ),
+        SdkError::TimeoutError(_) => ("Timeout".to_string(), "call timed out".to_string()),
+        SdkError::DispatchFailure(d) => ("DispatchFailure".to_string(), format!("{:?}", d.as_connector_error())),
+        SdkError::ResponseError(_) => ("ResponseError".to_string(), "unreadable response".to_string()),
+        _ => ("SdkError".to_string(), err.to_string()),
+    };
+    if code == "InvalidParameterException" {
+        CallError::InvalidParameter(message)
+    } else {
+        CallError::Retry { code, message }
+    }
+}
+
+#[derive(Clone)]
+pub struct Ecs {
+    client: aws_sdk_ecs::Client,
+}
+
+impl Ecs {
+    /// Standard AWS configuration: region, credentials chain, `AWS_ENDPOINT_URL_ECS`.
+    pub async fn from_env(call_timeout: Duration) -> anyhow::Result<Ecs> {
+        let conf = base_loader(call_timeout).load().await;
+        if conf.region().is_none() {
+            anyhow::bail!("no AWS region configured: set AWS_REGION (or a profile with a region)");
+        }
+        Ok(Ecs { client: aws_sdk_ecs::Client::new(&conf) })
+    }
+
+    /// A client for a local stand-in endpoint (ecs-sim): fixed region and dummy credentials.
+    pub async fn for_endpoint(endpoint: &str, call_timeout: Duration) -> Ecs {
+        let conf = base_loader(call_timeout)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_ecs::config::Credentials::new("sim", "sim", None, None, "ecs-sim"))
+            .endpoint_url(endpoint)
+            .load()
+            .await;
+        Ecs { client: aws_sdk_ecs::Client::new(&conf) }
+    }
+
+    /// SubmitTaskStateChange, status variant, with the batched containers and managed agents.
+    pub async fn submit_task(&self, change: &TaskChange, batch: &[BatchItem]) -> Result<(), CallError> {
+        let mut containers = Vec::new();
+        let mut agents = Vec::new();
+        for item in batch {
+            match item {
+                BatchItem::Container(c) => containers.push(
+                    ContainerStateChange::builder()
+                        .container_name(&c.container_name)
+                        .status(container_wire_status(&c.status))
+                        .set_runtime_id(c.runtime_id.clone())
+                        .set_image_digest(c.image_digest.clone())
+                        .set_reason(c.reason.clone())
+                        .set_exit_code(c.exit_code)
+                        .set_network_bindings(c.network_bindings.as_ref().map(|b| b.iter().map(binding).collect()))
+                        .build(),
+                ),
+                BatchItem::Agent(a) => {
+                    let agent = ManagedAgentStateChange::builder()
+                        .container_name(&a.container_name)
+                        .managed_agent_name(a.managed_agent_name.as_str().into())
+                        .status(&a.status)
+                        .reason(&a.reason)
+                        .build()
+                        .map_err(|e| CallError::Retry { code: "Build".into(), message: e.to_string() })?;
+                    agents.push(agent);
+                }
+            }
+        }
+        self.client
+            .submit_task_state_change()
+            .cluster(&change.cluster)
+            .task(&change.task)
+            .status(task_wire_status(&change.status))
+            .reason(&change.reason)
+            .set_pull_started_at(timestamp(&change.pull_started_at))
+            .set_pull_stopped_at(timestamp(&change.pull_stopped_at))
+            .set_execution_stopped_at(timestamp(&change.execution_stopped_at))
+            .set_containers((!containers.is_empty()).then_some(containers))
+            .set_managed_agents((!agents.is_empty()).then_some(agents))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    /// SubmitTaskStateChange, attachment variant: only cluster, task and the attachment.
+    pub async fn submit_task_attachment(&self, change: &AttachmentChange) -> Result<(), CallError> {
+        self.client
+            .submit_task_state_change()
+            .cluster(&change.cluster)
+            .set_task(change.task.clone())
+            .attachments(attachment(change)?)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    /// SubmitAttachmentStateChanges with exactly one attachment (instance ENI or resource).
+    pub async fn submit_attachment(&self, change: &AttachmentChange) -> Result<(), CallError> {
+        self.client
+            .submit_attachment_state_changes()
+            .cluster(&change.cluster)
+            .attachments(attachment(change)?)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+}
+
+fn base_loader(call_timeout: Duration) -> aws_config::ConfigLoader {
+    aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .operation_timeout(call_timeout)
+                .operation_attempt_timeout(call_timeout)
+                .connect_timeout(call_timeout.min(Duration::from_secs(5)))
+                .build(),
+        )
+}
+
+fn attachment(change: &AttachmentChange) -> Result<AttachmentStateChange, CallError> {
+    AttachmentStateChange::builder()
+        .attachment_arn(&change.attachment_arn)
+        .status(&change.status)
+        .build()
+        .map_err(|e| CallError::Retry { code: "Build".into(), message: e.to_string() })
+}
+
+fn binding(b: &Binding) -> NetworkBinding {
+    NetworkBinding::builder()
+        .set_bind_ip(b.bind_ip.clone())
+        .set_container_port(b.container_port)
+        .set_host_port(b.host_port)
+        .set_container_port_range(b.container_port_range.clone())
+        .set_host_port_range(b.host_port_range.clone())
+        .set_protocol(b.protocol.as_deref().map(TransportProtocol::from))
+        .build()
+}
+
+/// RFC 3339 (validated at intake) → epoch seconds with millisecond precision.
+fn timestamp(s: &Option<String>) -> Option<DateTime> {
+    let t = OffsetDateTime::parse(s.as_deref()?, &Rfc3339).ok()?;
+    let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+    Some(DateTime::from_millis(ms))
+}

@@ -1,0 +1,35 @@
+-- Removes the head of a task's outbox once it was sent (or dropped), and advances the sent
+-- statuses in the same step, so a crash never leaves "removed but not marked" or the reverse.
+-- KEYS: 1 lease, 2 outbox, 3 task state hash, 4 pending zset, 5 active zset, 6 dedupe, 7 batch
+-- ARGV: 1 owner, 2 token, 3 head id prefix, 4 ordering key, 5 retention seconds,
+--       6.. pairs of (state field, status index) to advance, never backwards
+-- Returns the outbox length left, or -1 when the head is not the expected entry.
+local err = fenced(KEYS[1], ARGV[1], ARGV[2])
+if err then return err end
+
+local head = redis.call('LINDEX', KEYS[2], 0)
+if not head or string.sub(head, 1, #ARGV[3]) ~= ARGV[3] then
+  return -1
+end
+redis.call('LPOP', KEYS[2])
+
+for i = 6, #ARGV, 2 do
+  local current = tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > current then
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
+end
+
+local left = redis.call('LLEN', KEYS[2])
+if left == 0 then
+  redis.call('ZREM', KEYS[4], ARGV[4])
+end
+redis.call('ZADD', KEYS[5], redis.call('TIME')[1], ARGV[4])
+local ttl = tonumber(ARGV[5]) * 2
+for i = 2, 3 do
+  redis.call('EXPIRE', KEYS[i], ttl)
+end
+for i = 6, 7 do
+  redis.call('EXPIRE', KEYS[i], ttl)
+end
+return left

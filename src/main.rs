@@ -1,0 +1,110 @@
+//! `ecs-state-relay`: the worker service and its operator commands.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ecs_state_relay::config::{ConnConfig, WorkerConfig};
+use ecs_state_relay::ecs::Ecs;
+use ecs_state_relay::metrics::{self, Readiness};
+use ecs_state_relay::{demo, publish, worker};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "ecs-state-relay", version, about = "Relays ECS agent state changes from RabbitMQ to ECS")]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a worker (the service).
+    Worker(WorkerConfig),
+    /// Publish JSON lines (one event each) from a file or stdin, with publisher confirms.
+    Publish {
+        #[command(flatten)]
+        conn: ConnConfig,
+        /// File of JSON lines; stdin when absent or "-".
+        file: Option<String>,
+    },
+    /// Publish a generated fleet of task lifecycles and follow it through ecs-sim to a summary.
+    Demo(demo::DemoArgs),
+}
+
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Worker(cfg) => run_worker(cfg).await,
+        Command::Publish { conn, file } => run_publish(conn, file).await,
+        Command::Demo(args) => demo::run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_worker(cfg: WorkerConfig) -> anyhow::Result<()> {
+    cfg.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let ecs = Ecs::from_env(Duration::from_millis(cfg.call_timeout_ms)).await?;
+    let cancel = CancellationToken::new();
+    let ready = Readiness::default();
+    if !cfg.metrics_addr.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&cfg.metrics_addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on RELAY_METRICS_ADDR {}: {e}", cfg.metrics_addr))?;
+        tracing::info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz");
+        tokio::spawn(metrics::serve(listener, ready.clone(), cancel.clone()));
+    }
+    tokio::spawn(stop_on_signal(cancel.clone()));
+    worker::run(cfg, ecs, ready, cancel).await
+}
+
+/// SIGTERM or SIGINT starts a clean shutdown; a second one exits at once.
+async fn stop_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutdown requested: stopping intake, finishing calls in flight");
+    cancel.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}
+
+async fn run_publish(conn: ConnConfig, file: Option<String>) -> anyhow::Result<()> {
+    let count = match file.as_deref() {
+        None | Some("-") => publish::publish_lines(&conn, tokio::io::BufReader::new(tokio::io::stdin())).await?,
+        Some(path) => {
+            let f = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open {path}: {e}"))?;
+            publish::publish_lines(&conn, tokio::io::BufReader::new(f)).await?
+        }
+    };
+    eprintln!("published {count} events (all confirmed)");
+    Ok(())
+}

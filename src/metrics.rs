@@ -1,0 +1,142 @@
+//! Every metric the relay exports, by name, in one place (docs/operations.md lists them), and
+//! the HTTP listener serving `/metrics`, `/healthz` and `/readyz`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+pub const EVENTS_CONSUMED: &str = "relay_events_consumed_total";
+pub const EVENTS_REJECTED: &str = "relay_events_rejected_total";
+pub const EVENTS_DUPLICATE: &str = "relay_events_duplicate_total";
+pub const EVENTS_DROPPED: &str = "relay_events_dropped_total";
+pub const ECS_CALLS: &str = "relay_ecs_calls_total";
+pub const ECS_CALL_SECONDS: &str = "relay_ecs_call_duration_seconds";
+pub const BATCH_SIZE: &str = "relay_submission_batched_events";
+pub const RETRIES: &str = "relay_retries_total";
+pub const PERMITS_IN_USE: &str = "relay_permits_in_use";
+pub const PERMITS_LIMIT: &str = "relay_permits_limit";
+pub const PERMIT_WAIT_SECONDS: &str = "relay_permit_wait_seconds";
+pub const SHARDS_OWNED: &str = "relay_shards_owned";
+pub const SENDERS_ACTIVE: &str = "relay_senders_active";
+pub const REDIS_ERRORS: &str = "relay_redis_errors_total";
+pub const AMQP_ERRORS: &str = "relay_amqp_errors_total";
+pub const BUILD_INFO: &str = "relay_build_info";
+
+const SECONDS_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const COUNT_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+pub fn event_consumed(kind: &'static str) {
+    counter!(EVENTS_CONSUMED, "type" => kind).increment(1);
+}
+pub fn event_rejected(code: &'static str) {
+    counter!(EVENTS_REJECTED, "reason" => code).increment(1);
+}
+pub fn event_duplicate() {
+    counter!(EVENTS_DUPLICATE).increment(1);
+}
+/// `reason`: redundant, invalid_parameter, retention.
+pub fn events_dropped(reason: &'static str, n: u64) {
+    counter!(EVENTS_DROPPED, "reason" => reason).increment(n);
+}
+pub fn ecs_call(operation: &'static str, outcome: &str, took: Duration) {
+    counter!(ECS_CALLS, "operation" => operation, "outcome" => outcome.to_string()).increment(1);
+    histogram!(ECS_CALL_SECONDS, "operation" => operation).record(took.as_secs_f64());
+}
+pub fn submission_batch(events: usize) {
+    histogram!(BATCH_SIZE).record(events as f64);
+}
+pub fn retry() {
+    counter!(RETRIES).increment(1);
+}
+pub fn permit_acquired(waited: Duration) {
+    histogram!(PERMIT_WAIT_SECONDS).record(waited.as_secs_f64());
+}
+pub fn permits(in_use: u64, limit: u32) {
+    gauge!(PERMITS_IN_USE).set(in_use as f64);
+    gauge!(PERMITS_LIMIT).set(limit as f64);
+}
+pub fn shards_owned(n: usize) {
+    gauge!(SHARDS_OWNED).set(n as f64);
+}
+pub fn sender_started() {
+    gauge!(SENDERS_ACTIVE).increment(1.0);
+}
+pub fn sender_stopped() {
+    gauge!(SENDERS_ACTIVE).decrement(1.0);
+}
+pub fn redis_error(op: &'static str) {
+    counter!(REDIS_ERRORS, "op" => op).increment(1);
+}
+pub fn amqp_error(op: &'static str) {
+    counter!(AMQP_ERRORS, "op" => op).increment(1);
+}
+
+/// Installs the Prometheus recorder once per process (tests run several workers in one).
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), COUNT_BUCKETS));
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // Another recorder may already be installed (embedding); ours then just renders nothing.
+        let _ = metrics::set_global_recorder(recorder);
+        gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+/// Readiness as the worker reports it: connected and topology declared.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ready: Readiness,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let handle = handle();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                handle.run_upkeep();
+                handle.render()
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.get() {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await
+}

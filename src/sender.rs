@@ -1,0 +1,369 @@
+//! Senders: one per ordering key (task ARN, or attachment ARN) in the worker owning its shard.
+//!
+//! A sender sends its outbox head, and only when the head has left the outbox (sent, redundant
+//! or dropped, in one atomic step with the sent flags) the next. Failures back off for this key
+//! only; the fleet-wide permit is held just for the HTTP call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::WorkerConfig;
+use crate::ecs::{CallError, Ecs};
+use crate::metrics as m;
+use crate::semaphore::Semaphore;
+use crate::store::{field, Fence, KeyState, Store, StoreError};
+use crate::wire::{
+    entry_id_prefix, status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
+    CONTAINER_STATUSES, TASK_STATUSES,
+};
+
+/// Exponential backoff of rule 9: min, ×1.3 per retry, capped, plus 0–20 % jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, current: min }
+    }
+
+    /// The next sleep: the current base plus jitter in [0, 20 %); then the base grows.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        let jitter_bound = base.as_nanos() as u64 / 5;
+        let jitter = if jitter_bound == 0 { 0 } else { rand::rng().random_range(0..jitter_bound) };
+        self.current = base.mul_f64(1.3).min(self.max);
+        base + Duration::from_nanos(jitter)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// What to do with an outbox head given the key's sent statuses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Send, then advance these state fields (never backwards).
+    Send(Vec<(String, u8)>),
+    /// Nothing new for ECS: remove without a call (rule 5).
+    Redundant,
+}
+
+/// The send predicates of rules 5 and 7.
+pub fn plan(entry: &OutboxEntry, state: &KeyState, now_ms: i64) -> Plan {
+    match &entry.e {
+        Change::Task(t) => {
+            let status = status_index(&TASK_STATUSES, &t.status).unwrap_or(0);
+            let mut send = state.get(field::TASK_SENT) < status;
+            let mut advances = vec![(field::TASK_SENT.to_string(), status)];
+            for item in &entry.b {
+                let (f, s) = match item {
+                    BatchItem::Container(c) => (
+                        field::container(&c.container_name),
+                        status_index(&CONTAINER_STATUSES, &c.status).unwrap_or(0),
+                    ),
+                    BatchItem::Agent(a) => (
+                        field::agent(&a.container_name, &a.managed_agent_name),
+                        status_index(&AGENT_STATUSES, &a.status).unwrap_or(0),
+                    ),
+                };
+                send |= state.get(&f) < s;
+                advances.push((f, s));
+            }
+            if send {
+                Plan::Send(advances)
+            } else {
+                Plan::Redundant
+            }
+        }
+        Change::Attachment(a) => {
+            let f = field::attachment(&a.attachment_arn);
+            let sent = state.get(&f) >= 1;
+            let expired = now_ms > a.expires_at_ms;
+            let resource_not_attached = a.attachment_type.as_deref() == Some("resource")
+                && status_index(&ATTACHMENT_STATUSES, &a.status) != Some(1);
+            if sent || expired || resource_not_attached {
+                Plan::Redundant
+            } else {
+                Plan::Send(vec![(f, 1)])
+            }
+        }
+    }
+}
+
+/// Everything a shard's senders share.
+pub struct ShardCtx {
+    pub shard: u16,
+    pub fence: Fence,
+    pub store: Store,
+    pub ecs: Ecs,
+    pub permits: Semaphore,
+    pub cfg: Arc<WorkerConfig>,
+    /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
+    pub cancel: CancellationToken,
+}
+
+/// The running senders of one shard. `wake` after the intake appended to a key's outbox.
+#[derive(Clone)]
+pub struct Senders {
+    ctx: Arc<ShardCtx>,
+    /// Key → "woken again while running": the sender re-reads before it exits.
+    running: Arc<Mutex<HashMap<String, bool>>>,
+    tasks: TaskTracker,
+}
+
+impl Senders {
+    pub fn new(ctx: Arc<ShardCtx>) -> Self {
+        Self { ctx, running: Arc::default(), tasks: TaskTracker::new() }
+    }
+
+    pub fn wake(&self, key: &str) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(woken) = running.get_mut(key) {
+            *woken = true;
+            return;
+        }
+        running.insert(key.to_string(), false);
+        drop(running);
+        let this = self.clone();
+        let key = key.to_string();
+        self.tasks.spawn(async move {
+            m::sender_started();
+            this.run(&key).await;
+            m::sender_stopped();
+        });
+    }
+
+    /// Waits until every sender has finished its in-flight call and exited (after cancel).
+    pub async fn wait(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// True when the sender may exit: nothing woke it since it last read the outbox.
+    fn finish(&self, key: &str) -> bool {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match running.get_mut(key) {
+            Some(woken) if *woken => {
+                *woken = false;
+                false
+            }
+            _ => {
+                running.remove(key);
+                true
+            }
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+
+    async fn run(&self, key: &str) {
+        let ctx = &self.ctx;
+        let mut backoff = Backoff::new(
+            Duration::from_millis(ctx.cfg.backoff_min_ms),
+            Duration::from_millis(ctx.cfg.backoff_max_ms),
+        );
+        let mut attempt: u32 = 0;
+        loop {
+            if ctx.cancel.is_cancelled() {
+                break;
+            }
+            {
+                // Clear the wake flag before reading, so a wake after this read is not lost.
+                let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(w) = running.get_mut(key) {
+                    *w = false;
+                }
+            }
+            let (head, state) = match ctx.store.peek(ctx.shard, key).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(shard = ctx.shard, key, error = %e, "cannot read outbox; retrying");
+                    m::redis_error("peek");
+                    if !self.sleep(Duration::from_millis(500)).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Some(raw) = head else {
+                if self.finish(key) {
+                    return;
+                }
+                continue;
+            };
+            let entry: OutboxEntry = match serde_json::from_str(&raw) {
+                Ok(e) => e,
+                Err(e) => {
+                    // Written by this program, so this means manual edits or a version skew:
+                    // drop it (counted, logged whole) rather than block the task forever.
+                    tracing::error!(shard = ctx.shard, key, error = %e, entry = %raw, "unreadable outbox entry dropped");
+                    m::events_dropped("unreadable", 1);
+                    if !self.complete(key, &raw, &[]).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let id_prefix = entry_id_prefix(&entry.id);
+            let advances = match plan(&entry, &state, now_ms()) {
+                Plan::Redundant => {
+                    tracing::debug!(shard = ctx.shard, key, id = %entry.id, "redundant change removed");
+                    m::events_dropped("redundant", 1);
+                    if !self.complete(key, &id_prefix, &[]).await {
+                        break;
+                    }
+                    continue;
+                }
+                Plan::Send(advances) => advances,
+            };
+            let Some(result) = self.call(&entry).await else {
+                break; // cancelled while waiting for a permit: the entry stays for the next owner
+            };
+            attempt += 1;
+            match result {
+                Ok(()) => {
+                    tracing::debug!(shard = ctx.shard, key, id = %entry.id, attempt, "submitted");
+                    m::submission_batch(entry.b.len());
+                    backoff.reset();
+                    attempt = 0;
+                    if !self.complete(key, &id_prefix, &advances).await {
+                        break;
+                    }
+                }
+                Err(CallError::InvalidParameter(msg)) => {
+                    tracing::warn!(shard = ctx.shard, key, id = %entry.id, error = %msg, request = %raw,
+                        "ECS rejected the change as invalid; dropped");
+                    m::events_dropped("invalid_parameter", 1 + entry.b.len() as u64);
+                    backoff.reset();
+                    attempt = 0;
+                    if !self.complete(key, &id_prefix, &[]).await {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    m::retry();
+                    let delay = backoff.next_delay();
+                    // First failure and then every tenth: a long outage must not flood the log.
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(shard = ctx.shard, key, id = %entry.id, attempt, error = %e,
+                            retry_in_ms = delay.as_millis() as u64, "ECS call failed; retrying");
+                    }
+                    if !self.sleep(delay).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.forget(key);
+    }
+
+    /// One ECS call under a fleet-wide permit; None when cancelled before the call started.
+    async fn call(&self, entry: &OutboxEntry) -> Option<Result<(), CallError>> {
+        let ctx = &self.ctx;
+        let permit = ctx.permits.acquire(&ctx.cancel).await?;
+        let started = Instant::now();
+        let (operation, fut): (&'static str, std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>) =
+            match &entry.e {
+                Change::Task(t) => ("SubmitTaskStateChange", Box::pin(ctx.ecs.submit_task(t, &entry.b))),
+                Change::Attachment(a) if a.task.is_some() => {
+                    ("SubmitTaskStateChange", Box::pin(ctx.ecs.submit_task_attachment(a)))
+                }
+                Change::Attachment(a) => ("SubmitAttachmentStateChanges", Box::pin(ctx.ecs.submit_attachment(a))),
+            };
+        // The call runs to completion even on shutdown (bounded by its timeout), so its outcome
+        // is recorded; the permit lease is refreshed meanwhile.
+        let mut fut = fut;
+        let mut refresh = tokio::time::interval(ctx.permits.lease() / 3);
+        refresh.tick().await;
+        let result = loop {
+            tokio::select! {
+                r = &mut fut => break r,
+                _ = refresh.tick() => {
+                    if let Ok(false) = ctx.permits.refresh(&permit).await {
+                        tracing::warn!(shard = ctx.shard, "permit lease expired during an ECS call");
+                    }
+                }
+            }
+        };
+        ctx.permits.release(permit).await;
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(e) => e.code(),
+        };
+        m::ecs_call(operation, outcome, started.elapsed());
+        Some(result)
+    }
+
+    /// Removes the head; retries Redis errors (never re-sends). False when the shard is lost.
+    async fn complete(&self, key: &str, id_prefix: &str, advances: &[(String, u8)]) -> bool {
+        let ctx = &self.ctx;
+        let id = id_prefix.to_string();
+        loop {
+            match ctx
+                .store
+                .complete_prefix(ctx.shard, &ctx.fence, key, &id, advances, ctx.cfg.task_retention_s)
+                .await
+            {
+                Ok(_) => return true,
+                Err(StoreError::Fenced) => {
+                    tracing::warn!(shard = ctx.shard, key, "shard lease lost; sender stops");
+                    ctx.cancel.cancel();
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(shard = ctx.shard, key, error = %e, "cannot record completion; retrying");
+                    m::redis_error("complete");
+                    // Not cancel-aware on purpose: the call already happened; recording it is what
+                    // keeps the one allowed duplicate rare. Redis outages end or the process is killed.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Sleeps unless cancelled first; false when cancelled.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.ctx.cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_follows_rule_9() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let bases = [1.0, 1.3, 1.69, 2.197];
+        for base in bases {
+            let d = b.next_delay().as_secs_f64();
+            assert!(d >= base - 1e-6 && d < base * 1.2 + 1e-6, "{d} vs {base}");
+        }
+        for _ in 0..20 {
+            b.next_delay();
+        }
+        let d = b.next_delay().as_secs_f64();
+        assert!((30.0..36.0).contains(&d), "{d}");
+        b.reset();
+        assert!(b.next_delay() < Duration::from_millis(1200));
+    }
+}

@@ -1,0 +1,469 @@
+//! Redis store: per-shard keys, the intake / complete / drain / sweep scripts and shard leases.
+//!
+//! Every key of a shard carries the shard's hash tag (`relay:{<exchange>#<i>}:…`), so each
+//! step is one atomic script that also checks the shard's fencing token (see `src/lua/`).
+
+use std::collections::HashMap;
+
+use redis::{self, Script};
+use deadpool_redis::{Config as PoolConfig, Connection, Pool, Runtime};
+
+use crate::config::mask_url;
+use crate::wire::{Event, TASK_STATUSES};
+
+/// Why a store call failed: the lease was lost (stop writing this shard), or Redis failed (retry).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("shard lease lost (fenced)")]
+    Fenced,
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        if e.code() == Some("FENCED") {
+            StoreError::Fenced
+        } else {
+            StoreError::Redis(e.to_string())
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for StoreError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        StoreError::Redis(e.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+macro_rules! fenced_script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("lua/fence.lua"), include_str!(concat!("lua/", $file))))
+    };
+}
+
+struct Scripts {
+    intake: Script,
+    complete: Script,
+    drain: Script,
+    sweep: Script,
+    lease_acquire: Script,
+    lease_renew: Script,
+    lease_release: Script,
+    heartbeat: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            intake: fenced_script!("intake.lua"),
+            complete: fenced_script!("complete.lua"),
+            drain: fenced_script!("drain.lua"),
+            sweep: fenced_script!("sweep.lua"),
+            lease_acquire: Script::new(include_str!("lua/lease_acquire.lua")),
+            lease_renew: Script::new(include_str!("lua/lease_renew.lua")),
+            lease_release: Script::new(include_str!("lua/lease_release.lua")),
+            heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
+        }
+    }
+}
+
+/// The lease a worker holds on a shard; every write passes it for the fencing check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub owner: String,
+    pub token: u64,
+}
+
+/// What the intake did with one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intake {
+    Duplicate,
+    Batched,
+    Enqueued,
+}
+
+/// Sent and known statuses of one ordering key, as stored in its state hash.
+#[derive(Clone, Debug, Default)]
+pub struct KeyState(pub HashMap<String, String>);
+
+impl KeyState {
+    /// The stored status index of a field (absent = 0, the NONE of every vocabulary).
+    pub fn get(&self, field: &str) -> u8 {
+        self.0.get(field).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+    pub fn known(&self) -> Option<u8> {
+        self.0.get("k").and_then(|v| v.parse().ok())
+    }
+}
+
+/// Field names of the state hash.
+pub mod field {
+    pub const TASK_SENT: &str = "s";
+    pub fn container(name: &str) -> String {
+        format!("c:{name}")
+    }
+    pub fn agent(container: &str, agent: &str) -> String {
+        format!("m:{container}\u{1f}{agent}")
+    }
+    pub fn attachment(arn: &str) -> String {
+        format!("a:{arn}")
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    namespace: String,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+/// Key names of one shard.
+#[derive(Clone, Debug)]
+pub struct ShardKeys {
+    prefix: String,
+}
+
+impl ShardKeys {
+    fn k(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+    fn per(&self, kind: &str, key: &str) -> String {
+        format!("{}{kind}:{key}", self.prefix)
+    }
+    pub fn lease(&self) -> String {
+        self.k("lease")
+    }
+    pub fn pending(&self) -> String {
+        self.k("pending")
+    }
+    pub fn batched(&self) -> String {
+        self.k("batched")
+    }
+    pub fn active(&self) -> String {
+        self.k("active")
+    }
+    pub fn state(&self, key: &str) -> String {
+        self.per("t", key)
+    }
+    pub fn batch(&self, key: &str) -> String {
+        self.per("b", key)
+    }
+    pub fn outbox(&self, key: &str) -> String {
+        self.per("o", key)
+    }
+}
+
+impl Store {
+    /// Connects a pool; `namespace` (the exchange name) separates deployments sharing one Redis.
+    pub async fn connect(url: &str, namespace: &str) -> anyhow::Result<Store> {
+        let pool = PoolConfig::from_url(url)
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
+        let store = Store { pool, namespace: namespace.to_string(), scripts: std::sync::Arc::new(Scripts::new()) };
+        let mut conn = store
+            .conn()
+            .await
+            .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
+        Ok(store)
+    }
+
+    pub async fn conn(&self) -> StoreResult<Connection> {
+        Ok(self.pool.get().await?)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn shard(&self, shard: u16) -> ShardKeys {
+        ShardKeys { prefix: format!("relay:{{{}#{shard}}}:", self.namespace) }
+    }
+
+    /// Deployment-wide key (outside any shard), e.g. the permit set.
+    pub fn global_key(&self, name: &str) -> String {
+        format!("relay:{{{}}}:{name}", self.namespace)
+    }
+
+    /// Applies a shard's events in delivery order in one pipelined round trip.
+    pub async fn intake(
+        &self,
+        shard: u16,
+        fence: &Fence,
+        events: &[Event],
+        retention_s: u64,
+    ) -> StoreResult<Vec<Intake>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let build = || {
+            let mut pipe = redis::pipe();
+            for ev in events {
+                let mut inv = self.scripts.intake.prepare_invoke();
+                inv.key(keys.lease())
+                    .key(keys.per("d", &ev.key))
+                    .key(keys.state(&ev.key))
+                    .key(keys.batch(&ev.key))
+                    .key(keys.outbox(&ev.key))
+                    .key(keys.pending())
+                    .key(keys.batched())
+                    .key(keys.active())
+                    .key(keys.k("seq"))
+                    .arg(&fence.owner)
+                    .arg(fence.token)
+                    .arg(&ev.event_id)
+                    .arg(ev.kind.as_str())
+                    .arg(&ev.key)
+                    .arg(&ev.stored)
+                    .arg(ev.known_task_status.map(|s| s.to_string()).unwrap_or_default())
+                    .arg(&ev.cluster)
+                    .arg(retention_s);
+                pipe.invoke_script(&inv);
+            }
+            pipe
+        };
+        let codes: Vec<i64> = self.query_loading(&mut conn, &self.scripts.intake, build).await?;
+        Ok(codes
+            .into_iter()
+            .map(|c| match c {
+                0 => Intake::Duplicate,
+                1 => Intake::Batched,
+                _ => Intake::Enqueued,
+            })
+            .collect())
+    }
+
+    /// Runs a pipeline of EVALSHA, loading the script once if Redis lost it (restart, flush).
+    async fn query_loading<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Connection,
+        script: &Script,
+        build: impl Fn() -> redis::Pipeline,
+    ) -> StoreResult<T> {
+        match build().query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                script.prepare_invoke().load_async(conn).await?;
+                Ok(build().query_async(conn).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// The head of a key's outbox (raw) and its state, in one round trip.
+    pub async fn peek(&self, shard: u16, key: &str) -> StoreResult<(Option<String>, KeyState)> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let (head, state): (Option<String>, HashMap<String, String>) = redis::pipe()
+            .cmd("LINDEX")
+            .arg(keys.outbox(key))
+            .arg(0)
+            .cmd("HGETALL")
+            .arg(keys.state(key))
+            .query_async(&mut conn)
+            .await?;
+        Ok((head, KeyState(state)))
+    }
+
+    /// Removes the outbox head starting with `head_prefix` (see `wire::entry_id_prefix`) and
+    /// advances sent statuses, atomically. Returns the entries left, or None when the head was
+    /// not that entry any more.
+    pub async fn complete_prefix(
+        &self,
+        shard: u16,
+        fence: &Fence,
+        key: &str,
+        head_prefix: &str,
+        advances: &[(String, u8)],
+        retention_s: u64,
+    ) -> StoreResult<Option<u64>> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let mut inv = self.scripts.complete.prepare_invoke();
+        inv.key(keys.lease())
+            .key(keys.outbox(key))
+            .key(keys.state(key))
+            .key(keys.pending())
+            .key(keys.active())
+            .key(keys.per("d", key))
+            .key(keys.batch(key))
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(head_prefix)
+            .arg(key)
+            .arg(retention_s);
+        for (f, v) in advances {
+            inv.arg(f).arg(*v);
+        }
+        let left: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(u64::try_from(left).ok())
+    }
+
+    /// One drain tick for a shard; returns the keys that got a synthetic task change.
+    pub async fn drain(&self, shard: u16, fence: &Fence, retention_s: u64) -> StoreResult<Vec<String>> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let mut inv = self.scripts.drain.prepare_invoke();
+        inv.key(keys.lease())
+            .key(keys.batched())
+            .key(keys.pending())
+            .key(keys.k("seq"))
+            .key(keys.active())
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(&keys.prefix)
+            .arg(retention_s);
+        for s in TASK_STATUSES {
+            inv.arg(s);
+        }
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    /// Drops tasks idle past the retention; returns (tasks, events) dropped.
+    pub async fn sweep(&self, shard: u16, fence: &Fence, retention_s: u64) -> StoreResult<(u64, u64)> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let mut inv = self.scripts.sweep.prepare_invoke();
+        inv.key(keys.lease())
+            .key(keys.active())
+            .key(keys.pending())
+            .key(keys.batched())
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(&keys.prefix)
+            .arg(retention_s)
+            .arg(1000);
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    /// Keys with a non-empty outbox, oldest first: resumed when a worker takes a shard.
+    pub async fn pending_keys(&self, shard: u16) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("ZRANGE").arg(self.shard(shard).pending()).arg(0).arg(-1).query_async(&mut conn).await?)
+    }
+
+    /// Takes the shard lease if free; returns the fence, or None when another worker holds it.
+    pub async fn lease_acquire(&self, shard: u16, owner: &str, lease_ms: u64) -> StoreResult<Option<Fence>> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let token: u64 = self
+            .scripts
+            .lease_acquire
+            .key(keys.lease())
+            .key(keys.k("fence"))
+            .arg(owner)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((token > 0).then(|| Fence { owner: owner.to_string(), token }))
+    }
+
+    pub async fn lease_renew(&self, shard: u16, fence: &Fence, lease_ms: u64) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let ok: i64 = self
+            .scripts
+            .lease_renew
+            .key(self.shard(shard).lease())
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    pub async fn lease_release(&self, shard: u16, fence: &Fence) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let ok: i64 = self
+            .scripts
+            .lease_release
+            .key(self.shard(shard).lease())
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Announces this worker for `lease_ms`; returns the live workers (this one included).
+    pub async fn heartbeat(&self, worker: &str, lease_ms: u64) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        Ok(self
+            .scripts
+            .heartbeat
+            .key(self.global_key("workers"))
+            .arg(worker)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Leaves the live set at once (clean shutdown), so the others rebalance without waiting.
+    pub async fn deregister(&self, worker: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("ZREM").arg(self.global_key("workers")).arg(worker).query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Current owner of a shard's lease (for status and tests).
+    pub async fn lease_owner(&self, shard: u16) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("HGET").arg(self.shard(shard).lease()).arg("owner").query_async(&mut conn).await?)
+    }
+
+    /// State of a key in the shard that holds it (operators and tests; not on a hot path).
+    pub async fn find_state(&self, shards: u16, key: &str) -> StoreResult<Option<(u16, KeyState)>> {
+        let mut conn = self.conn().await?;
+        for shard in 0..shards {
+            let state: HashMap<String, String> =
+                redis::cmd("HGETALL").arg(self.shard(shard).state(key)).query_async(&mut conn).await?;
+            if !state.is_empty() {
+                return Ok(Some((shard, KeyState(state))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Lengths of a key's batch and outbox in every shard, summed.
+    pub async fn queued(&self, shards: u16, key: &str) -> StoreResult<(u64, u64)> {
+        let mut conn = self.conn().await?;
+        let (mut batch, mut outbox) = (0, 0);
+        for shard in 0..shards {
+            let keys = self.shard(shard);
+            let (b, o): (u64, u64) = redis::pipe()
+                .cmd("LLEN")
+                .arg(keys.batch(key))
+                .cmd("LLEN")
+                .arg(keys.outbox(key))
+                .query_async(&mut conn)
+                .await?;
+            batch += b;
+            outbox += o;
+        }
+        Ok((batch, outbox))
+    }
+
+    /// Writes sent/known statuses for a key in every shard: for operators restoring state
+    /// after a Redis loss, and for tests that start from a known "already sent" state.
+    pub async fn seed_state(&self, shards: u16, key: &str, fields: &[(String, String)]) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for shard in 0..shards {
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(self.shard(shard).state(key));
+            for (f, v) in fields {
+                cmd.arg(f).arg(v);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+}

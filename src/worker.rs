@@ -1,0 +1,272 @@
+//! The worker: connects, declares the topology, and runs the shards it owns.
+//!
+//! Workers announce themselves with heartbeats and divide the shards by rendezvous hashing over
+//! the live set; a shard runs only while its Redis lease (with fencing token) is held. A worker
+//! hands a shard over by stopping its intake, letting its senders finish the call in flight,
+//! then releasing the lease.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::Connection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, TopologyError};
+use crate::config::WorkerConfig;
+use crate::ecs::Ecs;
+use crate::metrics::{self as m, Readiness};
+use crate::semaphore::Semaphore;
+use crate::sender::ShardCtx;
+use crate::shard::{self, ShardEnd};
+use crate::store::Store;
+
+struct Owned {
+    ctx: Arc<ShardCtx>,
+    handle: JoinHandle<ShardEnd>,
+}
+
+/// Runs a worker until `cancel`, then shuts down cleanly (G7). Errors only for what a restart
+/// cannot fix: bad configuration or a topology that disagrees with the configuration.
+pub async fn run(cfg: WorkerConfig, ecs: Ecs, ready: Readiness, cancel: CancellationToken) -> anyhow::Result<()> {
+    cfg.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let cfg = Arc::new(cfg);
+    let worker_id = cfg.worker_id();
+    let store = Store::connect(&cfg.conn.redis_url, &cfg.conn.exchange).await?;
+    let permits = Semaphore::new(store.clone(), &worker_id, cfg.concurrency_limit, cfg.permit_lease_ms);
+    let background = CancellationToken::new();
+    tokio::spawn(permits.clone().run_listener(cfg.conn.redis_url.clone(), background.clone()));
+    tokio::spawn(report_permits(permits.clone(), background.clone()));
+    tracing::info!(worker = %worker_id, exchange = %cfg.conn.exchange, shards = cfg.shards, "worker starting");
+
+    let mut retry = Duration::from_millis(500);
+    let result = loop {
+        if cancel.is_cancelled() {
+            break Ok(());
+        }
+        let session = Session { cfg: cfg.clone(), worker_id: worker_id.clone(), store: store.clone(), ecs: ecs.clone(), permits: permits.clone() };
+        match session.run(&ready, &cancel).await {
+            Ok(()) => break Ok(()),
+            Err(SessionError::Fatal(e)) => break Err(e),
+            Err(SessionError::Retry(e)) => {
+                tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "connection lost; reconnecting");
+                tokio::select! {
+                    _ = cancel.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(retry) => {}
+                }
+                retry = (retry * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    ready.set(false);
+    let _ = store.deregister(&worker_id).await;
+    background.cancel();
+    tracing::info!(worker = %worker_id, "worker stopped");
+    result
+}
+
+enum SessionError {
+    Fatal(anyhow::Error),
+    Retry(anyhow::Error),
+}
+
+/// One AMQP connection's lifetime: reconnecting starts a new session.
+struct Session {
+    cfg: Arc<WorkerConfig>,
+    worker_id: String,
+    store: Store,
+    ecs: Ecs,
+    permits: Semaphore,
+}
+
+impl Session {
+    async fn run(&self, ready: &Readiness, cancel: &CancellationToken) -> Result<(), SessionError> {
+        let conn = amqp::connect(&self.cfg.conn.amqp_url, &format!("ecs-state-relay {}", self.worker_id))
+            .await
+            .map_err(SessionError::Retry)?;
+        match amqp::declare(&conn, &self.cfg.conn.exchange, self.cfg.shards).await {
+            Ok(()) => {}
+            Err(e @ (TopologyError::MoreShards { .. } | TopologyError::FewerShards { .. })) => {
+                return Err(SessionError::Fatal(e.into()))
+            }
+            Err(e) => return Err(SessionError::Retry(e.into())),
+        }
+        ready.set(true);
+        let conn = Arc::new(conn);
+        let mut owned: BTreeMap<u16, Owned> = BTreeMap::new();
+        let tick = (self.cfg.lease() / 3).max(Duration::from_millis(100));
+        let outcome = loop {
+            if !conn.status().connected() {
+                break Err(SessionError::Retry(anyhow::anyhow!("RabbitMQ connection closed")));
+            }
+            self.balance(&conn, &mut owned).await;
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                _ = tokio::time::sleep(tick) => {}
+            }
+        };
+        ready.set(false);
+        // Hand every shard back: stop intake, let senders finish, release the lease.
+        for o in owned.values() {
+            o.ctx.cancel.cancel();
+        }
+        for (shard, o) in owned {
+            let _ = o.handle.await;
+            let _ = self.store.lease_release(shard, &o.ctx.fence).await;
+        }
+        m::shards_owned(0);
+        let _ = conn.close(200, "worker stopping".into()).await;
+        outcome
+    }
+
+    /// One membership round: heartbeat, renew or hand over owned shards, take free ones.
+    async fn balance(&self, conn: &Arc<Connection>, owned: &mut BTreeMap<u16, Owned>) {
+        let live = match self.store.heartbeat(&self.worker_id, self.cfg.lease_ms).await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                m::redis_error("heartbeat");
+                return;
+            }
+        };
+        let desired: BTreeSet<u16> = assignment(&live, self.cfg.shards)
+            .into_iter()
+            .zip(0..)
+            .filter(|(owner, _)| *owner == Some(self.worker_id.as_str()))
+            .map(|(_, shard)| shard)
+            .collect();
+
+        let finished: Vec<u16> = owned.iter().filter(|(_, o)| o.handle.is_finished()).map(|(s, _)| *s).collect();
+        for shard in finished {
+            if let Some(o) = owned.remove(&shard) {
+                let end = o.handle.await.unwrap_or(ShardEnd::Stopped);
+                tracing::info!(shard, ?end, "shard stopped");
+                let _ = self.store.lease_release(shard, &o.ctx.fence).await;
+            }
+        }
+        for (shard, o) in owned.iter() {
+            // Keep renewing while a handover finishes its calls: the lease is ours until released.
+            match self.store.lease_renew(*shard, &o.ctx.fence, self.cfg.lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(shard, "shard lease lost; stopping the shard");
+                    o.ctx.cancel.cancel();
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "lease renewal failed");
+                    m::redis_error("lease_renew");
+                }
+            }
+            if !desired.contains(shard) && !o.ctx.cancel.is_cancelled() {
+                tracing::info!(shard, "handing shard over");
+                o.ctx.cancel.cancel();
+            }
+        }
+        for shard in desired {
+            if owned.contains_key(&shard) {
+                continue;
+            }
+            match self.store.lease_acquire(shard, &self.worker_id, self.cfg.lease_ms).await {
+                Ok(Some(fence)) => {
+                    tracing::info!(shard, token = fence.token, "shard taken");
+                    let ctx = Arc::new(ShardCtx {
+                        shard,
+                        fence,
+                        store: self.store.clone(),
+                        ecs: self.ecs.clone(),
+                        permits: self.permits.clone(),
+                        cfg: self.cfg.clone(),
+                        cancel: CancellationToken::new(),
+                    });
+                    let conn = conn.clone();
+                    let run_ctx = ctx.clone();
+                    let handle = tokio::spawn(async move { shard::run(run_ctx, &conn).await });
+                    owned.insert(shard, Owned { ctx, handle });
+                }
+                Ok(None) => {} // still held by its previous owner: taken once released or lapsed
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "lease acquire failed");
+                    m::redis_error("lease_acquire");
+                }
+            }
+        }
+        m::shards_owned(owned.len());
+    }
+}
+
+/// Which live worker owns each shard: rendezvous hashing with bounded load. Every worker
+/// computes the same map from the same live set; each worker gets N/M or N/M + 1 shards, and a
+/// membership change moves few shards because each shard keeps its highest-scoring worker
+/// whenever that worker has room.
+pub fn assignment(live: &[String], shards: u16) -> Vec<Option<&str>> {
+    let mut workers: Vec<&str> = live.iter().map(String::as_str).collect();
+    workers.sort_unstable();
+    workers.dedup();
+    if workers.is_empty() {
+        return vec![None; usize::from(shards)];
+    }
+    let (base, extra) = (usize::from(shards) / workers.len(), usize::from(shards) % workers.len());
+    let capacity: Vec<usize> = (0..workers.len()).map(|i| base + usize::from(i < extra)).collect();
+    let mut load = vec![0usize; workers.len()];
+    (0..shards)
+        .map(|shard| {
+            let mut ranked: Vec<usize> = (0..workers.len()).collect();
+            ranked.sort_unstable_by_key(|&i| std::cmp::Reverse(score(workers[i], shard)));
+            let pick = ranked.into_iter().find(|&i| load[i] < capacity[i])?;
+            load[pick] += 1;
+            Some(workers[pick])
+        })
+        .collect()
+}
+
+/// FNV-1a then a splitmix64 finaliser: stable across builds, unlike std's hasher.
+fn score(worker: &str, shard: u16) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in worker.bytes().chain(shard.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+async fn report_permits(permits: Semaphore, cancel: CancellationToken) {
+    loop {
+        if let Ok(n) = permits.in_use().await {
+            m::permits(n, permits.limit());
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assignment_is_balanced_and_stable() {
+        let live: Vec<String> = (0..3).map(|i| format!("worker-{i}")).collect();
+        let map = assignment(&live, 12);
+        for w in &live {
+            assert_eq!(map.iter().filter(|o| **o == Some(w.as_str())).count(), 4, "{map:?}");
+        }
+        let five: Vec<String> = (0..5).map(|i| format!("worker-{i}")).collect();
+        let map5 = assignment(&five, 12);
+        for w in &five {
+            let n = map5.iter().filter(|o| **o == Some(w.as_str())).count();
+            assert!((2..=3).contains(&n), "{map5:?}");
+        }
+        // Same live set in another order: same answer on every worker.
+        let mut shuffled = live.clone();
+        shuffled.reverse();
+        assert_eq!(assignment(&shuffled, 12), map);
+        assert_eq!(assignment(&[], 3), vec![None, None, None]);
+    }
+}

@@ -1,0 +1,343 @@
+//! Test harness: a real RabbitMQ and Redis, an in-process ecs-sim reached through aws-sdk-ecs,
+//! and workers (in-process, or the real binary for kill tests). Each test gets its own
+//! exchange name, which also namespaces every Redis key, so tests run in parallel.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ecs_state_relay::amqp;
+use ecs_state_relay::config::{ConnConfig, WorkerConfig};
+use ecs_state_relay::ecs::Ecs;
+use ecs_state_relay::metrics::Readiness;
+use ecs_state_relay::publish::publish_lines;
+use ecs_state_relay::sim::{CallRecord, Sim};
+use ecs_state_relay::store::Store;
+use ecs_state_relay::worker;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const CLUSTER: &str = "test-cluster";
+
+pub fn arn(name: &str) -> String {
+    format!("arn:aws:ecs:us-east-1:123456789012:task/{CLUSTER}/{name}")
+}
+
+pub struct Env {
+    pub exchange: String,
+    pub shards: u16,
+    pub sim: Sim,
+    pub sim_url: String,
+    pub store: Store,
+    workers: Vec<InProcess>,
+    next_worker: usize,
+}
+
+pub struct InProcess {
+    pub id: String,
+    cancel: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    /// Clean shutdown (SIGTERM path); returns the worker's result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.handle.await.map_err(|e| anyhow::anyhow!("worker panicked: {e}"))?
+    }
+}
+
+impl Env {
+    pub async fn new(name: &str, shards: u16) -> Env {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let exchange = format!("test.{name}.{:08x}", rand::random::<u32>());
+        let (sim, sim_url) = Sim::spawn_local().await.expect("sim starts");
+        let store = Store::connect(REDIS_URL, &exchange).await.expect("redis reachable");
+        Env { exchange, shards, sim, sim_url, store, workers: Vec::new(), next_worker: 0 }
+    }
+
+    pub fn conn(&self) -> ConnConfig {
+        ConnConfig { amqp_url: AMQP_URL.into(), redis_url: REDIS_URL.into(), exchange: self.exchange.clone() }
+    }
+
+    /// Fast timings; the drain ticker is effectively off unless a test turns it on.
+    pub fn config(&mut self) -> WorkerConfig {
+        self.next_worker += 1;
+        WorkerConfig {
+            conn: self.conn(),
+            shards: self.shards,
+            drain_min_ms: 600_000,
+            drain_max_ms: 600_000,
+            backoff_min_ms: 50,
+            backoff_max_ms: 500,
+            lease_ms: 3_000,
+            permit_lease_ms: 5_000,
+            call_timeout_ms: 4_000,
+            metrics_addr: String::new(),
+            worker_id: Some(format!("{}-w{}", self.exchange, self.next_worker)),
+            ..WorkerConfig::default()
+        }
+    }
+
+    pub async fn ecs(&self) -> Ecs {
+        Ecs::for_endpoint(&self.sim_url, Duration::from_secs(4)).await
+    }
+
+    /// Starts an in-process worker and waits until it owns every shard it should.
+    pub async fn start_worker(&mut self, cfg: WorkerConfig) -> String {
+        let id = cfg.worker_id.clone().expect("test workers have ids");
+        let cancel = CancellationToken::new();
+        let ecs = self.ecs().await;
+        let handle = tokio::spawn(worker::run(cfg, ecs, Readiness::default(), cancel.clone()));
+        self.workers.push(InProcess { id: id.clone(), cancel, handle });
+        self.wait_all_shards_owned().await;
+        id
+    }
+
+    pub fn take_worker(&mut self, id: &str) -> Option<InProcess> {
+        let i = self.workers.iter().position(|w| w.id == id)?;
+        Some(self.workers.remove(i))
+    }
+
+    /// Every shard has a lease holder.
+    pub async fn wait_all_shards_owned(&self) {
+        let store = self.store.clone();
+        let shards = self.shards;
+        eventually(Duration::from_secs(20), "all shards owned", || {
+            let store = store.clone();
+            async move {
+                for s in 0..shards {
+                    if store.lease_owner(s).await.ok().flatten().is_none() {
+                        return false;
+                    }
+                }
+                true
+            }
+        })
+        .await;
+    }
+
+    /// Environment for a worker process (the real binary) against this test's services.
+    pub fn process_env(&self, cfg: &WorkerConfig) -> Vec<(String, String)> {
+        vec![
+            ("RELAY_AMQP_URL".into(), cfg.conn.amqp_url.clone()),
+            ("RELAY_REDIS_URL".into(), cfg.conn.redis_url.clone()),
+            ("RELAY_EXCHANGE".into(), cfg.conn.exchange.clone()),
+            ("RELAY_SHARDS".into(), cfg.shards.to_string()),
+            ("RELAY_CONCURRENCY_LIMIT".into(), cfg.concurrency_limit.to_string()),
+            ("RELAY_DRAIN_MIN_MS".into(), cfg.drain_min_ms.to_string()),
+            ("RELAY_DRAIN_MAX_MS".into(), cfg.drain_max_ms.to_string()),
+            ("RELAY_BACKOFF_MIN_MS".into(), cfg.backoff_min_ms.to_string()),
+            ("RELAY_BACKOFF_MAX_MS".into(), cfg.backoff_max_ms.to_string()),
+            ("RELAY_LEASE_MS".into(), cfg.lease_ms.to_string()),
+            ("RELAY_PERMIT_LEASE_MS".into(), cfg.permit_lease_ms.to_string()),
+            ("RELAY_CALL_TIMEOUT_MS".into(), cfg.call_timeout_ms.to_string()),
+            ("RELAY_METRICS_ADDR".into(), cfg.metrics_addr.clone()),
+            ("RELAY_WORKER_ID".into(), cfg.worker_id.clone().unwrap_or_default()),
+            ("AWS_ENDPOINT_URL_ECS".into(), self.sim_url.clone()),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ]
+    }
+
+    pub fn spawn_process(&self, cfg: &WorkerConfig) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+            .arg("worker")
+            .envs(self.process_env(cfg))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("worker binary starts")
+    }
+
+    pub async fn publish(&self, events: &[Value]) {
+        let lines: Vec<String> = events.iter().map(Value::to_string).collect();
+        publish_lines(&self.conn(), lines.join("\n").as_bytes()).await.expect("publish confirmed");
+    }
+
+    /// Publishes raw bytes with any routing key (for malformed input).
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        let c = amqp::connect(AMQP_URL, "test raw publish").await.expect("amqp");
+        let ch = amqp::confirm_channel(&c).await.expect("channel");
+        let confirm = ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "raw publish not acked");
+        let _ = c.close(200, "done".into()).await;
+    }
+
+    /// Calls the sim received for a key, in arrival order.
+    pub fn calls_for(&self, key: &str) -> Vec<CallRecord> {
+        self.sim.calls().into_iter().filter(|c| c.key == key).collect()
+    }
+
+    pub async fn wait_calls(&self, key: &str, n: usize) -> Vec<CallRecord> {
+        let sim = self.sim.clone();
+        let key2 = key.to_string();
+        eventually(Duration::from_secs(20), &format!("{n} calls for {key}"), || {
+            let sim = sim.clone();
+            let key = key2.clone();
+            async move { sim.calls().iter().filter(|c| c.key == key && c.outcome.is_some()).count() >= n }
+        })
+        .await;
+        self.calls_for(key)
+    }
+
+    /// Messages in the dead-letter queue: (body, x-relay-reject-reason).
+    pub async fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
+        let c = amqp::connect(AMQP_URL, "test dead reader").await.expect("amqp");
+        let ch = c.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Ok(Some(msg)) = ch
+            .basic_get(amqp::dead_queue(&self.exchange).as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+        {
+            let reason = msg
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(amqp::REJECT_HEADER).cloned())
+                .map(|v| match v {
+                    AMQPValue::LongString(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            out.push((msg.delivery.data.clone(), reason));
+        }
+        let _ = c.close(200, "done".into()).await;
+        out
+    }
+
+    /// Stops workers cleanly, then deletes the test's queues, exchanges and Redis keys.
+    pub async fn cleanup(mut self) {
+        for w in self.workers.drain(..) {
+            let _ = w.stop().await;
+        }
+        if let Ok(c) = amqp::connect(AMQP_URL, "test cleanup").await {
+            if let Ok(ch) = c.create_channel().await {
+                for s in 0..=self.shards {
+                    let _ = ch
+                        .queue_delete(amqp::shard_queue(&self.exchange, s).as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = ch.queue_delete(amqp::dead_queue(&self.exchange).as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = ch.exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+                let _ = ch.exchange_delete(amqp::dlx(&self.exchange).as_str().into(), ExchangeDeleteOptions::default()).await;
+            }
+            let _ = c.close(200, "done".into()).await;
+        }
+        if let Ok(mut conn) = self.store.conn().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("relay:{{{}*", self.exchange))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+            }
+        }
+    }
+}
+
+/// Polls `cond` until it holds or the deadline passes (then panics with `what`).
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Asserts `cond` stays false for the whole window (absence of an effect).
+pub async fn never<F, Fut>(window: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        assert!(!cond().await, "unexpected: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn next_id(prefix: &str) -> String {
+    format!("{prefix}-{}", SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+const AT: &str = "2026-11-28T10:00:00Z";
+
+pub fn task(arn: &str, status: &str) -> Value {
+    json!({"schemaVersion":1,"eventId":next_id("t"),"type":"task","cluster":CLUSTER,"taskArn":arn,"occurredAt":AT,"status":status})
+}
+
+pub fn container(arn: &str, name: &str, status: &str) -> Value {
+    json!({"schemaVersion":1,"eventId":next_id("c"),"type":"container","cluster":CLUSTER,"taskArn":arn,"occurredAt":AT,
+           "status":status,"containerName":name})
+}
+
+pub fn agent(arn: &str, container: &str, name: &str, status: &str) -> Value {
+    json!({"schemaVersion":1,"eventId":next_id("m"),"type":"managedAgent","cluster":CLUSTER,"taskArn":arn,"occurredAt":AT,
+           "status":status,"containerName":container,"managedAgentName":name})
+}
+
+pub fn task_attachment(arn: &str, attachment: &str, status: &str, expires_in: Duration) -> Value {
+    json!({"schemaVersion":1,"eventId":next_id("ta"),"type":"taskAttachment","cluster":CLUSTER,"taskArn":arn,"occurredAt":AT,
+           "status":status,"attachmentArn":attachment,"expiresAt":rfc3339_in(expires_in)})
+}
+
+pub fn attachment(attachment: &str, kind: &str, status: &str, expires_in: Duration) -> Value {
+    json!({"schemaVersion":1,"eventId":next_id("a"),"type":"attachment","cluster":CLUSTER,"occurredAt":AT,
+           "status":status,"attachmentArn":attachment,"attachmentType":kind,"expiresAt":rfc3339_in(expires_in)})
+}
+
+pub fn rfc3339_in(d: Duration) -> String {
+    let t = time::OffsetDateTime::now_utc() + d;
+    t.format(&time::format_description::well_known::Rfc3339).expect("formats")
+}
+
+pub fn rfc3339_ago(d: Duration) -> String {
+    let t = time::OffsetDateTime::now_utc() - d;
+    t.format(&time::format_description::well_known::Rfc3339).expect("formats")
+}
+
+/// Whether the sim got a body with `status` for the key (status variant).
+pub fn statuses(calls: &[CallRecord]) -> Vec<String> {
+    calls.iter().filter_map(|c| c.body.get("status").and_then(Value::as_str).map(str::to_string)).collect()
+}
+
+pub fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+

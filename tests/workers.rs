@@ -1,0 +1,214 @@
+//! Whole-worker behaviour: crashes, two workers sharing the fleet-wide limit, isolation of a
+//! failing task, a shard count that disagrees with the broker, and clean shutdown.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ecs_state_relay::metrics::Readiness;
+use ecs_state_relay::sim::{Action, CallRecord, Rule};
+use ecs_state_relay::worker;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+fn signal(child: &Child, sig: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
+    assert!(status.map(|s| s.success()).unwrap_or(false), "kill -{sig} failed");
+}
+
+async fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "worker did not exit in time");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A task's lifecycle as events: containers RUNNING, task RUNNING, containers STOPPED, task STOPPED.
+fn lifecycle(a: &str) -> Vec<Vec<Value>> {
+    vec![
+        vec![container(a, "web", "RUNNING"), container(a, "log", "RUNNING"), task(a, "RUNNING")],
+        vec![container(a, "web", "STOPPED"), container(a, "log", "STOPPED"), task(a, "STOPPED")],
+    ]
+}
+
+/// Per task: the statuses ECS accepted, in arrival order, with back-to-back repeats (the one
+/// allowed duplicate) folded. Returns (lost, out of order, duplicates) against RUNNING, STOPPED.
+fn audit(calls: &[CallRecord], tasks: &[String]) -> (usize, usize, usize) {
+    let mut by_task: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for c in calls.iter().filter(|c| c.outcome.as_deref() == Some("ok")) {
+        if let Some(s) = c.body.get("status").and_then(Value::as_str) {
+            by_task.entry(c.key.as_str()).or_default().push(s);
+        }
+    }
+    let (mut lost, mut disorder, mut dups) = (0, 0, 0);
+    for t in tasks {
+        let mut seen = by_task.get(t.as_str()).cloned().unwrap_or_default();
+        let before = seen.len();
+        seen.dedup();
+        dups += before - seen.len();
+        match seen.as_slice() {
+            ["RUNNING", "STOPPED"] => {}
+            s if s.len() < 2 => lost += 2 - s.len(),
+            _ => disorder += 1,
+        }
+    }
+    (lost, disorder, dups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing_and_reorders_nothing() {
+    let mut env = Env::new("sigkill", 4).await;
+    env.sim.set_latency(Duration::from_millis(15));
+    let mut cfg = env.config();
+    cfg.lease_ms = 1_500;
+    let mut first = env.spawn_process(&cfg);
+    env.wait_all_shards_owned().await;
+
+    let tasks: Vec<String> = (0..80).map(|i| arn(&format!("kill-{i}"))).collect();
+    let phases: Vec<Vec<Vec<Value>>> = tasks.iter().map(|t| lifecycle(t)).collect();
+    for phase in 0..2 {
+        let batch: Vec<Value> = phases.iter().flat_map(|p| p[phase].clone()).collect();
+        env.publish(&batch).await;
+        if phase == 0 {
+            // Kill while calls are flowing: some tasks sent, some queued in Redis, some unacked.
+            eventually(Duration::from_secs(20), "calls flowing", || async { env.sim.stats().ok >= 20 }).await;
+            signal(&first, "KILL");
+            wait_exit(&mut first, Duration::from_secs(10)).await;
+        }
+    }
+    let mut second_cfg = env.config();
+    second_cfg.lease_ms = 1_500;
+    let mut second = env.spawn_process(&second_cfg);
+    eventually(Duration::from_secs(60), "every task complete", || async {
+        audit(&env.sim.calls(), &tasks).0 == 0
+    })
+    .await;
+    let (lost, disorder, dups) = audit(&env.sim.calls(), &tasks);
+    println!("sigkill: events {} calls {} lost {lost} out-of-order {disorder} duplicates {dups}", tasks.len() * 6, env.sim.calls().len());
+    assert_eq!((lost, disorder), (0, 0));
+    // Only calls in flight at the kill may be repeated: at most one per task, at most the limit.
+    assert!(dups <= 10, "{dups} duplicates");
+    signal(&second, "TERM");
+    assert!(wait_exit(&mut second, Duration::from_secs(20)).await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_never_exceed_the_limit_and_saturate_it_while_a_backlog_waits() {
+    let mut env = Env::new("saturation", 4).await;
+    env.sim.set_latency(Duration::from_millis(250));
+    let (c1, c2) = (env.config(), env.config());
+    let mut w1 = env.spawn_process(&c1);
+    let mut w2 = env.spawn_process(&c2);
+    // Both workers own shards (2 each) before the backlog arrives.
+    let (id1, id2) = (c1.worker_id.clone().unwrap(), c2.worker_id.clone().unwrap());
+    eventually(Duration::from_secs(20), "shards split 2/2", || async {
+        let mut owners = Vec::new();
+        for s in 0..4 {
+            owners.push(env.store.lease_owner(s).await.ok().flatten());
+        }
+        let n1 = owners.iter().filter(|o| o.as_deref() == Some(id1.as_str())).count();
+        let n2 = owners.iter().filter(|o| o.as_deref() == Some(id2.as_str())).count();
+        n1 == 2 && n2 == 2
+    })
+    .await;
+    let tasks: Vec<String> = (0..120).map(|i| arn(&format!("sat-{i}"))).collect();
+    env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>()).await;
+    let mut saw_full = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.sim.stats().ok < tasks.len() as u64 {
+        assert!(Instant::now() < deadline, "backlog not drained");
+        let stats = env.sim.stats();
+        assert!(stats.in_flight <= 10, "limit exceeded: {}", stats.in_flight);
+        if stats.in_flight == 10 {
+            saw_full += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = env.sim.stats();
+    // Both workers' keys were sent: the limit was shared, not held by one worker.
+    println!("saturation: calls {} highest concurrency {} (limit 10), samples at the limit {saw_full}", stats.calls, stats.max_in_flight);
+    assert_eq!(stats.max_in_flight, 10, "exactly the limit at the peak");
+    assert!(saw_full >= 5, "the limit was in use while the backlog waited");
+    signal(&w1, "TERM");
+    signal(&w2, "TERM");
+    assert!(wait_exit(&mut w1, Duration::from_secs(20)).await.success());
+    assert!(wait_exit(&mut w2, Duration::from_secs(20)).await.success());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_calls_keep_failing_does_not_delay_other_tasks() {
+    let mut env = Env::new("isolation", 2).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let bad = arn("always-failing");
+    env.sim.add_rule(Rule { key: bad.clone(), action: Action::ServerError, times: 1_000_000 });
+    env.publish(&[task(&bad, "RUNNING"), task(&bad, "STOPPED")]).await;
+    eventually(Duration::from_secs(20), "the bad task is retrying", || async { env.calls_for(&bad).len() >= 2 }).await;
+    let others: Vec<String> = (0..30).map(|i| arn(&format!("healthy-{i}"))).collect();
+    env.publish(&others.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>()).await;
+    eventually(Duration::from_secs(20), "every healthy task sent", || async {
+        others.iter().all(|t| env.calls_for(t).iter().any(|c| c.outcome.as_deref() == Some("ok")))
+    })
+    .await;
+    // The failing task only retries its head; its STOPPED waits behind it.
+    assert!(env.calls_for(&bad).iter().all(|c| c.body["status"] == "RUNNING"));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_a_shard_count_that_disagrees_with_the_broker() {
+    let mut env = Env::new("shard-count", 3).await;
+    let cfg = env.config();
+    env.start_worker(cfg.clone()).await;
+    for wrong in [2u16, 4] {
+        let mut c = env.config();
+        c.shards = wrong;
+        let err = worker::run(c, env.ecs().await, Readiness::default(), CancellationToken::new())
+            .await
+            .expect_err("must refuse");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("RELAY_SHARDS={wrong}")) && msg.contains("fixed for a deployment"), "{msg}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_call_in_flight_releases_leases_and_exits_zero() {
+    let mut env = Env::new("sigterm", 2).await;
+    let mut cfg = env.config();
+    cfg.lease_ms = 30_000; // a released lease must not be mistaken for an expired one
+    let mut w = env.spawn_process(&cfg);
+    env.wait_all_shards_owned().await;
+    let a = arn("in-flight-at-shutdown");
+    env.sim.add_rule(Rule { key: a.clone(), action: Action::Hold, times: 1 });
+    env.publish(&[task(&a, "RUNNING")]).await;
+    eventually(Duration::from_secs(20), "call held", || async { env.sim.stats().held == 1 }).await;
+    signal(&w, "TERM");
+    // While the call is held the worker must not exit (it finishes work in flight first).
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        assert!(w.try_wait().unwrap().is_none(), "exited before its call in flight finished");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.sim.release(None);
+    let status = wait_exit(&mut w, Duration::from_secs(20)).await;
+    assert!(status.success(), "exit 0, got {status}");
+    // The finished call was recorded (no re-send by the next owner), leases and permits are back.
+    assert_eq!(env.store.queued(env.shards, &a).await.unwrap(), (0, 0));
+    for s in 0..env.shards {
+        assert_eq!(env.store.lease_owner(s).await.unwrap(), None, "lease {s} released");
+    }
+    let mut conn = env.store.conn().await.unwrap();
+    let permits: u64 = redis::cmd("ZCARD").arg(env.store.global_key("permits")).query_async(&mut conn).await.unwrap();
+    assert_eq!(permits, 0);
+    env.cleanup().await;
+}
