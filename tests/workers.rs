@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,15 +13,15 @@ use ecs_state_relay::worker;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-fn signal(child: &Child, sig: &str) {
-    let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
+fn signal(child: &Proc, sig: &str) {
+    let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(child.0.id().to_string()).status();
     assert!(status.map(|s| s.success()).unwrap_or(false), "kill -{sig} failed");
 }
 
-async fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+async fn wait_exit(child: &mut Proc, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = child.0.try_wait().expect("wait") {
             return status;
         }
         assert!(Instant::now() < deadline, "worker did not exit in time");
@@ -165,6 +164,28 @@ async fn a_task_whose_calls_keep_failing_does_not_delay_other_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_and_counts_the_state_of_idle_tasks() {
+    let mut env = Env::new("retention", 2).await;
+    let mut cfg = env.config();
+    cfg.task_retention_s = 1;
+    env.start_worker(cfg).await;
+    // A batch for a task whose status is never known would stay forever upstream.
+    let a = arn("never-known");
+    env.publish(&[container(&a, "web", "RUNNING")]).await;
+    eventually(Duration::from_secs(10), "batch stored", || async {
+        env.store.queued(env.shards, &a).await.map(|q| q == (1, 0)).unwrap_or(false)
+    })
+    .await;
+    eventually(Duration::from_secs(10), "state dropped after the retention", || async {
+        env.store.queued(env.shards, &a).await.map(|q| q == (0, 0)).unwrap_or(false)
+            && env.store.find_state(env.shards, &a).await.map(|s| s.is_none()).unwrap_or(false)
+    })
+    .await;
+    assert!(env.calls_for(&a).is_empty());
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_refuses_a_shard_count_that_disagrees_with_the_broker() {
     let mut env = Env::new("shard-count", 3).await;
     let cfg = env.config();
@@ -196,7 +217,7 @@ async fn sigterm_finishes_the_call_in_flight_releases_leases_and_exits_zero() {
     // While the call is held the worker must not exit (it finishes work in flight first).
     let until = Instant::now() + Duration::from_millis(300);
     while Instant::now() < until {
-        assert!(w.try_wait().unwrap().is_none(), "exited before its call in flight finished");
+        assert!(w.0.try_wait().unwrap().is_none(), "exited before its call in flight finished");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     env.sim.release(None);

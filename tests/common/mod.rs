@@ -152,14 +152,14 @@ impl Env {
         ]
     }
 
-    pub fn spawn_process(&self, cfg: &WorkerConfig) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+    pub fn spawn_process(&self, cfg: &WorkerConfig) -> Proc {
+        Proc(Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
             .arg("worker")
             .envs(self.process_env(cfg))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
-            .expect("worker binary starts")
+            .expect("worker binary starts"))
     }
 
     pub async fn publish(&self, events: &[Value]) {
@@ -257,6 +257,18 @@ impl Env {
             if !keys.is_empty() {
                 let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
             }
+        }
+    }
+}
+
+/// A worker process that is killed if the test ends (or fails) while it still runs.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
         }
     }
 }
