@@ -11,7 +11,9 @@ export RELAY_EXCHANGE="${RELAY_EXCHANGE:-demo.state-changes}"
 export RELAY_METRICS_ADDR="${RELAY_METRICS_ADDR:-127.0.0.1:9464}"
 export RELAY_DRAIN_MIN_MS=1000 RELAY_DRAIN_MAX_MS=3000 RELAY_SHARDS="${RELAY_SHARDS:-16}"
 export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_EC2_METADATA_DISABLED=true
-export RUST_LOG="${RUST_LOG:-warn}"
+export RUST_LOG="${RUST_LOG:-info}"
+LOG_DIR=target/demo
+mkdir -p "$LOG_DIR"
 SIM_ADDR=127.0.0.1:4566
 export AWS_ENDPOINT_URL_ECS="http://$SIM_ADDR"
 
@@ -22,9 +24,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-./target/debug/ecs-sim --listen "$SIM_ADDR" --latency-ms 20 &
+./target/debug/ecs-sim --listen "$SIM_ADDR" --latency-ms 20 >"$LOG_DIR/ecs-sim.log" 2>&1 &
 pids+=($!)
-./target/debug/ecs-state-relay worker &
+./target/debug/ecs-state-relay worker >"$LOG_DIR/worker.log" 2>&1 &
 pids+=($!)
+echo "demo: ecs-sim and a worker started (logs in $LOG_DIR/)"
 
-./target/debug/ecs-state-relay demo --sim-url "http://$SIM_ADDR" --worker-url "http://$RELAY_METRICS_ADDR" --tasks "${DEMO_TASKS:-300}"
+RUST_LOG=warn ./target/debug/ecs-state-relay demo --sim-url "http://$SIM_ADDR" --worker-url "http://$RELAY_METRICS_ADDR" --tasks "${DEMO_TASKS:-300}"

@@ -43,8 +43,9 @@ pub struct Fleet {
 /// Each task: containers web and sidecar (RUNNING then STOPPED), an exec agent, task RUNNING and
 /// STOPPED; every 10th task has a task ENI attachment, every 25th an instance ENI attachment;
 /// every 20th task's first call fails twice (ServerException), one task is throttled once.
-pub fn fleet(tasks: usize, cluster: &str) -> Fleet {
-    let arn = |i: usize| format!("arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{i:032x}");
+/// `run` makes every ARN and event id unique to this run, so runs never dedupe each other.
+pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
+    let arn = |i: usize| format!("arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{run:08x}{i:024x}");
     let at = "2026-11-28T10:00:00Z";
     let expires = "2099-01-01T00:00:00Z";
     let mut phases: Vec<Vec<Value>> = vec![Vec::new(); 5];
@@ -52,7 +53,7 @@ pub fn fleet(tasks: usize, cluster: &str) -> Fleet {
     let mut expected_ok_calls = 0u64;
     for i in 0..tasks {
         let task = arn(i);
-        let id = |n: &str| format!("demo-{i}-{n}");
+        let id = |n: &str| format!("demo-{run:08x}-{i}-{n}");
         let base = |kind: &str, n: &str, status: &str| {
             json!({"schemaVersion":1,"eventId":id(n),"type":kind,"cluster":cluster,"taskArn":task,"occurredAt":at,"status":status})
         };
@@ -72,7 +73,7 @@ pub fn fleet(tasks: usize, cluster: &str) -> Fleet {
         expected_ok_calls += 1;
         if i % 10 == 0 {
             let mut a = base("taskAttachment", "eni", "ATTACHED");
-            a["attachmentArn"] = json!(format!("arn:aws:ecs:us-east-1:123456789012:attachment/{i:032x}"));
+            a["attachmentArn"] = json!(format!("arn:aws:ecs:us-east-1:123456789012:attachment/{run:08x}{i:024x}"));
             a["expiresAt"] = json!(expires);
             phases[1].push(a);
             expected_ok_calls += 1;
@@ -90,7 +91,7 @@ pub fn fleet(tasks: usize, cluster: &str) -> Fleet {
         phases[3].push(stopped);
         expected_ok_calls += 1;
         if i % 25 == 0 {
-            let att = format!("arn:aws:ec2:us-east-1:123456789012:eni-attachment/{i:016x}");
+            let att = format!("arn:aws:ec2:us-east-1:123456789012:eni-attachment/{run:08x}{i:08x}");
             phases[4].push(json!({"schemaVersion":1,"eventId":id("instance-eni"),"type":"attachment","cluster":cluster,
                 "attachmentArn":att,"attachmentType":"eni","occurredAt":at,"status":"ATTACHED","expiresAt":expires}));
             expected_ok_calls += 1;
@@ -105,7 +106,7 @@ pub fn fleet(tasks: usize, cluster: &str) -> Fleet {
     let valid_events = phases.iter().map(Vec::len).sum();
     let mut lines: Vec<String> = phases.into_iter().flatten().map(|v| v.to_string()).collect();
     // One invalid event: a container status ECS cannot take; it must be dead-lettered.
-    let invalid = json!({"schemaVersion":1,"eventId":"demo-invalid","type":"container","cluster":cluster,
+    let invalid = json!({"schemaVersion":1,"eventId":format!("demo-{run:08x}-invalid"),"type":"container","cluster":cluster,
         "taskArn":arn(0),"occurredAt":at,"status":"CREATED","containerName":"web"});
     lines.insert(lines.len() / 2, invalid.to_string());
     Fleet { lines, valid_events, expected_ok_calls, rules }
@@ -135,7 +136,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let before = stats().await?;
     let dead_before = dead_count(&args.conn).await?;
 
-    let fleet = fleet(args.tasks, "demo");
+    let fleet = fleet(args.tasks, "demo", rand::random());
     for rule in &fleet.rules {
         http.post(format!("{sim}/_sim/rules")).json(rule).send().await?.error_for_status()?;
     }
