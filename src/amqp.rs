@@ -1,7 +1,8 @@
 //! RabbitMQ side: connection, the idempotent topology of the wire contract, and dead-lettering.
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -59,7 +60,10 @@ pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin:
     ch.exchange_declare(
         s(exchange),
         ExchangeKind::Custom("x-consistent-hash".into()),
-        ExchangeDeclareOptions { durable: true, ..Default::default() },
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         FieldTable::default(),
     )
     .await
@@ -70,21 +74,46 @@ pub async fn declare(conn: &Connection, exchange: &str, shards: u16) -> Result<(
     check_shard_count(conn, exchange, shards).await?;
     let ch = conn.create_channel().await?;
     declare_exchange(&ch, exchange).await?;
-    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-    ch.exchange_declare(s(&dlx(exchange)), ExchangeKind::Fanout, durable, FieldTable::default())
-        .await?;
-    let queue_opts = QueueDeclareOptions { durable: true, ..Default::default() };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        s(&dlx(exchange)),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     let mut dead_args = FieldTable::default();
     dead_args.insert(s("x-queue-type"), AMQPValue::LongString("quorum".into()));
-    ch.queue_declare(s(&dead_queue(exchange)), queue_opts, dead_args).await?;
-    ch.queue_bind(s(&dead_queue(exchange)), s(&dlx(exchange)), s(""), QueueBindOptions::default(), FieldTable::default())
+    ch.queue_declare(s(&dead_queue(exchange)), queue_opts, dead_args)
         .await?;
+    ch.queue_bind(
+        s(&dead_queue(exchange)),
+        s(&dlx(exchange)),
+        s(""),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     for shard in 0..shards {
         let q = shard_queue(exchange, shard);
-        ch.queue_declare(s(&q), queue_opts, shard_queue_args(exchange)).await?;
-        // Weight "1": every shard takes an equal part of the hash ring.
-        ch.queue_bind(s(&q), s(exchange), s("1"), QueueBindOptions::default(), FieldTable::default())
+        ch.queue_declare(s(&q), queue_opts, shard_queue_args(exchange))
             .await?;
+        // Weight "1": every shard takes an equal part of the hash ring.
+        ch.queue_bind(
+            s(&q),
+            s(exchange),
+            s("1"),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     }
     let _ = ch.close(200, s("topology declared")).await;
     Ok(())
@@ -94,16 +123,29 @@ pub fn shard_queue_args(exchange: &str) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(s("x-queue-type"), AMQPValue::LongString("quorum".into()));
     args.insert(s("x-single-active-consumer"), AMQPValue::Boolean(true));
-    args.insert(s("x-delivery-limit"), AMQPValue::LongLongInt(DELIVERY_LIMIT));
-    args.insert(s("x-dead-letter-exchange"), AMQPValue::LongString(dlx(exchange).into()));
+    args.insert(
+        s("x-delivery-limit"),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    args.insert(
+        s("x-dead-letter-exchange"),
+        AMQPValue::LongString(dlx(exchange).into()),
+    );
     args
 }
 
 /// Shard queues 0..N-1 must all exist or none (a new deployment), and queue N must not.
-async fn check_shard_count(conn: &Connection, exchange: &str, shards: u16) -> Result<(), TopologyError> {
+async fn check_shard_count(
+    conn: &Connection,
+    exchange: &str,
+    shards: u16,
+) -> Result<(), TopologyError> {
     let beyond = shard_queue(exchange, shards);
     if queue_exists(conn, &beyond).await? {
-        return Err(TopologyError::MoreShards { configured: shards, found: beyond });
+        return Err(TopologyError::MoreShards {
+            configured: shards,
+            found: beyond,
+        });
     }
     let mut existing = 0;
     for shard in 0..shards {
@@ -112,7 +154,10 @@ async fn check_shard_count(conn: &Connection, exchange: &str, shards: u16) -> Re
         }
     }
     if existing != 0 && existing != shards {
-        return Err(TopologyError::FewerShards { configured: shards, existing });
+        return Err(TopologyError::FewerShards {
+            configured: shards,
+            existing,
+        });
     }
     Ok(())
 }
@@ -121,7 +166,14 @@ async fn check_shard_count(conn: &Connection, exchange: &str, shards: u16) -> Re
 async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, lapin::Error> {
     let ch = conn.create_channel().await?;
     let probe = ch
-        .queue_declare(s(queue), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            s(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await;
     match probe {
         Ok(_) => {
@@ -156,11 +208,23 @@ pub async fn dead_letter(
     reject: &Reject,
 ) -> anyhow::Result<()> {
     let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(s(REJECT_HEADER), AMQPValue::LongString(reject.header().into()));
-    headers.insert(s("x-relay-source-queue"), AMQPValue::LongString(source_queue.into()));
+    headers.insert(
+        s(REJECT_HEADER),
+        AMQPValue::LongString(reject.header().into()),
+    );
+    headers.insert(
+        s("x-relay-source-queue"),
+        AMQPValue::LongString(source_queue.into()),
+    );
     let props = props.clone().with_headers(headers).with_delivery_mode(2);
     let confirm = ch
-        .basic_publish(s(&dlx(exchange)), s(routing_key), BasicPublishOptions::default(), body, props)
+        .basic_publish(
+            s(&dlx(exchange)),
+            s(routing_key),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
         .await?
         .await?;
     if confirm.is_nack() {

@@ -50,9 +50,19 @@ pub struct WorkerConfig {
 /// Where the broker and the store are; shared by every subcommand.
 #[derive(Clone, Args)]
 pub struct ConnConfig {
-    #[arg(long, env = "RELAY_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "RELAY_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     pub amqp_url: String,
-    #[arg(long, env = "RELAY_REDIS_URL", default_value = "redis://127.0.0.1:6379/0", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "RELAY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0",
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// Exchange agents publish to; queues, Redis keys and permits are named after it.
     #[arg(long, env = "RELAY_EXCHANGE", default_value = "ecs.state-changes")]
@@ -149,15 +159,54 @@ mod tests {
 
     #[test]
     fn masks_passwords() {
-        assert_eq!(mask_url("amqp://guest:secret@h:5672/%2f"), "amqp://guest:***@h:5672/%2f");
+        assert_eq!(
+            mask_url("amqp://guest:secret@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
         assert_eq!(mask_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(mask_url("redis://h:6379/0"), "redis://h:6379/0");
         assert!(!mask_url("amqp://u:p@ss@[bad").contains("p@ss"));
     }
 
+    /// The flags' defaults and `Default` are written twice; they must agree.
+    #[test]
+    fn cli_defaults_match_default() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cfg: WorkerConfig,
+        }
+        if std::env::vars().any(|(k, _)| k.starts_with("RELAY_")) {
+            return; // an operator's environment would change the parsed values
+        }
+        let parsed = Cli::parse_from(["worker"]).cfg;
+        let d = WorkerConfig::default();
+        assert_eq!(parsed.conn.amqp_url, d.conn.amqp_url);
+        assert_eq!(parsed.conn.redis_url, d.conn.redis_url);
+        assert_eq!(parsed.conn.exchange, d.conn.exchange);
+        assert_eq!(
+            (parsed.shards, parsed.concurrency_limit, parsed.drain_min_ms, parsed.drain_max_ms),
+            (d.shards, d.concurrency_limit, d.drain_min_ms, d.drain_max_ms)
+        );
+        assert_eq!(
+            (parsed.backoff_min_ms, parsed.backoff_max_ms, parsed.task_retention_s, parsed.lease_ms),
+            (d.backoff_min_ms, d.backoff_max_ms, d.task_retention_s, d.lease_ms)
+        );
+        assert_eq!(
+            (parsed.permit_lease_ms, parsed.call_timeout_ms, parsed.prefetch),
+            (d.permit_lease_ms, d.call_timeout_ms, d.prefetch)
+        );
+        assert_eq!(parsed.metrics_addr, d.metrics_addr);
+        assert_eq!(parsed.worker_id, d.worker_id);
+    }
+
     #[test]
     fn call_timeout_must_be_shorter_than_permit_lease() {
-        let c = WorkerConfig { call_timeout_ms: 30_000, ..Default::default() };
+        let c = WorkerConfig {
+            call_timeout_ms: 30_000,
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().contains("RELAY_CALL_TIMEOUT_MS"));
         assert!(WorkerConfig::default().validate().is_ok());
     }

@@ -45,7 +45,8 @@ pub struct Fleet {
 /// every 20th task's first call fails twice (ServerException), one task is throttled once.
 /// `run` makes every ARN and event id unique to this run, so runs never dedupe each other.
 pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
-    let arn = |i: usize| format!("arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{run:08x}{i:024x}");
+    let arn =
+        |i: usize| format!("arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{run:08x}{i:024x}");
     let at = "2026-11-28T10:00:00Z";
     let expires = "2099-01-01T00:00:00Z";
     let mut phases: Vec<Vec<Value>> = vec![Vec::new(); 5];
@@ -54,9 +55,7 @@ pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
     for i in 0..tasks {
         let task = arn(i);
         let id = |n: &str| format!("demo-{run:08x}-{i}-{n}");
-        let base = |kind: &str, n: &str, status: &str| {
-            json!({"schemaVersion":1,"eventId":id(n),"type":kind,"cluster":cluster,"taskArn":task,"occurredAt":at,"status":status})
-        };
+        let base = |kind: &str, n: &str, status: &str| json!({"schemaVersion":1,"eventId":id(n),"type":kind,"cluster":cluster,"taskArn":task,"occurredAt":at,"status":status});
         for (c, name) in ["web", "sidecar"].iter().enumerate() {
             let mut e = base("container", &format!("{name}-running"), "RUNNING");
             e["containerName"] = json!(name);
@@ -73,7 +72,9 @@ pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
         expected_ok_calls += 1;
         if i % 10 == 0 {
             let mut a = base("taskAttachment", "eni", "ATTACHED");
-            a["attachmentArn"] = json!(format!("arn:aws:ecs:us-east-1:123456789012:attachment/{run:08x}{i:024x}"));
+            a["attachmentArn"] = json!(format!(
+                "arn:aws:ecs:us-east-1:123456789012:attachment/{run:08x}{i:024x}"
+            ));
             a["expiresAt"] = json!(expires);
             phases[1].push(a);
             expected_ok_calls += 1;
@@ -97,26 +98,49 @@ pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
             expected_ok_calls += 1;
         }
         if i % 20 == 7 {
-            rules.push(Rule { key: task.clone(), action: Action::ServerError, times: 2 });
+            rules.push(Rule {
+                key: task.clone(),
+                action: Action::ServerError,
+                times: 2,
+            });
         }
         if i == 3 {
-            rules.push(Rule { key: task.clone(), action: Action::Throttle, times: 1 });
+            rules.push(Rule {
+                key: task.clone(),
+                action: Action::Throttle,
+                times: 1,
+            });
         }
     }
     let valid_events = phases.iter().map(Vec::len).sum();
-    let mut lines: Vec<String> = phases.into_iter().flatten().map(|v| v.to_string()).collect();
+    let mut lines: Vec<String> = phases
+        .into_iter()
+        .flatten()
+        .map(|v| v.to_string())
+        .collect();
     // One invalid event: a container status ECS cannot take; it must be dead-lettered.
     let invalid = json!({"schemaVersion":1,"eventId":format!("demo-{run:08x}-invalid"),"type":"container","cluster":cluster,
         "taskArn":arn(0),"occurredAt":at,"status":"CREATED","containerName":"web"});
     lines.insert(lines.len() / 2, invalid.to_string());
-    Fleet { lines, valid_events, expected_ok_calls, rules }
+    Fleet {
+        lines,
+        valid_events,
+        expected_ok_calls,
+        rules,
+    }
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let sim = args.sim_url.trim_end_matches('/').to_string();
     let stats = || async {
-        let s: SimStats = http.get(format!("{sim}/_sim/stats")).send().await?.error_for_status()?.json().await?;
+        let s: SimStats = http
+            .get(format!("{sim}/_sim/stats"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
         anyhow::Ok(s)
     };
     // Both just started: wait (bounded) until the sim answers and the worker is ready.
@@ -124,7 +148,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let sim_up = stats().await.is_ok();
-        let worker_ready = matches!(http.get(&ready_url).send().await, Ok(r) if r.status().is_success());
+        let worker_ready =
+            matches!(http.get(&ready_url).send().await, Ok(r) if r.status().is_success());
         if sim_up && worker_ready {
             break;
         }
@@ -138,7 +163,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let fleet = fleet(args.tasks, "demo", rand::random());
     for rule in &fleet.rules {
-        http.post(format!("{sim}/_sim/rules")).json(rule).send().await?.error_for_status()?;
+        http.post(format!("{sim}/_sim/rules"))
+            .json(rule)
+            .send()
+            .await?
+            .error_for_status()?;
     }
     println!(
         "demo: publishing {} events for {} tasks ({} failures injected, 1 invalid event)",
@@ -149,7 +178,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let input = fleet.lines.join("\n");
     publish_lines(&args.conn, input.as_bytes()).await?;
-    println!("demo: all {} events confirmed by RabbitMQ in {:.1}s", fleet.lines.len(), started.elapsed().as_secs_f64());
+    println!(
+        "demo: all {} events confirmed by RabbitMQ in {:.1}s",
+        fleet.lines.len(),
+        started.elapsed().as_secs_f64()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
     let mut last = before.clone();
@@ -171,7 +204,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            anyhow::bail!("timed out: {ok} of {} ECS calls succeeded", fleet.expected_ok_calls);
+            anyhow::bail!(
+                "timed out: {ok} of {} ECS calls succeeded",
+                fleet.expected_ok_calls
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -182,11 +218,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("summary");
     println!("  events published        {}", fleet.lines.len());
     println!("  valid events            {}", fleet.valid_events);
-    println!("  ECS calls               {calls} ({ok} ok, {} failed and retried)", calls - ok);
-    println!("  events per call         {:.2}", fleet.valid_events as f64 / ok.max(1) as f64);
-    println!("  highest concurrency     {} (limit 10)", last.max_in_flight);
+    println!(
+        "  ECS calls               {calls} ({ok} ok, {} failed and retried)",
+        calls - ok
+    );
+    println!(
+        "  events per call         {:.2}",
+        fleet.valid_events as f64 / ok.max(1) as f64
+    );
+    println!(
+        "  highest concurrency     {} (limit 10)",
+        last.max_in_flight
+    );
     println!("  dead-lettered           {dead}");
-    println!("  elapsed                 {:.1}s", started.elapsed().as_secs_f64());
+    println!(
+        "  elapsed                 {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -196,7 +244,10 @@ async fn dead_count(conn: &ConnConfig) -> anyhow::Result<i64> {
     let q = ch
         .queue_declare(
             amqp::dead_queue(&conn.exchange).as_str().into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await?;

@@ -10,13 +10,16 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types::{
-    AttachmentStateChange, ContainerStateChange, ManagedAgentStateChange, NetworkBinding, TransportProtocol,
+    AttachmentStateChange, ContainerStateChange, ManagedAgentStateChange, NetworkBinding,
+    TransportProtocol,
 };
 use aws_smithy_types::DateTime;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::wire::{container_wire_status, task_wire_status, AttachmentChange, BatchItem, Binding, TaskChange};
+use crate::wire::{
+    container_wire_status, task_wire_status, AttachmentChange, BatchItem, Binding, TaskChange,
+};
 
 /// How a failed call is handled: dropped (InvalidParameterException) or retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +58,14 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::
             se.err().message().unwrap_or_default().to_string(),
         ),
         SdkError::TimeoutError(_) => ("Timeout".to_string(), "call timed out".to_string()),
-        SdkError::DispatchFailure(d) => ("DispatchFailure".to_string(), format!("{:?}", d.as_connector_error())),
-        SdkError::ResponseError(_) => ("ResponseError".to_string(), "unreadable response".to_string()),
+        SdkError::DispatchFailure(d) => (
+            "DispatchFailure".to_string(),
+            format!("{:?}", d.as_connector_error()),
+        ),
+        SdkError::ResponseError(_) => (
+            "ResponseError".to_string(),
+            "unreadable response".to_string(),
+        ),
         _ => ("SdkError".to_string(), err.to_string()),
     };
     if code == "InvalidParameterException" {
@@ -78,22 +87,32 @@ impl Ecs {
         if conf.region().is_none() {
             anyhow::bail!("no AWS region configured: set AWS_REGION (or a profile with a region)");
         }
-        Ok(Ecs { client: aws_sdk_ecs::Client::new(&conf) })
+        Ok(Ecs {
+            client: aws_sdk_ecs::Client::new(&conf),
+        })
     }
 
     /// A client for a local stand-in endpoint (ecs-sim): fixed region and dummy credentials.
     pub async fn for_endpoint(endpoint: &str, call_timeout: Duration) -> Ecs {
         let conf = base_loader(call_timeout)
             .region(aws_config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_ecs::config::Credentials::new("sim", "sim", None, None, "ecs-sim"))
+            .credentials_provider(aws_sdk_ecs::config::Credentials::new(
+                "sim", "sim", None, None, "ecs-sim",
+            ))
             .endpoint_url(endpoint)
             .load()
             .await;
-        Ecs { client: aws_sdk_ecs::Client::new(&conf) }
+        Ecs {
+            client: aws_sdk_ecs::Client::new(&conf),
+        }
     }
 
     /// SubmitTaskStateChange, status variant, with the batched containers and managed agents.
-    pub async fn submit_task(&self, change: &TaskChange, batch: &[BatchItem]) -> Result<(), CallError> {
+    pub async fn submit_task(
+        &self,
+        change: &TaskChange,
+        batch: &[BatchItem],
+    ) -> Result<(), CallError> {
         let mut containers = Vec::new();
         let mut agents = Vec::new();
         for item in batch {
@@ -106,7 +125,11 @@ impl Ecs {
                         .set_image_digest(c.image_digest.clone())
                         .set_reason(c.reason.clone())
                         .set_exit_code(c.exit_code)
-                        .set_network_bindings(c.network_bindings.as_ref().map(|b| b.iter().map(binding).collect()))
+                        .set_network_bindings(
+                            c.network_bindings
+                                .as_ref()
+                                .map(|b| b.iter().map(binding).collect()),
+                        )
                         .build(),
                 ),
                 BatchItem::Agent(a) => {
@@ -116,7 +139,10 @@ impl Ecs {
                         .status(&a.status)
                         .reason(&a.reason)
                         .build()
-                        .map_err(|e| CallError::Retry { code: "Build".into(), message: e.to_string() })?;
+                        .map_err(|e| CallError::Retry {
+                            code: "Build".into(),
+                            message: e.to_string(),
+                        })?;
                     agents.push(agent);
                 }
             }
@@ -181,7 +207,10 @@ fn attachment(change: &AttachmentChange) -> Result<AttachmentStateChange, CallEr
         .attachment_arn(&change.attachment_arn)
         .status(&change.status)
         .build()
-        .map_err(|e| CallError::Retry { code: "Build".into(), message: e.to_string() })
+        .map_err(|e| CallError::Retry {
+            code: "Build".into(),
+            message: e.to_string(),
+        })
 }
 
 fn binding(b: &Binding) -> NetworkBinding {

@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "ecs-state-relay", version, about = "Relays ECS agent state changes from RabbitMQ to ECS")]
+#[command(
+    name = "ecs-state-relay",
+    version,
+    about = "Relays ECS agent state changes from RabbitMQ to ECS"
+)]
 struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "RELAY_LOG_FORMAT", default_value = "text", global = true, value_parser = ["text", "json"])]
@@ -42,7 +46,9 @@ fn init_logging(format: &str) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
         .add_directive("lapin::channel=off".parse().expect("static directive"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -69,14 +75,20 @@ async fn main() -> ExitCode {
 }
 
 async fn run_worker(cfg: WorkerConfig) -> anyhow::Result<()> {
-    cfg.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let ecs = Ecs::from_env(Duration::from_millis(cfg.call_timeout_ms)).await?;
     let cancel = CancellationToken::new();
     let ready = Readiness::default();
     if !cfg.metrics_addr.is_empty() {
         let listener = tokio::net::TcpListener::bind(&cfg.metrics_addr)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on RELAY_METRICS_ADDR {}: {e}", cfg.metrics_addr))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on RELAY_METRICS_ADDR {}: {e}",
+                    cfg.metrics_addr
+                )
+            })?;
         tracing::info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz");
         tokio::spawn(metrics::serve(listener, ready.clone(), cancel.clone()));
     }
@@ -87,7 +99,10 @@ async fn run_worker(cfg: WorkerConfig) -> anyhow::Result<()> {
 /// SIGTERM or SIGINT starts a clean shutdown; a second one exits at once.
 async fn stop_on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
@@ -101,7 +116,9 @@ async fn stop_on_signal(cancel: CancellationToken) {
 
 async fn run_publish(conn: ConnConfig, file: Option<String>) -> anyhow::Result<()> {
     let count = match file.as_deref() {
-        None | Some("-") => publish::publish_lines(&conn, tokio::io::BufReader::new(tokio::io::stdin())).await?,
+        None | Some("-") => {
+            publish::publish_lines(&conn, tokio::io::BufReader::new(tokio::io::stdin())).await?
+        }
         Some(path) => {
             let f = tokio::fs::File::open(path)
                 .await

@@ -4,8 +4,8 @@
 use std::collections::VecDeque;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::BasicProperties;
+use lapin::{Confirmation, PublisherConfirm};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
@@ -24,11 +24,21 @@ pub enum PublishError {
 }
 
 /// Publishes every non-blank line of `input`; returns how many were confirmed.
-pub async fn publish_lines<R: AsyncBufRead + Unpin>(conn: &ConnConfig, mut input: R) -> Result<u64, PublishError> {
+pub async fn publish_lines<R: AsyncBufRead + Unpin>(
+    conn: &ConnConfig,
+    mut input: R,
+) -> Result<u64, PublishError> {
     let connection = amqp::connect(&conn.amqp_url, "ecs-state-relay publish").await?;
-    let ch = connection.create_channel().await.map_err(anyhow::Error::from)?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(anyhow::Error::from)?;
-    amqp::declare_exchange(&ch, &conn.exchange).await.map_err(anyhow::Error::from)?;
+    let ch = connection
+        .create_channel()
+        .await
+        .map_err(anyhow::Error::from)?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(anyhow::Error::from)?;
+    amqp::declare_exchange(&ch, &conn.exchange)
+        .await
+        .map_err(anyhow::Error::from)?;
 
     let mut waiting: VecDeque<(usize, PublisherConfirm)> = VecDeque::new();
     let mut confirmed = 0u64;
@@ -36,10 +46,13 @@ pub async fn publish_lines<R: AsyncBufRead + Unpin>(conn: &ConnConfig, mut input
     let mut line = String::new();
     loop {
         line.clear();
-        let n = input.read_line(&mut line).await.map_err(|e| PublishError::Line {
-            line: line_no + 1,
-            reason: format!("cannot read: {e}"),
-        })?;
+        let n = input
+            .read_line(&mut line)
+            .await
+            .map_err(|e| PublishError::Line {
+                line: line_no + 1,
+                reason: format!("cannot read: {e}"),
+            })?;
         if n == 0 {
             break;
         }
@@ -48,7 +61,10 @@ pub async fn publish_lines<R: AsyncBufRead + Unpin>(conn: &ConnConfig, mut input
         if text.is_empty() {
             continue;
         }
-        let (routing_key, message_id) = route(text).map_err(|reason| PublishError::Line { line: line_no, reason })?;
+        let (routing_key, message_id) = route(text).map_err(|reason| PublishError::Line {
+            line: line_no,
+            reason,
+        })?;
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
@@ -59,12 +75,18 @@ pub async fn publish_lines<R: AsyncBufRead + Unpin>(conn: &ConnConfig, mut input
             .basic_publish(
                 conn.exchange.as_str().into(),
                 routing_key.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 text.as_bytes(),
                 props,
             )
             .await
-            .map_err(|e| PublishError::Line { line: line_no, reason: e.to_string() })?;
+            .map_err(|e| PublishError::Line {
+                line: line_no,
+                reason: e.to_string(),
+            })?;
         waiting.push_back((line_no, confirm));
         if waiting.len() >= CONFIRM_WINDOW {
             if let Some((l, c)) = waiting.pop_front() {
@@ -107,5 +129,8 @@ fn route(text: &str) -> Result<(String, Option<String>), String> {
     if key.is_empty() || key.len() > 255 {
         return Err("routing key must be 1-255 bytes".into());
     }
-    Ok((key.to_string(), v.get("eventId").and_then(Value::as_str).map(str::to_string)))
+    Ok((
+        key.to_string(),
+        v.get("eventId").and_then(Value::as_str).map(str::to_string),
+    ))
 }

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{self, Script};
 use futures_util::StreamExt;
+use redis::{self, Script};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
@@ -81,7 +81,11 @@ impl Semaphore {
         }
     }
 
-    async fn listen_once(&self, redis_url: &str, cancel: &CancellationToken) -> redis::RedisResult<()> {
+    async fn listen_once(
+        &self,
+        redis_url: &str,
+        cancel: &CancellationToken,
+    ) -> redis::RedisResult<()> {
         let client = redis::Client::open(redis_url)?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&self.inner.channel).await?;
@@ -104,7 +108,11 @@ impl Semaphore {
             p = self.inner.local.clone().acquire_owned() => p.ok()?,
             _ = cancel.cancelled() => return None,
         };
-        let id = format!("{}:{}", self.inner.worker, self.inner.next.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}:{}",
+            self.inner.worker,
+            self.inner.next.fetch_add(1, Ordering::Relaxed)
+        );
         loop {
             // Register for the release signal before trying, so a release in between is not missed.
             let released = self.inner.released.notified();

@@ -18,8 +18,8 @@ use crate::metrics as m;
 use crate::semaphore::Semaphore;
 use crate::store::{field, Fence, KeyState, Store, StoreError};
 use crate::wire::{
-    entry_id_prefix, status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
-    CONTAINER_STATUSES, TASK_STATUSES,
+    entry_id_prefix, status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES,
+    ATTACHMENT_STATUSES, CONTAINER_STATUSES, TASK_STATUSES,
 };
 
 /// Exponential backoff of rule 9: min, ×1.3 per retry, capped, plus 0–20 % jitter.
@@ -32,14 +32,22 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, current: min }
+        Self {
+            min,
+            max,
+            current: min,
+        }
     }
 
     /// The next sleep: the current base plus jitter in [0, 20 %); then the base grows.
     pub fn next_delay(&mut self) -> Duration {
         let base = self.current;
         let jitter_bound = base.as_nanos() as u64 / 5;
-        let jitter = if jitter_bound == 0 { 0 } else { rand::rng().random_range(0..jitter_bound) };
+        let jitter = if jitter_bound == 0 {
+            0
+        } else {
+            rand::rng().random_range(0..jitter_bound)
+        };
         self.current = base.mul_f64(1.3).min(self.max);
         base + Duration::from_nanos(jitter)
     }
@@ -123,7 +131,11 @@ pub struct Senders {
 
 impl Senders {
     pub fn new(ctx: Arc<ShardCtx>) -> Self {
-        Self { ctx, running: Arc::default(), tasks: TaskTracker::new() }
+        Self {
+            ctx,
+            running: Arc::default(),
+            tasks: TaskTracker::new(),
+        }
     }
 
     pub fn wake(&self, key: &str) {
@@ -165,7 +177,10 @@ impl Senders {
     }
 
     fn forget(&self, key: &str) {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 
     async fn run(&self, key: &str) {
@@ -274,14 +289,23 @@ impl Senders {
         let ctx = &self.ctx;
         let permit = ctx.permits.acquire(&ctx.cancel).await?;
         let started = Instant::now();
-        let (operation, fut): (&'static str, std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>) =
-            match &entry.e {
-                Change::Task(t) => ("SubmitTaskStateChange", Box::pin(ctx.ecs.submit_task(t, &entry.b))),
-                Change::Attachment(a) if a.task.is_some() => {
-                    ("SubmitTaskStateChange", Box::pin(ctx.ecs.submit_task_attachment(a)))
-                }
-                Change::Attachment(a) => ("SubmitAttachmentStateChanges", Box::pin(ctx.ecs.submit_attachment(a))),
-            };
+        let (operation, fut): (
+            &'static str,
+            std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>,
+        ) = match &entry.e {
+            Change::Task(t) => (
+                "SubmitTaskStateChange",
+                Box::pin(ctx.ecs.submit_task(t, &entry.b)),
+            ),
+            Change::Attachment(a) if a.task.is_some() => (
+                "SubmitTaskStateChange",
+                Box::pin(ctx.ecs.submit_task_attachment(a)),
+            ),
+            Change::Attachment(a) => (
+                "SubmitAttachmentStateChanges",
+                Box::pin(ctx.ecs.submit_attachment(a)),
+            ),
+        };
         // The call runs to completion even on shutdown (bounded by its timeout), so its outcome
         // is recorded; the permit lease is refreshed meanwhile.
         let mut fut = fut;
@@ -313,7 +337,14 @@ impl Senders {
         loop {
             match ctx
                 .store
-                .complete_prefix(ctx.shard, &ctx.fence, key, &id, advances, ctx.cfg.task_retention_s)
+                .complete_prefix(
+                    ctx.shard,
+                    &ctx.fence,
+                    key,
+                    &id,
+                    advances,
+                    ctx.cfg.task_retention_s,
+                )
                 .await
             {
                 Ok(_) => return true,

@@ -45,10 +45,15 @@ pub async fn run(ctx: Arc<ShardCtx>, conn: &Connection) -> ShardEnd {
     end
 }
 
-async fn consume(ctx: &Arc<ShardCtx>, conn: &Connection, senders: &Senders) -> Result<ShardEnd, lapin::Error> {
+async fn consume(
+    ctx: &Arc<ShardCtx>,
+    conn: &Connection,
+    senders: &Senders,
+) -> Result<ShardEnd, lapin::Error> {
     let queue = amqp::shard_queue(ctx.store.namespace(), ctx.shard);
     let ch = amqp::confirm_channel(conn).await?;
-    ch.basic_qos(ctx.cfg.prefetch, BasicQosOptions::default()).await?;
+    ch.basic_qos(ctx.cfg.prefetch, BasicQosOptions::default())
+        .await?;
 
     // Resume what earlier owners left in Redis before taking new deliveries.
     match ctx.store.pending_keys(ctx.shard).await {
@@ -61,7 +66,12 @@ async fn consume(ctx: &Arc<ShardCtx>, conn: &Connection, senders: &Senders) -> R
     }
     let tag = format!("{}#{}", ctx.fence.owner, ctx.shard);
     let mut consumer = ch
-        .basic_consume(queue.as_str().into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(retention_sweeper(ctx.clone()));
@@ -111,13 +121,22 @@ async fn intake_batch(
                 tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
                 m::event_rejected(reject.code);
                 let exchange = ctx.store.namespace();
-                if let Err(e) =
-                    amqp::dead_letter(ch, exchange, queue, d.routing_key.as_str(), &d.data, &d.properties, &reject)
-                        .await
+                if let Err(e) = amqp::dead_letter(
+                    ch,
+                    exchange,
+                    queue,
+                    d.routing_key.as_str(),
+                    &d.data,
+                    &d.properties,
+                    &reject,
+                )
+                .await
                 {
                     // Not acked: the message comes back and is rejected again.
                     m::amqp_error("dead_letter");
-                    return Ok(Some(ShardEnd::Amqp(format!("dead-letter publish failed: {e}"))));
+                    return Ok(Some(ShardEnd::Amqp(format!(
+                        "dead-letter publish failed: {e}"
+                    ))));
                 }
             }
         }
@@ -125,7 +144,11 @@ async fn intake_batch(
 
     let mut delay = Duration::from_millis(100);
     let outcomes = loop {
-        match ctx.store.intake(ctx.shard, &ctx.fence, &events, ctx.cfg.task_retention_s).await {
+        match ctx
+            .store
+            .intake(ctx.shard, &ctx.fence, &events, ctx.cfg.task_retention_s)
+            .await
+        {
             Ok(o) => break o,
             Err(StoreError::Fenced) => return Ok(Some(ShardEnd::Fenced)),
             Err(e) => {
@@ -155,7 +178,8 @@ async fn intake_batch(
         }
     }
     if let Some(last) = batch.last() {
-        ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await?;
+        ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+            .await?;
     }
     Ok(None)
 }
@@ -163,12 +187,17 @@ async fn intake_batch(
 /// Rule 3: at random intervals in [min, max), flush batches of tasks with a known status.
 async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
     loop {
-        let wait = rand::rng().random_range(ctx.cfg.drain_min_ms..=ctx.cfg.drain_max_ms.max(ctx.cfg.drain_min_ms));
+        let wait = rand::rng()
+            .random_range(ctx.cfg.drain_min_ms..=ctx.cfg.drain_max_ms.max(ctx.cfg.drain_min_ms));
         tokio::select! {
             _ = ctx.cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
         }
-        match ctx.store.drain(ctx.shard, &ctx.fence, ctx.cfg.task_retention_s).await {
+        match ctx
+            .store
+            .drain(ctx.shard, &ctx.fence, ctx.cfg.task_retention_s)
+            .await
+        {
             Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
             Err(StoreError::Fenced) => {
                 ctx.cancel.cancel();
@@ -190,9 +219,18 @@ async fn retention_sweeper(ctx: Arc<ShardCtx>) {
             _ = ctx.cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match ctx.store.sweep(ctx.shard, &ctx.fence, ctx.cfg.task_retention_s).await {
+        match ctx
+            .store
+            .sweep(ctx.shard, &ctx.fence, ctx.cfg.task_retention_s)
+            .await
+        {
             Ok((tasks, events)) if tasks > 0 => {
-                tracing::info!(shard = ctx.shard, tasks, events, "dropped state of idle tasks (retention)");
+                tracing::info!(
+                    shard = ctx.shard,
+                    tasks,
+                    events,
+                    "dropped state of idle tasks (retention)"
+                );
                 m::events_dropped("retention", events);
             }
             Ok(_) => {}

@@ -546,13 +546,13 @@ fn bad_request(msg: String) -> Response {
 }
 
 /// Parses an admin body leniently (any content type; empty means `{}`).
-fn admin_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn admin_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
     let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
         body
     };
-    serde_json::from_slice(text).map_err(|e| bad_request(format!("invalid body: {e}")))
+    serde_json::from_slice(text).map_err(|e| format!("invalid body: {e}"))
 }
 
 async fn admin_stats(State(app): State<App>) -> Json<SimStats> {
@@ -578,7 +578,7 @@ async fn admin_rules(State(app): State<App>, body: Bytes) -> Response {
             app.sim.add_rule(rule);
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(resp) => resp,
+        Err(msg) => bad_request(msg),
     }
 }
 
@@ -590,7 +590,7 @@ struct ReleaseBody {
 async fn admin_release(State(app): State<App>, body: Bytes) -> Response {
     match admin_body::<ReleaseBody>(&body) {
         Ok(b) => Json(json!({"released": app.sim.release(b.key.as_deref())})).into_response(),
-        Err(resp) => resp,
+        Err(msg) => bad_request(msg),
     }
 }
 
@@ -605,7 +605,7 @@ async fn admin_latency(State(app): State<App>, body: Bytes) -> Response {
             app.sim.set_latency(Duration::from_millis(b.ms));
             StatusCode::NO_CONTENT.into_response()
         }
-        Err(resp) => resp,
+        Err(msg) => bad_request(msg),
     }
 }
 

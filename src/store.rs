@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 
-use redis::{self, Script};
 use deadpool_redis::{Config as PoolConfig, Connection, Pool, Runtime};
+use redis::{self, Script};
 
 use crate::config::mask_url;
 use crate::wire::{Event, TASK_STATUSES};
@@ -40,7 +40,10 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 macro_rules! fenced_script {
     ($file:literal) => {
-        Script::new(concat!(include_str!("lua/fence.lua"), include_str!(concat!("lua/", $file))))
+        Script::new(concat!(
+            include_str!("lua/fence.lua"),
+            include_str!(concat!("lua/", $file))
+        ))
     };
 }
 
@@ -162,7 +165,11 @@ impl Store {
         let pool = PoolConfig::from_url(url)
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
-        let store = Store { pool, namespace: namespace.to_string(), scripts: std::sync::Arc::new(Scripts::new()) };
+        let store = Store {
+            pool,
+            namespace: namespace.to_string(),
+            scripts: std::sync::Arc::new(Scripts::new()),
+        };
         let mut conn = store
             .conn()
             .await
@@ -183,7 +190,9 @@ impl Store {
     }
 
     pub fn shard(&self, shard: u16) -> ShardKeys {
-        ShardKeys { prefix: format!("relay:{{{}#{shard}}}:", self.namespace) }
+        ShardKeys {
+            prefix: format!("relay:{{{}#{shard}}}:", self.namespace),
+        }
     }
 
     /// Deployment-wide key (outside any shard), e.g. the permit set.
@@ -223,14 +232,20 @@ impl Store {
                     .arg(ev.kind.as_str())
                     .arg(&ev.key)
                     .arg(&ev.stored)
-                    .arg(ev.known_task_status.map(|s| s.to_string()).unwrap_or_default())
+                    .arg(
+                        ev.known_task_status
+                            .map(|s| s.to_string())
+                            .unwrap_or_default(),
+                    )
                     .arg(&ev.cluster)
                     .arg(retention_s);
                 pipe.invoke_script(&inv);
             }
             pipe
         };
-        let codes: Vec<i64> = self.query_loading(&mut conn, &self.scripts.intake, build).await?;
+        let codes: Vec<i64> = self
+            .query_loading(&mut conn, &self.scripts.intake, build)
+            .await?;
         Ok(codes
             .into_iter()
             .map(|c| match c {
@@ -307,7 +322,12 @@ impl Store {
     }
 
     /// One drain tick for a shard; returns the keys that got a synthetic task change.
-    pub async fn drain(&self, shard: u16, fence: &Fence, retention_s: u64) -> StoreResult<Vec<String>> {
+    pub async fn drain(
+        &self,
+        shard: u16,
+        fence: &Fence,
+        retention_s: u64,
+    ) -> StoreResult<Vec<String>> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
         let mut inv = self.scripts.drain.prepare_invoke();
@@ -327,7 +347,12 @@ impl Store {
     }
 
     /// Drops tasks idle past the retention; returns (tasks, events) dropped.
-    pub async fn sweep(&self, shard: u16, fence: &Fence, retention_s: u64) -> StoreResult<(u64, u64)> {
+    pub async fn sweep(
+        &self,
+        shard: u16,
+        fence: &Fence,
+        retention_s: u64,
+    ) -> StoreResult<(u64, u64)> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
         let mut inv = self.scripts.sweep.prepare_invoke();
@@ -346,11 +371,21 @@ impl Store {
     /// Keys with a non-empty outbox, oldest first: resumed when a worker takes a shard.
     pub async fn pending_keys(&self, shard: u16) -> StoreResult<Vec<String>> {
         let mut conn = self.conn().await?;
-        Ok(redis::cmd("ZRANGE").arg(self.shard(shard).pending()).arg(0).arg(-1).query_async(&mut conn).await?)
+        Ok(redis::cmd("ZRANGE")
+            .arg(self.shard(shard).pending())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?)
     }
 
     /// Takes the shard lease if free; returns the fence, or None when another worker holds it.
-    pub async fn lease_acquire(&self, shard: u16, owner: &str, lease_ms: u64) -> StoreResult<Option<Fence>> {
+    pub async fn lease_acquire(
+        &self,
+        shard: u16,
+        owner: &str,
+        lease_ms: u64,
+    ) -> StoreResult<Option<Fence>> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
         let token: u64 = self
@@ -362,7 +397,10 @@ impl Store {
             .arg(lease_ms)
             .invoke_async(&mut conn)
             .await?;
-        Ok((token > 0).then(|| Fence { owner: owner.to_string(), token }))
+        Ok((token > 0).then(|| Fence {
+            owner: owner.to_string(),
+            token,
+        }))
     }
 
     pub async fn lease_renew(&self, shard: u16, fence: &Fence, lease_ms: u64) -> StoreResult<bool> {
@@ -408,22 +446,32 @@ impl Store {
     /// Leaves the live set at once (clean shutdown), so the others rebalance without waiting.
     pub async fn deregister(&self, worker: &str) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        redis::cmd("ZREM").arg(self.global_key("workers")).arg(worker).query_async::<()>(&mut conn).await?;
+        redis::cmd("ZREM")
+            .arg(self.global_key("workers"))
+            .arg(worker)
+            .query_async::<()>(&mut conn)
+            .await?;
         Ok(())
     }
 
     /// Current owner of a shard's lease (for status and tests).
     pub async fn lease_owner(&self, shard: u16) -> StoreResult<Option<String>> {
         let mut conn = self.conn().await?;
-        Ok(redis::cmd("HGET").arg(self.shard(shard).lease()).arg("owner").query_async(&mut conn).await?)
+        Ok(redis::cmd("HGET")
+            .arg(self.shard(shard).lease())
+            .arg("owner")
+            .query_async(&mut conn)
+            .await?)
     }
 
     /// State of a key in the shard that holds it (operators and tests; not on a hot path).
     pub async fn find_state(&self, shards: u16, key: &str) -> StoreResult<Option<(u16, KeyState)>> {
         let mut conn = self.conn().await?;
         for shard in 0..shards {
-            let state: HashMap<String, String> =
-                redis::cmd("HGETALL").arg(self.shard(shard).state(key)).query_async(&mut conn).await?;
+            let state: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.shard(shard).state(key))
+                .query_async(&mut conn)
+                .await?;
             if !state.is_empty() {
                 return Ok(Some((shard, KeyState(state))));
             }
@@ -452,7 +500,12 @@ impl Store {
 
     /// Writes sent/known statuses for a key in every shard: for operators restoring state
     /// after a Redis loss, and for tests that start from a known "already sent" state.
-    pub async fn seed_state(&self, shards: u16, key: &str, fields: &[(String, String)]) -> StoreResult<()> {
+    pub async fn seed_state(
+        &self,
+        shards: u16,
+        key: &str,
+        fields: &[(String, String)],
+    ) -> StoreResult<()> {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         for shard in 0..shards {

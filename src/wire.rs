@@ -88,7 +88,10 @@ pub struct Reject {
 
 impl Reject {
     fn new(code: &'static str, detail: impl Into<String>) -> Self {
-        Self { code, detail: detail.into() }
+        Self {
+            code,
+            detail: detail.into(),
+        }
     }
     /// The value of the `x-relay-reject-reason` header.
     pub fn header(&self) -> String {
@@ -227,7 +230,8 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
         ));
     }
     let text = std::str::from_utf8(body).map_err(|e| Reject::new("not_utf8", e.to_string()))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| Reject::new("not_json", e.to_string()))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| Reject::new("not_json", e.to_string()))?;
     let Value::Object(obj) = value else {
         return Err(Reject::new("not_object", "message must be a JSON object"));
     };
@@ -235,12 +239,20 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
 
     match obj.get("schemaVersion") {
         Some(v) if v.as_u64() == Some(1) => {}
-        Some(v) => return Err(Reject::new("schema_version", format!("schemaVersion {v} is not supported (1)"))),
+        Some(v) => {
+            return Err(Reject::new(
+                "schema_version",
+                format!("schemaVersion {v} is not supported (1)"),
+            ))
+        }
         None => return Err(Reject::new("schema_version", "schemaVersion is required")),
     }
     let event_id = m.req_str("eventId", "event_id")?;
     if event_id.chars().count() > MAX_EVENT_ID_CHARS {
-        return Err(Reject::new("event_id", "eventId is longer than 128 characters"));
+        return Err(Reject::new(
+            "event_id",
+            "eventId is longer than 128 characters",
+        ));
     }
     let kind = match m.req_str("type", "type")? {
         "task" => Kind::Task,
@@ -258,7 +270,10 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
     } else {
         let arn = m.req_str("taskArn", "task_arn")?;
         if !is_task_arn(arn) {
-            return Err(Reject::new("task_arn", format!("taskArn {arn:?} is not an ECS task ARN")));
+            return Err(Reject::new(
+                "task_arn",
+                format!("taskArn {arn:?} is not an ECS task ARN"),
+            ));
         }
         if arn != routing_key {
             return Err(Reject::new(
@@ -284,7 +299,10 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
                 pull_stopped_at: m.opt_time("pullStoppedAt")?,
                 execution_stopped_at: m.opt_time("executionStoppedAt")?,
             };
-            (task_arn.unwrap_or_default(), entry_prefix(event_id, &Change::Task(change)))
+            (
+                task_arn.unwrap_or_default(),
+                entry_prefix(event_id, &Change::Task(change)),
+            )
         }
         Kind::Container => {
             vocab_index(&CONTAINER_STATUSES, status, "container")?;
@@ -297,22 +315,32 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
             known_task_status = m.opt_task_status()?;
             let exit_code = match obj.get("exitCode") {
                 None | Some(Value::Null) => None,
-                Some(v) => Some(
-                    v.as_i64()
-                        .and_then(|n| i32::try_from(n).ok())
-                        .ok_or_else(|| Reject::new("exit_code", format!("exitCode {v} is not an int32")))?,
-                ),
+                Some(v) => Some(v.as_i64().and_then(|n| i32::try_from(n).ok()).ok_or_else(
+                    || Reject::new("exit_code", format!("exitCode {v} is not an int32")),
+                )?),
             };
             let change = ContainerChange {
                 container_name: m.req_str("containerName", "container_name")?.into(),
                 status: status.into(),
-                runtime_id: m.opt_str("runtimeId")?.filter(|s| !s.is_empty()).map(|s| cut(s, RUNTIME_ID_LIMIT).into()),
-                image_digest: m.opt_str("imageDigest")?.filter(|s| !s.is_empty()).map(|s| cut(s, RUNTIME_ID_LIMIT).into()),
-                reason: m.opt_str("reason")?.filter(|s| !s.is_empty()).map(|s| cut(s, REASON_LIMIT).into()),
+                runtime_id: m
+                    .opt_str("runtimeId")?
+                    .filter(|s| !s.is_empty())
+                    .map(|s| cut(s, RUNTIME_ID_LIMIT).into()),
+                image_digest: m
+                    .opt_str("imageDigest")?
+                    .filter(|s| !s.is_empty())
+                    .map(|s| cut(s, RUNTIME_ID_LIMIT).into()),
+                reason: m
+                    .opt_str("reason")?
+                    .filter(|s| !s.is_empty())
+                    .map(|s| cut(s, REASON_LIMIT).into()),
                 exit_code,
                 network_bindings: bindings(obj.get("networkBindings"))?,
             };
-            (task_arn.unwrap_or_default(), batch_json(&BatchItem::Container(change)))
+            (
+                task_arn.unwrap_or_default(),
+                batch_json(&BatchItem::Container(change)),
+            )
         }
         Kind::ManagedAgent => {
             vocab_index(&AGENT_STATUSES[1..], status, "managedAgent")?;
@@ -323,7 +351,10 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
                 status: status.into(),
                 reason: cut(m.opt_str("reason")?.unwrap_or(""), REASON_LIMIT).into(),
             };
-            (task_arn.unwrap_or_default(), batch_json(&BatchItem::Agent(change)))
+            (
+                task_arn.unwrap_or_default(),
+                batch_json(&BatchItem::Agent(change)),
+            )
         }
         Kind::TaskAttachment | Kind::Attachment => {
             vocab_index(&ATTACHMENT_STATUSES, status, "attachment")?;
@@ -355,7 +386,9 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
             if kind == Kind::Attachment && attachment_arn != routing_key {
                 return Err(Reject::new(
                     "routing_key_mismatch",
-                    format!("routing key {routing_key:?} differs from attachmentArn {attachment_arn:?}"),
+                    format!(
+                        "routing key {routing_key:?} differs from attachmentArn {attachment_arn:?}"
+                    ),
                 ));
             }
             (key, entry_prefix(event_id, &Change::Attachment(change)))
@@ -379,9 +412,17 @@ impl<'a> Fields<'a> {
     fn req_str(&self, field: &str, code: &'static str) -> Result<&'a str, Reject> {
         match self.0.get(field) {
             Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_NAME_BYTES => Ok(s),
-            Some(Value::String(s)) if s.is_empty() => Err(Reject::new(code, format!("{field} is empty"))),
-            Some(Value::String(_)) => Err(Reject::new(code, format!("{field} is longer than {MAX_NAME_BYTES} bytes"))),
-            Some(v) => Err(Reject::new(code, format!("{field} must be a string, got {}", type_name(v)))),
+            Some(Value::String(s)) if s.is_empty() => {
+                Err(Reject::new(code, format!("{field} is empty")))
+            }
+            Some(Value::String(_)) => Err(Reject::new(
+                code,
+                format!("{field} is longer than {MAX_NAME_BYTES} bytes"),
+            )),
+            Some(v) => Err(Reject::new(
+                code,
+                format!("{field} must be a string, got {}", type_name(v)),
+            )),
             None => Err(Reject::new(code, format!("{field} is required"))),
         }
     }
@@ -390,7 +431,10 @@ impl<'a> Fields<'a> {
         match self.0.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(Reject::new("field_type", format!("{field} must be a string, got {}", type_name(v)))),
+            Some(v) => Err(Reject::new(
+                "field_type",
+                format!("{field} must be a string, got {}", type_name(v)),
+            )),
         }
     }
 
@@ -415,13 +459,21 @@ impl<'a> Fields<'a> {
 }
 
 fn parse_time(field: &str, s: &str) -> Result<OffsetDateTime, Reject> {
-    OffsetDateTime::parse(s, &Rfc3339)
-        .map_err(|_| Reject::new("timestamp", format!("{field} {s:?} is not an RFC 3339 time")))
+    OffsetDateTime::parse(s, &Rfc3339).map_err(|_| {
+        Reject::new(
+            "timestamp",
+            format!("{field} {s:?} is not an RFC 3339 time"),
+        )
+    })
 }
 
 fn vocab_index(vocab: &[&str], status: &str, kind: &str) -> Result<u8, Reject> {
-    status_index(vocab, status)
-        .ok_or_else(|| Reject::new("status", format!("{status:?} is not a {kind} status ({})", vocab.join(", "))))
+    status_index(vocab, status).ok_or_else(|| {
+        Reject::new(
+            "status",
+            format!("{status:?} is not a {kind} status ({})", vocab.join(", ")),
+        )
+    })
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -449,7 +501,10 @@ fn bindings(v: Option<&Value>) -> Result<Option<Vec<Binding>>, Reject> {
     if list.len() > MAX_NETWORK_BINDINGS {
         return Err(Reject::new(
             "network_bindings",
-            format!("{} network bindings, limit {MAX_NETWORK_BINDINGS}", list.len()),
+            format!(
+                "{} network bindings, limit {MAX_NETWORK_BINDINGS}",
+                list.len()
+            ),
         ));
     }
     let port = |b: &Map<String, Value>, f: &str| -> Result<Option<i32>, Reject> {
@@ -466,18 +521,27 @@ fn bindings(v: Option<&Value>) -> Result<Option<Vec<Binding>>, Reject> {
         match b.get(f) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) if s.len() <= 64 => Ok(Some(s.clone())),
-            Some(v) => Err(Reject::new("network_bindings", format!("{f} {v} is not a short string"))),
+            Some(v) => Err(Reject::new(
+                "network_bindings",
+                format!("{f} {v} is not a short string"),
+            )),
         }
     };
     let mut out = Vec::with_capacity(list.len());
     for item in list {
         let Value::Object(b) = item else {
-            return Err(Reject::new("network_bindings", "each network binding must be an object"));
+            return Err(Reject::new(
+                "network_bindings",
+                "each network binding must be an object",
+            ));
         };
         let protocol = text(b, "protocol")?;
         if let Some(p) = &protocol {
             if p != "tcp" && p != "udp" {
-                return Err(Reject::new("network_bindings", format!("protocol {p:?} is not tcp or udp")));
+                return Err(Reject::new(
+                    "network_bindings",
+                    format!("protocol {p:?} is not tcp or udp"),
+                ));
             }
         }
         out.push(Binding {
@@ -502,7 +566,9 @@ fn is_task_arn(s: &str) -> bool {
         && !parts[3].is_empty()
         && parts[4].len() == 12
         && parts[4].bytes().all(|b| b.is_ascii_digit())
-        && parts[5].strip_prefix("task/").is_some_and(|rest| !rest.is_empty())
+        && parts[5]
+            .strip_prefix("task/")
+            .is_some_and(|rest| !rest.is_empty())
 }
 
 /// Cuts `s` to at most `limit` bytes without splitting a character (upstream cut bytes).
@@ -530,7 +596,10 @@ pub fn entry_prefix(event_id: &str, change: &Change) -> String {
 
 /// The start of a stored entry with this id; the complete script compares heads by it.
 pub fn entry_id_prefix(event_id: &str) -> String {
-    format!("{{\"id\":{},", serde_json::to_string(event_id).unwrap_or_default())
+    format!(
+        "{{\"id\":{},",
+        serde_json::to_string(event_id).unwrap_or_default()
+    )
 }
 
 #[cfg(test)]
@@ -586,7 +655,12 @@ mod tests {
         assert_eq!(decode(b"[1]", ARN).unwrap_err().code, "not_object");
         assert_eq!(decode(b"{", ARN).unwrap_err().code, "not_json");
         assert_eq!(decode(&[0xff, 0xfe], ARN).unwrap_err().code, "not_utf8");
-        assert_eq!(decode(&vec![b' '; MAX_MESSAGE_BYTES + 1], ARN).unwrap_err().code, "too_large");
+        assert_eq!(
+            decode(&vec![b' '; MAX_MESSAGE_BYTES + 1], ARN)
+                .unwrap_err()
+                .code,
+            "too_large"
+        );
     }
 
     #[test]
@@ -601,9 +675,13 @@ mod tests {
     #[test]
     fn task_arn_shape() {
         assert!(is_task_arn(ARN));
-        assert!(is_task_arn("arn:aws-us-gov:ecs:us-gov-west-1:123456789012:task/abc"));
+        assert!(is_task_arn(
+            "arn:aws-us-gov:ecs:us-gov-west-1:123456789012:task/abc"
+        ));
         assert!(!is_task_arn("arn:aws:ecs:us-east-1:123:task/abc"));
-        assert!(!is_task_arn("arn:aws:ecs:us-east-1:123456789012:container/abc"));
+        assert!(!is_task_arn(
+            "arn:aws:ecs:us-east-1:123456789012:container/abc"
+        ));
         assert!(!is_task_arn("task/abc"));
     }
 }

@@ -29,14 +29,29 @@ struct Owned {
 
 /// Runs a worker until `cancel`, then shuts down cleanly (G7). Errors only for what a restart
 /// cannot fix: bad configuration or a topology that disagrees with the configuration.
-pub async fn run(cfg: WorkerConfig, ecs: Ecs, ready: Readiness, cancel: CancellationToken) -> anyhow::Result<()> {
-    cfg.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+pub async fn run(
+    cfg: WorkerConfig,
+    ecs: Ecs,
+    ready: Readiness,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let cfg = Arc::new(cfg);
     let worker_id = cfg.worker_id();
     let store = Store::connect(&cfg.conn.redis_url, &cfg.conn.exchange).await?;
-    let permits = Semaphore::new(store.clone(), &worker_id, cfg.concurrency_limit, cfg.permit_lease_ms);
+    let permits = Semaphore::new(
+        store.clone(),
+        &worker_id,
+        cfg.concurrency_limit,
+        cfg.permit_lease_ms,
+    );
     let background = CancellationToken::new();
-    tokio::spawn(permits.clone().run_listener(cfg.conn.redis_url.clone(), background.clone()));
+    tokio::spawn(
+        permits
+            .clone()
+            .run_listener(cfg.conn.redis_url.clone(), background.clone()),
+    );
     tokio::spawn(report_permits(permits.clone(), background.clone()));
     tracing::info!(worker = %worker_id, exchange = %cfg.conn.exchange, shards = cfg.shards, "worker starting");
 
@@ -45,7 +60,13 @@ pub async fn run(cfg: WorkerConfig, ecs: Ecs, ready: Readiness, cancel: Cancella
         if cancel.is_cancelled() {
             break Ok(());
         }
-        let session = Session { cfg: cfg.clone(), worker_id: worker_id.clone(), store: store.clone(), ecs: ecs.clone(), permits: permits.clone() };
+        let session = Session {
+            cfg: cfg.clone(),
+            worker_id: worker_id.clone(),
+            store: store.clone(),
+            ecs: ecs.clone(),
+            permits: permits.clone(),
+        };
         match session.run(&ready, &cancel).await {
             Ok(()) => break Ok(()),
             Err(SessionError::Fatal(e)) => break Err(e),
@@ -82,9 +103,12 @@ struct Session {
 
 impl Session {
     async fn run(&self, ready: &Readiness, cancel: &CancellationToken) -> Result<(), SessionError> {
-        let conn = amqp::connect(&self.cfg.conn.amqp_url, &format!("ecs-state-relay {}", self.worker_id))
-            .await
-            .map_err(SessionError::Retry)?;
+        let conn = amqp::connect(
+            &self.cfg.conn.amqp_url,
+            &format!("ecs-state-relay {}", self.worker_id),
+        )
+        .await
+        .map_err(SessionError::Retry)?;
         match amqp::declare(&conn, &self.cfg.conn.exchange, self.cfg.shards).await {
             Ok(()) => {}
             Err(e @ (TopologyError::MoreShards { .. } | TopologyError::FewerShards { .. })) => {
@@ -98,7 +122,9 @@ impl Session {
         let tick = (self.cfg.lease() / 3).max(Duration::from_millis(100));
         let outcome = loop {
             if !conn.status().connected() {
-                break Err(SessionError::Retry(anyhow::anyhow!("RabbitMQ connection closed")));
+                break Err(SessionError::Retry(anyhow::anyhow!(
+                    "RabbitMQ connection closed"
+                )));
             }
             self.balance(&conn, &mut owned).await;
             tokio::select! {
@@ -122,7 +148,11 @@ impl Session {
 
     /// One membership round: heartbeat, renew or hand over owned shards, take free ones.
     async fn balance(&self, conn: &Arc<Connection>, owned: &mut BTreeMap<u16, Owned>) {
-        let live = match self.store.heartbeat(&self.worker_id, self.cfg.lease_ms).await {
+        let live = match self
+            .store
+            .heartbeat(&self.worker_id, self.cfg.lease_ms)
+            .await
+        {
             Ok(live) => live,
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
@@ -137,7 +167,11 @@ impl Session {
             .map(|(_, shard)| shard)
             .collect();
 
-        let finished: Vec<u16> = owned.iter().filter(|(_, o)| o.handle.is_finished()).map(|(s, _)| *s).collect();
+        let finished: Vec<u16> = owned
+            .iter()
+            .filter(|(_, o)| o.handle.is_finished())
+            .map(|(s, _)| *s)
+            .collect();
         for shard in finished {
             if let Some(o) = owned.remove(&shard) {
                 let end = o.handle.await.unwrap_or(ShardEnd::Stopped);
@@ -147,7 +181,11 @@ impl Session {
         }
         for (shard, o) in owned.iter() {
             // Keep renewing while a handover finishes its calls: the lease is ours until released.
-            match self.store.lease_renew(*shard, &o.ctx.fence, self.cfg.lease_ms).await {
+            match self
+                .store
+                .lease_renew(*shard, &o.ctx.fence, self.cfg.lease_ms)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(shard, "shard lease lost; stopping the shard");
@@ -167,7 +205,11 @@ impl Session {
             if owned.contains_key(&shard) {
                 continue;
             }
-            match self.store.lease_acquire(shard, &self.worker_id, self.cfg.lease_ms).await {
+            match self
+                .store
+                .lease_acquire(shard, &self.worker_id, self.cfg.lease_ms)
+                .await
+            {
                 Ok(Some(fence)) => {
                     tracing::info!(shard, token = fence.token, "shard taken");
                     let ctx = Arc::new(ShardCtx {
@@ -206,8 +248,13 @@ pub fn assignment(live: &[String], shards: u16) -> Vec<Option<&str>> {
     if workers.is_empty() {
         return vec![None; usize::from(shards)];
     }
-    let (base, extra) = (usize::from(shards) / workers.len(), usize::from(shards) % workers.len());
-    let capacity: Vec<usize> = (0..workers.len()).map(|i| base + usize::from(i < extra)).collect();
+    let (base, extra) = (
+        usize::from(shards) / workers.len(),
+        usize::from(shards) % workers.len(),
+    );
+    let capacity: Vec<usize> = (0..workers.len())
+        .map(|i| base + usize::from(i < extra))
+        .collect();
     let mut load = vec![0usize; workers.len()];
     (0..shards)
         .map(|shard| {
@@ -255,7 +302,11 @@ mod tests {
         let live: Vec<String> = (0..3).map(|i| format!("worker-{i}")).collect();
         let map = assignment(&live, 12);
         for w in &live {
-            assert_eq!(map.iter().filter(|o| **o == Some(w.as_str())).count(), 4, "{map:?}");
+            assert_eq!(
+                map.iter().filter(|o| **o == Some(w.as_str())).count(),
+                4,
+                "{map:?}"
+            );
         }
         let five: Vec<String> = (0..5).map(|i| format!("worker-{i}")).collect();
         let map5 = assignment(&five, 12);

@@ -18,7 +18,12 @@ fn publish_cmd(env: &Env, input: &str) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("publish starts");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write");
     child.wait_with_output().expect("publish ends")
 }
 
@@ -30,10 +35,16 @@ async fn publish_exits_non_zero_naming_the_line_the_broker_returned() {
     let out = publish_cmd(&env, &format!("\n{}\n", task(&a, "RUNNING")));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "must fail: {stderr}");
-    assert!(stderr.contains("line 2") && stderr.contains("returned"), "{stderr}");
+    assert!(
+        stderr.contains("line 2") && stderr.contains("returned"),
+        "{stderr}"
+    );
     let bad = publish_cmd(&env, "{\"no\":\"routing key\"}\n");
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(!bad.status.success() && stderr.contains("line 1"), "{stderr}");
+    assert!(
+        !bad.status.success() && stderr.contains("line 1"),
+        "{stderr}"
+    );
     env.cleanup().await;
 }
 
@@ -49,16 +60,35 @@ async fn publish_succeeds_and_the_worker_serves_metrics_health_and_readiness() {
     let _worker = env.spawn_process(&cfg);
     env.wait_all_shards_owned().await;
     let a = arn("metrics");
-    let lines = [container(&a, "web", "RUNNING").to_string(), task(&a, "RUNNING").to_string()];
+    let lines = [
+        container(&a, "web", "RUNNING").to_string(),
+        task(&a, "RUNNING").to_string(),
+    ];
     let out = publish_cmd(&env, &lines.join("\n"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     env.publish_raw(&a, b"not json").await;
     env.wait_calls(&a, 1).await;
 
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    assert!(http.get(format!("{base}/healthz")).send().await.unwrap().status().is_success());
-    assert!(http.get(format!("{base}/readyz")).send().await.unwrap().status().is_success());
+    assert!(http
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+    assert!(http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success());
     let wanted = [
         "relay_events_consumed_total{type=\"container\"} 1",
         "relay_events_consumed_total{type=\"task\"} 1",
@@ -70,14 +100,31 @@ async fn publish_succeeds_and_the_worker_serves_metrics_health_and_readiness() {
     ];
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let body = loop {
-        let text = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-        let missing: Vec<&str> = wanted.iter().copied().filter(|m| !text.contains(m)).collect();
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let missing: Vec<&str> = wanted
+            .iter()
+            .copied()
+            .filter(|m| !text.contains(m))
+            .collect();
         if missing.is_empty() {
             break text;
         }
-        assert!(std::time::Instant::now() < deadline, "metrics missing {missing:?} in:\n{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics missing {missing:?} in:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(body.contains("relay_ecs_call_duration_seconds_bucket"), "histograms have buckets");
+    assert!(
+        body.contains("relay_ecs_call_duration_seconds_bucket"),
+        "histograms have buckets"
+    );
     env.cleanup().await;
 }

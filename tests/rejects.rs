@@ -46,9 +46,15 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
     json_case("status", &|v| v["taskStatus"] = json!("DONE"));
     json_case("container_name", &|v| v["containerName"] = json!(""));
     json_case("exit_code", &|v| v["exitCode"] = json!(3_000_000_000u64));
-    json_case("network_bindings", &|v| v["networkBindings"] = json!([{"containerPort": 70000}]));
-    json_case("network_bindings", &|v| v["networkBindings"] = json!([{"protocol": "sctp"}]));
-    json_case("network_bindings", &|v| v["networkBindings"] = json!(vec![json!({"containerPort": 1}); 1001]));
+    json_case("network_bindings", &|v| {
+        v["networkBindings"] = json!([{"containerPort": 70000}])
+    });
+    json_case("network_bindings", &|v| {
+        v["networkBindings"] = json!([{"protocol": "sctp"}])
+    });
+    json_case("network_bindings", &|v| {
+        v["networkBindings"] = json!(vec![json!({"containerPort": 1}); 1001])
+    });
     json_case("field_type", &|v| v["reason"] = json!(42));
     json_case("task_arn", &|v| v["taskArn"] = json!("not-an-arn"));
     json_case("managed_agent_name", &|v| {
@@ -68,8 +74,16 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
     let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/rejects";
     let mut bad_type = attachment(att, "eni", "ATTACHED", Duration::from_secs(60));
     bad_type["attachmentType"] = json!("volume");
-    cases.push(("attachment_type", att.to_string(), bad_type.to_string().into_bytes()));
-    cases.push(("routing_key_mismatch", arn("someone-else"), valid_container(&a).to_string().into_bytes()));
+    cases.push((
+        "attachment_type",
+        att.to_string(),
+        bad_type.to_string().into_bytes(),
+    ));
+    cases.push((
+        "routing_key_mismatch",
+        arn("someone-else"),
+        valid_container(&a).to_string().into_bytes(),
+    ));
     cases.push(("not_json", a.clone(), b"{\"schemaVersion\":1,".to_vec()));
     cases.push(("not_object", a.clone(), b"[1,2,3]".to_vec()));
     cases.push(("not_utf8", a.clone(), vec![0xc3, 0x28, 0xff]));
@@ -81,15 +95,24 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
         env.publish_raw(key, body).await;
     }
     // A valid lifecycle after all the bad input still reaches ECS.
-    env.publish(&[valid_container(&a), task(&a, "RUNNING")]).await;
+    env.publish(&[valid_container(&a), task(&a, "RUNNING")])
+        .await;
     let calls = env.wait_calls(&a, 1).await;
-    assert_eq!(calls[0].body["containers"].as_array().map(Vec::len), Some(1), "bad events never reach a batch");
+    assert_eq!(
+        calls[0].body["containers"].as_array().map(Vec::len),
+        Some(1),
+        "bad events never reach a batch"
+    );
 
     let mut dead = Vec::new();
     let expected = cases.len();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while dead.len() < expected {
-        assert!(std::time::Instant::now() < deadline, "only {} of {expected} dead-lettered", dead.len());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {expected} dead-lettered",
+            dead.len()
+        );
         dead.extend(env.dead_letters().await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -99,17 +122,29 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
         want.insert(body.clone(), code);
     }
     for (body, reason) in &dead {
-        let code = want.get(body).unwrap_or_else(|| panic!("unexpected dead letter: {reason}"));
-        assert!(reason.starts_with(&format!("{code}: ")), "expected {code}, got {reason:?}");
+        let code = want
+            .get(body)
+            .unwrap_or_else(|| panic!("unexpected dead letter: {reason}"));
+        assert!(
+            reason.starts_with(&format!("{code}: ")),
+            "expected {code}, got {reason:?}"
+        );
     }
     // Everything was acked: nothing is left in the shard queues.
-    let c = ecs_state_relay::amqp::connect(AMQP_URL, "test").await.unwrap();
+    let c = ecs_state_relay::amqp::connect(AMQP_URL, "test")
+        .await
+        .unwrap();
     let ch = c.create_channel().await.unwrap();
     for s in 0..env.shards {
         let q = ch
             .queue_declare(
-                ecs_state_relay::amqp::shard_queue(&env.exchange, s).as_str().into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                ecs_state_relay::amqp::shard_queue(&env.exchange, s)
+                    .as_str()
+                    .into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 lapin::types::FieldTable::default(),
             )
             .await

@@ -16,7 +16,12 @@ fn examples(dir: &str) -> Vec<(String, Value)> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), load(&p)))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                load(&p),
+            )
+        })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -24,11 +29,18 @@ fn examples(dir: &str) -> Vec<(String, Value)> {
 
 fn validator() -> jsonschema::Validator {
     let schema = load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/state-change.v1.json"));
-    jsonschema::options().should_validate_formats(true).build(&schema).expect("schema compiles")
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("schema compiles")
 }
 
 fn routing_key(v: &Value) -> String {
-    v.get("taskArn").or_else(|| v.get("attachmentArn")).and_then(Value::as_str).unwrap_or_default().to_string()
+    v.get("taskArn")
+        .or_else(|| v.get("attachmentArn"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -39,7 +51,8 @@ fn valid_examples_pass_the_schema_and_the_decoder() {
     for (name, v) in &valid {
         let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
         assert!(errors.is_empty(), "{name}: {errors:?}");
-        wire::decode(v.to_string().as_bytes(), &routing_key(v)).unwrap_or_else(|r| panic!("{name}: {r}"));
+        wire::decode(v.to_string().as_bytes(), &routing_key(v))
+            .unwrap_or_else(|r| panic!("{name}: {r}"));
     }
 }
 
@@ -50,6 +63,9 @@ fn invalid_examples_fail_the_schema_and_the_decoder() {
     assert!(!invalid.is_empty());
     for (name, v) in &invalid {
         assert!(!validator.is_valid(v), "{name} should fail the schema");
-        assert!(wire::decode(v.to_string().as_bytes(), &routing_key(v)).is_err(), "{name} should be rejected");
+        assert!(
+            wire::decode(v.to_string().as_bytes(), &routing_key(v)).is_err(),
+            "{name} should be rejected"
+        );
     }
 }

@@ -15,7 +15,10 @@ async fn setup(name: &str) -> Env {
     setup_with(name, |_| {}).await
 }
 
-async fn setup_with(name: &str, tweak: impl FnOnce(&mut ecs_state_relay::config::WorkerConfig)) -> Env {
+async fn setup_with(
+    name: &str,
+    tweak: impl FnOnce(&mut ecs_state_relay::config::WorkerConfig),
+) -> Env {
     let mut env = Env::new(name, 2).await;
     let mut cfg = env.config();
     tweak(&mut cfg);
@@ -24,11 +27,19 @@ async fn setup_with(name: &str, tweak: impl FnOnce(&mut ecs_state_relay::config:
 }
 
 fn containers(call: &ecs_state_relay::sim::CallRecord) -> Vec<Value> {
-    call.body.get("containers").and_then(Value::as_array).cloned().unwrap_or_default()
+    call.body
+        .get("containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn agents(call: &ecs_state_relay::sim::CallRecord) -> Vec<Value> {
-    call.body.get("managedAgents").and_then(Value::as_array).cloned().unwrap_or_default()
+    call.body
+        .get("managedAgents")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Waits until a key's batch and outbox are both empty (everything sent or removed).
@@ -39,7 +50,13 @@ async fn wait_idle(env: &Env, key: &str) {
     eventually(Duration::from_secs(20), &format!("{key} idle"), || {
         let store = store.clone();
         let key = key.clone();
-        async move { store.queued(shards, &key).await.map(|(b, o)| b == 0 && o == 0).unwrap_or(false) }
+        async move {
+            store
+                .queued(shards, &key)
+                .await
+                .map(|(b, o)| b == 0 && o == 0)
+                .unwrap_or(false)
+        }
     })
     .await;
 }
@@ -66,14 +83,22 @@ async fn no_more_calls(env: &Env, key: &str, n: usize) {
 async fn test_sends_events_one_container() {
     let env = setup("one-container").await;
     let a = arn("one-container");
-    env.publish(&[container(&a, "containerName", "RUNNING"), container(&a, "containerName", "RUNNING"), task(&a, "RUNNING")])
-        .await;
+    env.publish(&[
+        container(&a, "containerName", "RUNNING"),
+        container(&a, "containerName", "RUNNING"),
+        task(&a, "RUNNING"),
+    ])
+    .await;
     let calls = env.wait_calls(&a, 1).await;
     no_more_calls(&env, &a, 1).await;
     assert_eq!(calls[0].operation, "SubmitTaskStateChange");
     assert_eq!(calls[0].body["task"], a.as_str());
     assert_eq!(containers(&calls[0]).len(), 2, "duplicates are kept");
-    assert!(env.sim.calls().iter().all(|c| c.operation != "SubmitContainerStateChange"));
+    assert!(env
+        .sim
+        .calls()
+        .iter()
+        .all(|c| c.operation != "SubmitContainerStateChange"));
     env.cleanup().await;
 }
 
@@ -81,7 +106,11 @@ async fn test_sends_events_one_container() {
 async fn test_sends_events_one_event_retries() {
     let env = setup("one-event-retries").await;
     let a = arn("retries");
-    env.sim.add_rule(Rule { key: a.clone(), action: Action::ServerError, times: 1 });
+    env.sim.add_rule(Rule {
+        key: a.clone(),
+        action: Action::ServerError,
+        times: 1,
+    });
     env.publish(&[task(&a, "RUNNING")]).await;
     let calls = env.wait_calls(&a, 2).await;
     no_more_calls(&env, &a, 2).await;
@@ -97,34 +126,67 @@ async fn test_sends_events_one_event_retries() {
 async fn test_sends_events_invalid_parameters_events_removed() {
     let env = setup("invalid-parameters").await;
     let a = arn("invalid-parameters");
-    env.sim.add_rule(Rule { key: a.clone(), action: Action::InvalidParameter, times: 1 });
-    env.publish(&[container(&a, "web", "RUNNING"), task(&a, "RUNNING")]).await;
+    env.sim.add_rule(Rule {
+        key: a.clone(),
+        action: Action::InvalidParameter,
+        times: 1,
+    });
+    env.publish(&[container(&a, "web", "RUNNING"), task(&a, "RUNNING")])
+        .await;
     env.wait_calls(&a, 1).await;
     // No retry for many backoff periods, the head is gone, and nothing was marked sent.
-    never(Duration::from_millis(1_000), "a retry after InvalidParameterException", || async {
-        env.calls_for(&a).len() > 1
-    })
+    never(
+        Duration::from_millis(1_000),
+        "a retry after InvalidParameterException",
+        || async { env.calls_for(&a).len() > 1 },
+    )
     .await;
     wait_idle(&env, &a).await;
-    assert_eq!(state_field(&env, &a, "s").await, 0, "task sent status not advanced");
-    assert_eq!(state_field(&env, &a, "c:web").await, 0, "container sent status not advanced");
+    assert_eq!(
+        state_field(&env, &a, "s").await,
+        0,
+        "task sent status not advanced"
+    );
+    assert_eq!(
+        state_field(&env, &a, "c:web").await,
+        0,
+        "container sent status not advanced"
+    );
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sends_events_concurrent_limit() {
     let env = setup("concurrent-limit").await;
-    env.sim.add_rule(Rule { key: "*".into(), action: Action::Hold, times: 11 });
+    env.sim.add_rule(Rule {
+        key: "*".into(),
+        action: Action::Hold,
+        times: 11,
+    });
     let arns: Vec<String> = (0..11).map(|i| arn(&format!("limit-{i}"))).collect();
     let events: Vec<Value> = arns.iter().map(|a| task(a, "RUNNING")).collect();
     env.publish(&events).await;
-    eventually(Duration::from_secs(20), "10 calls in flight", || async { env.sim.stats().in_flight == 10 }).await;
-    never(Duration::from_millis(500), "an 11th call while 10 are held", || async { env.sim.calls().len() > 10 }).await;
+    eventually(Duration::from_secs(20), "10 calls in flight", || async {
+        env.sim.stats().in_flight == 10
+    })
+    .await;
+    never(
+        Duration::from_millis(500),
+        "an 11th call while 10 are held",
+        || async { env.sim.calls().len() > 10 },
+    )
+    .await;
     let first = env.sim.calls()[0].key.clone();
     assert_eq!(env.sim.release(Some(&first)), 1);
-    eventually(Duration::from_secs(20), "the 11th call starts", || async { env.sim.calls().len() == 11 }).await;
+    eventually(Duration::from_secs(20), "the 11th call starts", || async {
+        env.sim.calls().len() == 11
+    })
+    .await;
     env.sim.release(None);
-    eventually(Duration::from_secs(20), "all 11 finish", || async { env.sim.stats().ok == 11 }).await;
+    eventually(Duration::from_secs(20), "all 11 finish", || async {
+        env.sim.stats().ok == 11
+    })
+    .await;
     assert_eq!(env.sim.stats().max_in_flight, 10);
     env.cleanup().await;
 }
@@ -133,8 +195,12 @@ async fn test_sends_events_concurrent_limit() {
 async fn test_sends_events_container_differences() {
     let env = setup("container-differences").await;
     let a = arn("container-differences");
-    env.publish(&[container(&a, "containerName", "RUNNING"), container(&a, "containerName", "STOPPED"), task(&a, "RUNNING")])
-        .await;
+    env.publish(&[
+        container(&a, "containerName", "RUNNING"),
+        container(&a, "containerName", "STOPPED"),
+        task(&a, "RUNNING"),
+    ])
+    .await;
     let calls = env.wait_calls(&a, 1).await;
     let c = containers(&calls[0]);
     assert_eq!(c.len(), 2);
@@ -147,8 +213,13 @@ async fn test_sends_events_container_differences() {
 async fn test_sends_events_task_differences() {
     let env = setup("task-differences").await;
     let (a, b) = (arn("differences-a"), arn("differences-b"));
-    env.publish(&[container(&b, "B1", "RUNNING"), container(&a, "A1", "RUNNING"), container(&b, "B2", "STOPPED"), task(&a, "RUNNING")])
-        .await;
+    env.publish(&[
+        container(&b, "B1", "RUNNING"),
+        container(&a, "A1", "RUNNING"),
+        container(&b, "B2", "STOPPED"),
+        task(&a, "RUNNING"),
+    ])
+    .await;
     let calls_a = env.wait_calls(&a, 1).await;
     assert_eq!(containers(&calls_a[0]).len(), 1);
     assert_eq!(containers(&calls_a[0])[0]["containerName"], "A1");
@@ -157,8 +228,14 @@ async fn test_sends_events_task_differences() {
     let calls_b = env.wait_calls(&b, 1).await;
     let c = containers(&calls_b[0]);
     assert_eq!(c.len(), 2);
-    assert_eq!((c[0]["containerName"].as_str(), c[0]["status"].as_str()), (Some("B1"), Some("RUNNING")));
-    assert_eq!((c[1]["containerName"].as_str(), c[1]["status"].as_str()), (Some("B2"), Some("STOPPED")));
+    assert_eq!(
+        (c[0]["containerName"].as_str(), c[0]["status"].as_str()),
+        (Some("B1"), Some("RUNNING"))
+    );
+    assert_eq!(
+        (c[1]["containerName"].as_str(), c[1]["status"].as_str()),
+        (Some("B2"), Some("STOPPED"))
+    );
     env.cleanup().await;
 }
 
@@ -167,12 +244,38 @@ async fn test_sends_events_dedupe() {
     let env = setup("dedupe").await;
     let (a, b) = (arn("dedupe-a"), arn("dedupe-b"));
     // A: task sent RUNNING, container sent RUNNING. B: task sent NONE, container sent RUNNING.
-    env.store.seed_state(env.shards, &a, &fields(&[("s", "3"), ("c:containerName", "4")])).await.unwrap();
-    env.store.seed_state(env.shards, &b, &fields(&[("s", "0"), ("c:containerName", "4")])).await.unwrap();
-    env.publish(&[container(&a, "containerName", "RUNNING"), task(&a, "RUNNING")]).await;
-    env.publish(&[container(&b, "containerName", "RUNNING"), task(&b, "RUNNING")]).await;
+    env.store
+        .seed_state(
+            env.shards,
+            &a,
+            &fields(&[("s", "3"), ("c:containerName", "4")]),
+        )
+        .await
+        .unwrap();
+    env.store
+        .seed_state(
+            env.shards,
+            &b,
+            &fields(&[("s", "0"), ("c:containerName", "4")]),
+        )
+        .await
+        .unwrap();
+    env.publish(&[
+        container(&a, "containerName", "RUNNING"),
+        task(&a, "RUNNING"),
+    ])
+    .await;
+    env.publish(&[
+        container(&b, "containerName", "RUNNING"),
+        task(&b, "RUNNING"),
+    ])
+    .await;
     let calls_b = env.wait_calls(&b, 1).await;
-    assert_eq!(containers(&calls_b[0]).len(), 1, "the already-sent container stays in the payload");
+    assert_eq!(
+        containers(&calls_b[0]).len(),
+        1,
+        "the already-sent container stays in the payload"
+    );
     wait_idle(&env, &a).await;
     assert!(env.calls_for(&a).is_empty(), "nothing new for A: no call");
     env.cleanup().await;
@@ -184,7 +287,12 @@ async fn test_cleanup_task_event_after_submit() {
     // the second RUNNING for the same task is redundant: 2 calls.
     let env = setup("cleanup-after-submit").await;
     let (a, b) = (arn("taskarn"), arn("taskarn2"));
-    env.publish(&[task(&a, "RUNNING"), task(&a, "RUNNING"), task(&b, "RUNNING")]).await;
+    env.publish(&[
+        task(&a, "RUNNING"),
+        task(&a, "RUNNING"),
+        task(&b, "RUNNING"),
+    ])
+    .await;
     env.wait_calls(&a, 1).await;
     env.wait_calls(&b, 1).await;
     wait_idle(&env, &a).await;
@@ -192,8 +300,13 @@ async fn test_cleanup_task_event_after_submit() {
     assert_eq!(env.calls_for(&a).len(), 1);
     let mut conn = env.store.conn().await.unwrap();
     for s in 0..env.shards {
-        let pending: Vec<String> =
-            redis::cmd("ZRANGE").arg(env.store.shard(s).pending()).arg(0).arg(-1).query_async(&mut conn).await.unwrap();
+        let pending: Vec<String> = redis::cmd("ZRANGE")
+            .arg(env.store.shard(s).pending())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         assert!(pending.is_empty(), "no per-task queue left: {pending:?}");
     }
     env.cleanup().await;
@@ -204,15 +317,28 @@ async fn test_eni_sent_status_change() {
     let env = setup("eni-sent-status").await;
     let a = arn("eni-task");
     let att = "arn:aws:ecs:us-east-1:123456789012:attachment/eni-1";
-    env.publish(&[task_attachment(&a, att, "ATTACHED", Duration::from_secs(60))]).await;
+    env.publish(&[task_attachment(
+        &a,
+        att,
+        "ATTACHED",
+        Duration::from_secs(60),
+    )])
+    .await;
     let calls = env.wait_calls(&a, 1).await;
     let body = &calls[0].body;
     assert_eq!(calls[0].operation, "SubmitTaskStateChange");
-    assert!(body.get("status").is_none() && body.get("containers").is_none(), "attachment variant: {body}");
+    assert!(
+        body.get("status").is_none() && body.get("containers").is_none(),
+        "attachment variant: {body}"
+    );
     assert_eq!(body["attachments"][0]["attachmentArn"], att);
     assert_eq!(body["attachments"][0]["status"], "ATTACHED");
     wait_idle(&env, &a).await;
-    assert_eq!(state_field(&env, &a, &format!("a:{att}")).await, 1, "attachment marked sent");
+    assert_eq!(
+        state_field(&env, &a, &format!("a:{att}")).await,
+        1,
+        "attachment marked sent"
+    );
     env.cleanup().await;
 }
 
@@ -226,13 +352,19 @@ async fn test_get_batched_container_events() {
     let (known, unknown) = (arn("batched-known"), arn("batched-unknown"));
     let mut c1 = container(&known, "web", "RUNNING");
     c1["taskStatus"] = "RUNNING".into();
-    env.publish(&[c1, container(&unknown, "web", "RUNNING")]).await;
+    env.publish(&[c1, container(&unknown, "web", "RUNNING")])
+        .await;
     let calls = env.wait_calls(&known, 1).await;
-    assert_eq!(calls[0].body["status"], "RUNNING", "synthetic change carries the known status");
+    assert_eq!(
+        calls[0].body["status"], "RUNNING",
+        "synthetic change carries the known status"
+    );
     assert_eq!(containers(&calls[0]).len(), 1);
-    never(Duration::from_millis(1_000), "a drain for a task with no known status", || async {
-        !env.calls_for(&unknown).is_empty()
-    })
+    never(
+        Duration::from_millis(1_000),
+        "a drain for a task with no known status",
+        || async { !env.calls_for(&unknown).is_empty() },
+    )
     .await;
     env.cleanup().await;
 }
@@ -248,8 +380,17 @@ async fn test_get_batched_container_events_stopped_task() {
     let mut c1 = container(&a, "web", "STOPPED");
     c1["taskStatus"] = "STOPPED".into();
     env.publish(&[c1]).await;
-    never(Duration::from_millis(1_000), "a drain for a STOPPED task", || async { !env.calls_for(&a).is_empty() }).await;
-    assert_eq!(env.store.queued(env.shards, &a).await.unwrap(), (1, 0), "the batch waits for retention");
+    never(
+        Duration::from_millis(1_000),
+        "a drain for a STOPPED task",
+        || async { !env.calls_for(&a).is_empty() },
+    )
+    .await;
+    assert_eq!(
+        env.store.queued(env.shards, &a).await.unwrap(),
+        (1, 0),
+        "the batch waits for retention"
+    );
     env.cleanup().await;
 }
 
@@ -258,9 +399,17 @@ async fn test_submit_task_events_when_submitting_task_running_after_stopped() {
     let env = setup("running-after-stopped").await;
     let a = arn("running-after-stopped");
     // Hold the first call so both events are queued behind it.
-    env.sim.add_rule(Rule { key: a.clone(), action: Action::Hold, times: 1 });
-    env.publish(&[task(&a, "STOPPED"), task(&a, "RUNNING")]).await;
-    eventually(Duration::from_secs(20), "first call held", || async { env.sim.stats().held == 1 }).await;
+    env.sim.add_rule(Rule {
+        key: a.clone(),
+        action: Action::Hold,
+        times: 1,
+    });
+    env.publish(&[task(&a, "STOPPED"), task(&a, "RUNNING")])
+        .await;
+    eventually(Duration::from_secs(20), "first call held", || async {
+        env.sim.stats().held == 1
+    })
+    .await;
     env.sim.release(Some(&a));
     wait_idle(&env, &a).await;
     no_more_calls(&env, &a, 1).await;
@@ -272,7 +421,8 @@ async fn test_submit_task_events_when_submitting_task_running_after_stopped() {
 async fn test_submit_task_events_when_submitting_task_stopped_after_running() {
     let env = setup("stopped-after-running").await;
     let a = arn("stopped-after-running");
-    env.publish(&[task(&a, "RUNNING"), task(&a, "STOPPED")]).await;
+    env.publish(&[task(&a, "RUNNING"), task(&a, "STOPPED")])
+        .await;
     let calls = env.wait_calls(&a, 2).await;
     assert_eq!(statuses(&calls), vec!["RUNNING", "STOPPED"]);
     env.cleanup().await;
@@ -282,12 +432,19 @@ async fn test_submit_task_events_when_submitting_task_stopped_after_running() {
 async fn test_send_container_and_managed_agent_events() {
     let env = setup("container-and-agent").await;
     let a = arn("container-and-agent");
-    env.publish(&[agent(&a, "web", "ExecuteCommandAgent", "RUNNING"), container(&a, "web", "RUNNING"), task(&a, "RUNNING")])
-        .await;
+    env.publish(&[
+        agent(&a, "web", "ExecuteCommandAgent", "RUNNING"),
+        container(&a, "web", "RUNNING"),
+        task(&a, "RUNNING"),
+    ])
+    .await;
     let calls = env.wait_calls(&a, 1).await;
     assert_eq!(agents(&calls[0]).len(), 1);
     assert_eq!(containers(&calls[0]).len(), 1);
-    assert_eq!(agents(&calls[0])[0]["managedAgentName"], "ExecuteCommandAgent");
+    assert_eq!(
+        agents(&calls[0])[0]["managedAgentName"],
+        "ExecuteCommandAgent"
+    );
     assert_eq!(agents(&calls[0])[0]["status"], "RUNNING");
     wait_idle(&env, &a).await;
     env.cleanup().await;
@@ -297,7 +454,12 @@ async fn test_send_container_and_managed_agent_events() {
 async fn test_send_managed_agent_events_task_differences() {
     let env = setup("agent-differences").await;
     let (a, b) = (arn("agent-a"), arn("agent-b"));
-    env.publish(&[agent(&a, "web", "AgentA", "RUNNING"), agent(&b, "web", "AgentB", "RUNNING"), task(&a, "RUNNING")]).await;
+    env.publish(&[
+        agent(&a, "web", "AgentA", "RUNNING"),
+        agent(&b, "web", "AgentB", "RUNNING"),
+        task(&a, "RUNNING"),
+    ])
+    .await;
     let calls_a = env.wait_calls(&a, 1).await;
     assert_eq!(agents(&calls_a[0]).len(), 1);
     assert_eq!(agents(&calls_a[0])[0]["managedAgentName"], "AgentA");
@@ -318,12 +480,17 @@ async fn test_get_batched_managed_agent_events() {
     let (known, unknown) = (arn("agent-known"), arn("agent-unknown"));
     let mut m1 = agent(&known, "web", "ExecuteCommandAgent", "RUNNING");
     m1["taskStatus"] = "RUNNING".into();
-    env.publish(&[m1, agent(&unknown, "web", "ExecuteCommandAgent", "RUNNING")]).await;
+    env.publish(&[m1, agent(&unknown, "web", "ExecuteCommandAgent", "RUNNING")])
+        .await;
     let calls = env.wait_calls(&known, 1).await;
     assert_eq!(calls[0].body["status"], "RUNNING");
     assert_eq!(agents(&calls[0]).len(), 1);
-    never(Duration::from_millis(1_000), "a drain for an unknown task", || async { !env.calls_for(&unknown).is_empty() })
-        .await;
+    never(
+        Duration::from_millis(1_000),
+        "a drain for an unknown task",
+        || async { !env.calls_for(&unknown).is_empty() },
+    )
+    .await;
     env.cleanup().await;
 }
 
@@ -338,7 +505,12 @@ async fn test_get_batched_managed_agent_events_stopped_task() {
     let mut m1 = agent(&a, "web", "ExecuteCommandAgent", "STOPPED");
     m1["taskStatus"] = "STOPPED".into();
     env.publish(&[m1]).await;
-    never(Duration::from_millis(1_000), "a drain for a STOPPED task", || async { !env.calls_for(&a).is_empty() }).await;
+    never(
+        Duration::from_millis(1_000),
+        "a drain for a STOPPED task",
+        || async { !env.calls_for(&a).is_empty() },
+    )
+    .await;
     env.cleanup().await;
 }
 
@@ -353,10 +525,30 @@ async fn test_should_task_event_be_sent() {
         sent: Option<&'static str>,
     }
     let cases = [
-        Case { name: "2-none-none", seed: &[], events: |a| vec![task(a, "NONE")], sent: None },
-        Case { name: "3-running-sent-none", seed: &[], events: |a| vec![task(a, "RUNNING")], sent: Some("RUNNING") },
-        Case { name: "4-running-sent-running", seed: &[("s", "3")], events: |a| vec![task(a, "RUNNING")], sent: None },
-        Case { name: "5-stopped-sent-running", seed: &[("s", "3")], events: |a| vec![task(a, "STOPPED")], sent: Some("STOPPED") },
+        Case {
+            name: "2-none-none",
+            seed: &[],
+            events: |a| vec![task(a, "NONE")],
+            sent: None,
+        },
+        Case {
+            name: "3-running-sent-none",
+            seed: &[],
+            events: |a| vec![task(a, "RUNNING")],
+            sent: Some("RUNNING"),
+        },
+        Case {
+            name: "4-running-sent-running",
+            seed: &[("s", "3")],
+            events: |a| vec![task(a, "RUNNING")],
+            sent: None,
+        },
+        Case {
+            name: "5-stopped-sent-running",
+            seed: &[("s", "3")],
+            events: |a| vec![task(a, "STOPPED")],
+            sent: Some("STOPPED"),
+        },
         Case {
             name: "6-container-behind",
             seed: &[("s", "3"), ("c:web", "4")],
@@ -398,7 +590,10 @@ async fn test_should_task_event_be_sent() {
     for case in &cases {
         let a = arn(case.name);
         if !case.seed.is_empty() {
-            env.store.seed_state(env.shards, &a, &fields(case.seed)).await.unwrap();
+            env.store
+                .seed_state(env.shards, &a, &fields(case.seed))
+                .await
+                .unwrap();
         }
         env.publish(&(case.events)(&a)).await;
     }
@@ -435,18 +630,40 @@ async fn test_should_task_attachment_event_be_sent() {
     env.publish(&[expired]).await;
     // (d) valid for 10 s but already sent: not sent.
     let d = arn("att-d");
-    env.store.seed_state(env.shards, &d, &fields(&[(&format!("a:{}", att("d")), "1")])).await.unwrap();
-    env.publish(&[task_attachment(&d, &att("d"), "ATTACHED", Duration::from_secs(10))]).await;
+    env.store
+        .seed_state(
+            env.shards,
+            &d,
+            &fields(&[(&format!("a:{}", att("d")), "1")]),
+        )
+        .await
+        .unwrap();
+    env.publish(&[task_attachment(
+        &d,
+        &att("d"),
+        "ATTACHED",
+        Duration::from_secs(10),
+    )])
+    .await;
     // (e) valid and unsent: sent with the attachment variant.
     let e = arn("att-e");
-    env.publish(&[task_attachment(&e, &att("e"), "ATTACHED", Duration::from_secs(10))]).await;
+    env.publish(&[task_attachment(
+        &e,
+        &att("e"),
+        "ATTACHED",
+        Duration::from_secs(10),
+    )])
+    .await;
     let calls = env.wait_calls(&e, 1).await;
     assert_eq!(calls[0].body["attachments"][0]["attachmentArn"], att("e"));
     for key in [&c, &d] {
         wait_idle(&env, key).await;
         assert!(env.calls_for(key).is_empty(), "{key} must not be sent");
     }
-    eventually(Duration::from_secs(20), "(b) dead-lettered", || async { !env.dead_letters().await.is_empty() }).await;
+    eventually(Duration::from_secs(20), "(b) dead-lettered", || async {
+        !env.dead_letters().await.is_empty()
+    })
+    .await;
     assert!(env.calls_for(&b).is_empty());
     env.cleanup().await;
 }
@@ -456,14 +673,32 @@ async fn test_set_task_sent_status() {
     // Upstream lets the agent's sent status go back to RUNNING; the port keeps it (FIX).
     let env = setup("set-task-sent").await;
     let a = arn("set-task-sent");
-    env.publish(&[container(&a, "web", "STOPPED"), agent(&a, "web", "ExecAgent", "STOPPED"), task(&a, "STOPPED")]).await;
+    env.publish(&[
+        container(&a, "web", "STOPPED"),
+        agent(&a, "web", "ExecAgent", "STOPPED"),
+        task(&a, "STOPPED"),
+    ])
+    .await;
     env.wait_calls(&a, 1).await;
-    env.publish(&[container(&a, "web", "RUNNING"), agent(&a, "web", "ExecAgent", "RUNNING"), task(&a, "RUNNING")]).await;
+    env.publish(&[
+        container(&a, "web", "RUNNING"),
+        agent(&a, "web", "ExecAgent", "RUNNING"),
+        task(&a, "RUNNING"),
+    ])
+    .await;
     wait_idle(&env, &a).await;
     no_more_calls(&env, &a, 1).await;
     assert_eq!(state_field(&env, &a, "s").await, 4, "task sent STOPPED");
-    assert_eq!(state_field(&env, &a, "c:web").await, 6, "container sent STOPPED");
-    assert_eq!(state_field(&env, &a, "m:web\u{1f}ExecAgent").await, 3, "agent sent stays STOPPED");
+    assert_eq!(
+        state_field(&env, &a, "c:web").await,
+        6,
+        "container sent STOPPED"
+    );
+    assert_eq!(
+        state_field(&env, &a, "m:web\u{1f}ExecAgent").await,
+        3,
+        "agent sent stays STOPPED"
+    );
     env.cleanup().await;
 }
 
@@ -471,12 +706,18 @@ async fn test_set_task_sent_status() {
 async fn test_set_container_sent_status() {
     let env = setup("set-container-sent").await;
     let a = arn("set-container-sent");
-    env.publish(&[container(&a, "web", "STOPPED"), task(&a, "RUNNING")]).await;
+    env.publish(&[container(&a, "web", "STOPPED"), task(&a, "RUNNING")])
+        .await;
     env.wait_calls(&a, 1).await;
-    env.publish(&[container(&a, "web", "RUNNING"), task(&a, "STOPPED")]).await;
+    env.publish(&[container(&a, "web", "RUNNING"), task(&a, "STOPPED")])
+        .await;
     env.wait_calls(&a, 2).await;
     wait_idle(&env, &a).await;
-    assert_eq!(state_field(&env, &a, "c:web").await, 6, "container sent status never goes back");
+    assert_eq!(
+        state_field(&env, &a, "c:web").await,
+        6,
+        "container sent status never goes back"
+    );
     env.cleanup().await;
 }
 
@@ -484,10 +725,15 @@ async fn test_set_container_sent_status() {
 async fn test_set_attachment_sent_status() {
     let env = setup("set-attachment-sent").await;
     let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/set";
-    env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(100))]).await;
+    env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(100))])
+        .await;
     env.wait_calls(att, 1).await;
     wait_idle(&env, att).await;
-    assert_eq!(state_field(&env, att, &format!("a:{att}")).await, 1, "reads back as sent");
+    assert_eq!(
+        state_field(&env, att, &format!("a:{att}")).await,
+        1,
+        "reads back as sent"
+    );
     env.cleanup().await;
 }
 
@@ -496,13 +742,17 @@ async fn test_send_eni_attachment_event() {
     let env = setup("eni-attachment").await;
     let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/one";
     // ENI attachments are sent whatever their status, NONE included (as upstream).
-    env.publish(&[attachment(att, "eni", "NONE", Duration::from_secs(1))]).await;
+    env.publish(&[attachment(att, "eni", "NONE", Duration::from_secs(1))])
+        .await;
     let calls = env.wait_calls(att, 1).await;
     no_more_calls(&env, att, 1).await;
     assert_eq!(calls[0].operation, "SubmitAttachmentStateChanges");
     assert_eq!(calls[0].body["attachments"][0]["attachmentArn"], att);
     assert_eq!(calls[0].body["attachments"][0]["status"], "NONE");
-    assert_eq!(calls[0].body["attachments"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        calls[0].body["attachments"].as_array().map(Vec::len),
+        Some(1)
+    );
     env.cleanup().await;
 }
 
@@ -519,7 +769,10 @@ async fn test_send_res_attachment_event() {
     let calls = env.wait_calls(att, 1).await;
     assert_eq!(calls[0].body["attachments"][0]["status"], "ATTACHED");
     wait_idle(&env, not_attached).await;
-    assert!(env.calls_for(not_attached).is_empty(), "a resource attachment needs ATTACHED");
+    assert!(
+        env.calls_for(not_attached).is_empty(),
+        "a resource attachment needs ATTACHED"
+    );
     env.cleanup().await;
 }
 
@@ -527,8 +780,13 @@ async fn test_send_res_attachment_event() {
 async fn test_send_attachment_event_retries() {
     let env = setup("attachment-retries").await;
     let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/retry";
-    env.sim.add_rule(Rule { key: att.into(), action: Action::ServerError, times: 1 });
-    env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(60))]).await;
+    env.sim.add_rule(Rule {
+        key: att.into(),
+        action: Action::ServerError,
+        times: 1,
+    });
+    env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(60))])
+        .await;
     let calls = env.wait_calls(att, 2).await;
     no_more_calls(&env, att, 2).await;
     assert_eq!(calls[0].outcome.as_deref(), Some("ServerException"));
@@ -552,7 +810,10 @@ async fn test_send_mutiple_attachment_events_mixed_attachments() {
     for key in [eni, r1, r2] {
         env.wait_calls(key, 1).await;
     }
-    never(Duration::from_millis(500), "more than 3 calls", || async { env.sim.calls().len() > 3 }).await;
+    never(Duration::from_millis(500), "more than 3 calls", || async {
+        env.sim.calls().len() > 3
+    })
+    .await;
     env.cleanup().await;
 }
 
@@ -560,7 +821,8 @@ async fn test_send_mutiple_attachment_events_mixed_attachments() {
 async fn test_submit_attachment_event_succeeds() {
     let env = setup("attachment-succeeds").await;
     let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/succeeds";
-    env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(60))]).await;
+    env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(60))])
+        .await;
     env.wait_calls(att, 1).await;
     wait_idle(&env, att).await;
     no_more_calls(&env, att, 1).await;
@@ -577,7 +839,11 @@ async fn test_submit_attachment_event_attachment_expired() {
     env.publish(&[e]).await;
     wait_idle(&env, att).await;
     assert!(env.calls_for(att).is_empty());
-    assert_eq!(state_field(&env, att, &format!("a:{att}")).await, 0, "stays unsent");
+    assert_eq!(
+        state_field(&env, att, &format!("a:{att}")).await,
+        0,
+        "stays unsent"
+    );
     env.cleanup().await;
 }
 
@@ -585,8 +851,17 @@ async fn test_submit_attachment_event_attachment_expired() {
 async fn test_submit_attachment_event_attachment_is_sent() {
     let env = setup("attachment-is-sent").await;
     let att = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/is-sent";
-    env.store.seed_state(env.shards, att, &fields(&[(&format!("a:{att}"), "1")])).await.unwrap();
-    env.publish(&[attachment(att, "resource", "ATTACHED", Duration::from_secs(60))]).await;
+    env.store
+        .seed_state(env.shards, att, &fields(&[(&format!("a:{att}"), "1")]))
+        .await
+        .unwrap();
+    env.publish(&[attachment(
+        att,
+        "resource",
+        "ATTACHED",
+        Duration::from_secs(60),
+    )])
+    .await;
     wait_idle(&env, att).await;
     assert!(env.calls_for(att).is_empty());
     env.cleanup().await;

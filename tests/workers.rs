@@ -14,8 +14,14 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 fn signal(child: &Proc, sig: &str) {
-    let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(child.0.id().to_string()).status();
-    assert!(status.map(|s| s.success()).unwrap_or(false), "kill -{sig} failed");
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.0.id().to_string())
+        .status();
+    assert!(
+        status.map(|s| s.success()).unwrap_or(false),
+        "kill -{sig} failed"
+    );
 }
 
 async fn wait_exit(child: &mut Proc, within: Duration) -> std::process::ExitStatus {
@@ -32,8 +38,16 @@ async fn wait_exit(child: &mut Proc, within: Duration) -> std::process::ExitStat
 /// A task's lifecycle as events: containers RUNNING, task RUNNING, containers STOPPED, task STOPPED.
 fn lifecycle(a: &str) -> Vec<Vec<Value>> {
     vec![
-        vec![container(a, "web", "RUNNING"), container(a, "log", "RUNNING"), task(a, "RUNNING")],
-        vec![container(a, "web", "STOPPED"), container(a, "log", "STOPPED"), task(a, "STOPPED")],
+        vec![
+            container(a, "web", "RUNNING"),
+            container(a, "log", "RUNNING"),
+            task(a, "RUNNING"),
+        ],
+        vec![
+            container(a, "web", "STOPPED"),
+            container(a, "log", "STOPPED"),
+            task(a, "STOPPED"),
+        ],
     ]
 }
 
@@ -77,7 +91,10 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_reorders_nothing() {
         env.publish(&batch).await;
         if phase == 0 {
             // Kill while calls are flowing: some tasks sent, some queued in Redis, some unacked.
-            eventually(Duration::from_secs(20), "calls flowing", || async { env.sim.stats().ok >= 20 }).await;
+            eventually(Duration::from_secs(20), "calls flowing", || async {
+                env.sim.stats().ok >= 20
+            })
+            .await;
             signal(&first, "KILL");
             wait_exit(&mut first, Duration::from_secs(10)).await;
         }
@@ -90,12 +107,18 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_reorders_nothing() {
     })
     .await;
     let (lost, disorder, dups) = audit(&env.sim.calls(), &tasks);
-    println!("sigkill: events {} calls {} lost {lost} out-of-order {disorder} duplicates {dups}", tasks.len() * 6, env.sim.calls().len());
+    println!(
+        "sigkill: events {} calls {} lost {lost} out-of-order {disorder} duplicates {dups}",
+        tasks.len() * 6,
+        env.sim.calls().len()
+    );
     assert_eq!((lost, disorder), (0, 0));
     // Only calls in flight at the kill may be repeated: at most one per task, at most the limit.
     assert!(dups <= 10, "{dups} duplicates");
     signal(&second, "TERM");
-    assert!(wait_exit(&mut second, Duration::from_secs(20)).await.success());
+    assert!(wait_exit(&mut second, Duration::from_secs(20))
+        .await
+        .success());
     env.cleanup().await;
 }
 
@@ -113,13 +136,20 @@ async fn two_workers_never_exceed_the_limit_and_saturate_it_while_a_backlog_wait
         for s in 0..4 {
             owners.push(env.store.lease_owner(s).await.ok().flatten());
         }
-        let n1 = owners.iter().filter(|o| o.as_deref() == Some(id1.as_str())).count();
-        let n2 = owners.iter().filter(|o| o.as_deref() == Some(id2.as_str())).count();
+        let n1 = owners
+            .iter()
+            .filter(|o| o.as_deref() == Some(id1.as_str()))
+            .count();
+        let n2 = owners
+            .iter()
+            .filter(|o| o.as_deref() == Some(id2.as_str()))
+            .count();
         n1 == 2 && n2 == 2
     })
     .await;
     let tasks: Vec<String> = (0..120).map(|i| arn(&format!("sat-{i}"))).collect();
-    env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>()).await;
+    env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
+        .await;
     let mut saw_full = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while env.sim.stats().ok < tasks.len() as u64 {
@@ -133,9 +163,15 @@ async fn two_workers_never_exceed_the_limit_and_saturate_it_while_a_backlog_wait
     }
     let stats = env.sim.stats();
     // Both workers' keys were sent: the limit was shared, not held by one worker.
-    println!("saturation: calls {} highest concurrency {} (limit 10), samples at the limit {saw_full}", stats.calls, stats.max_in_flight);
+    println!(
+        "saturation: calls {} highest concurrency {} (limit 10), samples at the limit {saw_full}",
+        stats.calls, stats.max_in_flight
+    );
     assert_eq!(stats.max_in_flight, 10, "exactly the limit at the peak");
-    assert!(saw_full >= 5, "the limit was in use while the backlog waited");
+    assert!(
+        saw_full >= 5,
+        "the limit was in use while the backlog waited"
+    );
     signal(&w1, "TERM");
     signal(&w2, "TERM");
     assert!(wait_exit(&mut w1, Duration::from_secs(20)).await.success());
@@ -149,17 +185,44 @@ async fn a_task_whose_calls_keep_failing_does_not_delay_other_tasks() {
     let cfg = env.config();
     env.start_worker(cfg).await;
     let bad = arn("always-failing");
-    env.sim.add_rule(Rule { key: bad.clone(), action: Action::ServerError, times: 1_000_000 });
-    env.publish(&[task(&bad, "RUNNING"), task(&bad, "STOPPED")]).await;
-    eventually(Duration::from_secs(20), "the bad task is retrying", || async { env.calls_for(&bad).len() >= 2 }).await;
+    env.sim.add_rule(Rule {
+        key: bad.clone(),
+        action: Action::ServerError,
+        times: 1_000_000,
+    });
+    env.publish(&[task(&bad, "RUNNING"), task(&bad, "STOPPED")])
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "the bad task is retrying",
+        || async { env.calls_for(&bad).len() >= 2 },
+    )
+    .await;
     let others: Vec<String> = (0..30).map(|i| arn(&format!("healthy-{i}"))).collect();
-    env.publish(&others.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>()).await;
-    eventually(Duration::from_secs(20), "every healthy task sent", || async {
-        others.iter().all(|t| env.calls_for(t).iter().any(|c| c.outcome.as_deref() == Some("ok")))
-    })
+    env.publish(
+        &others
+            .iter()
+            .map(|t| task(t, "RUNNING"))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "every healthy task sent",
+        || async {
+            others.iter().all(|t| {
+                env.calls_for(t)
+                    .iter()
+                    .any(|c| c.outcome.as_deref() == Some("ok"))
+            })
+        },
+    )
     .await;
     // The failing task only retries its head; its STOPPED waits behind it.
-    assert!(env.calls_for(&bad).iter().all(|c| c.body["status"] == "RUNNING"));
+    assert!(env
+        .calls_for(&bad)
+        .iter()
+        .all(|c| c.body["status"] == "RUNNING"));
     env.cleanup().await;
 }
 
@@ -173,13 +236,30 @@ async fn retention_drops_and_counts_the_state_of_idle_tasks() {
     let a = arn("never-known");
     env.publish(&[container(&a, "web", "RUNNING")]).await;
     eventually(Duration::from_secs(10), "batch stored", || async {
-        env.store.queued(env.shards, &a).await.map(|q| q == (1, 0)).unwrap_or(false)
+        env.store
+            .queued(env.shards, &a)
+            .await
+            .map(|q| q == (1, 0))
+            .unwrap_or(false)
     })
     .await;
-    eventually(Duration::from_secs(10), "state dropped after the retention", || async {
-        env.store.queued(env.shards, &a).await.map(|q| q == (0, 0)).unwrap_or(false)
-            && env.store.find_state(env.shards, &a).await.map(|s| s.is_none()).unwrap_or(false)
-    })
+    eventually(
+        Duration::from_secs(10),
+        "state dropped after the retention",
+        || async {
+            env.store
+                .queued(env.shards, &a)
+                .await
+                .map(|q| q == (0, 0))
+                .unwrap_or(false)
+                && env
+                    .store
+                    .find_state(env.shards, &a)
+                    .await
+                    .map(|s| s.is_none())
+                    .unwrap_or(false)
+        },
+    )
     .await;
     assert!(env.calls_for(&a).is_empty());
     env.cleanup().await;
@@ -193,11 +273,20 @@ async fn a_worker_refuses_a_shard_count_that_disagrees_with_the_broker() {
     for wrong in [2u16, 4] {
         let mut c = env.config();
         c.shards = wrong;
-        let err = worker::run(c, env.ecs().await, Readiness::default(), CancellationToken::new())
-            .await
-            .expect_err("must refuse");
+        let err = worker::run(
+            c,
+            env.ecs().await,
+            Readiness::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .expect_err("must refuse");
         let msg = err.to_string();
-        assert!(msg.contains(&format!("RELAY_SHARDS={wrong}")) && msg.contains("fixed for a deployment"), "{msg}");
+        assert!(
+            msg.contains(&format!("RELAY_SHARDS={wrong}"))
+                && msg.contains("fixed for a deployment"),
+            "{msg}"
+        );
     }
     env.cleanup().await;
 }
@@ -210,14 +299,24 @@ async fn sigterm_finishes_the_call_in_flight_releases_leases_and_exits_zero() {
     let mut w = env.spawn_process(&cfg);
     env.wait_all_shards_owned().await;
     let a = arn("in-flight-at-shutdown");
-    env.sim.add_rule(Rule { key: a.clone(), action: Action::Hold, times: 1 });
+    env.sim.add_rule(Rule {
+        key: a.clone(),
+        action: Action::Hold,
+        times: 1,
+    });
     env.publish(&[task(&a, "RUNNING")]).await;
-    eventually(Duration::from_secs(20), "call held", || async { env.sim.stats().held == 1 }).await;
+    eventually(Duration::from_secs(20), "call held", || async {
+        env.sim.stats().held == 1
+    })
+    .await;
     signal(&w, "TERM");
     // While the call is held the worker must not exit (it finishes work in flight first).
     let until = Instant::now() + Duration::from_millis(300);
     while Instant::now() < until {
-        assert!(w.0.try_wait().unwrap().is_none(), "exited before its call in flight finished");
+        assert!(
+            w.0.try_wait().unwrap().is_none(),
+            "exited before its call in flight finished"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     env.sim.release(None);
@@ -226,10 +325,18 @@ async fn sigterm_finishes_the_call_in_flight_releases_leases_and_exits_zero() {
     // The finished call was recorded (no re-send by the next owner), leases and permits are back.
     assert_eq!(env.store.queued(env.shards, &a).await.unwrap(), (0, 0));
     for s in 0..env.shards {
-        assert_eq!(env.store.lease_owner(s).await.unwrap(), None, "lease {s} released");
+        assert_eq!(
+            env.store.lease_owner(s).await.unwrap(),
+            None,
+            "lease {s} released"
+        );
     }
     let mut conn = env.store.conn().await.unwrap();
-    let permits: u64 = redis::cmd("ZCARD").arg(env.store.global_key("permits")).query_async(&mut conn).await.unwrap();
+    let permits: u64 = redis::cmd("ZCARD")
+        .arg(env.store.global_key("permits"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(permits, 0);
     env.cleanup().await;
 }

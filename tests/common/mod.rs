@@ -15,7 +15,9 @@ use ecs_state_relay::publish::publish_lines;
 use ecs_state_relay::sim::{CallRecord, Sim};
 use ecs_state_relay::store::Store;
 use ecs_state_relay::worker;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
@@ -50,24 +52,43 @@ impl InProcess {
     /// Clean shutdown (SIGTERM path); returns the worker's result.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.cancel.cancel();
-        self.handle.await.map_err(|e| anyhow::anyhow!("worker panicked: {e}"))?
+        self.handle
+            .await
+            .map_err(|e| anyhow::anyhow!("worker panicked: {e}"))?
     }
 }
 
 impl Env {
     pub async fn new(name: &str, shards: u16) -> Env {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
             .with_test_writer()
             .try_init();
         let exchange = format!("test.{name}.{:08x}", rand::random::<u32>());
         let (sim, sim_url) = Sim::spawn_local().await.expect("sim starts");
-        let store = Store::connect(REDIS_URL, &exchange).await.expect("redis reachable");
-        Env { exchange, shards, sim, sim_url, store, workers: Vec::new(), next_worker: 0 }
+        let store = Store::connect(REDIS_URL, &exchange)
+            .await
+            .expect("redis reachable");
+        Env {
+            exchange,
+            shards,
+            sim,
+            sim_url,
+            store,
+            workers: Vec::new(),
+            next_worker: 0,
+        }
     }
 
     pub fn conn(&self) -> ConnConfig {
-        ConnConfig { amqp_url: AMQP_URL.into(), redis_url: REDIS_URL.into(), exchange: self.exchange.clone() }
+        ConnConfig {
+            amqp_url: AMQP_URL.into(),
+            redis_url: REDIS_URL.into(),
+            exchange: self.exchange.clone(),
+        }
     }
 
     /// Fast timings; the drain ticker is effectively off unless a test turns it on.
@@ -99,7 +120,11 @@ impl Env {
         let cancel = CancellationToken::new();
         let ecs = self.ecs().await;
         let handle = tokio::spawn(worker::run(cfg, ecs, Readiness::default(), cancel.clone()));
-        self.workers.push(InProcess { id: id.clone(), cancel, handle });
+        self.workers.push(InProcess {
+            id: id.clone(),
+            cancel,
+            handle,
+        });
         self.wait_all_shards_owned().await;
         id
     }
@@ -134,16 +159,34 @@ impl Env {
             ("RELAY_REDIS_URL".into(), cfg.conn.redis_url.clone()),
             ("RELAY_EXCHANGE".into(), cfg.conn.exchange.clone()),
             ("RELAY_SHARDS".into(), cfg.shards.to_string()),
-            ("RELAY_CONCURRENCY_LIMIT".into(), cfg.concurrency_limit.to_string()),
+            (
+                "RELAY_CONCURRENCY_LIMIT".into(),
+                cfg.concurrency_limit.to_string(),
+            ),
             ("RELAY_DRAIN_MIN_MS".into(), cfg.drain_min_ms.to_string()),
             ("RELAY_DRAIN_MAX_MS".into(), cfg.drain_max_ms.to_string()),
-            ("RELAY_BACKOFF_MIN_MS".into(), cfg.backoff_min_ms.to_string()),
-            ("RELAY_BACKOFF_MAX_MS".into(), cfg.backoff_max_ms.to_string()),
+            (
+                "RELAY_BACKOFF_MIN_MS".into(),
+                cfg.backoff_min_ms.to_string(),
+            ),
+            (
+                "RELAY_BACKOFF_MAX_MS".into(),
+                cfg.backoff_max_ms.to_string(),
+            ),
             ("RELAY_LEASE_MS".into(), cfg.lease_ms.to_string()),
-            ("RELAY_PERMIT_LEASE_MS".into(), cfg.permit_lease_ms.to_string()),
-            ("RELAY_CALL_TIMEOUT_MS".into(), cfg.call_timeout_ms.to_string()),
+            (
+                "RELAY_PERMIT_LEASE_MS".into(),
+                cfg.permit_lease_ms.to_string(),
+            ),
+            (
+                "RELAY_CALL_TIMEOUT_MS".into(),
+                cfg.call_timeout_ms.to_string(),
+            ),
             ("RELAY_METRICS_ADDR".into(), cfg.metrics_addr.clone()),
-            ("RELAY_WORKER_ID".into(), cfg.worker_id.clone().unwrap_or_default()),
+            (
+                "RELAY_WORKER_ID".into(),
+                cfg.worker_id.clone().unwrap_or_default(),
+            ),
             ("AWS_ENDPOINT_URL_ECS".into(), self.sim_url.clone()),
             ("AWS_REGION".into(), "us-east-1".into()),
             ("AWS_ACCESS_KEY_ID".into(), "test".into()),
@@ -153,29 +196,41 @@ impl Env {
     }
 
     pub fn spawn_process(&self, cfg: &WorkerConfig) -> Proc {
-        Proc(Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
-            .arg("worker")
-            .envs(self.process_env(cfg))
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("worker binary starts"))
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+                .arg("worker")
+                .envs(self.process_env(cfg))
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("worker binary starts"),
+        )
     }
 
     pub async fn publish(&self, events: &[Value]) {
         let lines: Vec<String> = events.iter().map(Value::to_string).collect();
-        publish_lines(&self.conn(), lines.join("\n").as_bytes()).await.expect("publish confirmed");
+        publish_lines(&self.conn(), lines.join("\n").as_bytes())
+            .await
+            .expect("publish confirmed");
     }
 
     /// Publishes raw bytes with any routing key (for malformed input).
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
-        let c = amqp::connect(AMQP_URL, "test raw publish").await.expect("amqp");
+        let c = amqp::connect(AMQP_URL, "test raw publish")
+            .await
+            .expect("amqp");
         let ch = amqp::confirm_channel(&c).await.expect("channel");
         let confirm = ch
             .basic_publish(
                 self.exchange.as_str().into(),
                 routing_key.into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 body,
                 BasicProperties::default().with_delivery_mode(2),
             )
@@ -189,28 +244,47 @@ impl Env {
 
     /// Calls the sim received for a key, in arrival order.
     pub fn calls_for(&self, key: &str) -> Vec<CallRecord> {
-        self.sim.calls().into_iter().filter(|c| c.key == key).collect()
+        self.sim
+            .calls()
+            .into_iter()
+            .filter(|c| c.key == key)
+            .collect()
     }
 
     pub async fn wait_calls(&self, key: &str, n: usize) -> Vec<CallRecord> {
         let sim = self.sim.clone();
         let key2 = key.to_string();
-        eventually(Duration::from_secs(20), &format!("{n} calls for {key}"), || {
-            let sim = sim.clone();
-            let key = key2.clone();
-            async move { sim.calls().iter().filter(|c| c.key == key && c.outcome.is_some()).count() >= n }
-        })
+        eventually(
+            Duration::from_secs(20),
+            &format!("{n} calls for {key}"),
+            || {
+                let sim = sim.clone();
+                let key = key2.clone();
+                async move {
+                    sim.calls()
+                        .iter()
+                        .filter(|c| c.key == key && c.outcome.is_some())
+                        .count()
+                        >= n
+                }
+            },
+        )
         .await;
         self.calls_for(key)
     }
 
     /// Messages in the dead-letter queue: (body, x-relay-reject-reason).
     pub async fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
-        let c = amqp::connect(AMQP_URL, "test dead reader").await.expect("amqp");
+        let c = amqp::connect(AMQP_URL, "test dead reader")
+            .await
+            .expect("amqp");
         let ch = c.create_channel().await.expect("channel");
         let mut out = Vec::new();
         while let Ok(Some(msg)) = ch
-            .basic_get(amqp::dead_queue(&self.exchange).as_str().into(), BasicGetOptions { no_ack: true })
+            .basic_get(
+                amqp::dead_queue(&self.exchange).as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
             .await
         {
             let reason = msg
@@ -239,12 +313,30 @@ impl Env {
             if let Ok(ch) = c.create_channel().await {
                 for s in 0..=self.shards {
                     let _ = ch
-                        .queue_delete(amqp::shard_queue(&self.exchange, s).as_str().into(), QueueDeleteOptions::default())
+                        .queue_delete(
+                            amqp::shard_queue(&self.exchange, s).as_str().into(),
+                            QueueDeleteOptions::default(),
+                        )
                         .await;
                 }
-                let _ = ch.queue_delete(amqp::dead_queue(&self.exchange).as_str().into(), QueueDeleteOptions::default()).await;
-                let _ = ch.exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
-                let _ = ch.exchange_delete(amqp::dlx(&self.exchange).as_str().into(), ExchangeDeleteOptions::default()).await;
+                let _ = ch
+                    .queue_delete(
+                        amqp::dead_queue(&self.exchange).as_str().into(),
+                        QueueDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = ch
+                    .exchange_delete(
+                        self.exchange.as_str().into(),
+                        ExchangeDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = ch
+                    .exchange_delete(
+                        amqp::dlx(&self.exchange).as_str().into(),
+                        ExchangeDeleteOptions::default(),
+                    )
+                    .await;
             }
             let _ = c.close(200, "done".into()).await;
         }
@@ -305,7 +397,10 @@ where
 static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn next_id(prefix: &str) -> String {
-    format!("{prefix}-{}", SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    format!(
+        "{prefix}-{}",
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 const AT: &str = "2026-11-28T10:00:00Z";
@@ -336,20 +431,32 @@ pub fn attachment(attachment: &str, kind: &str, status: &str, expires_in: Durati
 
 pub fn rfc3339_in(d: Duration) -> String {
     let t = time::OffsetDateTime::now_utc() + d;
-    t.format(&time::format_description::well_known::Rfc3339).expect("formats")
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("formats")
 }
 
 pub fn rfc3339_ago(d: Duration) -> String {
     let t = time::OffsetDateTime::now_utc() - d;
-    t.format(&time::format_description::well_known::Rfc3339).expect("formats")
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("formats")
 }
 
 /// Whether the sim got a body with `status` for the key (status variant).
 pub fn statuses(calls: &[CallRecord]) -> Vec<String> {
-    calls.iter().filter_map(|c| c.body.get("status").and_then(Value::as_str).map(str::to_string)).collect()
+    calls
+        .iter()
+        .filter_map(|c| {
+            c.body
+                .get("status")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 pub fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
-
