@@ -186,15 +186,39 @@ mod tests {
         assert_eq!(parsed.conn.redis_url, d.conn.redis_url);
         assert_eq!(parsed.conn.exchange, d.conn.exchange);
         assert_eq!(
-            (parsed.shards, parsed.concurrency_limit, parsed.drain_min_ms, parsed.drain_max_ms),
-            (d.shards, d.concurrency_limit, d.drain_min_ms, d.drain_max_ms)
+            (
+                parsed.shards,
+                parsed.concurrency_limit,
+                parsed.drain_min_ms,
+                parsed.drain_max_ms
+            ),
+            (
+                d.shards,
+                d.concurrency_limit,
+                d.drain_min_ms,
+                d.drain_max_ms
+            )
         );
         assert_eq!(
-            (parsed.backoff_min_ms, parsed.backoff_max_ms, parsed.task_retention_s, parsed.lease_ms),
-            (d.backoff_min_ms, d.backoff_max_ms, d.task_retention_s, d.lease_ms)
+            (
+                parsed.backoff_min_ms,
+                parsed.backoff_max_ms,
+                parsed.task_retention_s,
+                parsed.lease_ms
+            ),
+            (
+                d.backoff_min_ms,
+                d.backoff_max_ms,
+                d.task_retention_s,
+                d.lease_ms
+            )
         );
         assert_eq!(
-            (parsed.permit_lease_ms, parsed.call_timeout_ms, parsed.prefetch),
+            (
+                parsed.permit_lease_ms,
+                parsed.call_timeout_ms,
+                parsed.prefetch
+            ),
             (d.permit_lease_ms, d.call_timeout_ms, d.prefetch)
         );
         assert_eq!(parsed.metrics_addr, d.metrics_addr);
