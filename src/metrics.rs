@@ -24,6 +24,7 @@ pub const PERMITS_LIMIT: &str = "relay_permits_limit";
 pub const PERMIT_WAIT_SECONDS: &str = "relay_permit_wait_seconds";
 pub const SHARDS_OWNED: &str = "relay_shards_owned";
 pub const SENDERS_ACTIVE: &str = "relay_senders_active";
+pub const FENCED: &str = "relay_fenced_total";
 pub const REDIS_ERRORS: &str = "relay_redis_errors_total";
 pub const AMQP_ERRORS: &str = "relay_amqp_errors_total";
 pub const BUILD_INFO: &str = "relay_build_info";
@@ -71,6 +72,10 @@ pub fn sender_started() {
 }
 pub fn sender_stopped() {
     gauge!(SENDERS_ACTIVE).decrement(1.0);
+}
+/// A write (or ECS call) refused because this worker no longer holds the shard's lease.
+pub fn fenced(op: &'static str) {
+    counter!(FENCED, "op" => op).increment(1);
 }
 pub fn redis_error(op: &'static str) {
     counter!(REDIS_ERRORS, "op" => op).increment(1);

@@ -9,13 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use redis::{self, Script};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::store::{Store, StoreError, StoreResult};
+use crate::store::{wake_on_publish, Store, StoreError, StoreResult};
 
 /// A permit held for one ECS call; give it back with [`Semaphore::release`].
 pub struct Permit {
@@ -37,7 +36,7 @@ struct Inner {
     worker: String,
     next: AtomicU64,
     local: Arc<tokio::sync::Semaphore>,
-    released: Notify,
+    released: Arc<Notify>,
     acquire: Script,
     refresh: Script,
     release: Script,
@@ -57,7 +56,7 @@ impl Semaphore {
                 worker: worker.to_string(),
                 next: AtomicU64::new(0),
                 local: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
-                released: Notify::new(),
+                released: Arc::new(Notify::new()),
                 acquire: Script::new(include_str!("lua/permit_acquire.lua")),
                 refresh: Script::new(include_str!("lua/permit_refresh.lua")),
                 release: Script::new(include_str!("lua/permit_release.lua")),
@@ -67,38 +66,8 @@ impl Semaphore {
 
     /// Listens for releases from every worker until `cancel`; reconnects on its own.
     pub async fn run_listener(self, redis_url: String, cancel: CancellationToken) {
-        while !cancel.is_cancelled() {
-            if let Err(e) = self.listen_once(&redis_url, &cancel).await {
-                tracing::warn!(error = %e, "permit release listener lost its Redis connection; reconnecting");
-                m::redis_error("permit_listener");
-            }
-            // Wake every waiter: a release may have been missed while disconnected.
-            self.inner.released.notify_waiters();
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        }
-    }
-
-    async fn listen_once(
-        &self,
-        redis_url: &str,
-        cancel: &CancellationToken,
-    ) -> redis::RedisResult<()> {
-        let client = redis::Client::open(redis_url)?;
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(&self.inner.channel).await?;
-        let mut messages = pubsub.on_message();
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                msg = messages.next() => match msg {
-                    Some(_) => self.inner.released.notify_waiters(),
-                    None => return Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub stream ended"))),
-                },
-            }
-        }
+        let channel = self.inner.channel.clone();
+        wake_on_publish(redis_url, channel, self.inner.released.clone(), cancel).await;
     }
 
     /// Waits for a permit; None when cancelled first.

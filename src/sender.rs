@@ -118,6 +118,29 @@ pub struct ShardCtx {
     pub cfg: Arc<WorkerConfig>,
     /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
     pub cancel: CancellationToken,
+    /// Until when (local monotonic clock) the lease is surely still ours; set on each renewal.
+    pub lease_valid_until: Mutex<Instant>,
+}
+
+impl ShardCtx {
+    /// Redis fences every write, but an ECS call is outside Redis: before each call the sender
+    /// checks that the lease cannot have lapsed meanwhile (say, while the process was paused).
+    pub fn lease_valid(&self) -> bool {
+        Instant::now()
+            < *self
+                .lease_valid_until
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a successful renewal started at `renewed_at`; a margin covers clock drift.
+    pub fn lease_renewed(&self, renewed_at: Instant) {
+        let valid = renewed_at + self.cfg.lease().mul_f64(0.8);
+        *self
+            .lease_valid_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = valid;
+    }
 }
 
 /// The running senders of one shard. `wake` after the intake appended to a key's outbox.
@@ -288,6 +311,17 @@ impl Senders {
     async fn call(&self, entry: &OutboxEntry) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
         let permit = ctx.permits.acquire(&ctx.cancel).await?;
+        if !ctx.lease_valid() {
+            // Paused past the lease (or renewals failing): another worker may own this task now.
+            ctx.permits.release(permit).await;
+            tracing::warn!(
+                shard = ctx.shard,
+                "shard lease may have lapsed; not calling ECS"
+            );
+            m::fenced("call");
+            ctx.cancel.cancel();
+            return None;
+        }
         let started = Instant::now();
         let (operation, fut): (
             &'static str,
@@ -350,6 +384,7 @@ impl Senders {
                 Ok(_) => return true,
                 Err(StoreError::Fenced) => {
                     tracing::warn!(shard = ctx.shard, key, "shard lease lost; sender stops");
+                    m::fenced("complete");
                     ctx.cancel.cancel();
                     return false;
                 }

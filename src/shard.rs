@@ -150,7 +150,10 @@ async fn intake_batch(
             .await
         {
             Ok(o) => break o,
-            Err(StoreError::Fenced) => return Ok(Some(ShardEnd::Fenced)),
+            Err(StoreError::Fenced) => {
+                m::fenced("intake");
+                return Ok(Some(ShardEnd::Fenced));
+            }
             Err(e) => {
                 // Never ack what Redis does not have: hold the batch and retry.
                 tracing::warn!(shard = ctx.shard, error = %e, "intake cannot reach Redis; retrying");
@@ -200,6 +203,7 @@ async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
         {
             Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
             Err(StoreError::Fenced) => {
+                m::fenced("drain");
                 ctx.cancel.cancel();
                 return;
             }
@@ -235,6 +239,7 @@ async fn retention_sweeper(ctx: Arc<ShardCtx>) {
             }
             Ok(_) => {}
             Err(StoreError::Fenced) => {
+                m::fenced("sweep");
                 ctx.cancel.cancel();
                 return;
             }

@@ -38,6 +38,45 @@ impl From<deadpool_redis::PoolError> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Wakes every waiter on `notify` whenever something is published on `channel`, until
+/// `cancel`; reconnects by itself, and wakes everyone after a reconnect (a message may have
+/// been missed meanwhile). Waiters also keep a timeout, so this is a latency aid, not a need.
+pub async fn wake_on_publish(
+    redis_url: String,
+    channel: String,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use futures_util::StreamExt;
+    while !cancel.is_cancelled() {
+        let listened: redis::RedisResult<()> = async {
+            let client = redis::Client::open(redis_url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            let mut messages = pubsub.on_message();
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    msg = messages.next() => match msg {
+                        Some(_) => notify.notify_waiters(),
+                        None => return Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub stream ended"))),
+                    },
+                }
+            }
+        }
+        .await;
+        if let Err(e) = listened {
+            tracing::warn!(channel = %channel, error = %e, "pub/sub connection lost; reconnecting");
+            crate::metrics::redis_error("pubsub");
+        }
+        notify.notify_waiters();
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 macro_rules! fenced_script {
     ($file:literal) => {
         Script::new(concat!(
@@ -193,6 +232,12 @@ impl Store {
         ShardKeys {
             prefix: format!("relay:{{{}#{shard}}}:", self.namespace),
         }
+    }
+
+    /// Published on when a worker joins or leaves or a shard lease is released, so the others
+    /// rebalance at once instead of at their next heartbeat.
+    pub fn membership_channel(&self) -> String {
+        self.global_key("membership")
     }
 
     /// Deployment-wide key (outside any shard), e.g. the permit set.
@@ -425,6 +470,7 @@ impl Store {
             .key(self.shard(shard).lease())
             .arg(&fence.owner)
             .arg(fence.token)
+            .arg(self.membership_channel())
             .invoke_async(&mut conn)
             .await?;
         Ok(ok == 1)
@@ -439,6 +485,7 @@ impl Store {
             .key(self.global_key("workers"))
             .arg(worker)
             .arg(lease_ms)
+            .arg(self.membership_channel())
             .invoke_async(&mut conn)
             .await?)
     }
@@ -446,9 +493,13 @@ impl Store {
     /// Leaves the live set at once (clean shutdown), so the others rebalance without waiting.
     pub async fn deregister(&self, worker: &str) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        redis::cmd("ZREM")
+        redis::pipe()
+            .cmd("ZREM")
             .arg(self.global_key("workers"))
             .arg(worker)
+            .cmd("PUBLISH")
+            .arg(self.membership_channel())
+            .arg("left")
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())

@@ -6,10 +6,11 @@
 //! then releasing the lease.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use lapin::Connection;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +21,7 @@ use crate::metrics::{self as m, Readiness};
 use crate::semaphore::Semaphore;
 use crate::sender::ShardCtx;
 use crate::shard::{self, ShardEnd};
-use crate::store::Store;
+use crate::store::{wake_on_publish, Store};
 
 struct Owned {
     ctx: Arc<ShardCtx>,
@@ -53,6 +54,13 @@ pub async fn run(
             .run_listener(cfg.conn.redis_url.clone(), background.clone()),
     );
     tokio::spawn(report_permits(permits.clone(), background.clone()));
+    let rebalance = Arc::new(Notify::new());
+    tokio::spawn(wake_on_publish(
+        cfg.conn.redis_url.clone(),
+        store.membership_channel(),
+        rebalance.clone(),
+        background.clone(),
+    ));
     tracing::info!(worker = %worker_id, exchange = %cfg.conn.exchange, shards = cfg.shards, "worker starting");
 
     let mut retry = Duration::from_millis(500);
@@ -66,6 +74,7 @@ pub async fn run(
             store: store.clone(),
             ecs: ecs.clone(),
             permits: permits.clone(),
+            rebalance: rebalance.clone(),
         };
         match session.run(&ready, &cancel).await {
             Ok(()) => break Ok(()),
@@ -99,6 +108,8 @@ struct Session {
     store: Store,
     ecs: Ecs,
     permits: Semaphore,
+    /// Woken when membership changes or a shard stops, to rebalance before the next tick.
+    rebalance: Arc<Notify>,
 }
 
 impl Session {
@@ -126,10 +137,15 @@ impl Session {
                     "RabbitMQ connection closed"
                 )));
             }
+            // Registered before balancing, so a wake-up during it is not lost.
+            let woken = self.rebalance.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             self.balance(&conn, &mut owned).await;
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 _ = tokio::time::sleep(tick) => {}
+                _ = woken => {}
             }
         };
         ready.set(false);
@@ -181,12 +197,13 @@ impl Session {
         }
         for (shard, o) in owned.iter() {
             // Keep renewing while a handover finishes its calls: the lease is ours until released.
+            let renewing_at = Instant::now();
             match self
                 .store
                 .lease_renew(*shard, &o.ctx.fence, self.cfg.lease_ms)
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => o.ctx.lease_renewed(renewing_at),
                 Ok(false) => {
                     tracing::warn!(shard, "shard lease lost; stopping the shard");
                     o.ctx.cancel.cancel();
@@ -205,6 +222,7 @@ impl Session {
             if owned.contains_key(&shard) {
                 continue;
             }
+            let acquiring_at = Instant::now();
             match self
                 .store
                 .lease_acquire(shard, &self.worker_id, self.cfg.lease_ms)
@@ -220,10 +238,17 @@ impl Session {
                         permits: self.permits.clone(),
                         cfg: self.cfg.clone(),
                         cancel: CancellationToken::new(),
+                        lease_valid_until: Mutex::new(acquiring_at),
                     });
+                    ctx.lease_renewed(acquiring_at);
                     let conn = conn.clone();
                     let run_ctx = ctx.clone();
-                    let handle = tokio::spawn(async move { shard::run(run_ctx, &conn).await });
+                    let rebalance = self.rebalance.clone();
+                    let handle = tokio::spawn(async move {
+                        let end = shard::run(run_ctx, &conn).await;
+                        rebalance.notify_waiters();
+                        end
+                    });
                     owned.insert(shard, Owned { ctx, handle });
                 }
                 Ok(None) => {} // still held by its previous owner: taken once released or lapsed
