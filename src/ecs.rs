@@ -82,8 +82,9 @@ pub struct Ecs {
 
 impl Ecs {
     /// Standard AWS configuration: region, credentials chain, `AWS_ENDPOINT_URL_ECS`.
-    pub async fn from_env(call_timeout: Duration) -> anyhow::Result<Ecs> {
-        let conf = base_loader(call_timeout).load().await;
+    /// `app_name` (the worker id) goes into the user agent, so ECS-side logs show the worker.
+    pub async fn from_env(call_timeout: Duration, app_name: &str) -> anyhow::Result<Ecs> {
+        let conf = base_loader(call_timeout, app_name).load().await;
         if conf.region().is_none() {
             anyhow::bail!("no AWS region configured: set AWS_REGION (or a profile with a region)");
         }
@@ -93,8 +94,8 @@ impl Ecs {
     }
 
     /// A client for a local stand-in endpoint (ecs-sim): fixed region and dummy credentials.
-    pub async fn for_endpoint(endpoint: &str, call_timeout: Duration) -> Ecs {
-        let conf = base_loader(call_timeout)
+    pub async fn for_endpoint(endpoint: &str, call_timeout: Duration, app_name: &str) -> Ecs {
+        let conf = base_loader(call_timeout, app_name)
             .region(aws_config::Region::new("us-east-1"))
             .credentials_provider(aws_sdk_ecs::config::Credentials::new(
                 "sim", "sim", None, None, "ecs-sim",
@@ -190,16 +191,30 @@ impl Ecs {
     }
 }
 
-fn base_loader(call_timeout: Duration) -> aws_config::ConfigLoader {
-    aws_config::defaults(BehaviorVersion::latest())
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .operation_timeout(call_timeout)
-                .operation_attempt_timeout(call_timeout)
-                .connect_timeout(call_timeout.min(Duration::from_secs(5)))
-                .build(),
-        )
+fn base_loader(call_timeout: Duration, app_name: &str) -> aws_config::ConfigLoader {
+    // App names allow only a few characters; anything else becomes '-'.
+    let name: String = app_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let loader = aws_config::defaults(BehaviorVersion::latest());
+    let loader = match aws_config::AppName::new(name) {
+        Ok(n) => loader.app_name(n),
+        Err(_) => loader,
+    };
+    loader.retry_config(RetryConfig::disabled()).timeout_config(
+        TimeoutConfig::builder()
+            .operation_timeout(call_timeout)
+            .operation_attempt_timeout(call_timeout)
+            .connect_timeout(call_timeout.min(Duration::from_secs(5)))
+            .build(),
+    )
 }
 
 fn attachment(change: &AttachmentChange) -> Result<AttachmentStateChange, CallError> {

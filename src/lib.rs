@@ -14,6 +14,7 @@ pub mod semaphore;
 pub mod sender;
 pub mod shard;
 pub mod sim;
+pub mod status;
 pub mod store;
 pub mod wire;
 pub mod worker;

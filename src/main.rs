@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ecs_state_relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::ecs::Ecs;
 use ecs_state_relay::metrics::{self, Readiness};
-use ecs_state_relay::{demo, publish, worker};
+use ecs_state_relay::{demo, publish, status, worker};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -36,6 +36,8 @@ enum Command {
         /// File of JSON lines; stdin when absent or "-".
         file: Option<String>,
     },
+    /// Show shards, owners, pending work, queue depths, permits and live workers.
+    Status(status::StatusArgs),
     /// Publish a generated fleet of task lifecycles and follow it through ecs-sim to a summary.
     Demo(demo::DemoArgs),
 }
@@ -64,6 +66,7 @@ async fn main() -> ExitCode {
         Command::Worker(cfg) => run_worker(cfg).await,
         Command::Publish { conn, file } => run_publish(conn, file).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Status(args) => status::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,10 +77,11 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run_worker(cfg: WorkerConfig) -> anyhow::Result<()> {
+async fn run_worker(mut cfg: WorkerConfig) -> anyhow::Result<()> {
+    cfg.worker_id = Some(cfg.worker_id());
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    let ecs = Ecs::from_env(Duration::from_millis(cfg.call_timeout_ms)).await?;
+    let ecs = Ecs::from_env(Duration::from_millis(cfg.call_timeout_ms), &cfg.worker_id()).await?;
     let cancel = CancellationToken::new();
     let ready = Readiness::default();
     if !cfg.metrics_addr.is_empty() {

@@ -82,6 +82,10 @@ pub struct CallRecord {
     pub operation: String,
     /// Body `task`, else `attachments[0].attachmentArn`, else "".
     pub key: String,
+    /// The SDK client's app name (`app/<name>` in the user agent), "" if none: tells which
+    /// worker made the call.
+    #[serde(default)]
+    pub client: String,
     /// Request body; the raw text as a JSON string if it was not valid JSON.
     pub body: Value,
     /// `"ok"` or the error code answered; `None` while in flight.
@@ -352,6 +356,7 @@ impl Sim {
         &self,
         operation: String,
         key: String,
+        client: String,
         body: Value,
         invalid: Option<Failure>,
     ) -> (InFlight, Decision) {
@@ -394,6 +399,7 @@ impl Sim {
             seq: seq as u64,
             operation,
             key,
+            client,
             body,
             outcome: None,
             received_at_ms: now_ms(),
@@ -484,6 +490,17 @@ fn aws_response(failure: Option<Failure>) -> Response {
 }
 
 /// `POST /`: one AWS JSON 1.1 call. The signature is not checked.
+/// `NAME` of the `app/NAME` token the AWS SDKs put in their user agent headers.
+fn app_name(headers: &HeaderMap) -> String {
+    ["x-amz-user-agent", "user-agent"]
+        .iter()
+        .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .flat_map(str::split_whitespace)
+        .find_map(|token| token.strip_prefix("app/"))
+        .unwrap_or_default()
+        .to_string()
+}
+
 async fn ecs_call(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     let target = headers
         .get("x-amz-target")
@@ -514,9 +531,10 @@ async fn ecs_call(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Re
             Value::String(String::from_utf8_lossy(&body).into_owned()),
         ),
     };
-    let (mut call, decision) = app
-        .sim
-        .arrive(operation.to_string(), key, recorded, invalid);
+    let client = app_name(&headers);
+    let (mut call, decision) =
+        app.sim
+            .arrive(operation.to_string(), key, client, recorded, invalid);
     let failure = match decision {
         Decision::Answer(f) => f,
         Decision::Hold(released) => {

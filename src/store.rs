@@ -127,6 +127,15 @@ pub enum Intake {
     Enqueued,
 }
 
+/// One shard as `status` shows it.
+#[derive(Clone, Debug)]
+pub struct ShardSummary {
+    pub owner: Option<String>,
+    pub lease_age_ms: Option<u64>,
+    pub pending: u64,
+    pub batched: u64,
+}
+
 /// Sent and known statuses of one ordering key, as stored in its state hash.
 #[derive(Clone, Debug, Default)]
 pub struct KeyState(pub HashMap<String, String>);
@@ -503,6 +512,52 @@ impl Store {
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Lease owner and age, pending and batched task counts of a shard, in one round trip.
+    pub async fn shard_summary(&self, shard: u16) -> StoreResult<ShardSummary> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let (owner, since, pending, batched, (secs, micros)): (
+            Option<String>,
+            Option<u64>,
+            u64,
+            u64,
+            (u64, u64),
+        ) = redis::pipe()
+            .cmd("HGET")
+            .arg(keys.lease())
+            .arg("owner")
+            .cmd("HGET")
+            .arg(keys.lease())
+            .arg("since")
+            .cmd("ZCARD")
+            .arg(keys.pending())
+            .cmd("SCARD")
+            .arg(keys.batched())
+            .cmd("TIME")
+            .query_async(&mut conn)
+            .await?;
+        let now_ms = secs * 1000 + micros / 1000;
+        Ok(ShardSummary {
+            owner,
+            lease_age_ms: since.map(|s| now_ms.saturating_sub(s)),
+            pending,
+            batched,
+        })
+    }
+
+    /// Workers whose heartbeat has not lapsed.
+    pub async fn live_workers(&self) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = secs * 1000 + micros / 1000;
+        Ok(redis::cmd("ZRANGEBYSCORE")
+            .arg(self.global_key("workers"))
+            .arg(format!("({now_ms}"))
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await?)
     }
 
     /// Current owner of a shard's lease (for status and tests).

@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
 use ecs_state_relay::metrics::Readiness;
-use ecs_state_relay::sim::{Action, CallRecord, Rule};
+use ecs_state_relay::sim::{Action, Rule};
 use ecs_state_relay::worker;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -49,30 +48,6 @@ fn lifecycle(a: &str) -> Vec<Vec<Value>> {
             task(a, "STOPPED"),
         ],
     ]
-}
-
-/// Per task: the statuses ECS accepted, in arrival order, with back-to-back repeats (the one
-/// allowed duplicate) folded. Returns (lost, out of order, duplicates) against RUNNING, STOPPED.
-fn audit(calls: &[CallRecord], tasks: &[String]) -> (usize, usize, usize) {
-    let mut by_task: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for c in calls.iter().filter(|c| c.outcome.as_deref() == Some("ok")) {
-        if let Some(s) = c.body.get("status").and_then(Value::as_str) {
-            by_task.entry(c.key.as_str()).or_default().push(s);
-        }
-    }
-    let (mut lost, mut disorder, mut dups) = (0, 0, 0);
-    for t in tasks {
-        let mut seen = by_task.get(t.as_str()).cloned().unwrap_or_default();
-        let before = seen.len();
-        seen.dedup();
-        dups += before - seen.len();
-        match seen.as_slice() {
-            ["RUNNING", "STOPPED"] => {}
-            s if s.len() < 2 => lost += 2 - s.len(),
-            _ => disorder += 1,
-        }
-    }
-    (lost, disorder, dups)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

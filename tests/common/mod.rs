@@ -111,7 +111,7 @@ impl Env {
     }
 
     pub async fn ecs(&self) -> Ecs {
-        Ecs::for_endpoint(&self.sim_url, Duration::from_secs(4)).await
+        Ecs::for_endpoint(&self.sim_url, Duration::from_secs(4), "test-worker").await
     }
 
     /// Starts an in-process worker and waits until it owns every shard it should.
@@ -439,6 +439,33 @@ pub fn rfc3339_ago(d: Duration) -> String {
     let t = time::OffsetDateTime::now_utc() - d;
     t.format(&time::format_description::well_known::Rfc3339)
         .expect("formats")
+}
+
+/// Audits tasks whose lifecycle is RUNNING then STOPPED: per task, the statuses ECS accepted in
+/// arrival order, back-to-back repeats (the one allowed duplicate) folded.
+/// Returns (lost submissions, tasks out of order, duplicates).
+pub fn audit(calls: &[CallRecord], tasks: &[String]) -> (usize, usize, usize) {
+    let mut by_task: std::collections::BTreeMap<&str, Vec<&str>> =
+        std::collections::BTreeMap::new();
+    for c in calls.iter().filter(|c| c.outcome.as_deref() == Some("ok")) {
+        if let Some(s) = c.body.get("status").and_then(Value::as_str) {
+            by_task.entry(c.key.as_str()).or_default().push(s);
+        }
+    }
+    let (mut lost, mut disorder, mut dups) = (0, 0, 0);
+    for t in tasks {
+        let mut seen = by_task.get(t.as_str()).cloned().unwrap_or_default();
+        let before = seen.len();
+        seen.dedup();
+        dups += before - seen.len();
+        match seen.as_slice() {
+            ["RUNNING", "STOPPED"] => {}
+            [] => lost += 2,
+            ["RUNNING"] | ["STOPPED"] => lost += 1,
+            _ => disorder += 1,
+        }
+    }
+    (lost, disorder, dups)
 }
 
 /// Whether the sim got a body with `status` for the key (status variant).

@@ -1,0 +1,127 @@
+//! `status`: who owns which shard, how much work waits where, permits and live workers.
+
+use clap::Args;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde::Serialize;
+
+use crate::amqp;
+use crate::config::ConnConfig;
+use crate::semaphore::Semaphore;
+use crate::store::Store;
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub conn: ConnConfig,
+    #[arg(long, env = "RELAY_SHARDS", default_value_t = 16)]
+    pub shards: u16,
+    #[arg(long, env = "RELAY_CONCURRENCY_LIMIT", default_value_t = 10)]
+    pub concurrency_limit: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ShardStatus {
+    pub shard: u16,
+    pub owner: Option<String>,
+    pub lease_age_ms: Option<u64>,
+    /// Tasks with something in their outbox (being sent or retried).
+    pub pending_tasks: u64,
+    /// Tasks with container/agent changes waiting for a task change or a drain tick.
+    pub batched_tasks: u64,
+    /// Messages ready in the shard queue (not yet delivered).
+    pub queue_depth: u32,
+    pub consumers: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub exchange: String,
+    pub shards: Vec<ShardStatus>,
+    pub permits_in_use: u64,
+    pub permits_limit: u32,
+    pub live_workers: Vec<String>,
+}
+
+pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
+    let store = Store::connect(&args.conn.redis_url, &args.conn.exchange).await?;
+    let permits = Semaphore::new(store.clone(), "status", args.concurrency_limit, 1);
+    let connection = amqp::connect(&args.conn.amqp_url, "ecs-state-relay status").await?;
+    let mut shards = Vec::with_capacity(usize::from(args.shards));
+    for shard in 0..args.shards {
+        let s = store.shard_summary(shard).await?;
+        // A passive declare reads depth and consumers; a missing queue closes only its channel.
+        let ch = connection.create_channel().await?;
+        let queue = ch
+            .queue_declare(
+                amqp::shard_queue(&args.conn.exchange, shard)
+                    .as_str()
+                    .into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("shard queue {shard}: {e} (is RELAY_SHARDS right?)"))?;
+        let _ = ch.close(200, "status".into()).await;
+        shards.push(ShardStatus {
+            shard,
+            owner: s.owner,
+            lease_age_ms: s.lease_age_ms,
+            pending_tasks: s.pending,
+            batched_tasks: s.batched,
+            queue_depth: queue.message_count(),
+            consumers: queue.consumer_count(),
+        });
+    }
+    let _ = connection.close(200, "status".into()).await;
+    Ok(Status {
+        exchange: args.conn.exchange.clone(),
+        shards,
+        permits_in_use: permits.in_use().await?,
+        permits_limit: args.concurrency_limit,
+        live_workers: store.live_workers().await?,
+    })
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let status = collect(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!(
+        "exchange {}   workers {} live   permits {}/{} in use",
+        status.exchange,
+        status.live_workers.len(),
+        status.permits_in_use,
+        status.permits_limit
+    );
+    println!(
+        "{:>5}  {:<40} {:>9} {:>8} {:>8} {:>7} {:>9}",
+        "SHARD", "OWNER", "LEASE AGE", "PENDING", "BATCHED", "QUEUED", "CONSUMERS"
+    );
+    for s in &status.shards {
+        let age = s
+            .lease_age_ms
+            .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:>5}  {:<40} {:>9} {:>8} {:>8} {:>7} {:>9}",
+            s.shard,
+            s.owner.as_deref().unwrap_or("(none)"),
+            age,
+            s.pending_tasks,
+            s.batched_tasks,
+            s.queue_depth,
+            s.consumers
+        );
+    }
+    println!("live workers: {}", status.live_workers.join(", "));
+    Ok(())
+}
