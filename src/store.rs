@@ -95,6 +95,7 @@ struct Scripts {
     lease_renew: Script,
     lease_release: Script,
     heartbeat: Script,
+    unlock: Script,
 }
 
 impl Scripts {
@@ -108,6 +109,7 @@ impl Scripts {
             lease_renew: Script::new(include_str!("lua/lease_renew.lua")),
             lease_release: Script::new(include_str!("lua/lease_release.lua")),
             heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
+            unlock: Script::new(include_str!("lua/unlock.lua")),
         }
     }
 }
@@ -483,6 +485,33 @@ impl Store {
             .invoke_async(&mut conn)
             .await?;
         Ok(ok == 1)
+    }
+
+    /// Takes the deployment's topology lock: workers starting together declare the queues one
+    /// after the other, so none sees another's half-declared topology as a wrong shard count.
+    pub async fn topology_lock(&self, holder: &str, ttl_ms: u64) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.global_key("topology-lock"))
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    pub async fn topology_unlock(&self, holder: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .scripts
+            .unlock
+            .key(self.global_key("topology-lock"))
+            .arg(holder)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Announces this worker for `lease_ms`; returns the live workers (this one included).

@@ -120,7 +120,8 @@ impl Session {
         )
         .await
         .map_err(SessionError::Retry)?;
-        match amqp::declare(&conn, &self.cfg.conn.exchange, self.cfg.shards).await {
+        let declared = self.declare_topology(&conn, cancel).await;
+        match declared {
             Ok(()) => {}
             Err(e @ (TopologyError::MoreShards { .. } | TopologyError::FewerShards { .. })) => {
                 return Err(SessionError::Fatal(e.into()))
@@ -160,6 +161,35 @@ impl Session {
         m::shards_owned(0);
         let _ = conn.close(200, "worker stopping".into()).await;
         outcome
+    }
+
+    /// Checks and declares the topology under the deployment's topology lock.
+    async fn declare_topology(
+        &self,
+        conn: &Connection,
+        cancel: &CancellationToken,
+    ) -> Result<(), TopologyError> {
+        const LOCK_TTL_MS: u64 = 30_000;
+        let deadline = Instant::now() + Duration::from_millis(2 * LOCK_TTL_MS);
+        // Without the lock (Redis trouble, or a holder that died: its lock expires) go ahead
+        // after the deadline: declaring is idempotent, only the shard-count check can misfire.
+        let mut locked = false;
+        while Instant::now() < deadline && !cancel.is_cancelled() {
+            match self.store.topology_lock(&self.worker_id, LOCK_TTL_MS).await {
+                Ok(true) => {
+                    locked = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "topology lock unavailable"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let result = amqp::declare(conn, &self.cfg.conn.exchange, self.cfg.shards).await;
+        if locked {
+            let _ = self.store.topology_unlock(&self.worker_id).await;
+        }
+        result
     }
 
     /// One membership round: heartbeat, renew or hand over owned shards, take free ones.

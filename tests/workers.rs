@@ -241,6 +241,63 @@ async fn retention_drops_and_counts_the_state_of_idle_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waits_for_another_workers_topology_declaration_instead_of_refusing() {
+    // Replicas of a new deployment start together: one is declaring the shard queues while
+    // another checks them. The checker must wait, not take the half-declared topology for a
+    // deployment with fewer shards.
+    let mut env = Env::new("start-together", 4).await;
+    let c = ecs_state_relay::amqp::connect(AMQP_URL, "test")
+        .await
+        .unwrap();
+    let ch = c.create_channel().await.unwrap();
+    let cfg = env.config();
+    let exchange = env.exchange.clone();
+    let declare_shard = |s: u16| {
+        let ch = ch.clone();
+        let q = ecs_state_relay::amqp::shard_queue(&exchange, s);
+        let args = ecs_state_relay::amqp::shard_queue_args(&exchange);
+        async move {
+            let opts = lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            ch.queue_declare(q.as_str().into(), opts, args)
+                .await
+                .unwrap();
+        }
+    };
+    assert!(env
+        .store
+        .topology_lock("another-worker", 30_000)
+        .await
+        .unwrap());
+    declare_shard(0).await;
+    declare_shard(1).await;
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(worker::run(
+        cfg,
+        env.ecs().await,
+        Readiness::default(),
+        cancel.clone(),
+    ));
+    never(
+        Duration::from_millis(500),
+        "the worker gave up on a topology being declared",
+        || async { handle.is_finished() },
+    )
+    .await;
+    declare_shard(2).await;
+    declare_shard(3).await;
+    env.store.topology_unlock("another-worker").await.unwrap();
+    env.wait_all_shards_owned().await;
+    assert!(!handle.is_finished(), "the worker runs");
+    cancel.cancel();
+    handle.await.expect("no panic").expect("clean stop");
+    let _ = c.close(200, "done".into()).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_refuses_a_shard_count_that_disagrees_with_the_broker() {
     let mut env = Env::new("shard-count", 3).await;
     let cfg = env.config();
