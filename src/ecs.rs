@@ -3,12 +3,15 @@
 //! The SDK's own retries are off: the sender's backoff is the one retry loop, so a permit is
 //! never held across retries, and each call has a timeout shorter than the permit lease.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_ecs::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_ecs::error::{BoxError, ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types::{
     AttachmentStateChange, ContainerStateChange, ManagedAgentStateChange, NetworkBinding,
     TransportProtocol,
@@ -75,6 +78,42 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::
     }
 }
 
+/// Checked by the SDK right before the request goes on the wire: the last moment a sender can
+/// still refrain from calling ECS for a shard whose lease may have lapsed (a paused process).
+#[derive(Clone)]
+pub struct CallGuard(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl CallGuard {
+    pub fn new(may_call: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(may_call))
+    }
+}
+
+impl std::fmt::Debug for CallGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallGuard")
+    }
+}
+
+impl Intercept for CallGuard {
+    fn name(&self) -> &'static str {
+        "CallGuard"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if (self.0)() {
+            Ok(())
+        } else {
+            Err("shard lease may have lapsed; request not sent".into())
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Ecs {
     client: aws_sdk_ecs::Client,
@@ -113,6 +152,7 @@ impl Ecs {
         &self,
         change: &TaskChange,
         batch: &[BatchItem],
+        guard: CallGuard,
     ) -> Result<(), CallError> {
         let mut containers = Vec::new();
         let mut agents = Vec::new();
@@ -159,6 +199,8 @@ impl Ecs {
             .set_execution_stopped_at(timestamp(&change.execution_stopped_at))
             .set_containers((!containers.is_empty()).then_some(containers))
             .set_managed_agents((!agents.is_empty()).then_some(agents))
+            .customize()
+            .interceptor(guard)
             .send()
             .await
             .map(|_| ())
@@ -166,12 +208,18 @@ impl Ecs {
     }
 
     /// SubmitTaskStateChange, attachment variant: only cluster, task and the attachment.
-    pub async fn submit_task_attachment(&self, change: &AttachmentChange) -> Result<(), CallError> {
+    pub async fn submit_task_attachment(
+        &self,
+        change: &AttachmentChange,
+        guard: CallGuard,
+    ) -> Result<(), CallError> {
         self.client
             .submit_task_state_change()
             .cluster(&change.cluster)
             .set_task(change.task.clone())
             .attachments(attachment(change)?)
+            .customize()
+            .interceptor(guard)
             .send()
             .await
             .map(|_| ())
@@ -179,11 +227,17 @@ impl Ecs {
     }
 
     /// SubmitAttachmentStateChanges with exactly one attachment (instance ENI or resource).
-    pub async fn submit_attachment(&self, change: &AttachmentChange) -> Result<(), CallError> {
+    pub async fn submit_attachment(
+        &self,
+        change: &AttachmentChange,
+        guard: CallGuard,
+    ) -> Result<(), CallError> {
         self.client
             .submit_attachment_state_changes()
             .cluster(&change.cluster)
             .attachments(attachment(change)?)
+            .customize()
+            .interceptor(guard)
             .send()
             .await
             .map(|_| ())

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::WorkerConfig;
-use crate::ecs::{CallError, Ecs};
+use crate::ecs::{CallError, CallGuard, Ecs};
 use crate::metrics as m;
 use crate::semaphore::Semaphore;
 use crate::store::{field, Fence, KeyState, Store, StoreError};
@@ -323,21 +323,23 @@ impl Senders {
             return None;
         }
         let started = Instant::now();
+        let guard_ctx = self.ctx.clone();
+        let guard = CallGuard::new(move || guard_ctx.lease_valid());
         let (operation, fut): (
             &'static str,
             std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>,
         ) = match &entry.e {
             Change::Task(t) => (
                 "SubmitTaskStateChange",
-                Box::pin(ctx.ecs.submit_task(t, &entry.b)),
+                Box::pin(ctx.ecs.submit_task(t, &entry.b, guard)),
             ),
             Change::Attachment(a) if a.task.is_some() => (
                 "SubmitTaskStateChange",
-                Box::pin(ctx.ecs.submit_task_attachment(a)),
+                Box::pin(ctx.ecs.submit_task_attachment(a, guard)),
             ),
             Change::Attachment(a) => (
                 "SubmitAttachmentStateChanges",
-                Box::pin(ctx.ecs.submit_attachment(a)),
+                Box::pin(ctx.ecs.submit_attachment(a, guard)),
             ),
         };
         // The call runs to completion even on shutdown (bounded by its timeout), so its outcome
@@ -356,6 +358,16 @@ impl Senders {
             }
         };
         ctx.permits.release(permit).await;
+        if result.is_err() && !ctx.lease_valid() {
+            // Stopped by the guard (or failed while the lease lapsed): leave it to the next owner.
+            tracing::warn!(
+                shard = ctx.shard,
+                "shard lease may have lapsed; not calling ECS"
+            );
+            m::fenced("call");
+            ctx.cancel.cancel();
+            return None;
+        }
         let outcome = match &result {
             Ok(()) => "ok",
             Err(e) => e.code(),

@@ -22,7 +22,9 @@ pub enum StoreError {
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
-        if e.code() == Some("FENCED") {
+        // A pipeline reports its commands' errors inside one "Pipeline failure" error, so the
+        // code is looked for in the message too.
+        if e.code() == Some("FENCED") || e.to_string().contains("\"FENCED\"") {
             StoreError::Fenced
         } else {
             StoreError::Redis(e.to_string())

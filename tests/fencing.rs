@@ -1,0 +1,115 @@
+//! Fencing at the store: once a shard's lease has passed to another worker, every write of
+//! the former owner (intake, completion, drain, sweep) is refused and changes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ecs_state_relay::store::{Intake, StoreError};
+use ecs_state_relay::wire;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lost_its_lease_cannot_write() {
+    let env = Env::new("fencing", 1).await;
+    let store = &env.store;
+    let a = arn("fenced");
+    let event =
+        |status: &str| wire::decode(task(&a, status).to_string().as_bytes(), &a).expect("valid");
+
+    let old = store
+        .lease_acquire(0, "old-owner", 200)
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert_eq!(
+        store
+            .intake(0, &old, &[event("RUNNING")], 60)
+            .await
+            .unwrap(),
+        vec![Intake::Enqueued]
+    );
+    // The old owner pauses past its lease; a new owner takes the shard with a larger token.
+    eventually(Duration::from_secs(5), "lease lapses", || async {
+        store.lease_owner(0).await.unwrap().is_none()
+    })
+    .await;
+    let new = store
+        .lease_acquire(0, "new-owner", 30_000)
+        .await
+        .unwrap()
+        .expect("lease taken over");
+    assert!(new.token > old.token);
+
+    let before = store.queued(1, &a).await.unwrap();
+    let (head, _) = store.peek(0, &a).await.unwrap();
+    let head = head.expect("outbox head");
+    let id = serde_json::from_str::<serde_json::Value>(&head).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = store.intake(0, &old, &[event("STOPPED")], 60).await;
+    assert!(matches!(refused, Err(StoreError::Fenced)), "{refused:?}");
+    let complete = store
+        .complete_prefix(
+            0,
+            &old,
+            &a,
+            &wire::entry_id_prefix(&id),
+            &[("s".into(), 3)],
+            60,
+        )
+        .await;
+    assert!(matches!(complete, Err(StoreError::Fenced)));
+    assert!(matches!(
+        store.drain(0, &old, 60).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.sweep(0, &old, 60).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(
+        !store.lease_renew(0, &old, 30_000).await.unwrap(),
+        "cannot renew a lost lease"
+    );
+    assert!(
+        !store.lease_release(0, &old).await.unwrap(),
+        "cannot release another's lease"
+    );
+
+    assert_eq!(
+        store.queued(1, &a).await.unwrap(),
+        before,
+        "nothing changed"
+    );
+    assert_eq!(
+        store
+            .find_state(1, &a)
+            .await
+            .unwrap()
+            .map(|(_, s)| s.get("s")),
+        Some(0),
+        "not marked sent"
+    );
+    assert_eq!(
+        store.lease_owner(0).await.unwrap().as_deref(),
+        Some("new-owner")
+    );
+    // The new owner goes on where the old one stopped.
+    assert_eq!(
+        store
+            .complete_prefix(
+                0,
+                &new,
+                &a,
+                &wire::entry_id_prefix(&id),
+                &[("s".into(), 3)],
+                60
+            )
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    env.cleanup().await;
+}
