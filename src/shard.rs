@@ -16,7 +16,7 @@ use crate::amqp;
 use crate::metrics as m;
 use crate::sender::{Senders, ShardCtx};
 use crate::store::{Intake, StoreError};
-use crate::wire::{self, Event};
+use crate::wire::{self, Event, Kind};
 
 /// Why a shard stopped running.
 #[derive(Debug)]
@@ -74,6 +74,7 @@ async fn consume(
         )
         .await?;
     tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
+    tokio::spawn(resume_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(retention_sweeper(ctx.clone()));
 
     let max_batch = usize::from(ctx.cfg.prefetch);
@@ -170,7 +171,17 @@ async fn intake_batch(
     let mut woken = HashSet::new();
     for (ev, outcome) in events.iter().zip(outcomes) {
         match outcome {
-            Intake::Duplicate => m::event_duplicate(),
+            Intake::Duplicate => {
+                m::event_duplicate();
+                // A retried batch whose first try reached Redis comes back as duplicates: its
+                // outbox entries exist, so their senders must run all the same.
+                if ev.kind != Kind::Container
+                    && ev.kind != Kind::ManagedAgent
+                    && woken.insert(ev.key.as_str())
+                {
+                    senders.wake(&ev.key);
+                }
+            }
             Intake::Batched => m::event_consumed(ev.kind.as_str()),
             Intake::Enqueued => {
                 m::event_consumed(ev.kind.as_str());
@@ -214,6 +225,27 @@ async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
         }
     }
 }
+
+/// Safety net: every few seconds, make sure every task with an outbox has a running sender.
+/// A reply lost to a timeout (the script ran, the answer did not arrive) must not leave work
+/// waiting for the next owner.
+async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
+    loop {
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            _ = tokio::time::sleep(RESUME_EVERY) => {}
+        }
+        match ctx.store.pending_keys(ctx.shard).await {
+            Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
+            Err(e) => {
+                tracing::warn!(shard = ctx.shard, error = %e, "cannot list pending tasks");
+                m::redis_error("pending");
+            }
+        }
+    }
+}
+
+const RESUME_EVERY: Duration = Duration::from_secs(5);
 
 /// Rule 11: drop (and count) the state of tasks idle past the retention.
 async fn retention_sweeper(ctx: Arc<ShardCtx>) {

@@ -324,6 +324,11 @@ impl Sim {
 
     /// Forgets calls, rules and counters; calls still in flight stay counted (and held) but
     /// no longer update records or ok/error counts when they finish.
+    /// Drops every error-injection rule (e.g. to end a simulated outage).
+    pub fn clear_rules(&self) {
+        self.lock().rules.clear();
+    }
+
     pub fn reset(&self) {
         let mut st = self.lock();
         st.epoch += 1;

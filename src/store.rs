@@ -214,7 +214,20 @@ impl ShardKeys {
 impl Store {
     /// Connects a pool; `namespace` (the exchange name) separates deployments sharing one Redis.
     pub async fn connect(url: &str, namespace: &str) -> anyhow::Result<Store> {
-        let pool = PoolConfig::from_url(url)
+        let mut config = PoolConfig::from_url(url);
+        // Bounded waits everywhere: after a network cut or a paused process a connection can
+        // hang; an error is retried, a hang would stall the shard silently.
+        let bound = Some(std::time::Duration::from_secs(5));
+        config.pool = Some(deadpool_redis::PoolConfig {
+            max_size: 32,
+            timeouts: deadpool_redis::Timeouts {
+                wait: bound,
+                create: bound,
+                recycle: bound,
+            },
+            ..Default::default()
+        });
+        let pool = config
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
         let store = Store {

@@ -129,37 +129,11 @@ async fn churn_join_kill_term_and_pause_lose_nothing_and_reorder_nothing() {
 
     // A steady stream: every 200 ms, 8 tasks start (containers + RUNNING) and the previous 8 stop.
     let tasks: Vec<String> = (0..360).map(|i| arn(&format!("churn-{i:03}"))).collect();
-    let conn = env.conn();
-    let stream_tasks = tasks.clone();
-    let publisher = tokio::spawn(async move {
-        let chunks: Vec<&[String]> = stream_tasks.chunks(8).collect();
-        for round in 0..=chunks.len() {
-            let mut events = Vec::new();
-            if let Some(chunk) = chunks.get(round) {
-                for t in *chunk {
-                    events.extend([
-                        container(t, "web", "RUNNING"),
-                        container(t, "log", "RUNNING"),
-                        task(t, "RUNNING"),
-                    ]);
-                }
-            }
-            if round > 0 {
-                for t in chunks[round - 1] {
-                    events.extend([
-                        container(t, "web", "STOPPED"),
-                        container(t, "log", "STOPPED"),
-                        task(t, "STOPPED"),
-                    ]);
-                }
-            }
-            let lines: Vec<String> = events.iter().map(Value::to_string).collect();
-            ecs_state_relay::publish::publish_lines(&conn, lines.join("\n").as_bytes())
-                .await
-                .expect("publish");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    let publisher = stream(
+        env.conn(),
+        lifecycle_rounds(&tasks, 8),
+        Duration::from_millis(200),
+    );
 
     eventually(Duration::from_secs(20), "stream flowing", || async {
         env.sim.stats().ok >= 40

@@ -353,6 +353,59 @@ impl Env {
     }
 }
 
+/// A TCP proxy the test controls, to cut a worker off RabbitMQ or Redis: `cut` closes every
+/// proxied connection and refuses new ones until `restore`.
+pub struct Proxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: std::sync::atomic::AtomicBool,
+    conns: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Proxy {
+    pub async fn start(target: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if st.cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed at once
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                st.conns.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy { port, state }
+    }
+
+    pub fn cut(&self) {
+        self.state
+            .cut
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.state.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.state
+            .cut
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// A worker process that is killed if the test ends (or fails) while it still runs.
 pub struct Proc(pub Child);
 
@@ -466,6 +519,49 @@ pub fn audit(calls: &[CallRecord], tasks: &[String]) -> (usize, usize, usize) {
         }
     }
     (lost, disorder, dups)
+}
+
+/// Events of full lifecycles for `tasks`, in rounds: per round, `per_round` tasks start
+/// (containers and RUNNING) and the previous round's tasks stop.
+pub fn lifecycle_rounds(tasks: &[String], per_round: usize) -> Vec<Vec<Value>> {
+    let chunks: Vec<&[String]> = tasks.chunks(per_round).collect();
+    (0..=chunks.len())
+        .map(|round| {
+            let mut events = Vec::new();
+            if let Some(chunk) = chunks.get(round) {
+                for t in *chunk {
+                    events.extend([
+                        container(t, "web", "RUNNING"),
+                        container(t, "log", "RUNNING"),
+                        task(t, "RUNNING"),
+                    ]);
+                }
+            }
+            if round > 0 {
+                for t in chunks[round - 1] {
+                    events.extend([
+                        container(t, "web", "STOPPED"),
+                        container(t, "log", "STOPPED"),
+                        task(t, "STOPPED"),
+                    ]);
+                }
+            }
+            events
+        })
+        .collect()
+}
+
+/// Publishes rounds in the background, one every `every`.
+pub fn stream(conn: ConnConfig, rounds: Vec<Vec<Value>>, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        for events in rounds {
+            let lines: Vec<String> = events.iter().map(Value::to_string).collect();
+            publish_lines(&conn, lines.join("\n").as_bytes())
+                .await
+                .expect("publish");
+            tokio::time::sleep(every).await;
+        }
+    })
 }
 
 /// Whether the sim got a body with `status` for the key (status variant).
