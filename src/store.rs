@@ -209,6 +209,9 @@ impl ShardKeys {
     pub fn outbox(&self, key: &str) -> String {
         self.per("o", key)
     }
+    pub fn dedupe(&self, key: &str) -> String {
+        self.per("d", key)
+    }
 }
 
 impl Store {
@@ -289,7 +292,7 @@ impl Store {
             for ev in events {
                 let mut inv = self.scripts.intake.prepare_invoke();
                 inv.key(keys.lease())
-                    .key(keys.per("d", &ev.key))
+                    .key(keys.dedupe(&ev.key))
                     .key(keys.state(&ev.key))
                     .key(keys.batch(&ev.key))
                     .key(keys.outbox(&ev.key))
@@ -378,7 +381,7 @@ impl Store {
             .key(keys.state(key))
             .key(keys.pending())
             .key(keys.active())
-            .key(keys.per("d", key))
+            .key(keys.dedupe(key))
             .key(keys.batch(key))
             .arg(&fence.owner)
             .arg(fence.token)
