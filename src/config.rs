@@ -67,6 +67,43 @@ pub struct ConnConfig {
     /// Exchange agents publish to; queues, Redis keys and permits are named after it.
     #[arg(long, env = "RELAY_EXCHANGE", default_value = "ecs.state-changes")]
     pub exchange: String,
+    /// File holding the RabbitMQ password (a mounted secret); replaces the URL's password.
+    #[arg(long, env = "RELAY_AMQP_PASSWORD_FILE")]
+    pub amqp_password_file: Option<std::path::PathBuf>,
+    /// File holding the Redis (ACL user's) password; replaces the URL's password.
+    #[arg(long, env = "RELAY_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
+}
+
+impl ConnConfig {
+    /// Puts the passwords from the password files into the URLs (once, at start). Errors name
+    /// the file, never its content.
+    pub fn resolve_secrets(&mut self) -> anyhow::Result<()> {
+        if let Some(path) = self.amqp_password_file.take() {
+            self.amqp_url = with_password(&self.amqp_url, &path)?;
+        }
+        if let Some(path) = self.redis_password_file.take() {
+            self.redis_url = with_password(&self.redis_url, &path)?;
+        }
+        Ok(())
+    }
+}
+
+fn with_password(raw: &str, path: &std::path::Path) -> anyhow::Result<String> {
+    let secret = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read password file {}: {e}", path.display()))?;
+    let secret = secret.trim_end_matches(['\r', '\n']);
+    let mut url =
+        url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid URL {}: {e}", mask_url(raw)))?;
+    if url.username().is_empty() && url.scheme().starts_with("amqp") {
+        anyhow::bail!(
+            "{}: a password file needs a user name in the URL",
+            mask_url(raw)
+        );
+    }
+    url.set_password(Some(secret))
+        .map_err(|_| anyhow::anyhow!("{}: cannot carry a password", mask_url(raw)))?;
+    Ok(url.to_string())
 }
 
 impl Default for ConnConfig {
@@ -75,6 +112,8 @@ impl Default for ConnConfig {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/0".into(),
             exchange: "ecs.state-changes".into(),
+            amqp_password_file: None,
+            redis_password_file: None,
         }
     }
 }
@@ -223,6 +262,39 @@ mod tests {
         );
         assert_eq!(parsed.metrics_addr, d.metrics_addr);
         assert_eq!(parsed.worker_id, d.worker_id);
+    }
+
+    #[test]
+    fn password_files_fill_the_urls() {
+        let dir = std::env::temp_dir().join(format!("relay-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("amqp"), "s3cr3t/with@chars\n").unwrap();
+        std::fs::write(dir.join("redis"), "r3d1s\n").unwrap();
+        let mut c = ConnConfig {
+            amqp_url: "amqp://relay@rabbit:5672/%2f".into(),
+            redis_url: "redis://default@redis:6379/0".into(),
+            amqp_password_file: Some(dir.join("amqp")),
+            redis_password_file: Some(dir.join("redis")),
+            ..ConnConfig::default()
+        };
+        c.resolve_secrets().unwrap();
+        let amqp = url::Url::parse(&c.amqp_url).unwrap();
+        assert_eq!(amqp.password(), Some("s3cr3t%2Fwith%40chars"));
+        assert_eq!(
+            url::Url::parse(&c.redis_url).unwrap().password(),
+            Some("r3d1s")
+        );
+        assert!(!mask_url(&c.amqp_url).contains("s3cr3t"));
+        let mut missing = ConnConfig {
+            amqp_password_file: Some(dir.join("nope")),
+            ..ConnConfig::default()
+        };
+        let err = missing.resolve_secrets().unwrap_err().to_string();
+        assert!(
+            err.contains("nope") && !err.contains("guest:guest"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -130,7 +130,8 @@ pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
     }
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
+    args.conn.resolve_secrets()?;
     let http = reqwest::Client::new();
     let sim = args.sim_url.trim_end_matches('/').to_string();
     let stats = || async {

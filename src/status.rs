@@ -47,6 +47,14 @@ pub struct Status {
 }
 
 pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
+    let mut conn = args.conn.clone();
+    conn.resolve_secrets()?;
+    let args = &StatusArgs {
+        conn,
+        shards: args.shards,
+        concurrency_limit: args.concurrency_limit,
+        json: args.json,
+    };
     let store = Store::connect(&args.conn.redis_url, &args.conn.exchange).await?;
     let permits = Semaphore::new(store.clone(), "status", args.concurrency_limit, 1);
     let connection = amqp::connect(&args.conn.amqp_url, "ecs-state-relay status").await?;

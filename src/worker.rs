@@ -31,11 +31,12 @@ struct Owned {
 /// Runs a worker until `cancel`, then shuts down cleanly (G7). Errors only for what a restart
 /// cannot fix: bad configuration or a topology that disagrees with the configuration.
 pub async fn run(
-    cfg: WorkerConfig,
+    mut cfg: WorkerConfig,
     ecs: Ecs,
     ready: Readiness,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    cfg.conn.resolve_secrets()?;
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let cfg = Arc::new(cfg);

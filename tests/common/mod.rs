@@ -88,6 +88,7 @@ impl Env {
             amqp_url: AMQP_URL.into(),
             redis_url: REDIS_URL.into(),
             exchange: self.exchange.clone(),
+            ..ConnConfig::default()
         }
     }
 
