@@ -7,7 +7,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::config::mask_url;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+
+use crate::config::{mask_url, TlsFiles};
 use crate::wire::Reject;
 
 /// Deliveries beyond this count are dead-lettered by the broker: a safety net for a message
@@ -44,9 +46,16 @@ pub enum TopologyError {
     Amqp(#[from] lapin::Error),
 }
 
-pub async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
+/// Connects with the CA and client certificate of `tls` (used for `amqps://` URLs).
+pub async fn connect(url: &str, tls: &TlsFiles, name: &str) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props)
+    let (ca, identity) = tls.load()?;
+    let config = OwnedTLSConfig {
+        identity: identity.map(|(pem, key)| OwnedIdentity::PKCS8 { pem, key }),
+        cert_chain: ca.map(|pem| String::from_utf8_lossy(&pem).into_owned()),
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connect_with_config(url, props, config, runtime)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {}: {e}", mask_url(url)))
 }

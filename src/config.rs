@@ -1,6 +1,7 @@
 //! Configuration: every setting is an environment variable and a CLI flag of the same name
 //! (`RELAY_SHARDS` = `--shards`). Defaults are the documented ones (docs/configuration.md).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -73,9 +74,71 @@ pub struct ConnConfig {
     /// File holding the Redis (ACL user's) password; replaces the URL's password.
     #[arg(long, env = "RELAY_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) that RabbitMQ's certificate must chain to (amqps://).
+    #[arg(long, env = "RELAY_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for RabbitMQ servers that ask for one; with the key file.
+    #[arg(long, env = "RELAY_AMQP_CERT_FILE")]
+    pub amqp_cert_file: Option<PathBuf>,
+    /// Private key (PKCS#8 PEM) of the RabbitMQ client certificate.
+    #[arg(long, env = "RELAY_AMQP_KEY_FILE")]
+    pub amqp_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) that Redis's certificate must chain to (rediss://).
+    #[arg(long, env = "RELAY_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for Redis servers that ask for one; with the key file.
+    #[arg(long, env = "RELAY_REDIS_CERT_FILE")]
+    pub redis_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the Redis client certificate.
+    #[arg(long, env = "RELAY_REDIS_KEY_FILE")]
+    pub redis_key_file: Option<PathBuf>,
+}
+
+/// TLS material for one connection, read from files at connect time.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// PEM bytes of a client certificate and its key.
+pub type Identity = (Vec<u8>, Vec<u8>);
+
+impl TlsFiles {
+    /// (CA PEM, client identity); errors name the file.
+    pub fn load(&self) -> anyhow::Result<(Option<Vec<u8>>, Option<Identity>)> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| anyhow::anyhow!("cannot read TLS file {}: {e}", p.display()))
+        };
+        let ca = self.ca.as_ref().map(read).transpose()?;
+        let identity = match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            (None, None) => None,
+            _ => anyhow::bail!("a client certificate needs both its certificate and its key file"),
+        };
+        Ok((ca, identity))
+    }
 }
 
 impl ConnConfig {
+    pub fn amqp_tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.amqp_ca_file.clone(),
+            cert: self.amqp_cert_file.clone(),
+            key: self.amqp_key_file.clone(),
+        }
+    }
+
+    pub fn redis_tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.redis_ca_file.clone(),
+            cert: self.redis_cert_file.clone(),
+            key: self.redis_key_file.clone(),
+        }
+    }
+
     /// Puts the passwords from the password files into the URLs (once, at start). Errors name
     /// the file, never its content.
     pub fn resolve_secrets(&mut self) -> anyhow::Result<()> {
@@ -114,6 +177,12 @@ impl Default for ConnConfig {
             exchange: "ecs.state-changes".into(),
             amqp_password_file: None,
             redis_password_file: None,
+            amqp_ca_file: None,
+            amqp_cert_file: None,
+            amqp_key_file: None,
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
         }
     }
 }

@@ -240,7 +240,7 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn dead_count(conn: &ConnConfig) -> anyhow::Result<i64> {
-    let c = amqp::connect(&conn.amqp_url, "ecs-state-relay demo").await?;
+    let c = amqp::connect(&conn.amqp_url, &conn.amqp_tls(), "ecs-state-relay demo").await?;
     let ch = c.create_channel().await?;
     let q = ch
         .queue_declare(

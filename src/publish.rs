@@ -30,7 +30,8 @@ pub async fn publish_lines<R: AsyncBufRead + Unpin>(
 ) -> Result<u64, PublishError> {
     let mut conn = conn.clone();
     conn.resolve_secrets()?;
-    let connection = amqp::connect(&conn.amqp_url, "ecs-state-relay publish").await?;
+    let connection =
+        amqp::connect(&conn.amqp_url, &conn.amqp_tls(), "ecs-state-relay publish").await?;
     let ch = connection
         .create_channel()
         .await

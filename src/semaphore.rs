@@ -65,9 +65,10 @@ impl Semaphore {
     }
 
     /// Listens for releases from every worker until `cancel`; reconnects on its own.
-    pub async fn run_listener(self, redis_url: String, cancel: CancellationToken) {
+    pub async fn run_listener(self, cancel: CancellationToken) {
         let channel = self.inner.channel.clone();
-        wake_on_publish(redis_url, channel, self.inner.released.clone(), cancel).await;
+        let client = self.inner.store.client();
+        wake_on_publish(client, channel, self.inner.released.clone(), cancel).await;
     }
 
     /// Waits for a permit; None when cancelled first.

@@ -55,9 +55,19 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         concurrency_limit: args.concurrency_limit,
         json: args.json,
     };
-    let store = Store::connect(&args.conn.redis_url, &args.conn.exchange).await?;
+    let store = Store::connect(
+        &args.conn.redis_url,
+        &args.conn.redis_tls(),
+        &args.conn.exchange,
+    )
+    .await?;
     let permits = Semaphore::new(store.clone(), "status", args.concurrency_limit, 1);
-    let connection = amqp::connect(&args.conn.amqp_url, "ecs-state-relay status").await?;
+    let connection = amqp::connect(
+        &args.conn.amqp_url,
+        &args.conn.amqp_tls(),
+        "ecs-state-relay status",
+    )
+    .await?;
     let mut shards = Vec::with_capacity(usize::from(args.shards));
     for shard in 0..args.shards {
         let s = store.shard_summary(shard).await?;

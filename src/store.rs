@@ -5,10 +5,10 @@
 
 use std::collections::HashMap;
 
-use deadpool_redis::{Config as PoolConfig, Connection, Pool, Runtime};
+use deadpool_redis::{Connection, Pool, Runtime};
 use redis::{self, Script};
 
-use crate::config::mask_url;
+use crate::config::{mask_url, TlsFiles};
 use crate::wire::{Event, TASK_STATUSES};
 
 /// Why a store call failed: the lease was lost (stop writing this shard), or Redis failed (retry).
@@ -44,7 +44,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// `cancel`; reconnects by itself, and wakes everyone after a reconnect (a message may have
 /// been missed meanwhile). Waiters also keep a timeout, so this is a latency aid, not a need.
 pub async fn wake_on_publish(
-    redis_url: String,
+    client: redis::Client,
     channel: String,
     notify: std::sync::Arc<tokio::sync::Notify>,
     cancel: tokio_util::sync::CancellationToken,
@@ -52,7 +52,6 @@ pub async fn wake_on_publish(
     use futures_util::StreamExt;
     while !cancel.is_cancelled() {
         let listened: redis::RedisResult<()> = async {
-            let client = redis::Client::open(redis_url.as_str())?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             let mut messages = pubsub.on_message();
@@ -171,6 +170,7 @@ pub mod field {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    client: redis::Client,
     namespace: String,
     scripts: std::sync::Arc<Scripts>,
 }
@@ -216,37 +216,53 @@ impl ShardKeys {
 
 impl Store {
     /// Connects a pool; `namespace` (the exchange name) separates deployments sharing one Redis.
-    pub async fn connect(url: &str, namespace: &str) -> anyhow::Result<Store> {
-        let mut config = PoolConfig::from_url(url);
+    /// `tls` gives the CA and client certificate for `rediss://` URLs.
+    pub async fn connect(url: &str, tls: &TlsFiles, namespace: &str) -> anyhow::Result<Store> {
+        let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {}: {e}", mask_url(url));
+        let (ca, identity) = tls.load()?;
+        let client = if ca.is_some() || identity.is_some() {
+            let certs = redis::TlsCertificates {
+                client_tls: identity.map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                }),
+                root_cert: ca,
+            };
+            redis::Client::build_with_tls(url, certs).map_err(|e| fail(&e))?
+        } else {
+            redis::Client::open(url).map_err(|e| fail(&e))?
+        };
+        // The pool is built on the client's connection info, which carries the TLS material.
+        let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+            .map_err(|e| fail(&e))?;
         // Bounded waits everywhere: after a network cut or a paused process a connection can
         // hang; an error is retried, a hang would stall the shard silently.
         let bound = Some(std::time::Duration::from_secs(5));
-        config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: 32,
-            timeouts: deadpool_redis::Timeouts {
-                wait: bound,
-                create: bound,
-                recycle: bound,
-            },
-            ..Default::default()
-        });
-        let pool = config
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
+        let pool = Pool::builder(manager)
+            .max_size(32)
+            .wait_timeout(bound)
+            .create_timeout(bound)
+            .recycle_timeout(bound)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| fail(&e))?;
         let store = Store {
             pool,
+            client,
             namespace: namespace.to_string(),
             scripts: std::sync::Arc::new(Scripts::new()),
         };
-        let mut conn = store
-            .conn()
-            .await
-            .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
+        let mut conn = store.conn().await.map_err(|e| fail(&e))?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|e| anyhow::anyhow!("redis {}: {e}", mask_url(url)))?;
+            .map_err(|e| fail(&e))?;
         Ok(store)
+    }
+
+    /// A client for dedicated connections (pub/sub), with the pool's address and TLS.
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
     }
 
     pub async fn conn(&self) -> StoreResult<Connection> {

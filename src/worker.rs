@@ -41,7 +41,12 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let cfg = Arc::new(cfg);
     let worker_id = cfg.worker_id();
-    let store = Store::connect(&cfg.conn.redis_url, &cfg.conn.exchange).await?;
+    let store = Store::connect(
+        &cfg.conn.redis_url,
+        &cfg.conn.redis_tls(),
+        &cfg.conn.exchange,
+    )
+    .await?;
     let permits = Semaphore::new(
         store.clone(),
         &worker_id,
@@ -49,15 +54,11 @@ pub async fn run(
         cfg.permit_lease_ms,
     );
     let background = CancellationToken::new();
-    tokio::spawn(
-        permits
-            .clone()
-            .run_listener(cfg.conn.redis_url.clone(), background.clone()),
-    );
+    tokio::spawn(permits.clone().run_listener(background.clone()));
     tokio::spawn(report_permits(permits.clone(), background.clone()));
     let rebalance = Arc::new(Notify::new());
     tokio::spawn(wake_on_publish(
-        cfg.conn.redis_url.clone(),
+        store.client(),
         store.membership_channel(),
         rebalance.clone(),
         background.clone(),
@@ -117,6 +118,7 @@ impl Session {
     async fn run(&self, ready: &Readiness, cancel: &CancellationToken) -> Result<(), SessionError> {
         let conn = amqp::connect(
             &self.cfg.conn.amqp_url,
+            &self.cfg.conn.amqp_tls(),
             &format!("ecs-state-relay {}", self.worker_id),
         )
         .await

@@ -149,7 +149,7 @@ async fn redis_restart_with_aof_loses_nothing() {
     eventually(Duration::from_secs(10), "AOF redis up", || async { ping() }).await;
 
     let mut env = Env::new("fault-aof", 4).await;
-    env.store = ecs_state_relay::store::Store::connect(&url, &env.exchange)
+    env.store = ecs_state_relay::store::Store::connect(&url, &Default::default(), &env.exchange)
         .await
         .unwrap();
     env.sim.set_latency(Duration::from_millis(5));

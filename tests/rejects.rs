@@ -131,7 +131,7 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
         );
     }
     // Everything was acked: nothing is left in the shard queues.
-    let c = ecs_state_relay::amqp::connect(AMQP_URL, "test")
+    let c = ecs_state_relay::amqp::connect(AMQP_URL, &Default::default(), "test")
         .await
         .unwrap();
     let ch = c.create_channel().await.unwrap();

@@ -31,7 +31,7 @@ impl Users {
         };
         assert!(ok(&["add_user", &name, password]));
         assert!(ok(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]));
-        let store = ecs_state_relay::store::Store::connect(REDIS_URL, "acl")
+        let store = ecs_state_relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
             .await
             .unwrap();
         let mut conn = store.conn().await.unwrap();
@@ -54,7 +54,7 @@ impl Users {
             .args(["delete_user", &self.name])
             .stdout(Stdio::null())
             .status();
-        let store = ecs_state_relay::store::Store::connect(REDIS_URL, "acl")
+        let store = ecs_state_relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
             .await
             .unwrap();
         let mut conn = store.conn().await.unwrap();

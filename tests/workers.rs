@@ -246,7 +246,7 @@ async fn a_worker_waits_for_another_workers_topology_declaration_instead_of_refu
     // another checks them. The checker must wait, not take the half-declared topology for a
     // deployment with fewer shards.
     let mut env = Env::new("start-together", 4).await;
-    let c = ecs_state_relay::amqp::connect(AMQP_URL, "test")
+    let c = ecs_state_relay::amqp::connect(AMQP_URL, &Default::default(), "test")
         .await
         .unwrap();
     let ch = c.create_channel().await.unwrap();

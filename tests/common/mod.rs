@@ -69,7 +69,7 @@ impl Env {
             .try_init();
         let exchange = format!("test.{name}.{:08x}", rand::random::<u32>());
         let (sim, sim_url) = Sim::spawn_local().await.expect("sim starts");
-        let store = Store::connect(REDIS_URL, &exchange)
+        let store = Store::connect(REDIS_URL, &Default::default(), &exchange)
             .await
             .expect("redis reachable");
         Env {
@@ -220,7 +220,7 @@ impl Env {
 
     /// Publishes raw bytes with any routing key (for malformed input).
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
-        let c = amqp::connect(AMQP_URL, "test raw publish")
+        let c = amqp::connect(AMQP_URL, &Default::default(), "test raw publish")
             .await
             .expect("amqp");
         let ch = amqp::confirm_channel(&c).await.expect("channel");
@@ -276,7 +276,7 @@ impl Env {
 
     /// Messages in the dead-letter queue: (body, x-relay-reject-reason).
     pub async fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
-        let c = amqp::connect(AMQP_URL, "test dead reader")
+        let c = amqp::connect(AMQP_URL, &Default::default(), "test dead reader")
             .await
             .expect("amqp");
         let ch = c.create_channel().await.expect("channel");
@@ -310,7 +310,7 @@ impl Env {
         for w in self.workers.drain(..) {
             let _ = w.stop().await;
         }
-        if let Ok(c) = amqp::connect(AMQP_URL, "test cleanup").await {
+        if let Ok(c) = amqp::connect(AMQP_URL, &Default::default(), "test cleanup").await {
             if let Ok(ch) = c.create_channel().await {
                 for s in 0..=self.shards {
                     let _ = ch
