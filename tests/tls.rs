@@ -139,10 +139,10 @@ async fn amqps_and_rediss_with_a_private_ca_and_client_certificates() {
         "Redis without client cert"
     );
     let refused = ecs_state_relay::amqp::connect(&amqps, &client_tls(&dir, false), "test").await;
-    let err = refused
-        .err()
-        .expect("RabbitMQ without client cert")
-        .to_string();
+    let err = match refused {
+        Ok(_) => panic!("RabbitMQ accepted a client without a certificate"),
+        Err(e) => e.to_string(),
+    };
     assert!(!err.contains("guest:guest"), "{err}");
     assert!(
         ecs_state_relay::amqp::connect(&amqps, &no_ca, "test")
