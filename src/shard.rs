@@ -115,29 +115,17 @@ async fn intake_batch(
     senders: &Senders,
 ) -> Result<Option<ShardEnd>, lapin::Error> {
     let mut events: Vec<Event> = Vec::with_capacity(batch.len());
+    // Which delivery each event came from, to dead-letter what the store refuses.
+    let mut origin: Vec<&Delivery> = Vec::with_capacity(batch.len());
     for d in &batch {
         match wire::decode(&d.data, d.routing_key.as_str()) {
-            Ok(ev) => events.push(ev),
+            Ok(ev) => {
+                events.push(ev);
+                origin.push(d);
+            }
             Err(reject) => {
-                tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
-                m::event_rejected(reject.code);
-                let exchange = ctx.store.namespace();
-                if let Err(e) = amqp::dead_letter(
-                    ch,
-                    exchange,
-                    queue,
-                    d.routing_key.as_str(),
-                    &d.data,
-                    &d.properties,
-                    &reject,
-                )
-                .await
-                {
-                    // Not acked: the message comes back and is rejected again.
-                    m::amqp_error("dead_letter");
-                    return Ok(Some(ShardEnd::Amqp(format!(
-                        "dead-letter publish failed: {e}"
-                    ))));
+                if let Some(end) = dead_letter(ctx, ch, queue, d, &reject).await {
+                    return Ok(Some(end));
                 }
             }
         }
@@ -169,7 +157,7 @@ async fn intake_batch(
     };
 
     let mut woken = HashSet::new();
-    for (ev, outcome) in events.iter().zip(outcomes) {
+    for ((ev, outcome), d) in events.iter().zip(outcomes).zip(origin) {
         match outcome {
             Intake::Duplicate => {
                 m::event_duplicate();
@@ -189,6 +177,12 @@ async fn intake_batch(
                     senders.wake(&ev.key);
                 }
             }
+            Intake::BatchFull => {
+                let reject = wire::Reject::batch_full();
+                if let Some(end) = dead_letter(ctx, ch, queue, d, &reject).await {
+                    return Ok(Some(end));
+                }
+            }
         }
     }
     if let Some(last) = batch.last() {
@@ -198,6 +192,36 @@ async fn intake_batch(
     Ok(None)
 }
 
+/// Publishes a rejected delivery to the dead-letter queue with its reason (confirmed), so the
+/// ack that follows loses nothing. Some(end) when the broker could not take it.
+async fn dead_letter(
+    ctx: &ShardCtx,
+    ch: &Channel,
+    queue: &str,
+    d: &Delivery,
+    reject: &wire::Reject,
+) -> Option<ShardEnd> {
+    tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
+    m::event_rejected(reject.code);
+    let published = amqp::dead_letter(
+        ch,
+        ctx.store.namespace(),
+        queue,
+        d.routing_key.as_str(),
+        &d.data,
+        &d.properties,
+        reject,
+    )
+    .await;
+    match published {
+        Ok(()) => None,
+        Err(e) => {
+            // Not acked: the message comes back and is rejected again.
+            m::amqp_error("dead_letter");
+            Some(ShardEnd::Amqp(format!("dead-letter publish failed: {e}")))
+        }
+    }
+}
 /// Rule 3: at random intervals in [min, max), flush batches of tasks with a known status.
 async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
     loop {

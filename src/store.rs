@@ -128,6 +128,8 @@ pub enum Intake {
     Duplicate,
     Batched,
     Enqueued,
+    /// The task's batch already holds `wire::MAX_BATCH` changes: rejected, nothing stored.
+    BatchFull,
 }
 
 /// One shard as `status` shows it.
@@ -328,7 +330,8 @@ impl Store {
                             .unwrap_or_default(),
                     )
                     .arg(&ev.cluster)
-                    .arg(retention_s);
+                    .arg(retention_s)
+                    .arg(crate::wire::MAX_BATCH);
                 pipe.invoke_script(&inv);
             }
             pipe
@@ -341,6 +344,7 @@ impl Store {
             .map(|c| match c {
                 0 => Intake::Duplicate,
                 1 => Intake::Batched,
+                3 => Intake::BatchFull,
                 _ => Intake::Enqueued,
             })
             .collect())

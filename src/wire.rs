@@ -11,6 +11,9 @@ use time::OffsetDateTime;
 
 /// Largest message accepted (256 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Most container and managed-agent changes one task change carries; more for a task whose
+/// status never comes is rejected (`batch_full`) rather than grown without bound.
+pub const MAX_BATCH: usize = 1000;
 /// Largest list of network bindings on one container.
 pub const MAX_NETWORK_BINDINGS: usize = 1000;
 const MAX_EVENT_ID_CHARS: usize = 128;
@@ -93,6 +96,13 @@ impl Reject {
             detail: detail.into(),
         }
     }
+    pub fn batch_full() -> Self {
+        Self::new(
+            "batch_full",
+            format!("the task already has {MAX_BATCH} container/agent changes waiting for a task change"),
+        )
+    }
+
     /// The value of the `x-relay-reject-reason` header.
     pub fn header(&self) -> String {
         format!("{}: {}", self.code, self.detail)

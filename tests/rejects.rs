@@ -153,3 +153,41 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
     }
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_batch_is_capped_and_the_change_past_the_cap_is_dead_lettered() {
+    let mut env = Env::new("batch-cap", 2).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let a = arn("batch-cap");
+    let cap = ecs_state_relay::wire::MAX_BATCH;
+    let events: Vec<Value> = (0..=cap)
+        .map(|i| container(&a, &format!("c{i}"), "RUNNING"))
+        .collect();
+    env.publish(&events).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut dead = Vec::new();
+    while dead.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing dead-lettered"
+        );
+        dead.extend(env.dead_letters().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].1.starts_with("batch_full: "), "{}", dead[0].1);
+    let last: Value = serde_json::from_slice(&dead[0].0).unwrap();
+    assert_eq!(
+        last["containerName"],
+        format!("c{cap}"),
+        "the change past the cap"
+    );
+    env.publish(&[task(&a, "RUNNING")]).await;
+    let calls = env.wait_calls(&a, 1).await;
+    assert_eq!(
+        calls[0].body["containers"].as_array().map(Vec::len),
+        Some(cap)
+    );
+    env.cleanup().await;
+}

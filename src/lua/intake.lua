@@ -2,17 +2,23 @@
 -- KEYS: 1 lease, 2 dedupe set, 3 task state hash, 4 batch list, 5 outbox list,
 --       6 pending zset, 7 batched set, 8 active zset, 9 sequence counter
 -- ARGV: 1 owner, 2 token, 3 eventId, 4 type, 5 ordering key, 6 stored form,
---       7 known task status index or '', 8 cluster, 9 retention seconds
--- Returns 0 = duplicate (already taken), 1 = batched, 2 = appended to the outbox.
+--       7 known task status index or '', 8 cluster, 9 retention seconds, 10 largest batch
+-- Returns 0 = duplicate (already taken), 1 = batched, 2 = appended to the outbox,
+--         3 = refused: the batch is full (nothing written; the caller dead-letters it).
 local err = fenced(KEYS[1], ARGV[1], ARGV[2])
 if err then return err end
 
+local kind, key = ARGV[4], ARGV[5]
+local batches = kind == 'container' or kind == 'managedAgent'
+
 -- A redelivered message (same eventId) changes nothing.
-if redis.call('SADD', KEYS[2], ARGV[3]) == 0 then
+if redis.call('SISMEMBER', KEYS[2], ARGV[3]) == 1 then
   return 0
 end
-
-local kind, key = ARGV[4], ARGV[5]
+if batches and redis.call('LLEN', KEYS[4]) >= tonumber(ARGV[10]) then
+  return 3
+end
+redis.call('SADD', KEYS[2], ARGV[3])
 -- Known status only moves forward: a task lifecycle never goes back, and a stale taskStatus
 -- on a late container event must not make a stopped task drainable again.
 if ARGV[7] ~= '' then
@@ -24,7 +30,7 @@ end
 redis.call('HSET', KEYS[3], 'cl', ARGV[8])
 
 local result
-if kind == 'container' or kind == 'managedAgent' then
+if batches then
   redis.call('RPUSH', KEYS[4], ARGV[6])
   redis.call('SADD', KEYS[7], key)
   result = 1
