@@ -311,17 +311,6 @@ impl Senders {
     async fn call(&self, entry: &OutboxEntry) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
         let permit = ctx.permits.acquire(&ctx.cancel).await?;
-        if !ctx.lease_valid() {
-            // Paused past the lease (or renewals failing): another worker may own this task now.
-            ctx.permits.release(permit).await;
-            tracing::warn!(
-                shard = ctx.shard,
-                "shard lease may have lapsed; not calling ECS"
-            );
-            m::fenced("call");
-            ctx.cancel.cancel();
-            return None;
-        }
         let started = Instant::now();
         let guard_ctx = self.ctx.clone();
         let guard = CallGuard::new(move || guard_ctx.lease_valid());
@@ -359,7 +348,8 @@ impl Senders {
         };
         ctx.permits.release(permit).await;
         if result.is_err() && !ctx.lease_valid() {
-            // Stopped by the guard (or failed while the lease lapsed): leave it to the next owner.
+            // Paused past the lease (or renewals failing): another worker may own this task now,
+            // so the guard kept the request off the wire. Leave the entry to the next owner.
             tracing::warn!(
                 shard = ctx.shard,
                 "shard lease may have lapsed; not calling ECS"

@@ -33,15 +33,9 @@ fn arns(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| arn(&format!("{prefix}-{i:03}"))).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
-    let mut env = Env::new("fault-amqp", 4).await;
-    env.sim.set_latency(Duration::from_millis(5));
-    let proxy = Proxy::start("127.0.0.1:5672").await;
-    let mut cfg = env.config();
-    cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    env.start_worker(cfg).await;
-    let tasks = arns("amqp-cut", 120);
+/// 120 task lifecycles published over about 1.5 s; returns once calls are flowing.
+async fn flowing_stream(env: &Env, prefix: &str) -> (Vec<String>, tokio::task::JoinHandle<()>) {
+    let tasks = arns(prefix, 120);
     let publisher = stream(
         env.conn(),
         lifecycle_rounds(&tasks, 8),
@@ -51,6 +45,18 @@ async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
         env.sim.stats().ok >= 20
     })
     .await;
+    (tasks, publisher)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
+    let mut env = Env::new("fault-amqp", 4).await;
+    env.sim.set_latency(Duration::from_millis(5));
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let mut cfg = env.config();
+    cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    env.start_worker(cfg).await;
+    let (tasks, publisher) = flowing_stream(&env, "amqp-cut").await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself: 2 s without RabbitMQ
     proxy.restore();
@@ -76,16 +82,7 @@ async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everyth
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
     env.start_worker(cfg).await;
-    let tasks = arns("redis-cut", 120);
-    let publisher = stream(
-        env.conn(),
-        lifecycle_rounds(&tasks, 8),
-        Duration::from_millis(100),
-    );
-    eventually(Duration::from_secs(20), "flowing", || async {
-        env.sim.stats().ok >= 20
-    })
-    .await;
+    let (tasks, publisher) = flowing_stream(&env, "redis-cut").await;
     proxy.cut();
     let cut_at = Instant::now();
     // While Redis is away nothing new reaches ECS once calls in flight are done, and the
@@ -156,16 +153,7 @@ async fn redis_restart_with_aof_loses_nothing() {
     let mut cfg = env.config();
     cfg.conn.redis_url = url.clone();
     env.start_worker(cfg).await;
-    let tasks = arns("aof", 120);
-    let publisher = stream(
-        env.conn(),
-        lifecycle_rounds(&tasks, 8),
-        Duration::from_millis(100),
-    );
-    eventually(Duration::from_secs(20), "flowing", || async {
-        env.sim.stats().ok >= 20
-    })
-    .await;
+    let (tasks, publisher) = flowing_stream(&env, "aof").await;
     // A clean shutdown writes the AOF; the restarted server loads it (scripts are gone: NOSCRIPT).
     let _ = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "shutdown"])
