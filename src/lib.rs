@@ -5,6 +5,7 @@
 //! semaphore ([`semaphore`]) → ECS ([`ecs`]). See docs/architecture.md.
 
 pub mod amqp;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod ecs;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ecs_state_relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::ecs::Ecs;
 use ecs_state_relay::metrics::{self, Readiness};
-use ecs_state_relay::{demo, publish, status, worker};
+use ecs_state_relay::{bench, demo, publish, status, worker};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -36,6 +36,8 @@ enum Command {
         /// File of JSON lines; stdin when absent or "-".
         file: Option<String>,
     },
+    /// Measure ingest against the broker's own limit, and ECS-permit utilisation (release build).
+    Bench(bench::BenchArgs),
     /// Show shards, owners, pending work, queue depths, permits and live workers.
     Status(status::StatusArgs),
     /// Publish a generated fleet of task lifecycles and follow it through ecs-sim to a summary.
@@ -67,6 +69,7 @@ async fn main() -> ExitCode {
         Command::Publish { conn, file } => run_publish(conn, file).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
