@@ -205,6 +205,116 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ratio: Some(achieved / ideal),
         target: ">= 0.95",
     });
+
+    eprintln!("bench: latency — task events at half the ingest rate, publish to ECS call");
+    sim.set_latency(Duration::ZERO);
+    let rate = (events_per_sec / 2.0).max(100.0);
+    let per_tick = ((rate / 100.0).ceil() as usize).max(1); // one chunk every 10 ms
+    let count = (rate * 5.0) as usize; // about five seconds
+    let mut published = std::collections::HashMap::with_capacity(count);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for chunk in (0..count).collect::<Vec<_>>().chunks(per_tick) {
+        tick.tick().await;
+        let at = now_ms();
+        let lines: Vec<String> = chunk
+            .iter()
+            .map(|i| {
+                let arn = format!("arn:aws:ecs:us-east-1:123456789012:task/bench/{run}l{i:010}");
+                published.insert(arn.clone(), at);
+                json!({"schemaVersion":1,"eventId":format!("{run}-l{i}"),"type":"task","cluster":"bench",
+                    "taskArn":arn,"occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING"})
+                .to_string()
+            })
+            .collect();
+        publish_lines(&relay_conn, lines.join("\n").as_bytes()).await?;
+    }
+    while sim
+        .calls()
+        .iter()
+        .filter(|c| published.contains_key(&c.key))
+        .count()
+        < count
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1200),
+            "latency run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut lat: Vec<u64> = sim
+        .calls()
+        .iter()
+        .filter_map(|c| {
+            published
+                .get(&c.key)
+                .map(|p| c.received_at_ms.saturating_sub(*p))
+        })
+        .collect();
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+    };
+    rows.push(row(
+        "latency",
+        &format!("p50 ms at {rate:.0} events/s"),
+        pct(0.5),
+        "",
+    ));
+    rows.push(row("latency", "p99 ms", pct(0.99), "<= 25"));
+    rows.push(row("latency", "max ms", pct(1.0), ""));
+
+    eprintln!("bench: Redis memory — 10000 pending tasks while ECS holds every call");
+    let redis = redis::Client::open(args.redis_url.as_str())?;
+    let mut rconn = redis.get_multiplexed_async_connection().await?;
+    let used = |info: String| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let mem_before = used(
+        redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut rconn)
+            .await?,
+    );
+    sim.add_rule(crate::sim::Rule {
+        key: "*".into(),
+        action: crate::sim::Action::Hold,
+        times: 10,
+    });
+    let taken_before = taken(&http, &metrics).await;
+    let pending: Vec<String> = (0..10_000)
+        .map(|i| {
+            json!({"schemaVersion":1,"eventId":format!("{run}-p{i}"),"type":"task","cluster":"bench",
+                "taskArn":format!("arn:aws:ecs:us-east-1:123456789012:task/bench/{run}p{i:010}"),
+                "occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING"})
+            .to_string()
+        })
+        .collect();
+    publish_lines(&relay_conn, pending.join("\n").as_bytes()).await?;
+    while taken(&http, &metrics).await < taken_before + 10_000 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1200),
+            "pending tasks not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mem_after = used(
+        redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut rconn)
+            .await?,
+    );
+    rows.push(row(
+        "cost",
+        "Redis bytes per pending task",
+        (mem_after - mem_before) / 10_000.0,
+        "<= 2048",
+    ));
+    sim.release(None);
     let (_, peak_rss_mb) = process_cost(worker.id())?;
     rows.push(row(
         "cost",
@@ -366,6 +476,13 @@ fn process_cost(pid: u32) -> anyhow::Result<(f64, f64)> {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0.0);
     Ok((ticks / 100.0, hwm_kb / 1024.0))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn free_port() -> std::io::Result<u16> {

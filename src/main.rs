@@ -44,11 +44,11 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-fn init_logging(format: &str) {
+fn init_logging(format: &str, default_level: &str) {
     // lapin logs every channel the broker closes at ERROR, including the expected "no such
     // queue" of the start-up shard probes; the relay reports real channel failures itself.
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .unwrap_or_else(|_| EnvFilter::new(default_level))
         .add_directive("lapin::channel=off".parse().expect("static directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -63,7 +63,13 @@ fn init_logging(format: &str) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    // The bench prints a table; its in-process ecs-sim's per-call lines would drown it.
+    let level = if matches!(cli.command, Command::Bench(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(&cli.log_format, level);
     let result = match cli.command {
         Command::Worker(cfg) => run_worker(cfg).await,
         Command::Publish { conn, file } => run_publish(conn, file).await,
