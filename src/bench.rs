@@ -14,26 +14,15 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::amqp;
-use crate::config::{ConnConfig, TlsFiles};
+use crate::config::ConnConfig;
 use crate::publish::publish_lines;
 use crate::sim::{Sim, SimConfig};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    #[arg(
-        long,
-        env = "RELAY_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
-    #[arg(
-        long,
-        env = "RELAY_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0",
-        hide_env_values = true
-    )]
-    pub redis_url: String,
+    /// Where RabbitMQ and Redis are (the exchange name is ignored: each run makes its own).
+    #[command(flatten)]
+    pub conn: ConnConfig,
     /// Events of the ingest scenario (10 per task lifecycle).
     #[arg(long, default_value_t = 100_000)]
     pub events: usize,
@@ -60,6 +49,15 @@ pub struct Row {
     pub target: &'static str,
 }
 
+/// A task RUNNING event for task `{run}{tag}{i}`; returns (task ARN, JSON line).
+fn task_running(run: &str, tag: &str, i: usize) -> (String, String) {
+    let arn = format!("arn:aws:ecs:us-east-1:123456789012:task/bench/{run}{tag}{i:010}");
+    let line = json!({"schemaVersion":1,"eventId":format!("{run}-{tag}{i}"),"type":"task","cluster":"bench",
+        "taskArn":arn,"occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING"})
+    .to_string();
+    (arn, line)
+}
+
 /// 10 events per task: 4 containers RUNNING, task RUNNING, 4 containers STOPPED, task STOPPED.
 fn lifecycles(run: &str, tasks: usize) -> Vec<String> {
     let arn = |i: usize| format!("arn:aws:ecs:us-east-1:123456789012:task/bench/{run}{i:010}");
@@ -83,7 +81,8 @@ fn lifecycles(run: &str, tasks: usize) -> Vec<String> {
     out
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
+    args.conn.resolve_secrets()?;
     let run = format!("{:08x}", rand::random::<u32>());
     let tasks = (args.events / 10).max(1);
     let lines = lifecycles(&run, tasks);
@@ -104,7 +103,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(sim.clone().serve(listener, stop.clone().cancelled_owned()));
     let relay_conn = conn(&args, &format!("bench.relay.{run}"));
-    let connection = amqp::connect(&args.amqp_url, &TlsFiles::default(), "bench").await?;
+    let connection = amqp::connect(&relay_conn.amqp_url, &relay_conn.amqp_tls(), "bench").await?;
     amqp::declare(&connection, &relay_conn.exchange, args.shards).await?;
     publish_lines(&relay_conn, lines.join("\n").as_bytes()).await?;
     let metrics_port = free_port()?;
@@ -173,12 +172,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     sim.set_latency(Duration::from_millis(args.latency_ms));
     let before = sim.stats().ok;
     let backlog: Vec<String> = (0..args.backlog)
-        .map(|i| {
-            json!({"schemaVersion":1,"eventId":format!("{run}-u{i}"),"type":"task","cluster":"bench",
-                "taskArn":format!("arn:aws:ecs:us-east-1:123456789012:task/bench/{run}u{i:010}"),
-                "occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING"})
-            .to_string()
-        })
+        .map(|i| task_running(&run, "u", i).1)
         .collect();
     publish_lines(&relay_conn, backlog.join("\n").as_bytes()).await?;
     while sim.stats().ok < before + args.backlog as u64 {
@@ -219,11 +213,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let lines: Vec<String> = chunk
             .iter()
             .map(|i| {
-                let arn = format!("arn:aws:ecs:us-east-1:123456789012:task/bench/{run}l{i:010}");
-                published.insert(arn.clone(), at);
-                json!({"schemaVersion":1,"eventId":format!("{run}-l{i}"),"type":"task","cluster":"bench",
-                    "taskArn":arn,"occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING"})
-                .to_string()
+                let (arn, line) = task_running(&run, "l", *i);
+                published.insert(arn, at);
+                line
             })
             .collect();
         publish_lines(&relay_conn, lines.join("\n").as_bytes()).await?;
@@ -266,7 +258,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     rows.push(row("latency", "max ms", pct(1.0), ""));
 
     eprintln!("bench: Redis memory — 10000 pending tasks while ECS holds every call");
-    let redis = redis::Client::open(args.redis_url.as_str())?;
+    let redis =
+        crate::store::Store::connect(&relay_conn.redis_url, &relay_conn.redis_tls(), "bench")
+            .await?
+            .client();
     let mut rconn = redis.get_multiplexed_async_connection().await?;
     let used = |info: String| -> f64 {
         info.lines()
@@ -286,14 +281,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         times: 10,
     });
     let taken_before = taken(&http, &metrics).await;
-    let pending: Vec<String> = (0..10_000)
-        .map(|i| {
-            json!({"schemaVersion":1,"eventId":format!("{run}-p{i}"),"type":"task","cluster":"bench",
-                "taskArn":format!("arn:aws:ecs:us-east-1:123456789012:task/bench/{run}p{i:010}"),
-                "occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING"})
-            .to_string()
-        })
-        .collect();
+    let pending: Vec<String> = (0..10_000).map(|i| task_running(&run, "p", i).1).collect();
     publish_lines(&relay_conn, pending.join("\n").as_bytes()).await?;
     while taken(&http, &metrics).await < taken_before + 10_000 {
         anyhow::ensure!(
@@ -347,17 +335,15 @@ fn row(scenario: &'static str, figure: &str, value: f64, target: &'static str) -
 
 fn conn(args: &BenchArgs, exchange: &str) -> ConnConfig {
     ConnConfig {
-        amqp_url: args.amqp_url.clone(),
-        redis_url: args.redis_url.clone(),
         exchange: exchange.into(),
-        ..ConnConfig::default()
+        ..args.conn.clone()
     }
 }
 
 /// The broker's limit on this machine: preloaded messages, one consumer per shard queue,
 /// prefetch and multiple-acks as the worker uses them, nothing else done.
 async fn baseline(conn: &ConnConfig, shards: u16, lines: &[String]) -> anyhow::Result<f64> {
-    let connection = amqp::connect(&conn.amqp_url, &TlsFiles::default(), "bench baseline").await?;
+    let connection = amqp::connect(&conn.amqp_url, &conn.amqp_tls(), "bench baseline").await?;
     amqp::declare(&connection, &conn.exchange, shards).await?;
     publish_lines(conn, lines.join("\n").as_bytes()).await?;
     let total = lines.len();
