@@ -15,6 +15,15 @@ async fn setup(name: &str) -> Env {
     setup_with(name, |_| {}).await
 }
 
+/// A worker whose drain ticker fires every 100–200 ms.
+async fn setup_draining(name: &str) -> Env {
+    setup_with(name, |c| {
+        c.drain_min_ms = 100;
+        c.drain_max_ms = 200;
+    })
+    .await
+}
+
 async fn setup_with(
     name: &str,
     tweak: impl FnOnce(&mut ecs_state_relay::config::WorkerConfig),
@@ -344,11 +353,7 @@ async fn test_eni_sent_status_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_get_batched_container_events() {
-    let env = setup_with("batched-container", |c| {
-        c.drain_min_ms = 100;
-        c.drain_max_ms = 200;
-    })
-    .await;
+    let env = setup_draining("batched-container").await;
     let (known, unknown) = (arn("batched-known"), arn("batched-unknown"));
     let mut c1 = container(&known, "web", "RUNNING");
     c1["taskStatus"] = "RUNNING".into();
@@ -371,11 +376,7 @@ async fn test_get_batched_container_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_get_batched_container_events_stopped_task() {
-    let env = setup_with("batched-container-stopped", |c| {
-        c.drain_min_ms = 100;
-        c.drain_max_ms = 200;
-    })
-    .await;
+    let env = setup_draining("batched-container-stopped").await;
     let a = arn("batched-stopped");
     let mut c1 = container(&a, "web", "STOPPED");
     c1["taskStatus"] = "STOPPED".into();
@@ -472,11 +473,7 @@ async fn test_send_managed_agent_events_task_differences() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_get_batched_managed_agent_events() {
-    let env = setup_with("batched-agent", |c| {
-        c.drain_min_ms = 100;
-        c.drain_max_ms = 200;
-    })
-    .await;
+    let env = setup_draining("batched-agent").await;
     let (known, unknown) = (arn("agent-known"), arn("agent-unknown"));
     let mut m1 = agent(&known, "web", "ExecuteCommandAgent", "RUNNING");
     m1["taskStatus"] = "RUNNING".into();
@@ -496,11 +493,7 @@ async fn test_get_batched_managed_agent_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_get_batched_managed_agent_events_stopped_task() {
-    let env = setup_with("batched-agent-stopped", |c| {
-        c.drain_min_ms = 100;
-        c.drain_max_ms = 200;
-    })
-    .await;
+    let env = setup_draining("batched-agent-stopped").await;
     let a = arn("agent-stopped");
     let mut m1 = agent(&a, "web", "ExecuteCommandAgent", "STOPPED");
     m1["taskStatus"] = "STOPPED".into();
