@@ -4,7 +4,7 @@
 //! or dropped, in one atomic step with the sent flags) the next. Failures back off for this key
 //! only; the fleet-wide permit is held just for the HTTP call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,12 +143,46 @@ impl ShardCtx {
     }
 }
 
-/// The running senders of one shard. `wake` after the intake appended to a key's outbox.
+/// How many keys of one shard are worked on at once. A key waiting for a runner costs a queue
+/// entry, not a task, so worker memory follows this bound and not the number of pending
+/// tasks; a key in backoff gives its runner back, so failing tasks never hold up the others.
+const RUNNERS_PER_SHARD: usize = 16;
+
+/// Where an ordering key with work stands.
+enum Slot {
+    /// A runner works on it; true = woken again since its last read (read once more).
+    Running(bool),
+    /// Waiting in the queue for a runner.
+    Queued,
+    /// Waiting out a retry delay; its timer queues it again.
+    Backoff,
+}
+
+#[derive(Default)]
+struct Board {
+    keys: HashMap<String, Slot>,
+    queue: VecDeque<String>,
+    runners: usize,
+    /// Backoff and attempt count of keys whose last call failed.
+    retries: HashMap<String, (Backoff, u32)>,
+}
+
+/// How one turn on a key ended.
+enum Turn {
+    /// Its outbox is empty.
+    Done,
+    /// Try again after this delay (the key's backoff, or a pause after a Redis error).
+    Retry(Duration),
+    /// Cancelled or fenced: the shard is going away; its work stays in Redis.
+    Stop,
+}
+
+/// The senders of one shard: one ordering key at a time per runner, each key's outbox in
+/// order, never two runners on one key. `wake` after the intake appended to a key's outbox.
 #[derive(Clone)]
 pub struct Senders {
     ctx: Arc<ShardCtx>,
-    /// Key → "woken again while running": the sender re-reads before it exits.
-    running: Arc<Mutex<HashMap<String, bool>>>,
+    board: Arc<Mutex<Board>>,
     tasks: TaskTracker,
 }
 
@@ -156,88 +190,140 @@ impl Senders {
     pub fn new(ctx: Arc<ShardCtx>) -> Self {
         Self {
             ctx,
-            running: Arc::default(),
+            board: Arc::default(),
             tasks: TaskTracker::new(),
         }
     }
 
+    fn board(&self) -> std::sync::MutexGuard<'_, Board> {
+        self.board.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn wake(&self, key: &str) {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(woken) = running.get_mut(key) {
-            *woken = true;
+        let mut board = self.board();
+        match board.keys.get_mut(key) {
+            Some(Slot::Running(woken)) => *woken = true,
+            // Queued keys are read when their turn comes; keys in backoff when it ends.
+            Some(Slot::Queued | Slot::Backoff) => {}
+            None => {
+                board.keys.insert(key.to_string(), Slot::Queued);
+                board.queue.push_back(key.to_string());
+                self.spawn_runner(&mut board);
+            }
+        }
+    }
+
+    fn spawn_runner(&self, board: &mut Board) {
+        if board.runners >= RUNNERS_PER_SHARD || board.queue.is_empty() {
             return;
         }
-        running.insert(key.to_string(), false);
-        drop(running);
+        board.runners += 1;
         let this = self.clone();
-        let key = key.to_string();
         self.tasks.spawn(async move {
             m::sender_started();
-            this.run(&key).await;
+            this.runner().await;
             m::sender_stopped();
         });
     }
 
-    /// Waits until every sender has finished its in-flight call and exited (after cancel).
+    /// Waits until every runner has finished its in-flight call and exited (after cancel).
     pub async fn wait(&self) {
         self.tasks.close();
         self.tasks.wait().await;
     }
 
-    /// True when the sender may exit: nothing woke it since it last read the outbox.
+    /// Takes queued keys one after another until the queue is empty or the shard stops.
+    async fn runner(&self) {
+        loop {
+            let key = {
+                let mut board = self.board();
+                match board.queue.pop_front() {
+                    Some(key) if !self.ctx.cancel.is_cancelled() => {
+                        board.keys.insert(key.clone(), Slot::Running(false));
+                        key
+                    }
+                    _ => {
+                        board.runners -= 1;
+                        return;
+                    }
+                }
+            };
+            let (mut backoff, mut attempt) =
+                self.board().retries.remove(&key).unwrap_or_else(|| {
+                    let cfg = &self.ctx.cfg;
+                    let min = Duration::from_millis(cfg.backoff_min_ms);
+                    (
+                        Backoff::new(min, Duration::from_millis(cfg.backoff_max_ms)),
+                        0,
+                    )
+                });
+            match self.turn(&key, &mut backoff, &mut attempt).await {
+                Turn::Done => {}
+                Turn::Retry(delay) => {
+                    let mut board = self.board();
+                    board.retries.insert(key.clone(), (backoff, attempt));
+                    board.keys.insert(key.clone(), Slot::Backoff);
+                    let this = self.clone();
+                    self.tasks.spawn(async move {
+                        if this.sleep(delay).await {
+                            let mut board = this.board();
+                            board.keys.insert(key.clone(), Slot::Queued);
+                            board.queue.push_back(key);
+                            this.spawn_runner(&mut board);
+                        }
+                    });
+                }
+                Turn::Stop => {
+                    let mut board = self.board();
+                    board.keys.remove(&key);
+                    board.runners -= 1;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// True when the key is done: nothing woke it since it last read the outbox.
     fn finish(&self, key: &str) -> bool {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        match running.get_mut(key) {
-            Some(woken) if *woken => {
+        let mut board = self.board();
+        match board.keys.get_mut(key) {
+            Some(Slot::Running(woken)) if *woken => {
                 *woken = false;
                 false
             }
             _ => {
-                running.remove(key);
+                board.keys.remove(key);
                 true
             }
         }
     }
 
-    fn forget(&self, key: &str) {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(key);
-    }
-
-    async fn run(&self, key: &str) {
+    /// Sends a key's outbox head after head until it is empty, a call fails or the shard stops.
+    async fn turn(&self, key: &str, backoff: &mut Backoff, attempt: &mut u32) -> Turn {
         let ctx = &self.ctx;
-        let mut backoff = Backoff::new(
-            Duration::from_millis(ctx.cfg.backoff_min_ms),
-            Duration::from_millis(ctx.cfg.backoff_max_ms),
-        );
-        let mut attempt: u32 = 0;
+        // The outbox head and state, when the last completion brought them along.
+        let mut read: Option<(Option<String>, KeyState)> = None;
         loop {
             if ctx.cancel.is_cancelled() {
-                break;
+                return Turn::Stop;
             }
-            {
-                // Clear the wake flag before reading, so a wake after this read is not lost.
-                let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(w) = running.get_mut(key) {
-                    *w = false;
-                }
-            }
-            let (head, state) = match ctx.store.peek(ctx.shard, key).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(shard = ctx.shard, key, error = %e, "cannot read outbox; retrying");
-                    m::redis_error("peek");
-                    if !self.sleep(Duration::from_millis(500)).await {
-                        break;
+            let (head, state) = match read.take() {
+                Some(r) => r,
+                None => {
+                    self.clear_wake(key);
+                    match ctx.store.peek(ctx.shard, key).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(shard = ctx.shard, key, error = %e, "cannot read outbox; retrying");
+                            m::redis_error("peek");
+                            return Turn::Retry(Duration::from_millis(500));
+                        }
                     }
-                    continue;
                 }
             };
             let Some(raw) = head else {
                 if self.finish(key) {
-                    return;
+                    return Turn::Done;
                 }
                 continue;
             };
@@ -248,8 +334,9 @@ impl Senders {
                     // drop it (counted, logged whole) rather than block the task forever.
                     tracing::error!(shard = ctx.shard, key, error = %e, entry = %raw, "unreadable outbox entry dropped");
                     m::events_dropped("unreadable", 1);
-                    if !self.complete(key, &raw, &[]).await {
-                        break;
+                    match self.complete(key, &raw, &[]).await {
+                        Some(next) => read = Some(next),
+                        None => return Turn::Stop,
                     }
                     continue;
                 }
@@ -259,58 +346,55 @@ impl Senders {
                 Plan::Redundant => {
                     tracing::debug!(shard = ctx.shard, key, id = %entry.id, "redundant change removed");
                     m::events_dropped("redundant", 1);
-                    if !self.complete(key, &id_prefix, &[]).await {
-                        break;
+                    match self.complete(key, &id_prefix, &[]).await {
+                        Some(next) => read = Some(next),
+                        None => return Turn::Stop,
                     }
                     continue;
                 }
                 Plan::Send(advances) => advances,
             };
             let Some(result) = self.call(&entry).await else {
-                break; // cancelled while waiting for a permit: the entry stays for the next owner
+                // Cancelled while waiting for a permit: the entry stays for the next owner.
+                return Turn::Stop;
             };
-            attempt += 1;
-            match result {
+            *attempt += 1;
+            let record: &[(String, u8)] = match result {
                 Ok(()) => {
-                    tracing::debug!(shard = ctx.shard, key, id = %entry.id, attempt, "submitted");
+                    tracing::debug!(shard = ctx.shard, key, id = %entry.id, attempt = *attempt, "submitted");
                     m::submission_batch(entry.b.len());
-                    backoff.reset();
-                    attempt = 0;
-                    if !self.complete(key, &id_prefix, &advances).await {
-                        break;
-                    }
+                    &advances
                 }
                 Err(CallError::InvalidParameter(msg)) => {
                     tracing::warn!(shard = ctx.shard, key, id = %entry.id, error = %msg, request = %raw,
                         "ECS rejected the change as invalid; dropped");
                     m::events_dropped("invalid_parameter", 1 + entry.b.len() as u64);
-                    backoff.reset();
-                    attempt = 0;
-                    if !self.complete(key, &id_prefix, &[]).await {
-                        break;
-                    }
+                    &[]
                 }
                 Err(e) => {
                     m::retry();
                     let delay = backoff.next_delay();
                     // First failure and then every tenth: a long outage must not flood the log.
-                    if attempt == 1 || attempt.is_multiple_of(10) {
-                        tracing::warn!(shard = ctx.shard, key, id = %entry.id, attempt, error = %e,
+                    if *attempt == 1 || attempt.is_multiple_of(10) {
+                        tracing::warn!(shard = ctx.shard, key, id = %entry.id, attempt = *attempt, error = %e,
                             retry_in_ms = delay.as_millis() as u64, "ECS call failed; retrying");
                     }
-                    if !self.sleep(delay).await {
-                        break;
-                    }
+                    return Turn::Retry(delay);
                 }
+            };
+            backoff.reset();
+            *attempt = 0;
+            match self.complete(key, &id_prefix, record).await {
+                Some(next) => read = Some(next),
+                None => return Turn::Stop,
             }
         }
-        self.forget(key);
     }
 
     /// One ECS call under a fleet-wide permit; None when cancelled before the call started.
     async fn call(&self, entry: &OutboxEntry) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
-        let permit = ctx.permits.acquire(&ctx.cancel).await?;
+        let mut permit = ctx.permits.acquire(&ctx.cancel).await?;
         let started = Instant::now();
         let guard_ctx = self.ctx.clone();
         let guard = CallGuard::new(move || guard_ctx.lease_valid());
@@ -340,7 +424,7 @@ impl Senders {
             tokio::select! {
                 r = &mut fut => break r,
                 _ = refresh.tick() => {
-                    if let Ok(false) = ctx.permits.refresh(&permit).await {
+                    if let Ok(false) = ctx.permits.refresh(&mut permit).await {
                         tracing::warn!(shard = ctx.shard, "permit lease expired during an ECS call");
                     }
                 }
@@ -366,11 +450,25 @@ impl Senders {
         Some(result)
     }
 
-    /// Removes the head; retries Redis errors (never re-sends). False when the shard is lost.
-    async fn complete(&self, key: &str, id_prefix: &str, advances: &[(String, u8)]) -> bool {
+    /// Clears the wake flag before the outbox is read, so a wake after that read is not lost.
+    fn clear_wake(&self, key: &str) {
+        if let Some(Slot::Running(woken)) = self.board().keys.get_mut(key) {
+            *woken = false;
+        }
+    }
+
+    /// Removes the head; retries Redis errors (never re-sends). Returns the key's next head
+    /// and state, read in the same step; None when the shard is lost.
+    async fn complete(
+        &self,
+        key: &str,
+        id_prefix: &str,
+        advances: &[(String, u8)],
+    ) -> Option<(Option<String>, KeyState)> {
         let ctx = &self.ctx;
         let id = id_prefix.to_string();
         loop {
+            self.clear_wake(key);
             match ctx
                 .store
                 .complete_prefix(
@@ -383,12 +481,12 @@ impl Senders {
                 )
                 .await
             {
-                Ok(_) => return true,
+                Ok(done) => return Some((done.head, done.state)),
                 Err(StoreError::Fenced) => {
                     tracing::warn!(shard = ctx.shard, key, "shard lease lost; sender stops");
                     m::fenced("complete");
                     ctx.cancel.cancel();
-                    return false;
+                    return None;
                 }
                 Err(e) => {
                     tracing::warn!(shard = ctx.shard, key, error = %e, "cannot record completion; retrying");

@@ -123,6 +123,8 @@ struct Inner {
     errors: u64,
     in_flight: u64,
     max_in_flight: u64,
+    /// Off: calls are counted but not kept (long benchmark runs).
+    recording: bool,
 }
 
 struct Held {
@@ -236,6 +238,7 @@ impl Sim {
                 errors: 0,
                 in_flight: 0,
                 max_in_flight: 0,
+                recording: true,
             })),
         }
     }
@@ -269,6 +272,11 @@ impl Sim {
             }
         });
         Ok((sim, url))
+    }
+
+    /// Whether calls are kept for [`Sim::calls`]; counters run either way.
+    pub fn set_recording(&self, on: bool) {
+        self.lock().recording = on;
     }
 
     pub fn set_latency(&self, d: Duration) {
@@ -366,7 +374,12 @@ impl Sim {
         invalid: Option<Failure>,
     ) -> (InFlight, Decision) {
         let mut st = self.lock();
-        let seq = st.calls.len();
+        // An unrecorded call's seq points past every record, so finishing it updates none.
+        let seq = if st.recording {
+            st.calls.len()
+        } else {
+            usize::MAX
+        };
         st.in_flight += 1;
         st.max_in_flight = st.max_in_flight.max(st.in_flight);
         let action = match invalid {
@@ -400,16 +413,18 @@ impl Sim {
             }
             Decision::Answer(None) => tracing::debug!(seq, %operation, %key, "ecs-sim: call"),
         }
-        st.calls.push(CallRecord {
-            seq: seq as u64,
-            operation,
-            key,
-            client,
-            body,
-            outcome: None,
-            received_at_ms: now_ms(),
-            finished_at_ms: None,
-        });
+        if st.recording {
+            st.calls.push(CallRecord {
+                seq: seq as u64,
+                operation,
+                key,
+                client,
+                body,
+                outcome: None,
+                received_at_ms: now_ms(),
+                finished_at_ms: None,
+            });
+        }
         let guard = InFlight {
             sim: self.clone(),
             epoch: st.epoch,

@@ -5,7 +5,11 @@
 
 use std::collections::HashMap;
 
-use deadpool_redis::{Connection, Pool, Runtime};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use deadpool_redis::{Pool, Runtime};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{self, Script};
 
 use crate::config::{mask_url, TlsFiles};
@@ -155,6 +159,15 @@ impl KeyState {
     }
 }
 
+/// What `complete_prefix` did, and the key's outbox head and state right after it.
+#[derive(Debug)]
+pub struct Completed {
+    /// Entries left in the outbox; None when the head was not the expected entry any more.
+    pub left: Option<u64>,
+    pub head: Option<String>,
+    pub state: KeyState,
+}
+
 /// Field names of the state hash.
 pub mod field {
     pub const TASK_SENT: &str = "s";
@@ -172,9 +185,76 @@ pub mod field {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    shared: Arc<Shared>,
     client: redis::Client,
     namespace: String,
     scripts: std::sync::Arc<Scripts>,
+}
+
+/// Long-lived connections shared by every step (see [`Store::conn`]).
+const SHARED_CONNECTIONS: usize = 4;
+
+struct Shared {
+    slots: Vec<Mutex<Option<MultiplexedConnection>>>,
+    next: AtomicUsize,
+}
+
+impl Shared {
+    fn slot(&self, index: usize) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.slots[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A shared connection; a connection-level error (I/O, timeout, dropped) empties its slot so
+/// the next step gets a fresh connection instead of the broken one.
+pub struct Conn {
+    inner: MultiplexedConnection,
+    shared: Arc<Shared>,
+    index: usize,
+}
+
+impl Conn {
+    fn check<T>(&self, result: &redis::RedisResult<T>) {
+        if let Err(e) = result {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_unrecoverable_error()
+            {
+                *self.shared.slot(self.index) = None;
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_command(cmd).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_commands(cmd, offset, count).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
 }
 
 /// Key names of one shard.
@@ -250,6 +330,10 @@ impl Store {
             .map_err(|e| fail(&e))?;
         let store = Store {
             pool,
+            shared: Arc::new(Shared {
+                slots: (0..SHARED_CONNECTIONS).map(|_| Mutex::new(None)).collect(),
+                next: AtomicUsize::new(0),
+            }),
             client,
             namespace: namespace.to_string(),
             scripts: std::sync::Arc::new(Scripts::new()),
@@ -267,8 +351,25 @@ impl Store {
         self.client.clone()
     }
 
-    pub async fn conn(&self) -> StoreResult<Connection> {
-        Ok(self.pool.get().await?)
+    /// A connection for one step. A pool checkout costs a round trip (deadpool pings on
+    /// recycle), so steps share a few long-lived multiplexed connections, each pipelining
+    /// concurrent requests; one that fails at the connection level is replaced on next use.
+    pub async fn conn(&self) -> StoreResult<Conn> {
+        let index = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len();
+        if let Some(inner) = self.shared.slot(index).clone() {
+            return Ok(Conn {
+                inner,
+                shared: self.shared.clone(),
+                index,
+            });
+        }
+        let inner = deadpool_redis::Connection::take(self.pool.get().await?);
+        *self.shared.slot(index) = Some(inner.clone());
+        Ok(Conn {
+            inner,
+            shared: self.shared.clone(),
+            index,
+        })
     }
 
     pub fn namespace(&self) -> &str {
@@ -292,7 +393,7 @@ impl Store {
         format!("relay:{{{}}}:{name}", self.namespace)
     }
 
-    /// Applies a shard's events in delivery order in one pipelined round trip.
+    /// Applies a shard's events in delivery order with one script call (one round trip).
     pub async fn intake(
         &self,
         shard: u16,
@@ -304,41 +405,34 @@ impl Store {
             return Ok(Vec::new());
         }
         let keys = self.shard(shard);
+        let mut inv = self.scripts.intake.prepare_invoke();
+        inv.key(keys.lease())
+            .key(keys.pending())
+            .key(keys.batched())
+            .key(keys.active())
+            .key(keys.k("seq"))
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(retention_s)
+            .arg(crate::wire::MAX_BATCH);
+        for ev in events {
+            inv.key(keys.dedupe(&ev.key))
+                .key(keys.state(&ev.key))
+                .key(keys.batch(&ev.key))
+                .key(keys.outbox(&ev.key))
+                .arg(&ev.event_id)
+                .arg(ev.kind.as_str())
+                .arg(&ev.key)
+                .arg(&ev.stored)
+                .arg(
+                    ev.known_task_status
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                )
+                .arg(&ev.cluster);
+        }
         let mut conn = self.conn().await?;
-        let build = || {
-            let mut pipe = redis::pipe();
-            for ev in events {
-                let mut inv = self.scripts.intake.prepare_invoke();
-                inv.key(keys.lease())
-                    .key(keys.dedupe(&ev.key))
-                    .key(keys.state(&ev.key))
-                    .key(keys.batch(&ev.key))
-                    .key(keys.outbox(&ev.key))
-                    .key(keys.pending())
-                    .key(keys.batched())
-                    .key(keys.active())
-                    .key(keys.k("seq"))
-                    .arg(&fence.owner)
-                    .arg(fence.token)
-                    .arg(&ev.event_id)
-                    .arg(ev.kind.as_str())
-                    .arg(&ev.key)
-                    .arg(&ev.stored)
-                    .arg(
-                        ev.known_task_status
-                            .map(|s| s.to_string())
-                            .unwrap_or_default(),
-                    )
-                    .arg(&ev.cluster)
-                    .arg(retention_s)
-                    .arg(crate::wire::MAX_BATCH);
-                pipe.invoke_script(&inv);
-            }
-            pipe
-        };
-        let codes: Vec<i64> = self
-            .query_loading(&mut conn, &self.scripts.intake, build)
-            .await?;
+        let codes: Vec<i64> = inv.invoke_async(&mut conn).await?;
         Ok(codes
             .into_iter()
             .map(|c| match c {
@@ -348,22 +442,6 @@ impl Store {
                 _ => Intake::Enqueued,
             })
             .collect())
-    }
-
-    /// Runs a pipeline of EVALSHA, loading the script once if Redis lost it (restart, flush).
-    async fn query_loading<T: redis::FromRedisValue>(
-        &self,
-        conn: &mut Connection,
-        script: &Script,
-        build: impl Fn() -> redis::Pipeline,
-    ) -> StoreResult<T> {
-        match build().query_async(conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                script.prepare_invoke().load_async(conn).await?;
-                Ok(build().query_async(conn).await?)
-            }
-            other => Ok(other?),
-        }
     }
 
     /// The head of a key's outbox (raw) and its state, in one round trip.
@@ -382,8 +460,7 @@ impl Store {
     }
 
     /// Removes the outbox head starting with `head_prefix` (see `wire::entry_id_prefix`) and
-    /// advances sent statuses, atomically. Returns the entries left, or None when the head was
-    /// not that entry any more.
+    /// advances sent statuses, atomically; returns the outcome with the key's next head and state.
     pub async fn complete_prefix(
         &self,
         shard: u16,
@@ -392,7 +469,7 @@ impl Store {
         head_prefix: &str,
         advances: &[(String, u8)],
         retention_s: u64,
-    ) -> StoreResult<Option<u64>> {
+    ) -> StoreResult<Completed> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
         let mut inv = self.scripts.complete.prepare_invoke();
@@ -411,8 +488,13 @@ impl Store {
         for (f, v) in advances {
             inv.arg(f).arg(*v);
         }
-        let left: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(u64::try_from(left).ok())
+        let (left, head, state): (i64, Option<String>, HashMap<String, String>) =
+            inv.invoke_async(&mut conn).await?;
+        Ok(Completed {
+            left: u64::try_from(left).ok(),
+            head,
+            state: KeyState(state),
+        })
     }
 
     /// One drain tick for a shard; returns the keys that got a synthetic task change.

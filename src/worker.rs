@@ -92,6 +92,7 @@ pub async fn run(
         }
     };
     ready.set(false);
+    permits.release_spares().await;
     let _ = store.deregister(&worker_id).await;
     background.cancel();
     tracing::info!(worker = %worker_id, "worker stopped");

@@ -108,7 +108,8 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
                 60
             )
             .await
-            .unwrap(),
+            .unwrap()
+            .left,
         Some(0)
     );
     env.cleanup().await;

@@ -3,13 +3,14 @@
 -- KEYS: 1 lease, 2 outbox, 3 task state hash, 4 pending zset, 5 active zset, 6 dedupe, 7 batch
 -- ARGV: 1 owner, 2 token, 3 head id prefix, 4 ordering key, 5 retention seconds,
 --       6.. pairs of (state field, status index) to advance, never backwards
--- Returns the outbox length left, or -1 when the head is not the expected entry.
+-- Returns {entries left (-1 when the head is not the expected entry), the new head or false,
+-- the state hash as HGETALL}: the sender's next read comes with this step, not after it.
 local err = fenced(KEYS[1], ARGV[1], ARGV[2])
 if err then return err end
 
 local head = redis.call('LINDEX', KEYS[2], 0)
 if not head or string.sub(head, 1, #ARGV[3]) ~= ARGV[3] then
-  return -1
+  return {-1, head, redis.call('HGETALL', KEYS[3])}
 end
 redis.call('LPOP', KEYS[2])
 
@@ -32,4 +33,4 @@ end
 for i = 6, 7 do
   redis.call('EXPIRE', KEYS[i], ttl)
 end
-return left
+return {left, redis.call('LINDEX', KEYS[2], 0), redis.call('HGETALL', KEYS[3])}
