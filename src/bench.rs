@@ -2,12 +2,13 @@
 //! machine, and how fully it uses the fleet-wide ECS call limit. Runs against the local
 //! RabbitMQ and Redis, an in-process ecs-sim, and a worker child process (this binary).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::StreamExt;
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use serde::Serialize;
@@ -35,6 +36,9 @@ pub struct BenchArgs {
     pub latency_ms: u64,
     #[arg(long, default_value_t = 16)]
     pub shards: u16,
+    /// An extra latency run at this many events/s (0 skips it).
+    #[arg(long, default_value_t = 2_000.0)]
+    pub steady_rate: f64,
     /// Distinct tasks (one event and one call each) for the memory-over-time scenario; 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     pub distinct: usize,
@@ -68,6 +72,7 @@ fn task_arn(run: &str, tag: &str, i: usize) -> String {
 
 /// One benchmark event: its line and, for task events, (task ARN, status) to time its call.
 struct BenchEvent {
+    id: String,
     line: String,
     task: Option<(String, &'static str)>,
 }
@@ -80,18 +85,22 @@ fn lifecycles(run: &str, tag: &str, tasks: usize) -> Vec<BenchEvent> {
         for i in 0..tasks {
             let arn = task_arn(run, tag, i);
             for c in ["app", "sidecar", "log", "proxy"] {
-                let line = json!({"schemaVersion":1,"eventId":format!("{run}-{tag}{i}-{c}-{phase}"),
+                let id = format!("{run}-{tag}{i}-{c}-{phase}");
+                let line = json!({"schemaVersion":1,"eventId":id,
                     "type":"container","cluster":"bench","taskArn":arn,"containerName":c,
                     "occurredAt":"2026-11-28T10:00:00Z","status":phase});
                 out.push(BenchEvent {
+                    id,
                     line: line.to_string(),
                     task: None,
                 });
             }
-            let line = json!({"schemaVersion":1,"eventId":format!("{run}-{tag}{i}-{phase}"),
+            let id = format!("{run}-{tag}{i}-{phase}");
+            let line = json!({"schemaVersion":1,"eventId":id,
                 "type":"task","cluster":"bench","taskArn":arn,
                 "occurredAt":"2026-11-28T10:00:00Z","status":phase});
             out.push(BenchEvent {
+                id,
                 line: line.to_string(),
                 task: Some((arn, phase)),
             });
@@ -189,6 +198,9 @@ impl Bench {
             .await?;
         self.latency("c", calls_per_sec * 5.0 / 2.0, "half call capacity")
             .await?;
+        if self.args.steady_rate > 0.0 {
+            self.latency("s", self.args.steady_rate, "steady").await?;
+        }
         self.redis_memory().await?;
         self.distinct_tasks().await
     }
@@ -302,6 +314,25 @@ impl Bench {
             ratio: Some(achieved / ideal),
             target: ">= 0.95",
         });
+        // How long the sim itself held each call (its timer rounds the latency up), and the
+        // permits' busy share counted with that: what is left is the relay's own gap per call.
+        let held_ms: u64 = calls
+            .iter()
+            .filter_map(|c| Some(c.finished_at_ms? - c.received_at_ms))
+            .sum();
+        let mean_held = held_ms as f64 / calls.len().max(1) as f64;
+        self.rows.push(row(
+            "utilisation",
+            "sim time per call ms (mean)",
+            mean_held,
+            "",
+        ));
+        self.rows.push(row(
+            "utilisation",
+            "permits busy in the sim (share)",
+            held_ms as f64 / (10.0 * span_ms.max(1) as f64),
+            "",
+        ));
         self.sim.set_latency(Duration::ZERO);
         Ok(())
     }
@@ -313,23 +344,12 @@ impl Bench {
         eprintln!("bench: latency — lifecycles at {rate:.0} events/s ({load}), task event publish to ECS call");
         let tasks = ((rate * 5.0) as usize / 10).max(1);
         let events = lifecycles(&self.run, tag, tasks);
-        let per_tick = ((rate / 100.0).ceil() as usize).max(1); // one chunk every 10 ms
-        let mut published: HashMap<(String, &'static str), u64> = HashMap::with_capacity(tasks * 2);
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let mut line_no = 0;
-        for chunk in events.chunks(per_tick) {
-            tick.tick().await;
-            let at = now_ms();
-            for e in chunk {
-                line_no += 1;
-                self.publisher.send(line_no, &e.line).await?;
-                if let Some(t) = &e.task {
-                    published.insert(t.clone(), at);
-                }
-            }
-        }
-        self.publisher.flush().await?;
+        let broker = self.broker_latency(tag, &events, rate).await?;
+        let sent = paced(&mut self.publisher, &events, rate).await?;
+        let published: HashMap<(String, &'static str), u64> = sent
+            .into_iter()
+            .filter_map(|(i, at)| Some((events[i].task.clone()?, at)))
+            .collect();
         let call_key = |c: &CallRecord| {
             let status = c.body.get("status").and_then(|s| s.as_str())?;
             let status = ["RUNNING", "STOPPED"].into_iter().find(|s| *s == status)?;
@@ -351,22 +371,69 @@ impl Bench {
             self.ensure_time(1200, "latency run")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let mut lat = lat;
-        lat.sort_unstable();
-        let pct = |q: f64| {
-            lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
-                .copied()
-                .unwrap_or(0) as f64
+        let (lat, broker) = (percentiles(lat), percentiles(broker));
+        let mut latency_row = |figure: String, i: usize, target: &'static str| {
+            self.rows.push(Row {
+                scenario: "latency",
+                figure,
+                value: lat[i],
+                baseline: Some(broker[i]),
+                ratio: Some(lat[i] / broker[i].max(1.0)),
+                target,
+            })
         };
-        self.rows.push(row(
-            "latency",
-            &format!("p50 ms, {load} ({rate:.0} ev/s)"),
-            pct(0.5),
-            "",
-        ));
-        self.rows.push(row("latency", "p99 ms", pct(0.99), "<= 25"));
-        self.rows.push(row("latency", "max ms", pct(1.0), ""));
+        latency_row(format!("p50 ms, {load} ({rate:.0} ev/s)"), 0, "");
+        latency_row("p99 ms".into(), 1, "<= 25");
+        latency_row("max ms".into(), 2, "");
         Ok(())
+    }
+
+    /// The broker alone at the same rate: the same lifecycles through the same kind of queues
+    /// to a bare consumer; publish → delivery of each task event, in ms.
+    async fn broker_latency(
+        &self,
+        tag: &str,
+        events: &[BenchEvent],
+        rate: f64,
+    ) -> anyhow::Result<Vec<u64>> {
+        let conn = conn(&self.args, &format!("bench.lat.{}{tag}", self.run));
+        let connection = amqp::connect(&conn.amqp_url, &conn.amqp_tls(), "bench latency").await?;
+        amqp::declare(&connection, &conn.exchange, self.args.shards).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, u64)>();
+        bare_consumers(
+            &connection,
+            &conn.exchange,
+            self.args.shards,
+            move |batch| {
+                let at = now_ms();
+                batch.iter().all(|d| {
+                    let id = d.properties.message_id().as_ref().map(|m| m.to_string());
+                    tx.send((id.unwrap_or_default(), at)).is_ok()
+                })
+            },
+        )
+        .await?;
+        let mut publisher = Publisher::connect(&conn).await?;
+        let sent = paced(&mut publisher, events, rate).await?;
+        publisher.close().await?;
+        let mut published: HashMap<&str, u64> = sent
+            .into_iter()
+            .filter(|(i, _)| events[*i].task.is_some())
+            .map(|(i, at)| (events[i].id.as_str(), at))
+            .collect();
+        let mut lat = Vec::with_capacity(published.len());
+        while !published.is_empty() {
+            let Some((id, at)) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await?
+            else {
+                anyhow::bail!("latency baseline consumers stopped");
+            };
+            if let Some(p) = published.remove(id.as_str()) {
+                lat.push(at.saturating_sub(p));
+            }
+        }
+        cleanup(&connection, &conn, self.args.shards).await;
+        let _ = connection.close(200, "latency baseline done".into()).await;
+        Ok(lat)
     }
 
     /// Scenario 4a: Redis memory per pending task, with every ECS call held.
@@ -525,43 +592,10 @@ async fn baseline(conn: &ConnConfig, shards: u16, lines: &[String]) -> anyhow::R
     publish_lines(conn, lines.join("\n").as_bytes()).await?;
     let total = lines.len();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
-    for shard in 0..shards {
-        let ch = connection.create_channel().await?;
-        ch.basic_qos(256, BasicQosOptions::default()).await?;
-        let mut consumer = ch
-            .basic_consume(
-                amqp::shard_queue(&conn.exchange, shard).as_str().into(),
-                format!("bench-base-{shard}").into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(first)) = consumer.next().await {
-                let mut batch: VecDeque<_> = VecDeque::from([first]);
-                while batch.len() < 256 {
-                    match futures_util::FutureExt::now_or_never(consumer.next()) {
-                        Some(Some(Ok(d))) => batch.push_back(d),
-                        _ => break,
-                    }
-                }
-                if let Some(last) = batch.back() {
-                    if ch
-                        .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                if tx.send((batch.len(), Instant::now())).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(tx);
+    bare_consumers(&connection, &conn.exchange, shards, move |batch| {
+        tx.send((batch.len(), Instant::now())).is_ok()
+    })
+    .await?;
     let (mut got, mut first, mut last) = (0usize, None, Instant::now());
     while got < total {
         let Some((n, at)) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await? else {
@@ -577,6 +611,84 @@ async fn baseline(conn: &ConnConfig, shards: u16, lines: &[String]) -> anyhow::R
         .map(|f| last.duration_since(f).as_secs_f64())
         .unwrap_or(0.0);
     Ok(total as f64 / secs.max(1e-9))
+}
+
+/// One consumer per shard queue that only acks (prefetch and multiple-acks as the worker
+/// uses them) and reports each batch to `on_batch` (false stops it).
+async fn bare_consumers(
+    connection: &lapin::Connection,
+    exchange: &str,
+    shards: u16,
+    on_batch: impl Fn(&[Delivery]) -> bool + Clone + Send + 'static,
+) -> anyhow::Result<()> {
+    for shard in 0..shards {
+        let ch = connection.create_channel().await?;
+        ch.basic_qos(256, BasicQosOptions::default()).await?;
+        let mut consumer = ch
+            .basic_consume(
+                amqp::shard_queue(exchange, shard).as_str().into(),
+                format!("bench-base-{shard}").into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let on_batch = on_batch.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(first)) = consumer.next().await {
+                let mut batch = vec![first];
+                while batch.len() < 256 {
+                    match futures_util::FutureExt::now_or_never(consumer.next()) {
+                        Some(Some(Ok(d))) => batch.push(d),
+                        _ => break,
+                    }
+                }
+                if let Some(last) = batch.last() {
+                    let acked = ch
+                        .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                        .await;
+                    if acked.is_err() || !on_batch(&batch) {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Publishes `events` at `rate` per second, a chunk every 10 ms; returns (index, publish time
+/// in ms) for each event.
+async fn paced(
+    publisher: &mut Publisher,
+    events: &[BenchEvent],
+    rate: f64,
+) -> anyhow::Result<Vec<(usize, u64)>> {
+    let per_tick = ((rate / 100.0).ceil() as usize).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = Vec::with_capacity(events.len());
+    for (c, chunk) in events.chunks(per_tick).enumerate() {
+        tick.tick().await;
+        let at = now_ms();
+        for (j, e) in chunk.iter().enumerate() {
+            let i = c * per_tick + j;
+            publisher.send(i + 1, &e.line).await?;
+            sent.push((i, at));
+        }
+    }
+    publisher.flush().await?;
+    Ok(sent)
+}
+
+/// p50, p99 and max of latencies in ms.
+fn percentiles(mut lat: Vec<u64>) -> [f64; 3] {
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0) as f64
+    };
+    [pct(0.5), pct(0.99), pct(1.0)]
 }
 
 fn spawn_worker(

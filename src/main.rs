@@ -103,6 +103,9 @@ async fn run_worker(mut cfg: WorkerConfig) -> anyhow::Result<()> {
                 )
             })?;
         tracing::info!(addr = %cfg.metrics_addr, "serving /metrics, /healthz, /readyz");
+        // Installed here, not when the server task first runs: counts made before the recorder
+        // exists are lost, and the worker starts counting at once.
+        metrics::handle();
         tokio::spawn(metrics::serve(listener, ready.clone(), cancel.clone()));
     }
     tokio::spawn(stop_on_signal(cancel.clone()));

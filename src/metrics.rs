@@ -125,6 +125,18 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let handle = handle();
+    // Histograms keep raw samples until upkeep folds them into buckets; without a scraper
+    // (or with a slow one) they would grow with every call, so fold them regularly.
+    let upkeep = cancel.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = upkeep.cancelled() => return,
+                _ = every.tick() => handle.run_upkeep(),
+            }
+        }
+    });
     let app = axum::Router::new()
         .route(
             "/metrics",

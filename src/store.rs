@@ -315,11 +315,19 @@ impl Store {
             redis::Client::open(url).map_err(|e| fail(&e))?
         };
         // The pool is built on the client's connection info, which carries the TLS material.
-        let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
-            .map_err(|e| fail(&e))?;
         // Bounded waits everywhere: after a network cut or a paused process a connection can
-        // hang; an error is retried, a hang would stall the shard silently.
+        // hang; an error is retried, a hang would stall the shard silently. Replies get 5 s,
+        // not the client's default 0.5 s: Redis runs scripts one after another, and under a
+        // full intake load a reply can wait behind many batches on a healthy connection.
         let bound = Some(std::time::Duration::from_secs(5));
+        let connection = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(bound)
+            .set_response_timeout(bound);
+        let manager = deadpool_redis::Manager::new_with_config(
+            client.get_connection_info().clone(),
+            connection,
+        )
+        .map_err(|e| fail(&e))?;
         let pool = Pool::builder(manager)
             .max_size(32)
             .wait_timeout(bound)
