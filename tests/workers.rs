@@ -202,6 +202,43 @@ async fn a_task_whose_calls_keep_failing_does_not_delay_other_tasks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_failing_tasks_than_a_shard_has_runners_do_not_delay_a_healthy_one() {
+    // One shard: every task shares its 16 runners. Tasks waiting out a backoff must give
+    // their runner back, or 40 failing tasks would starve the healthy one.
+    let mut env = Env::new("many-failing", 1).await;
+    let mut cfg = env.config();
+    // Long enough that a runner sleeping through a backoff would miss the deadline below.
+    cfg.backoff_min_ms = 30_000;
+    cfg.backoff_max_ms = 30_000;
+    env.start_worker(cfg).await;
+    let bad: Vec<String> = (0..40).map(|i| arn(&format!("failing-{i}"))).collect();
+    for t in &bad {
+        env.sim.add_rule(Rule {
+            key: t.clone(),
+            action: Action::ServerError,
+            times: 1_000_000,
+        });
+    }
+    env.publish(&bad.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "every failing task has been tried",
+        || async { bad.iter().all(|t| !env.calls_for(t).is_empty()) },
+    )
+    .await;
+    let healthy = arn("healthy");
+    env.publish(&[task(&healthy, "RUNNING")]).await;
+    eventually(Duration::from_secs(10), "the healthy task sent", || async {
+        env.calls_for(&healthy)
+            .iter()
+            .any(|c| c.outcome.as_deref() == Some("ok"))
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_and_counts_the_state_of_idle_tasks() {
     let mut env = Env::new("retention", 2).await;
     let mut cfg = env.config();
