@@ -28,6 +28,35 @@ pub const FENCED: &str = "relay_fenced_total";
 pub const REDIS_ERRORS: &str = "relay_redis_errors_total";
 pub const AMQP_ERRORS: &str = "relay_amqp_errors_total";
 pub const BUILD_INFO: &str = "relay_build_info";
+pub const SHARD_PENDING_TASKS: &str = "relay_shard_pending_tasks";
+pub const SHARD_BATCHED_TASKS: &str = "relay_shard_batched_tasks";
+pub const OLDEST_RETRY_SECONDS: &str = "relay_oldest_retry_seconds";
+pub const SHARDS_CONFIGURED: &str = "relay_shards_configured";
+
+/// Every metric above; dashboards and alert rules may name only these (a test checks).
+pub const ALL: &[&str] = &[
+    EVENTS_CONSUMED,
+    EVENTS_REJECTED,
+    EVENTS_DUPLICATE,
+    EVENTS_DROPPED,
+    ECS_CALLS,
+    ECS_CALL_SECONDS,
+    BATCH_SIZE,
+    RETRIES,
+    PERMITS_IN_USE,
+    PERMITS_LIMIT,
+    PERMIT_WAIT_SECONDS,
+    SHARDS_OWNED,
+    SENDERS_ACTIVE,
+    FENCED,
+    REDIS_ERRORS,
+    AMQP_ERRORS,
+    BUILD_INFO,
+    SHARD_PENDING_TASKS,
+    SHARD_BATCHED_TASKS,
+    OLDEST_RETRY_SECONDS,
+    SHARDS_CONFIGURED,
+];
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -64,8 +93,20 @@ pub fn permits(in_use: u64, limit: u32) {
     gauge!(PERMITS_IN_USE).set(in_use as f64);
     gauge!(PERMITS_LIMIT).set(limit as f64);
 }
+/// RELAY_SHARDS as this worker sees it: with `relay_shards_owned`, tells when a shard has no owner.
+pub fn shards_configured(n: u16) {
+    gauge!(SHARDS_CONFIGURED).set(f64::from(n));
+}
 pub fn shards_owned(n: usize) {
     gauge!(SHARDS_OWNED).set(n as f64);
+}
+/// What an owned shard holds, as read every few seconds; zeroed when the shard is released so
+/// the sum over workers counts each shard once.
+pub fn shard_state(shard: u16, pending: usize, batched: usize, oldest_retry: Duration) {
+    let shard = shard.to_string();
+    gauge!(SHARD_PENDING_TASKS, "shard" => shard.clone()).set(pending as f64);
+    gauge!(SHARD_BATCHED_TASKS, "shard" => shard.clone()).set(batched as f64);
+    gauge!(OLDEST_RETRY_SECONDS, "shard" => shard).set(oldest_retry.as_secs_f64());
 }
 pub fn sender_started() {
     gauge!(SENDERS_ACTIVE).increment(1.0);

@@ -163,8 +163,8 @@ struct Board {
     keys: HashMap<String, Slot>,
     queue: VecDeque<String>,
     runners: usize,
-    /// Backoff and attempt count of keys whose last call failed.
-    retries: HashMap<String, (Backoff, u32)>,
+    /// Backoff, attempt count and start of the failure streak of keys whose last call failed.
+    retries: HashMap<String, (Backoff, u32, Instant)>,
 }
 
 /// How one turn on a key ended.
@@ -226,6 +226,18 @@ impl Senders {
         });
     }
 
+    /// How long the longest failure streak of a task waiting to retry has lasted (zero if
+    /// none): for the "task retrying for minutes" alert.
+    pub fn oldest_retry(&self) -> Duration {
+        let board = self.board();
+        board
+            .retries
+            .values()
+            .map(|(_, _, since)| since.elapsed())
+            .max()
+            .unwrap_or_default()
+    }
+
     /// Waits until every runner has finished its in-flight call and exited (after cancel).
     pub async fn wait(&self) {
         self.tasks.close();
@@ -248,20 +260,25 @@ impl Senders {
                     }
                 }
             };
-            let (mut backoff, mut attempt) =
-                self.board().retries.remove(&key).unwrap_or_else(|| {
+            let retry = self.board().retries.remove(&key);
+            let (mut backoff, mut attempt, failing_since) = match retry {
+                Some((b, a, since)) => (b, a, Some(since)),
+                None => {
                     let cfg = &self.ctx.cfg;
                     let min = Duration::from_millis(cfg.backoff_min_ms);
-                    (
-                        Backoff::new(min, Duration::from_millis(cfg.backoff_max_ms)),
-                        0,
-                    )
-                });
+                    let max = Duration::from_millis(cfg.backoff_max_ms);
+                    (Backoff::new(min, max), 0, None)
+                }
+            };
             match self.turn(&key, &mut backoff, &mut attempt).await {
                 Turn::Done => {}
                 Turn::Retry(delay) => {
+                    // A streak restarts when the failing call is the first since a success.
+                    let since = failing_since
+                        .filter(|_| attempt > 1)
+                        .unwrap_or_else(Instant::now);
                     let mut board = self.board();
-                    board.retries.insert(key.clone(), (backoff, attempt));
+                    board.retries.insert(key.clone(), (backoff, attempt, since));
                     board.keys.insert(key.clone(), Slot::Backoff);
                     let this = self.clone();
                     self.tasks.spawn(async move {

@@ -252,15 +252,26 @@ async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
 
 /// Safety net: every few seconds, make sure every task with an outbox has a running sender.
 /// A reply lost to a timeout (the script ran, the answer did not arrive) must not leave work
-/// waiting for the next owner.
+/// waiting for the next owner. The same read reports the shard's pending and batched tasks.
 async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
     loop {
         tokio::select! {
-            _ = ctx.cancel.cancelled() => return,
+            _ = ctx.cancel.cancelled() => {
+                m::shard_state(ctx.shard, 0, 0, Duration::ZERO);
+                return;
+            }
             _ = tokio::time::sleep(RESUME_EVERY) => {}
         }
-        match ctx.store.pending_keys(ctx.shard).await {
-            Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
+        let read = async {
+            let keys = ctx.store.pending_keys(ctx.shard).await?;
+            let batched = ctx.store.batched_count(ctx.shard).await?;
+            Ok::<_, StoreError>((keys, batched))
+        };
+        match read.await {
+            Ok((keys, batched)) => {
+                keys.iter().for_each(|k| senders.wake(k));
+                m::shard_state(ctx.shard, keys.len(), batched, senders.oldest_retry());
+            }
             Err(e) => {
                 tracing::warn!(shard = ctx.shard, error = %e, "cannot list pending tasks");
                 m::redis_error("pending");

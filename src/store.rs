@@ -553,6 +553,15 @@ impl Store {
     }
 
     /// Keys with a non-empty outbox, oldest first: resumed when a worker takes a shard.
+    /// How many tasks of a shard have a batch waiting for a task status.
+    pub async fn batched_count(&self, shard: u16) -> StoreResult<usize> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("SCARD")
+            .arg(self.shard(shard).batched())
+            .query_async(&mut conn)
+            .await?)
+    }
+
     pub async fn pending_keys(&self, shard: u16) -> StoreResult<Vec<String>> {
         let mut conn = self.conn().await?;
         Ok(redis::cmd("ZRANGE")

@@ -64,6 +64,7 @@ pub async fn run(
         background.clone(),
     ));
     tracing::info!(worker = %worker_id, exchange = %cfg.conn.exchange, shards = cfg.shards, "worker starting");
+    m::shards_configured(cfg.shards);
 
     let mut retry = Duration::from_millis(500);
     let result = loop {

@@ -1,0 +1,308 @@
+//! Observability: every metric the relay documents shows up in a live worker's `/metrics` and
+//! moves; the alert rules pass their promtool unit tests; every query in the dashboards and
+//! rules parses and names only metrics that exist (ours, or the broker's rabbitmq_prometheus).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use ecs_state_relay::metrics as m;
+use ecs_state_relay::sim::{Action, Rule};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Metrics that only appear once their fault happens (lost lease, Redis or AMQP errors):
+/// the fault tests exercise them; here they are only checked to be documented.
+const FAULT_ONLY: &[&str] = &[m::FENCED, m::REDIS_ERRORS, m::AMQP_ERRORS];
+
+fn promtool() -> &'static str {
+    assert!(
+        Command::new("promtool").arg("--version").output().is_ok(),
+        "promtool not found: scripts/services.sh installs it (Debian package prometheus)"
+    );
+    "promtool"
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("command runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn alert_rules_pass_their_promtool_unit_tests() {
+    let dir = Path::new(ROOT).join("deploy/prometheus");
+    run(Command::new(promtool())
+        .args(["check", "rules", "alerts.yml"])
+        .current_dir(&dir));
+    run(Command::new(promtool())
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(&dir));
+}
+
+/// Every PromQL expression of the dashboards and the alert rules, with Grafana's variables
+/// replaced by a plain range.
+fn queries() -> Vec<String> {
+    let mut out = Vec::new();
+    let dashboards = std::fs::read_dir(Path::new(ROOT).join("dashboards")).expect("dashboards/");
+    for entry in dashboards {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read_to_string(&path).expect("dashboard");
+            let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+            for panel in dash["panels"].as_array().expect("panels") {
+                for target in panel["targets"].as_array().expect("targets") {
+                    let expr = target["expr"].as_str().expect("expr");
+                    out.push(expr.replace("$__rate_interval", "5m"));
+                }
+            }
+        }
+    }
+    let rules = std::fs::read_to_string(Path::new(ROOT).join("deploy/prometheus/alerts.yml"))
+        .expect("alerts.yml");
+    let mut lines = rules.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line.trim().strip_prefix("expr:") else {
+            continue;
+        };
+        let indent = line.len() - line.trim_start().len();
+        let mut expr = rest.trim().trim_start_matches(">-").trim().to_string();
+        // A folded block continues while lines are indented deeper than `expr:`.
+        while let Some(next) = lines.peek() {
+            if next.len() - next.trim_start().len() > indent && !next.trim().is_empty() {
+                expr.push(' ');
+                expr.push_str(next.trim());
+                lines.next();
+            } else {
+                break;
+            }
+        }
+        out.push(expr);
+    }
+    out
+}
+
+const AGGREGATIONS: &[&str] = &[
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "group",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+];
+
+/// Metric names in a PromQL expression: identifiers not followed by `(` and not label names,
+/// keywords or durations.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let (mut i, mut in_braces, mut in_string) = (0, false, false);
+    while i < bytes.len() {
+        let c = bytes[i] as char;
+        if in_string {
+            in_string = c != '"';
+            i += 1;
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' => in_braces = true,
+            '}' => in_braces = false,
+            '[' => {
+                while i < bytes.len() && bytes[i] != b']' {
+                    i += 1;
+                }
+            }
+            _ if c.is_ascii_alphabetic() || c == '_' => {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                    i += 1;
+                }
+                let word = &expr[start..i];
+                let after = expr[i..].trim_start();
+                if ["by", "without", "on", "ignoring"].contains(&word) {
+                    // A grouping list of label names follows: skip it.
+                    while i < bytes.len() && bytes[i] != b')' {
+                        i += 1;
+                    }
+                    continue;
+                }
+                let keyword =
+                    AGGREGATIONS.contains(&word) || ["and", "or", "unless"].contains(&word);
+                if !in_braces && !keyword && !after.starts_with('(') {
+                    names.insert(word.to_string());
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_alert_queries_parse_and_name_only_existing_metrics() {
+    let queries = queries();
+    assert!(queries.len() >= 20, "found {} queries", queries.len());
+
+    // promtool parses rule expressions: check each query as a recording rule.
+    let mut rules = String::from("groups:\n  - name: queries\n    rules:\n");
+    for (i, q) in queries.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: query_{i}\n        expr: {}\n",
+            serde_json::to_string(q).expect("quoted")
+        ));
+    }
+    let file = std::env::temp_dir().join(format!("relay-queries-{}.yml", std::process::id()));
+    std::fs::write(&file, rules).expect("write rules");
+    run(Command::new(promtool()).args(["check", "rules"]).arg(&file));
+    let _ = std::fs::remove_file(&file);
+
+    // The broker's names come from its own exporter (rabbitmq_prometheus on port 15692).
+    let broker = reqwest::get("http://127.0.0.1:15692/metrics")
+        .await
+        .expect("rabbitmq_prometheus answers (scripts/services.sh enables it)")
+        .text()
+        .await
+        .expect("broker metrics");
+    let histogram = |n: &str| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| n.strip_suffix(s))
+            .is_some_and(|base| m::ALL.contains(&base))
+    };
+    for q in &queries {
+        for name in metric_names(q) {
+            let known = if name.starts_with("relay_") {
+                m::ALL.contains(&name.as_str()) || histogram(&name)
+            } else if name.starts_with("rabbitmq_") {
+                broker.lines().any(|l| {
+                    l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))
+                })
+            } else {
+                name == "up"
+            };
+            assert!(known, "{name} (in `{q}`) is not a metric that exists");
+        }
+    }
+}
+
+#[test]
+fn every_metric_is_documented() {
+    let doc = std::fs::read_to_string(Path::new(ROOT).join("docs/operations.md")).expect("docs");
+    for name in m::ALL {
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "{name} missing from docs/operations.md"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_worker_exports_every_metric_and_they_move() {
+    let mut env = Env::new("observability", 2).await;
+    let mut cfg = env.config();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    cfg.metrics_addr = format!("127.0.0.1:{port}");
+    let _worker = env.spawn_process(&cfg);
+    env.wait_all_shards_owned().await;
+
+    // Intake, a batch flushed by a task event, a duplicate, a redundant change, a rejected
+    // message, a failing call that is retried, and a task left waiting with its batch.
+    let a = arn("observed");
+    let flaky = arn("flaky");
+    env.sim.add_rule(Rule {
+        key: flaky.clone(),
+        action: Action::ServerError,
+        times: 1_000_000,
+    });
+    let first = task(&a, "RUNNING");
+    env.publish(&[container(&a, "web", "RUNNING"), first.clone()])
+        .await;
+    env.publish(&[first]).await;
+    env.wait_calls(&a, 1).await;
+    let mut again = task(&a, "RUNNING");
+    again["eventId"] = "a-second-id-for-the-same-status".into();
+    env.publish(&[again, task(&flaky, "RUNNING")]).await;
+    env.publish(&[container(&arn("waiting"), "web", "RUNNING")])
+        .await;
+    env.publish_raw(&a, b"not json").await;
+
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let value = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter(|l| {
+                let rest = &l[name.len()..];
+                rest.starts_with(' ') || rest.starts_with('{')
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let moving = |name: &str| {
+        // Histograms move by their count; the flaky task keeps a retry streak open.
+        match name {
+            n if n == m::ECS_CALL_SECONDS || n == m::PERMIT_WAIT_SECONDS || n == m::BATCH_SIZE => {
+                format!("{name}_count")
+            }
+            _ => name.to_string(),
+        }
+    };
+    let wanted: Vec<&str> = m::ALL
+        .iter()
+        .copied()
+        .filter(|n| !FAULT_ONLY.contains(n) && *n != m::PERMITS_IN_USE && *n != m::SENDERS_ACTIVE)
+        .collect();
+    let mut missing = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let text = http
+            .get(&url)
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        missing = wanted
+            .iter()
+            .filter(|n| value(&text, &moving(n)) <= 0.0)
+            .map(|n| n.to_string())
+            .collect();
+        // Gauges that may be 0 at any instant must at least be exported.
+        for n in [m::PERMITS_IN_USE, m::SENDERS_ACTIVE] {
+            if !text.contains(&format!("\n{n} ")) {
+                missing.push(n.to_string());
+            }
+        }
+        if missing.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        missing.is_empty(),
+        "metrics absent or not moving: {missing:?}"
+    );
+    env.cleanup().await;
+}
