@@ -32,6 +32,10 @@ pub const SHARD_PENDING_TASKS: &str = "relay_shard_pending_tasks";
 pub const SHARD_BATCHED_TASKS: &str = "relay_shard_batched_tasks";
 pub const OLDEST_RETRY_SECONDS: &str = "relay_oldest_retry_seconds";
 pub const SHARDS_CONFIGURED: &str = "relay_shards_configured";
+pub const END_TO_END_SECONDS: &str = "relay_end_to_end_seconds";
+pub const RETRY_BACKOFF_SECONDS: &str = "relay_retry_backoff_seconds";
+pub const AMQP_RECONNECTS: &str = "relay_amqp_reconnects_total";
+pub const REDIS_RECONNECTS: &str = "relay_redis_reconnects_total";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -56,10 +60,15 @@ pub const ALL: &[&str] = &[
     SHARD_BATCHED_TASKS,
     OLDEST_RETRY_SECONDS,
     SHARDS_CONFIGURED,
+    END_TO_END_SECONDS,
+    RETRY_BACKOFF_SECONDS,
+    AMQP_RECONNECTS,
+    REDIS_RECONNECTS,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 1800.0,
 ];
 const COUNT_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
@@ -102,11 +111,30 @@ pub fn shards_owned(n: usize) {
 }
 /// What an owned shard holds, as read every few seconds; zeroed when the shard is released so
 /// the sum over workers counts each shard once.
-pub fn shard_state(shard: u16, pending: usize, batched: usize, oldest_retry: Duration) {
+pub fn shard_state(shard: u16, pending: usize, batched: usize, retry: RetryState) {
     let shard = shard.to_string();
     gauge!(SHARD_PENDING_TASKS, "shard" => shard.clone()).set(pending as f64);
     gauge!(SHARD_BATCHED_TASKS, "shard" => shard.clone()).set(batched as f64);
-    gauge!(OLDEST_RETRY_SECONDS, "shard" => shard).set(oldest_retry.as_secs_f64());
+    gauge!(OLDEST_RETRY_SECONDS, "shard" => shard.clone()).set(retry.oldest.as_secs_f64());
+    gauge!(RETRY_BACKOFF_SECONDS, "shard" => shard).set(retry.longest_backoff.as_secs_f64());
+}
+
+/// The retrying tasks of a shard: the longest failure streak and the longest current backoff.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RetryState {
+    pub oldest: Duration,
+    pub longest_backoff: Duration,
+}
+
+/// From the event's `occurredAt` to ECS accepting the change.
+pub fn end_to_end(latency: Duration) {
+    histogram!(END_TO_END_SECONDS).record(latency.as_secs_f64());
+}
+pub fn amqp_reconnect() {
+    counter!(AMQP_RECONNECTS).increment(1);
+}
+pub fn redis_reconnect() {
+    counter!(REDIS_RECONNECTS).increment(1);
 }
 pub fn sender_started() {
     gauge!(SENDERS_ACTIVE).increment(1.0);

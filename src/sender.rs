@@ -55,6 +55,11 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.current = self.min;
     }
+
+    /// The base of the next delay.
+    pub fn current(&self) -> Duration {
+        self.current
+    }
 }
 
 /// What to do with an outbox head given the key's sent statuses.
@@ -226,16 +231,16 @@ impl Senders {
         });
     }
 
-    /// How long the longest failure streak of a task waiting to retry has lasted (zero if
-    /// none): for the "task retrying for minutes" alert.
-    pub fn oldest_retry(&self) -> Duration {
+    /// The longest failure streak of a task waiting to retry and the longest current backoff
+    /// (zero if none): for the "task retrying for minutes" alert and the dashboard.
+    pub fn retry_state(&self) -> m::RetryState {
         let board = self.board();
-        board
-            .retries
-            .values()
-            .map(|(_, _, since)| since.elapsed())
-            .max()
-            .unwrap_or_default()
+        let mut state = m::RetryState::default();
+        for (backoff, _, since) in board.retries.values() {
+            state.oldest = state.oldest.max(since.elapsed());
+            state.longest_backoff = state.longest_backoff.max(backoff.current());
+        }
+        state
     }
 
     /// Waits until every runner has finished its in-flight call and exited (after cancel).
@@ -376,10 +381,16 @@ impl Senders {
                 return Turn::Stop;
             };
             *attempt += 1;
+            tracing::debug!(shard = ctx.shard, key, id = %entry.id, status = entry.e.status(),
+                attempt = *attempt, outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok"),
+                "ECS submission");
             let record: &[(String, u8)] = match result {
                 Ok(()) => {
-                    tracing::debug!(shard = ctx.shard, key, id = %entry.id, attempt = *attempt, "submitted");
                     m::submission_batch(entry.b.len());
+                    if let Some(occurred) = entry.t {
+                        let ms = u64::try_from(now_ms() - occurred).unwrap_or(0);
+                        m::end_to_end(Duration::from_millis(ms));
+                    }
                     &advances
                 }
                 Err(CallError::InvalidParameter(msg)) => {

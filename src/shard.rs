@@ -257,7 +257,7 @@ async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
     loop {
         tokio::select! {
             _ = ctx.cancel.cancelled() => {
-                m::shard_state(ctx.shard, 0, 0, Duration::ZERO);
+                m::shard_state(ctx.shard, 0, 0, m::RetryState::default());
                 return;
             }
             _ = tokio::time::sleep(RESUME_EVERY) => {}
@@ -270,7 +270,7 @@ async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
         match read.await {
             Ok((keys, batched)) => {
                 keys.iter().for_each(|k| senders.wake(k));
-                m::shard_state(ctx.shard, keys.len(), batched, senders.oldest_retry());
+                m::shard_state(ctx.shard, keys.len(), batched, senders.retry_state());
             }
             Err(e) => {
                 tracing::warn!(shard = ctx.shard, error = %e, "cannot list pending tasks");

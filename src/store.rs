@@ -221,7 +221,10 @@ impl Conn {
                 || e.is_connection_dropped()
                 || e.is_unrecoverable_error()
             {
-                *self.shared.slot(self.index) = None;
+                // Counted once per broken connection, by whichever step saw it first.
+                if self.shared.slot(self.index).take().is_some() {
+                    crate::metrics::redis_reconnect();
+                }
             }
         }
     }

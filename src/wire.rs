@@ -208,11 +208,24 @@ pub enum Change {
     Attachment(AttachmentChange),
 }
 
-/// An outbox entry as stored: `{"id":…,"e":{…},"b":[…]}`; the intake script appends `"b"`.
+impl Change {
+    pub fn status(&self) -> &str {
+        match self {
+            Change::Task(t) => &t.status,
+            Change::Attachment(a) => &a.status,
+        }
+    }
+}
+
+/// An outbox entry as stored: `{"id":…,"e":{…},"t":…,"b":[…]}`; the intake script appends `"b"`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct OutboxEntry {
     pub id: String,
     pub e: Change,
+    /// The event's `occurredAt` in ms since the epoch, for the end-to-end latency metric
+    /// (absent on drained changes, which no single event caused).
+    #[serde(default)]
+    pub t: Option<i64>,
     #[serde(default)]
     pub b: Vec<BatchItem>,
 }
@@ -273,7 +286,7 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
         other => return Err(Reject::new("type", format!("unknown type {other:?}"))),
     };
     let cluster = m.req_str("cluster", "cluster")?;
-    m.req_time("occurredAt")?;
+    let occurred_ms = (m.req_time("occurredAt")?.unix_timestamp_nanos() / 1_000_000) as i64;
 
     let task_arn = if kind == Kind::Attachment {
         None
@@ -311,7 +324,7 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
             };
             (
                 task_arn.unwrap_or_default(),
-                entry_prefix(event_id, &Change::Task(change)),
+                entry_prefix(event_id, &Change::Task(change), occurred_ms),
             )
         }
         Kind::Container => {
@@ -401,7 +414,10 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
                     ),
                 ));
             }
-            (key, entry_prefix(event_id, &Change::Attachment(change)))
+            (
+                key,
+                entry_prefix(event_id, &Change::Attachment(change), occurred_ms),
+            )
         }
     };
 
@@ -597,11 +613,11 @@ fn batch_json(item: &BatchItem) -> String {
     serde_json::to_string(item).unwrap_or_default()
 }
 
-/// `{"id":"…","e":{…}` — the intake or drain script closes it with `,"b":[…]}`.
-pub fn entry_prefix(event_id: &str, change: &Change) -> String {
+/// `{"id":"…","e":{…},"t":…` — the intake script closes it with `,"b":[…]}`.
+pub fn entry_prefix(event_id: &str, change: &Change, occurred_ms: i64) -> String {
     let id = serde_json::to_string(event_id).unwrap_or_default();
     let e = serde_json::to_string(change).unwrap_or_default();
-    format!("{{\"id\":{id},\"e\":{e}")
+    format!("{{\"id\":{id},\"e\":{e},\"t\":{occurred_ms}")
 }
 
 /// The start of a stored entry with this id; the complete script compares heads by it.

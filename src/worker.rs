@@ -84,6 +84,7 @@ pub async fn run(
             Err(SessionError::Fatal(e)) => break Err(e),
             Err(SessionError::Retry(e)) => {
                 tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "connection lost; reconnecting");
+                m::amqp_reconnect();
                 tokio::select! {
                     _ = cancel.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(retry) => {}
