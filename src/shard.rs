@@ -85,8 +85,14 @@ async fn consume(
         };
         let first = match first {
             Some(Ok(d)) => d,
-            Some(Err(e)) => break ShardEnd::Amqp(e.to_string()),
-            None => break ShardEnd::Amqp("consumer cancelled by the broker".into()),
+            Some(Err(e)) => {
+                m::amqp_error("consume");
+                break ShardEnd::Amqp(e.to_string());
+            }
+            None => {
+                m::amqp_error("consumer_cancelled");
+                break ShardEnd::Amqp("consumer cancelled by the broker".into());
+            }
         };
         // Take whatever else is already here: one pipelined Redis round trip and one ack for all.
         let mut batch = vec![first];

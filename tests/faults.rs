@@ -50,6 +50,8 @@ async fn flowing_stream(env: &Env, prefix: &str) -> (Vec<String>, tokio::task::J
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
+    // This test's process records the in-process worker's metrics.
+    let metrics = ecs_state_relay::metrics::handle();
     let mut env = Env::new("fault-amqp", 4).await;
     env.sim.set_latency(Duration::from_millis(5));
     let proxy = Proxy::start("127.0.0.1:5672").await;
@@ -71,11 +73,30 @@ async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
     );
     assert_eq!((lost, disorder), (0, 0));
     assert!(env.sim.stats().max_in_flight <= 10);
+    let text = metrics.render();
+    for name in ["relay_amqp_reconnects_total", "relay_amqp_errors_total"] {
+        assert!(
+            metric_sum(&text, name) > 0.0,
+            "{name} did not move:\n{text}"
+        );
+    }
     env.cleanup().await;
+}
+
+/// Sum of every series of a metric in a Prometheus text rendering.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everything_completes() {
+    let metrics = ecs_state_relay::metrics::handle();
     let mut env = Env::new("fault-redis", 4).await;
     env.sim.set_latency(Duration::from_millis(5));
     let proxy = Proxy::start("127.0.0.1:6379").await;
@@ -104,6 +125,13 @@ async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everyth
     let (lost, disorder, _) = report("Redis unreachable 10 s", &env, &tasks, restored.elapsed());
     assert_eq!((lost, disorder), (0, 0));
     assert!(env.sim.stats().max_in_flight <= 10);
+    let text = metrics.render();
+    for name in ["relay_redis_reconnects_total", "relay_redis_errors_total"] {
+        assert!(
+            metric_sum(&text, name) > 0.0,
+            "{name} did not move:\n{text}"
+        );
+    }
     env.cleanup().await;
 }
 

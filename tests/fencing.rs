@@ -114,3 +114,44 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_whose_lease_was_taken_stores_nothing_and_counts_it() {
+    let metrics = ecs_state_relay::metrics::handle();
+    let mut env = Env::new("fenced-worker", 1).await;
+    let mut cfg = env.config();
+    // Renewals are rare, so the intake, not the heartbeat, is first to meet the new owner.
+    cfg.lease_ms = 60_000;
+    env.start_worker(cfg).await;
+    let lease = env.store.shard(0).lease();
+    let mut conn = env.store.conn().await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&lease)
+        .arg("owner")
+        .arg("another-worker")
+        .arg("token")
+        .arg(u64::MAX.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let a = arn("after-takeover");
+    env.publish(&[task(&a, "RUNNING")]).await;
+    eventually(
+        Duration::from_secs(10),
+        "the refused intake counted",
+        || async {
+            metrics
+                .render()
+                .lines()
+                .any(|l| l.starts_with("relay_fenced_total{op=\"intake\"}"))
+        },
+    )
+    .await;
+    assert_eq!(
+        env.store.queued(1, &a).await.unwrap(),
+        (0, 0),
+        "nothing stored for the fenced worker"
+    );
+    assert!(env.calls_for(&a).is_empty(), "no ECS call");
+    env.cleanup().await;
+}

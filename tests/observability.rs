@@ -15,8 +15,9 @@ use ecs_state_relay::sim::{Action, Rule};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// Metrics that only appear once their fault happens (lost lease, Redis or AMQP errors):
-/// the fault tests exercise them; here they are only checked to be documented.
+/// Metrics that only appear once their fault happens: tests/faults.rs asserts the AMQP and
+/// Redis error and reconnect counters move during its outages, tests/fencing.rs that
+/// `relay_fenced_total` moves when a worker's lease is taken.
 const FAULT_ONLY: &[&str] = &[
     m::FENCED,
     m::REDIS_ERRORS,
