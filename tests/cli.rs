@@ -51,14 +51,7 @@ async fn publish_exits_non_zero_naming_the_line_the_broker_returned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_succeeds_and_the_worker_serves_metrics_health_and_readiness() {
     let mut env = Env::new("metrics", 2).await;
-    let mut cfg = env.config();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
-    cfg.metrics_addr = format!("127.0.0.1:{port}");
-    let _worker = env.spawn_process(&cfg);
-    env.wait_all_shards_owned().await;
+    let (_worker, port) = env.spawn_with_metrics().await;
     let a = arn("metrics");
     let lines = [
         container(&a, "web", "RUNNING").to_string(),

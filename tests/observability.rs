@@ -224,14 +224,7 @@ fn every_metric_is_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_worker_exports_every_metric_and_they_move() {
     let mut env = Env::new("observability", 2).await;
-    let mut cfg = env.config();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
-    cfg.metrics_addr = format!("127.0.0.1:{port}");
-    let _worker = env.spawn_process(&cfg);
-    env.wait_all_shards_owned().await;
+    let (_worker, port) = env.spawn_with_metrics().await;
 
     // Intake, a batch flushed by a task event, a duplicate, a redundant change, a rejected
     // message, a failing call that is retried, and a task left waiting with its batch.

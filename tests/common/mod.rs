@@ -196,6 +196,20 @@ impl Env {
         ]
     }
 
+    /// Starts a worker process serving /metrics on a free local port; waits until it owns
+    /// every shard. Returns the process and the port.
+    pub async fn spawn_with_metrics(&mut self) -> (Proc, u16) {
+        let mut cfg = self.config();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").port()
+        };
+        cfg.metrics_addr = format!("127.0.0.1:{port}");
+        let worker = self.spawn_process(&cfg);
+        self.wait_all_shards_owned().await;
+        (worker, port)
+    }
+
     pub fn spawn_process(&self, cfg: &WorkerConfig) -> Proc {
         Proc(
             Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
