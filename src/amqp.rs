@@ -16,6 +16,8 @@ use crate::wire::Reject;
 /// that keeps a worker from acknowledging it (the relay itself rejects bad input explicitly).
 pub const DELIVERY_LIMIT: i64 = 50;
 pub const REJECT_HEADER: &str = "x-relay-reject-reason";
+/// The shard queue a dead-lettered message came from.
+pub const SOURCE_QUEUE_HEADER: &str = "x-relay-source-queue";
 
 pub fn shard_queue(exchange: &str, shard: u16) -> String {
     format!("{exchange}.shard-{shard}")
@@ -222,7 +224,7 @@ pub async fn dead_letter(
         AMQPValue::LongString(reject.header().into()),
     );
     headers.insert(
-        s("x-relay-source-queue"),
+        s(SOURCE_QUEUE_HEADER),
         AMQPValue::LongString(source_queue.into()),
     );
     let props = props.clone().with_headers(headers).with_delivery_mode(2);

@@ -1,6 +1,6 @@
 //! ecs-state-relay: the ECS agent's task event handler as a fleet-wide service.
 //!
-//! RabbitMQ shard queues → validation ([`wire`]) → one atomic Redis script per event
+//! RabbitMQ shard queues → validation ([`wire`]) → one atomic Redis script per delivery batch
 //! ([`store`], scripts in `src/lua/`) → per-task senders ([`sender`]) under a fleet-wide Redis
 //! semaphore ([`semaphore`]) → ECS ([`ecs`]). See docs/architecture.md.
 
@@ -8,6 +8,7 @@ pub mod amqp;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod ecs;
 pub mod metrics;
 pub mod publish;

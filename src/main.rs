@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ecs_state_relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::ecs::Ecs;
 use ecs_state_relay::metrics::{self, Readiness};
-use ecs_state_relay::{bench, demo, publish, status, worker};
+use ecs_state_relay::{bench, demo, dlq, publish, status, worker};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -42,6 +42,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Publish a generated fleet of task lifecycles and follow it through ecs-sim to a summary.
     Demo(demo::DemoArgs),
+    /// List dead-lettered messages with their reasons, or replay them to the exchange.
+    Dlq(dlq::DlqArgs),
 }
 
 fn init_logging(format: &str, default_level: &str) {
@@ -76,6 +78,7 @@ async fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

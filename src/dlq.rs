@@ -1,0 +1,255 @@
+//! `dlq list|replay`: what was dead-lettered and why, and sending it back once the cause is
+//! fixed (a producer bug, a relay upgrade, a task whose batch was full).
+//!
+//! `list` reads without removing: it takes up to `--limit` messages unacknowledged and closes
+//! the channel, which returns them to the queue in their order. `replay` republishes each
+//! message to the exchange with its original routing key and properties (minus the relay's
+//! reject headers), waits for the broker's confirm, and only then acks it from the dead queue,
+//! so a crash in between duplicates a message (intake dedupes it by eventId) but loses none.
+
+use clap::{Args, Subcommand};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
+use serde::Serialize;
+use std::time::Duration;
+
+use crate::amqp::{self, REJECT_HEADER, SOURCE_QUEUE_HEADER};
+use crate::config::ConnConfig;
+
+#[derive(Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Show dead-lettered messages with their reasons, leaving them in the queue.
+    List {
+        #[command(flatten)]
+        conn: ConnConfig,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// JSON lines instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead-lettered messages to the exchange again, then remove them from the queue.
+    Replay {
+        #[command(flatten)]
+        conn: ConnConfig,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Only messages rejected for this reason code (e.g. `batch_full`); others stay.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+/// One dead-lettered message as `list` shows it.
+#[derive(Debug, Serialize)]
+pub struct DeadLetter {
+    /// `code: detail` as the relay wrote it.
+    pub reason: String,
+    pub source_queue: String,
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    /// The body as text (lossy for non-UTF-8), cut at 2,000 bytes.
+    pub body: String,
+}
+
+/// How long to wait for the next message before deciding the queue has no more ready ones.
+const IDLE: Duration = Duration::from_millis(500);
+
+pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
+    match args.command {
+        DlqCommand::List { conn, limit, json } => {
+            for m in list(&conn, limit).await? {
+                if json {
+                    println!("{}", serde_json::to_string(&m)?);
+                } else {
+                    println!(
+                        "{}  {}  key={}  id={}\n  {}",
+                        m.source_queue,
+                        m.reason,
+                        m.routing_key,
+                        m.message_id.as_deref().unwrap_or("-"),
+                        m.body
+                    );
+                }
+            }
+            Ok(())
+        }
+        DlqCommand::Replay {
+            conn,
+            limit,
+            reason,
+        } => {
+            let (replayed, kept) = replay(&conn, limit, reason.as_deref()).await?;
+            println!("replayed {replayed} message(s); {kept} left in the dead-letter queue");
+            Ok(())
+        }
+    }
+}
+
+/// Up to `limit` dead-lettered messages, oldest first; the queue is left as it was.
+pub async fn list(conn: &ConnConfig, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    let (connection, ch) = open(conn).await?;
+    let deliveries = take(&ch, &conn.exchange, limit).await?;
+    let out = deliveries.iter().map(describe).collect();
+    // Closing the channel returns every unacked delivery to the queue, in order.
+    let _ = ch.close(200, "listed".into()).await;
+    let _ = connection.close(200, "dlq list done".into()).await;
+    Ok(out)
+}
+
+/// Republishes up to `limit` messages (those with `reason`, if given); returns (replayed, left).
+pub async fn replay(
+    conn: &ConnConfig,
+    limit: usize,
+    reason: Option<&str>,
+) -> anyhow::Result<(usize, u32)> {
+    let (connection, ch) = open(conn).await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let deliveries = take(&ch, &conn.exchange, limit).await?;
+    let mut replayed = 0;
+    for d in &deliveries {
+        let code = header(d, REJECT_HEADER)
+            .map(|r| r.split(':').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        if reason.is_some_and(|r| r != code) {
+            continue; // returned to the queue when the channel closes
+        }
+        let mut headers = FieldTable::default();
+        if let Some(original) = d.properties.headers() {
+            for (k, v) in original.inner() {
+                if k.as_str() != REJECT_HEADER && k.as_str() != SOURCE_QUEUE_HEADER {
+                    headers.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let confirm = ch
+            .basic_publish(
+                conn.exchange.as_str().into(),
+                d.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &d.data,
+                d.properties.clone().with_headers(headers),
+            )
+            .await?
+            .await?;
+        if confirm.is_nack() || confirm.take_message().is_some() {
+            anyhow::bail!(
+                "the broker did not take a replayed message (routing key {}); it stays in the \
+                 dead-letter queue",
+                d.routing_key
+            );
+        }
+        ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+            .await?;
+        replayed += 1;
+    }
+    // Closing the channel returns what was not replayed to the queue, for a later run.
+    let _ = ch.close(200, "replayed".into()).await;
+    let left = dead_depth(&connection, &conn.exchange).await?;
+    let _ = connection.close(200, "dlq replay done".into()).await;
+    Ok((replayed, left))
+}
+
+async fn open(conn: &ConnConfig) -> anyhow::Result<(Connection, Channel)> {
+    let mut conn = conn.clone();
+    conn.resolve_secrets()?;
+    let connection = amqp::connect(&conn.amqp_url, &conn.amqp_tls(), "ecs-state-relay dlq").await?;
+    let ch = connection.create_channel().await?;
+    Ok((connection, ch))
+}
+
+/// Takes up to `limit` ready messages from the dead queue without acknowledging them.
+async fn take(ch: &Channel, exchange: &str, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+    let queue = amqp::dead_queue(exchange);
+    let ready = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("dead-letter queue {queue}: {e} (is RELAY_EXCHANGE right?)"))?
+        .message_count() as usize;
+    let want = limit.min(ready);
+    if want == 0 {
+        return Ok(Vec::new());
+    }
+    ch.basic_qos(
+        want.min(u16::MAX as usize) as u16,
+        BasicQosOptions::default(),
+    )
+    .await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "ecs-state-relay-dlq".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut out = Vec::with_capacity(want);
+    while out.len() < want {
+        match tokio::time::timeout(IDLE, consumer.next()).await {
+            Ok(Some(Ok(d))) => out.push(d),
+            Ok(Some(Err(e))) => return Err(e.into()),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+async fn dead_depth(connection: &Connection, exchange: &str) -> anyhow::Result<u32> {
+    let ch = connection.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            amqp::dead_queue(exchange).as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = ch.close(200, "depth read".into()).await;
+    Ok(q.message_count())
+}
+
+fn header(d: &Delivery, name: &str) -> Option<String> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+fn describe(d: &Delivery) -> DeadLetter {
+    let body = &d.data[..d.data.len().min(2000)];
+    DeadLetter {
+        reason: header(d, REJECT_HEADER).unwrap_or_default(),
+        source_queue: header(d, SOURCE_QUEUE_HEADER).unwrap_or_default(),
+        routing_key: d.routing_key.as_str().to_string(),
+        message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+        body: String::from_utf8_lossy(body).into_owned(),
+    }
+}

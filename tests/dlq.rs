@@ -1,0 +1,116 @@
+//! `dlq list|replay`: listing leaves the dead-letter queue as it was; replay sends messages
+//! back through the exchange (by reason, if asked) and removes only what the broker took.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use ecs_state_relay::amqp;
+use ecs_state_relay::dlq;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+
+/// A valid event dead-lettered as if its task's batch had been full at the time.
+async fn dead_letter_valid_event(env: &Env, arn: &str) {
+    let c = amqp::connect(AMQP_URL, &Default::default(), "test dlq")
+        .await
+        .expect("amqp");
+    let ch = amqp::confirm_channel(&c).await.expect("channel");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        amqp::REJECT_HEADER.into(),
+        AMQPValue::LongString("batch_full: the task's batch holds 1000 changes".into()),
+    );
+    let body = task(arn, "RUNNING").to_string();
+    let confirm = ch
+        .basic_publish(
+            amqp::dlx(&env.exchange).as_str().into(),
+            arn.into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    let _ = c.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
+    let mut env = Env::new("dlq", 2).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let bad = arn("bad-input");
+    let good = arn("was-batch-full");
+    env.publish_raw(&bad, b"not json").await;
+    dead_letter_valid_event(&env, &good).await;
+
+    let conn = env.conn();
+    eventually(Duration::from_secs(10), "two dead letters", || async {
+        dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2
+    })
+    .await;
+    let listed = dlq::list(&conn, 100).await.expect("list");
+    let reasons: Vec<&str> = listed.iter().map(|m| m.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("not_json")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("batch_full")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        dlq::list(&conn, 100).await.expect("list again").len(),
+        2,
+        "listing removes nothing"
+    );
+
+    // The CLI prints the same as JSON lines.
+    let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+        .args(["dlq", "list", "--json"])
+        .env("RELAY_AMQP_URL", AMQP_URL)
+        .env("RELAY_EXCHANGE", &env.exchange)
+        .output()
+        .expect("dlq list runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().any(|l| l["routing_key"] == good.as_str()));
+
+    // Only the batch_full one is replayed; it reaches ECS; the other stays.
+    let (replayed, left) = dlq::replay(&conn, 100, Some("batch_full"))
+        .await
+        .expect("replay");
+    assert_eq!((replayed, left), (1, 1));
+    env.wait_calls(&good, 1).await;
+    let rest = dlq::list(&conn, 100).await.expect("list");
+    assert_eq!(rest.len(), 1);
+    assert!(rest[0].reason.starts_with("not_json"));
+
+    // Replaying still-bad input sends it through the worker again, which rejects it again:
+    // nothing is lost either way.
+    let (replayed, _) = dlq::replay(&conn, 100, None).await.expect("replay all");
+    assert_eq!(replayed, 1);
+    eventually(Duration::from_secs(10), "rejected again", || async {
+        dlq::list(&conn, 100)
+            .await
+            .map(|l| l.len() == 1 && l[0].reason.starts_with("not_json"))
+            .unwrap_or(false)
+    })
+    .await;
+    env.cleanup().await;
+}
