@@ -103,7 +103,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
 /// Up to `limit` dead-lettered messages, oldest first; the queue is left as it was.
 pub async fn list(conn: &ConnConfig, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
     let (connection, ch) = open(conn).await?;
-    let deliveries = take(&ch, &conn.exchange, limit).await?;
+    let (deliveries, _) = take(&ch, &conn.exchange, limit).await?;
     let out = deliveries.iter().map(describe).collect();
     // Closing the channel returns every unacked delivery to the queue, in order.
     let _ = ch.close(200, "listed".into()).await;
@@ -111,15 +111,16 @@ pub async fn list(conn: &ConnConfig, limit: usize) -> anyhow::Result<Vec<DeadLet
     Ok(out)
 }
 
-/// Republishes up to `limit` messages (those with `reason`, if given); returns (replayed, left).
+/// Republishes up to `limit` messages (those with `reason`, if given); returns how many were
+/// replayed and how many of those ready at the start are left.
 pub async fn replay(
     conn: &ConnConfig,
     limit: usize,
     reason: Option<&str>,
-) -> anyhow::Result<(usize, u32)> {
+) -> anyhow::Result<(usize, usize)> {
     let (connection, ch) = open(conn).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let deliveries = take(&ch, &conn.exchange, limit).await?;
+    let (deliveries, ready) = take(&ch, &conn.exchange, limit).await?;
     let mut replayed = 0;
     for d in &deliveries {
         let code = header(d, REJECT_HEADER)
@@ -162,9 +163,8 @@ pub async fn replay(
     }
     // Closing the channel returns what was not replayed to the queue, for a later run.
     let _ = ch.close(200, "replayed".into()).await;
-    let left = dead_depth(&connection, &conn.exchange).await?;
     let _ = connection.close(200, "dlq replay done".into()).await;
-    Ok((replayed, left))
+    Ok((replayed, ready - replayed))
 }
 
 async fn open(conn: &ConnConfig) -> anyhow::Result<(Connection, Channel)> {
@@ -175,8 +175,13 @@ async fn open(conn: &ConnConfig) -> anyhow::Result<(Connection, Channel)> {
     Ok((connection, ch))
 }
 
-/// Takes up to `limit` ready messages from the dead queue without acknowledging them.
-async fn take(ch: &Channel, exchange: &str, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+/// Takes up to `limit` ready messages from the dead queue without acknowledging them; also
+/// returns how many were ready.
+async fn take(
+    ch: &Channel,
+    exchange: &str,
+    limit: usize,
+) -> anyhow::Result<(Vec<Delivery>, usize)> {
     let queue = amqp::dead_queue(exchange);
     let ready = ch
         .queue_declare(
@@ -192,7 +197,7 @@ async fn take(ch: &Channel, exchange: &str, limit: usize) -> anyhow::Result<Vec<
         .message_count() as usize;
     let want = limit.min(ready);
     if want == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), ready));
     }
     ch.basic_qos(
         want.min(u16::MAX as usize) as u16,
@@ -215,23 +220,7 @@ async fn take(ch: &Channel, exchange: &str, limit: usize) -> anyhow::Result<Vec<
             Ok(None) | Err(_) => break,
         }
     }
-    Ok(out)
-}
-
-async fn dead_depth(connection: &Connection, exchange: &str) -> anyhow::Result<u32> {
-    let ch = connection.create_channel().await?;
-    let q = ch
-        .queue_declare(
-            amqp::dead_queue(exchange).as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let _ = ch.close(200, "depth read".into()).await;
-    Ok(q.message_count())
+    Ok((out, ready))
 }
 
 fn header(d: &Delivery, name: &str) -> Option<String> {

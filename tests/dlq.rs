@@ -66,11 +66,13 @@ async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
         reasons.iter().any(|r| r.starts_with("batch_full")),
         "{reasons:?}"
     );
-    assert_eq!(
-        dlq::list(&conn, 100).await.expect("list again").len(),
-        2,
-        "listing removes nothing"
-    );
+    // Listed messages return to the queue as the listing channel closes (asynchronously).
+    eventually(
+        Duration::from_secs(10),
+        "listing removed nothing",
+        || async { dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2 },
+    )
+    .await;
 
     // The CLI prints the same as JSON lines.
     let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
@@ -92,14 +94,28 @@ async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
     assert!(lines.iter().any(|l| l["routing_key"] == good.as_str()));
 
     // Only the batch_full one is replayed; it reaches ECS; the other stays.
+    eventually(
+        Duration::from_secs(10),
+        "both back after the CLI listing",
+        || async { dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2 },
+    )
+    .await;
     let (replayed, left) = dlq::replay(&conn, 100, Some("batch_full"))
         .await
         .expect("replay");
     assert_eq!((replayed, left), (1, 1));
     env.wait_calls(&good, 1).await;
-    let rest = dlq::list(&conn, 100).await.expect("list");
-    assert_eq!(rest.len(), 1);
-    assert!(rest[0].reason.starts_with("not_json"));
+    eventually(
+        Duration::from_secs(10),
+        "only the bad input left",
+        || async {
+            dlq::list(&conn, 100)
+                .await
+                .map(|l| l.len() == 1 && l[0].reason.starts_with("not_json"))
+                .unwrap_or(false)
+        },
+    )
+    .await;
 
     // Replaying still-bad input sends it through the worker again, which rejects it again:
     // nothing is lost either way.
