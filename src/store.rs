@@ -191,6 +191,9 @@ pub struct Store {
     scripts: std::sync::Arc<Scripts>,
 }
 
+/// Batched tasks one drain script call looks at (an SSCAN page): bounds how long it holds Redis.
+const DRAIN_PAGE: u32 = 500;
+
 /// Long-lived connections shared by every step (see [`Store::conn`]).
 const SHARED_CONNECTIONS: usize = 4;
 
@@ -517,20 +520,31 @@ impl Store {
     ) -> StoreResult<Vec<String>> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
-        let mut inv = self.scripts.drain.prepare_invoke();
-        inv.key(keys.lease())
-            .key(keys.batched())
-            .key(keys.pending())
-            .key(keys.k("seq"))
-            .key(keys.active())
-            .arg(&fence.owner)
-            .arg(fence.token)
-            .arg(&keys.prefix)
-            .arg(retention_s);
-        for s in TASK_STATUSES {
-            inv.arg(s);
+        let mut woken = Vec::new();
+        let mut cursor = "0".to_string();
+        loop {
+            let mut inv = self.scripts.drain.prepare_invoke();
+            inv.key(keys.lease())
+                .key(keys.batched())
+                .key(keys.pending())
+                .key(keys.k("seq"))
+                .key(keys.active())
+                .arg(&fence.owner)
+                .arg(fence.token)
+                .arg(&keys.prefix)
+                .arg(retention_s)
+                .arg(&cursor)
+                .arg(DRAIN_PAGE);
+            for s in TASK_STATUSES {
+                inv.arg(s);
+            }
+            let (next, page): (String, Vec<String>) = inv.invoke_async(&mut conn).await?;
+            woken.extend(page);
+            if next == "0" {
+                return Ok(woken);
+            }
+            cursor = next;
         }
-        Ok(inv.invoke_async(&mut conn).await?)
     }
 
     /// Drops tasks idle past the retention; returns (tasks, events) dropped.

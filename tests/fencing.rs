@@ -1,5 +1,6 @@
 //! Fencing at the store: once a shard's lease has passed to another worker, every write of
-//! the former owner (intake, completion, drain, sweep) is refused and changes nothing.
+//! the former owner (intake, completion, drain, sweep) is refused and changes nothing. Also
+//! the drain's paging, which runs under the same lease checks.
 
 mod common;
 
@@ -153,5 +154,40 @@ async fn a_running_worker_whose_lease_was_taken_stores_nothing_and_counts_it() {
         "nothing stored for the fenced worker"
     );
     assert!(env.calls_for(&a).is_empty(), "no ECS call");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_drain_covers_more_batched_tasks_than_a_page_in_several_short_scripts() {
+    // The drain script takes the batched set a page (500) at a time so a big shard never
+    // blocks Redis for long; the caller's loop must still reach every task.
+    let env = Env::new("drain-pages", 1).await;
+    let store = &env.store;
+    let fence = store
+        .lease_acquire(0, "drainer", 30_000)
+        .await
+        .unwrap()
+        .expect("free lease");
+    let tasks: Vec<String> = (0..1_234).map(|i| arn(&format!("paged-{i}"))).collect();
+    let events: Vec<wire::Event> = tasks
+        .iter()
+        .map(|t| {
+            let mut c = container(t, "web", "RUNNING");
+            c["taskStatus"] = "RUNNING".into();
+            wire::decode(c.to_string().as_bytes(), t).expect("valid")
+        })
+        .collect();
+    for chunk in events.chunks(200) {
+        store.intake(0, &fence, chunk, 600).await.unwrap();
+    }
+    let mut woken = store.drain(0, &fence, 600).await.unwrap();
+    woken.sort();
+    let mut expected = tasks.clone();
+    expected.sort();
+    assert_eq!(woken, expected, "every batched task drained once");
+    assert!(
+        store.drain(0, &fence, 600).await.unwrap().is_empty(),
+        "nothing left to drain"
+    );
     env.cleanup().await;
 }

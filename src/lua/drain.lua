@@ -2,18 +2,22 @@
 -- gets a synthetic task change with its known status, carrying the whole batch.
 -- Tasks with no known status, or at/after STOPPED, keep their batch until a task event or
 -- retention. Per-task keys are built from the shard prefix: they share the shard's hash tag.
+-- One call handles one SSCAN page of the batched set, so a shard with many batched tasks
+-- never blocks Redis for long; the caller repeats with the returned cursor until it is "0".
 -- KEYS: 1 lease, 2 batched set, 3 pending zset, 4 sequence counter, 5 active zset
--- ARGV: 1 owner, 2 token, 3 shard key prefix, 4 retention seconds, 5.. task status names in order
--- Returns the ordering keys that got an outbox entry.
+-- ARGV: 1 owner, 2 token, 3 shard key prefix, 4 retention seconds, 5 SSCAN cursor,
+--       6 SSCAN count, 7.. task status names in order
+-- Returns {next cursor, the ordering keys that got an outbox entry}.
 local err = fenced(KEYS[1], ARGV[1], ARGV[2])
 if err then return err end
 
 local prefix = ARGV[3]
 local ttl = tonumber(ARGV[4]) * 2
-local stopped = #ARGV - 5 -- index of STOPPED, the last status
+local stopped = #ARGV - 7 -- index of STOPPED, the last status
 local now = redis.call('TIME')[1]
 local woken = {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+local page = redis.call('SSCAN', KEYS[2], ARGV[5], 'COUNT', ARGV[6])
+for _, key in ipairs(page[2]) do
   local state_key = prefix .. 't:' .. key
   local state = redis.call('HMGET', state_key, 'k', 'cl')
   local known = tonumber(state[1] or '')
@@ -24,7 +28,7 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     redis.call('SREM', KEYS[2], key)
     if #items > 0 then
       local id = 'drain:' .. redis.call('HINCRBY', state_key, 'dseq', 1)
-      local change = { cluster = state[2] or '', task = key, status = ARGV[5 + known], reason = '' }
+      local change = { cluster = state[2] or '', task = key, status = ARGV[7 + known], reason = '' }
       local outbox_key = prefix .. 'o:' .. key
       redis.call('RPUSH', outbox_key, '{"id":' .. cjson.encode(id) .. ',"e":{"task":' .. cjson.encode(change)
         .. '},"b":[' .. table.concat(items, ',') .. ']}')
@@ -35,4 +39,4 @@ for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     end
   end
 end
-return woken
+return { page[1], woken }
