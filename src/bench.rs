@@ -243,7 +243,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let calls_secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(1.0);
-        let (cpu_secs, peak_rss_mb) = process_cost(self.worker.id())?;
+        let cpu_secs = cpu_secs(self.worker.id())?;
         let events_per_sec = total as f64 / ingest_secs.max(1e-9);
         let ok = self.sim.stats().ok;
         let calls_per_sec = ok as f64 / calls_secs;
@@ -269,12 +269,7 @@ impl Bench {
             cpu_secs * 1000.0 / total as f64,
             "",
         ));
-        self.rows.push(row(
-            "cost",
-            "worker peak RSS MB (ingest)",
-            peak_rss_mb,
-            "<= 100",
-        ));
+        self.peak_rss_row("ingest")?;
         Ok((events_per_sec, calls_per_sec))
     }
 
@@ -465,13 +460,7 @@ impl Bench {
             (mem_after - mem_before) / 10_000.0,
             "<= 2048",
         ));
-        let (_, peak_rss_mb) = process_cost(self.worker.id())?;
-        self.rows.push(row(
-            "cost",
-            "worker peak RSS MB (10k pending)",
-            peak_rss_mb,
-            "<= 100",
-        ));
+        self.peak_rss_row("10k pending")?;
         // Counted before the release: the held calls are among the 10,000 to wait for.
         let ok_before = self.sim.stats().ok;
         self.sim.release(None);
@@ -508,7 +497,7 @@ impl Bench {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if rss_at_tenth.is_none() && sent >= total / 10 {
-                rss_at_tenth = Some((sent, rss_mb(self.worker.id())?));
+                rss_at_tenth = Some((sent, memory_mb(self.worker.id(), "VmRSS")?));
             }
             eprint!("\rbench: {sent}/{total} tasks published");
         }
@@ -528,14 +517,20 @@ impl Bench {
         self.rows.push(row(
             "cost",
             &format!("worker RSS MB after {total} tasks"),
-            rss_mb(self.worker.id())?,
+            memory_mb(self.worker.id(), "VmRSS")?,
             "<= 100, flat",
         ));
-        let (_, peak_rss_mb) = process_cost(self.worker.id())?;
+        self.peak_rss_row("whole run")?;
+        Ok(())
+    }
+
+    /// The worker's peak RSS so far, as a row.
+    fn peak_rss_row(&mut self, when: &str) -> anyhow::Result<()> {
+        let peak = memory_mb(self.worker.id(), "VmHWM")?;
         self.rows.push(row(
             "cost",
-            "worker peak RSS MB (whole run)",
-            peak_rss_mb,
+            &format!("worker peak RSS MB ({when})"),
+            peak,
             "<= 100",
         ));
         Ok(())
@@ -715,8 +710,8 @@ fn spawn_worker(
         .spawn()?)
 }
 
-/// (CPU seconds, peak RSS in MB) of a process, from /proc.
-fn process_cost(pid: u32) -> anyhow::Result<(f64, f64)> {
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
         .rsplit(')')
@@ -724,27 +719,22 @@ fn process_cost(pid: u32) -> anyhow::Result<(f64, f64)> {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields
-            .get(12)
+    let ticks = |i: usize| {
+        fields
+            .get(i)
             .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let hwm_kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0);
-    Ok((ticks / 100.0, hwm_kb / 1024.0))
+            .unwrap_or(0.0)
+    };
+    Ok((ticks(11) + ticks(12)) / 100.0)
 }
 
-/// Current RSS in MB of a process, from /proc.
-fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+/// A memory figure of /proc/<pid>/status in MB: `VmRSS` (now) or `VmHWM` (peak).
+fn memory_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0);
     Ok(kb / 1024.0)
 }
