@@ -5,7 +5,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 
@@ -228,18 +230,29 @@ pub async fn dead_letter(
         AMQPValue::LongString(source_queue.into()),
     );
     let props = props.clone().with_headers(headers).with_delivery_mode(2);
+    // Mandatory: with nothing bound to the dead-letter exchange the broker would confirm and
+    // drop the message, and the original would be acked: lost. A return is a failure instead.
     let confirm = ch
         .basic_publish(
             s(&dlx(exchange)),
             s(routing_key),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             body,
             props,
         )
         .await?
         .await?;
-    if confirm.is_nack() {
-        anyhow::bail!("broker refused the dead-lettered message");
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => anyhow::bail!(
+            "the dead-letter exchange {} routes to no queue (is {} bound?)",
+            dlx(exchange),
+            dead_queue(exchange)
+        ),
+        Confirmation::Nack(None) => anyhow::bail!("broker refused the dead-lettered message"),
+        Confirmation::NotRequested => anyhow::bail!("dead-letter publish was not confirmed"),
     }
-    Ok(())
 }

@@ -6,6 +6,13 @@ use std::time::Duration;
 
 use clap::Args;
 
+/// Room a call needs beyond its timeout: the shard lease or permit must cover now + call
+/// timeout + this margin when the request goes out.
+pub const CALL_MARGIN: Duration = Duration::from_millis(250);
+
+/// How much longer than the call timeout a permit lease must be at least.
+const PERMIT_SLACK_MS: u64 = 1_000;
+
 /// Settings of a worker. Tests build it with `WorkerConfig::default()` and override fields.
 #[derive(Clone, Args)]
 pub struct WorkerConfig {
@@ -31,11 +38,13 @@ pub struct WorkerConfig {
     /// Shard lease time; a dead worker's shards move after this long.
     #[arg(long, env = "RELAY_LEASE_MS", default_value_t = 15_000)]
     pub lease_ms: u64,
-    /// Lease of one ECS-call permit; a crashed worker's permits come back after this long.
-    #[arg(long, env = "RELAY_PERMIT_LEASE_MS", default_value_t = 30_000)]
+    /// Lease of one ECS-call permit; a crashed or frozen worker's permits come back after this
+    /// long. At least the call timeout + 1 s.
+    #[arg(long, env = "RELAY_PERMIT_LEASE_MS", default_value_t = 8_000)]
     pub permit_lease_ms: u64,
-    /// Timeout of one ECS call; must be shorter than the permit lease.
-    #[arg(long, env = "RELAY_CALL_TIMEOUT_MS", default_value_t = 20_000)]
+    /// Timeout of one ECS call (connect, send, answer); a call starts only while both its
+    /// permit and its shard lease cover it.
+    #[arg(long, env = "RELAY_CALL_TIMEOUT_MS", default_value_t = 5_000)]
     pub call_timeout_ms: u64,
     /// Unacknowledged deliveries per shard consumer (also the largest intake batch).
     #[arg(long, env = "RELAY_PREFETCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
@@ -199,8 +208,8 @@ impl Default for WorkerConfig {
             backoff_max_ms: 30_000,
             task_retention_s: 86_400,
             lease_ms: 15_000,
-            permit_lease_ms: 30_000,
-            call_timeout_ms: 20_000,
+            permit_lease_ms: 8_000,
+            call_timeout_ms: 5_000,
             prefetch: 256,
             metrics_addr: "0.0.0.0:9464".into(),
             worker_id: None,
@@ -217,17 +226,54 @@ impl WorkerConfig {
         if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
             return Err("RELAY_BACKOFF_MIN_MS must be > 0 and <= RELAY_BACKOFF_MAX_MS".into());
         }
-        if self.call_timeout_ms >= self.permit_lease_ms {
-            // A call that outlives its permit could run beside a call that took the expired permit.
-            return Err("RELAY_CALL_TIMEOUT_MS must be shorter than RELAY_PERMIT_LEASE_MS".into());
+        if self.call_timeout_ms == 0 {
+            return Err("RELAY_CALL_TIMEOUT_MS must be > 0".into());
+        }
+        // A call that outlived its permit could run beside a call that took the expired permit;
+        // the extra second lets a permit be handed to the next call of the same worker.
+        let permit_min = self.call_timeout_ms + PERMIT_SLACK_MS;
+        if self.permit_lease_ms < permit_min {
+            return Err(format!(
+                "RELAY_PERMIT_LEASE_MS ({}) must be at least RELAY_CALL_TIMEOUT_MS + {PERMIT_SLACK_MS} ({permit_min})",
+                self.permit_lease_ms
+            ));
         }
         if self.lease_ms < 300 {
             return Err("RELAY_LEASE_MS must be at least 300".into());
         }
+        // A call starts only while the shard lease surely covers it, and the lease is renewed
+        // every third of its time: a whole call must fit in what is left just before a renewal.
+        let call_max = self.call_window().as_millis() as u64;
+        if self.call_timeout_ms > call_max {
+            return Err(format!(
+                "RELAY_CALL_TIMEOUT_MS ({}) must fit in the shard lease: at most 7/15 of RELAY_LEASE_MS less {} ms ({call_max} with RELAY_LEASE_MS={})",
+                self.call_timeout_ms,
+                CALL_MARGIN.as_millis(),
+                self.lease_ms
+            ));
+        }
         if self.task_retention_s == 0 {
             return Err("RELAY_TASK_RETENTION_S must be > 0".into());
         }
+        // A failing task is marked active at each retry; its longest sleep must not look idle.
+        if self.task_retention_s.saturating_mul(1000) < 2 * self.backoff_max_ms {
+            return Err(format!(
+                "RELAY_TASK_RETENTION_S ({} s) must be at least twice RELAY_BACKOFF_MAX_MS ({} ms)",
+                self.task_retention_s, self.backoff_max_ms
+            ));
+        }
         Ok(())
+    }
+
+    /// The longest call the shard lease can cover between two renewals: a lease is counted on
+    /// for 8/10 of its time (clock drift), renewed every third, and a call needs a margin.
+    fn call_window(&self) -> Duration {
+        let lease = self.lease();
+        (lease.mul_f64(0.8) - lease / 3).saturating_sub(CALL_MARGIN)
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
     }
 
     pub fn worker_id(&self) -> String {
@@ -367,12 +413,27 @@ mod tests {
     }
 
     #[test]
-    fn call_timeout_must_be_shorter_than_permit_lease() {
+    fn timings_that_would_let_a_call_outlive_its_permit_or_lease_are_refused() {
+        assert!(WorkerConfig::default().validate().is_ok());
         let c = WorkerConfig {
-            call_timeout_ms: 30_000,
+            call_timeout_ms: 7_500,
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().contains("RELAY_CALL_TIMEOUT_MS"));
-        assert!(WorkerConfig::default().validate().is_ok());
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("RELAY_PERMIT_LEASE_MS (8000)"), "{err}");
+        let c = WorkerConfig {
+            call_timeout_ms: 6_000,
+            permit_lease_ms: 20_000,
+            lease_ms: 10_000,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("must fit in the shard lease"), "{err}");
+        let c = WorkerConfig {
+            task_retention_s: 30,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("RELAY_TASK_RETENTION_S"), "{err}");
     }
 }

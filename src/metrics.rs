@@ -1,9 +1,9 @@
 //! Every metric the relay exports, by name, in one place (docs/operations.md lists them), and
 //! the HTTP listener serving `/metrics`, `/healthz` and `/readyz`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -36,6 +36,7 @@ pub const END_TO_END_SECONDS: &str = "relay_end_to_end_seconds";
 pub const RETRY_BACKOFF_SECONDS: &str = "relay_retry_backoff_seconds";
 pub const AMQP_RECONNECTS: &str = "relay_amqp_reconnects_total";
 pub const REDIS_RECONNECTS: &str = "relay_redis_reconnects_total";
+pub const PERMIT_OLDEST_HELD_SECONDS: &str = "relay_permit_oldest_held_seconds";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -64,6 +65,7 @@ pub const ALL: &[&str] = &[
     RETRY_BACKOFF_SECONDS,
     AMQP_RECONNECTS,
     REDIS_RECONNECTS,
+    PERMIT_OLDEST_HELD_SECONDS,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -85,8 +87,41 @@ pub fn event_duplicate() {
 pub fn events_dropped(reason: &'static str, n: u64) {
     counter!(EVENTS_DROPPED, "reason" => reason).increment(n);
 }
-pub fn ecs_call(operation: &'static str, outcome: &str, took: Duration) {
-    counter!(ECS_CALLS, "operation" => operation, "outcome" => outcome.to_string()).increment(1);
+/// Error codes that get their own `outcome` label; anything else an endpoint answers is
+/// counted as `other`, so the label set stays bounded (the log line has the code).
+const ECS_OUTCOMES: &[&str] = &[
+    "InvalidParameterException",
+    "ClientException",
+    "ServerException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "ExpiredTokenException",
+    "ClusterNotFoundException",
+    "Timeout",
+    "DispatchFailure",
+    "ResponseError",
+];
+
+/// The `outcome` label of an ECS call: `ok` (no error code), a known code, or `other`.
+pub fn ecs_outcome(error_code: Option<&str>) -> &'static str {
+    match error_code {
+        None => "ok",
+        Some(code) => ECS_OUTCOMES
+            .iter()
+            .find(|known| **known == code)
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
+pub fn ecs_call(operation: &'static str, error_code: Option<&str>, took: Duration) {
+    counter!(ECS_CALLS, "operation" => operation, "outcome" => ecs_outcome(error_code))
+        .increment(1);
     histogram!(ECS_CALL_SECONDS, "operation" => operation).record(took.as_secs_f64());
 }
 pub fn submission_batch(events: usize) {
@@ -98,9 +133,10 @@ pub fn retry() {
 pub fn permit_acquired(waited: Duration) {
     histogram!(PERMIT_WAIT_SECONDS).record(waited.as_secs_f64());
 }
-pub fn permits(in_use: u64, limit: u32) {
+pub fn permits(in_use: u64, limit: u32, oldest_held: Duration) {
     gauge!(PERMITS_IN_USE).set(in_use as f64);
     gauge!(PERMITS_LIMIT).set(limit as f64);
+    gauge!(PERMIT_OLDEST_HELD_SECONDS).set(oldest_held.as_secs_f64());
 }
 /// RELAY_SHARDS as this worker sees it: with `relay_shards_owned`, tells when a shard has no owner.
 pub fn shards_configured(n: u16) {
@@ -174,16 +210,74 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Readiness as the worker reports it: connected and topology declared.
-#[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// What `/readyz` and `/healthz` answer, as the worker reports it. Ready means it can do its
+/// job: RabbitMQ connected with the topology declared, Redis answering, and not idle while
+/// shards have no owner. Alive means its control loop still turns.
+#[derive(Clone)]
+pub struct Readiness(Arc<ReadyState>);
+
+struct ReadyState {
+    amqp: AtomicBool,
+    redis: AtomicBool,
+    shards: AtomicBool,
+    /// Last turn of the control loop, in ms since `started`.
+    pulse_ms: AtomicU64,
+    started: Instant,
+}
+
+/// A control loop silent for this long is wedged: `/healthz` fails so the process is restarted.
+/// Its longest legitimate pause is a reconnect backoff (10 s) plus bounded Redis waits.
+const WEDGED_AFTER: Duration = Duration::from_secs(60);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness(Arc::new(ReadyState {
+            amqp: AtomicBool::new(false),
+            redis: AtomicBool::new(false),
+            shards: AtomicBool::new(false),
+            pulse_ms: AtomicU64::new(0),
+            started: Instant::now(),
+        }))
+    }
+}
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+    /// RabbitMQ connected and topology declared.
+    pub fn set_amqp(&self, ok: bool) {
+        self.0.amqp.store(ok, Ordering::Relaxed);
+    }
+    /// The last heartbeat and lease renewals reached Redis.
+    pub fn set_redis(&self, ok: bool) {
+        self.0.redis.store(ok, Ordering::Relaxed);
+    }
+    /// Owns a shard, or no shard lacks an owner.
+    pub fn set_shards(&self, ok: bool) {
+        self.0.shards.store(ok, Ordering::Relaxed);
+    }
+    /// The control loop turned.
+    pub fn pulse(&self) {
+        let ms = self.0.started.elapsed().as_millis() as u64;
+        self.0.pulse_ms.store(ms, Ordering::Relaxed);
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.not_ready_because().is_none()
+    }
+    /// Why the worker is not ready, for the `/readyz` body; None when ready.
+    pub fn not_ready_because(&self) -> Option<&'static str> {
+        let s = &self.0;
+        if !s.amqp.load(Ordering::Relaxed) {
+            Some("RabbitMQ not connected")
+        } else if !s.redis.load(Ordering::Relaxed) {
+            Some("Redis unreachable")
+        } else if !s.shards.load(Ordering::Relaxed) {
+            Some("no shard owned while shards have no owner")
+        } else {
+            None
+        }
+    }
+    pub fn alive(&self) -> bool {
+        let last = Duration::from_millis(self.0.pulse_ms.load(Ordering::Relaxed));
+        self.0.started.elapsed().saturating_sub(last) < WEDGED_AFTER
     }
 }
 
@@ -214,16 +308,27 @@ pub async fn serve(
                 handle.render()
             }),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/healthz",
+            get({
+                let ready = ready.clone();
+                move || async move {
+                    if ready.alive() {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "control loop stalled")
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
                 let ready = ready.clone();
                 async move {
-                    if ready.get() {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    match ready.not_ready_because() {
+                        None => (StatusCode::OK, "ready".to_string()),
+                        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
                     }
                 }
             }),
@@ -231,4 +336,20 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ecs_outcome_label_takes_only_known_values() {
+        assert_eq!(ecs_outcome(None), "ok");
+        assert_eq!(
+            ecs_outcome(Some("ThrottlingException")),
+            "ThrottlingException"
+        );
+        assert_eq!(ecs_outcome(Some("SomethingAnEndpointMadeUp")), "other");
+        assert_eq!(ecs_outcome(Some("")), "other");
+    }
 }

@@ -1,15 +1,18 @@
 //! The fleet-wide limit of ECS calls in flight: a Redis semaphore shared by every worker.
 //!
 //! Permits are members of one sorted set scored by lease expiry (Redis `TIME`), so a crashed
-//! worker's permits come back after the permit lease. Waiters never poll: they sleep until a
-//! release is published on a pub/sub channel or the earliest lease would expire. A local
-//! semaphore of the same size keeps a worker's own waiters from stampeding Redis.
+//! or frozen worker's permits come back after the permit lease. The lease covers a whole call
+//! (call timeout + margin, checked when the request goes out), so it is never refreshed: a
+//! holder cut off from Redis cannot keep a permit alive, and nothing extends a call's hold.
+//! Waiters never poll fast: they sleep until a release is published on a pub/sub channel, at
+//! most [`FALLBACK_WAIT`]. A local semaphore of the same size keeps a worker's own waiters from
+//! stampeding Redis.
 //!
 //! Hand-off: a call that ends while another call of this worker waits passes its permit on
-//! directly (same id, lease still fresh) instead of releasing it and racing for it in Redis,
-//! which saves two round trips and a pub/sub hop per call. A permit is handed on only during
-//! [`HANDOFF_FOR`] after it was taken from Redis; then it goes back, so other workers get
-//! their turn.
+//! directly (same id) instead of releasing it and racing for it in Redis, which saves two
+//! round trips and a pub/sub hop per call. A permit is handed on only during [`HANDOFF_FOR`]
+//! after it was taken from Redis, and only while its lease still covers a whole call; then it
+//! goes back, so other workers get their turn.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,11 +22,19 @@ use redis::{self, Script};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::CALL_MARGIN;
 use crate::metrics as m;
-use crate::store::{wake_on_publish, Store, StoreError, StoreResult};
+use crate::store::{wake_on_publish, Store, StoreResult};
+
+/// How often releases that failed are tried again.
+const RELEASE_RETRY_EVERY: Duration = Duration::from_millis(200);
 
 /// How long a permit taken from Redis may be handed from call to call within one worker.
 const HANDOFF_FOR: Duration = Duration::from_secs(1);
+
+/// The longest a waiter sleeps before asking Redis again: covers a release whose pub/sub
+/// message was lost (the subscription was reconnecting).
+const FALLBACK_WAIT: Duration = Duration::from_secs(1);
 
 /// A permit held for one ECS call; give it back with [`Semaphore::release`].
 pub struct Permit {
@@ -31,12 +42,19 @@ pub struct Permit {
     _local: OwnedSemaphorePermit,
 }
 
-/// The Redis side of a permit: its id, when it was taken from Redis, and when its lease was
-/// last extended (taken at the moment the request left, so the estimate errs early).
+impl Permit {
+    /// Until when (local monotonic clock) the permit's Redis lease surely lasts.
+    pub fn valid_until(&self) -> Instant {
+        self.lease.valid_until
+    }
+}
+
+/// The Redis side of a permit: its id, when it was taken from Redis, and until when its lease
+/// surely lasts (counted from the moment the request left, so the estimate errs early).
 struct Lease {
     id: String,
     taken: Instant,
-    refreshed: Instant,
+    valid_until: Instant,
 }
 
 #[derive(Clone)]
@@ -50,6 +68,8 @@ struct Inner {
     channel: String,
     limit: u32,
     lease_ms: u64,
+    /// What a permit's lease must still cover to be handed to another call.
+    handoff_min: Duration,
     worker: String,
     next: AtomicU64,
     local: Arc<tokio::sync::Semaphore>,
@@ -58,13 +78,21 @@ struct Inner {
     waiting: AtomicUsize,
     /// Permits handed off by ended calls, for the next local waiter.
     spare: Mutex<Vec<Lease>>,
+    /// Releases that did not reach Redis, retried until they do or the lease has expired
+    /// anyway: after a Redis blip the fleet must not wait out whole permit leases.
+    unreleased: Mutex<Vec<Lease>>,
     acquire: Script,
-    refresh: Script,
     release: Script,
 }
 
 impl Semaphore {
-    pub fn new(store: Store, worker: &str, limit: u32, lease_ms: u64) -> Semaphore {
+    pub fn new(
+        store: Store,
+        worker: &str,
+        limit: u32,
+        lease_ms: u64,
+        call_timeout: Duration,
+    ) -> Semaphore {
         let key = store.global_key("permits");
         let channel = store.global_key("permits-released");
         Semaphore {
@@ -74,24 +102,55 @@ impl Semaphore {
                 channel,
                 limit,
                 lease_ms,
+                handoff_min: call_timeout + CALL_MARGIN,
                 worker: worker.to_string(),
                 next: AtomicU64::new(0),
                 local: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
                 released: Arc::new(Notify::new()),
                 waiting: AtomicUsize::new(0),
                 spare: Mutex::new(Vec::new()),
+                unreleased: Mutex::new(Vec::new()),
                 acquire: Script::new(include_str!("lua/permit_acquire.lua")),
-                refresh: Script::new(include_str!("lua/permit_refresh.lua")),
                 release: Script::new(include_str!("lua/permit_release.lua")),
             }),
         }
     }
 
-    /// Listens for releases from every worker until `cancel`; reconnects on its own.
-    pub async fn run_listener(self, cancel: CancellationToken) {
+    /// Until `cancel`: listens for releases from every worker (reconnecting on its own), and
+    /// retries releases that failed.
+    pub async fn run_background(self, cancel: CancellationToken) {
         let channel = self.inner.channel.clone();
         let client = self.inner.store.client();
-        wake_on_publish(client, channel, self.inner.released.clone(), cancel).await;
+        let listen = wake_on_publish(client, channel, self.inner.released.clone(), cancel.clone());
+        tokio::join!(listen, self.retry_releases(cancel));
+    }
+
+    async fn retry_releases(&self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(RELEASE_RETRY_EVERY) => {}
+            }
+            let now = Instant::now();
+            let due: Vec<Lease> = std::mem::take(&mut *self.unreleased())
+                .into_iter()
+                .filter(|l| l.valid_until > now)
+                .collect();
+            for lease in due {
+                if self.try_release(&lease).await.is_err() {
+                    self.unreleased().push(lease);
+                } else {
+                    tracing::info!(permit = %lease.id, "permit released after Redis came back");
+                }
+            }
+        }
+    }
+
+    fn unreleased(&self) -> std::sync::MutexGuard<'_, Vec<Lease>> {
+        self.inner
+            .unreleased
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits for a permit; None when cancelled first.
@@ -99,7 +158,11 @@ impl Semaphore {
         let started = Instant::now();
         self.inner.waiting.fetch_add(1, Ordering::SeqCst);
         let lease = self.wait_for_lease(cancel).await;
-        self.inner.waiting.fetch_sub(1, Ordering::SeqCst);
+        // Spares parked for waiters while this one took a Redis permit (or gave up) must not
+        // hold fleet slots when nobody is left to take them.
+        if self.inner.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.release_spares().await;
+        }
         let (lease, local) = lease?;
         m::permit_acquired(started.elapsed());
         Some(Permit {
@@ -135,11 +198,11 @@ impl Semaphore {
                     let lease = Lease {
                         id,
                         taken: asked,
-                        refreshed: asked,
+                        valid_until: asked + self.lease(),
                     };
                     return Some((lease, local));
                 }
-                Ok(Some(wait_ms)) => Duration::from_millis(wait_ms.min(self.inner.lease_ms)),
+                Ok(Some(wait_ms)) => Duration::from_millis(wait_ms).min(FALLBACK_WAIT),
                 Err(e) => {
                     tracing::warn!(error = %e, "permit acquire failed; retrying");
                     m::redis_error("permit_acquire");
@@ -154,8 +217,13 @@ impl Semaphore {
         }
     }
 
-    /// A permit handed off by an ended call whose lease is surely still valid for a while;
-    /// stale ones go back to Redis.
+    /// Whether a permit's lease still covers a whole call with its margin.
+    fn covers_a_call(&self, lease: &Lease) -> bool {
+        Instant::now() + self.inner.handoff_min < lease.valid_until
+    }
+
+    /// A permit handed off by an ended call whose lease still covers a whole call; stale ones
+    /// go back to Redis.
     async fn take_spare(&self) -> Option<Lease> {
         loop {
             let lease = self
@@ -164,12 +232,13 @@ impl Semaphore {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop()?;
-            if lease.refreshed.elapsed() < self.lease() / 3 {
+            if self.covers_a_call(&lease) {
                 return Some(lease);
             }
-            self.release_lease(&lease).await;
+            self.release_lease(lease).await;
         }
     }
+
     async fn try_acquire(&self, id: &str) -> StoreResult<Option<u64>> {
         let mut conn = self.inner.store.conn().await?;
         let (granted, wait): (i64, i64) = self
@@ -180,35 +249,15 @@ impl Semaphore {
             .arg(self.inner.limit)
             .arg(self.inner.lease_ms)
             .invoke_async(&mut conn)
-            .await
-            .map_err(StoreError::from)?;
-        Ok((granted != 1).then_some(wait.max(1) as u64))
-    }
-
-    /// Extends the permit's lease; false when it had already expired (the call outlived it).
-    pub async fn refresh(&self, permit: &mut Permit) -> StoreResult<bool> {
-        let asked = Instant::now();
-        let mut conn = self.inner.store.conn().await?;
-        let ok: i64 = self
-            .inner
-            .refresh
-            .key(&self.inner.key)
-            .arg(&permit.lease.id)
-            .arg(self.inner.lease_ms)
-            .invoke_async(&mut conn)
             .await?;
-        if ok == 1 {
-            permit.lease.refreshed = asked;
-        }
-        Ok(ok == 1)
+        Ok((granted != 1).then_some(wait.max(1) as u64))
     }
 
     /// Hands the permit to a waiting call of this worker, or gives it back to Redis at once.
     pub async fn release(&self, permit: Permit) {
         let Permit { lease, _local } = permit;
-        let fresh = lease.refreshed.elapsed() < self.lease() / 3;
-        if fresh
-            && lease.taken.elapsed() < HANDOFF_FOR
+        if lease.taken.elapsed() < HANDOFF_FOR
+            && self.covers_a_call(&lease)
             && self.inner.waiting.load(Ordering::SeqCst) > 0
         {
             self.inner
@@ -218,52 +267,89 @@ impl Semaphore {
                 .push(lease);
             // Wake waiters past the local semaphore; dropping `_local` wakes one before it.
             self.inner.released.notify_waiters();
+            drop(_local);
+            // The last waiter may have left (with a Redis permit, or cancelled) meanwhile.
+            if self.inner.waiting.load(Ordering::SeqCst) == 0 {
+                self.release_spares().await;
+            }
             return;
         }
         drop(_local);
-        self.release_lease(&lease).await;
+        self.release_lease(lease).await;
     }
 
-    /// Gives a permit back to Redis. On a Redis error the lease expires it instead.
-    async fn release_lease(&self, lease: &Lease) {
-        let result: StoreResult<i64> = async {
-            let mut conn = self.inner.store.conn().await?;
-            Ok(self
-                .inner
-                .release
-                .key(&self.inner.key)
-                .arg(&lease.id)
-                .arg(&self.inner.channel)
-                .invoke_async(&mut conn)
-                .await?)
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "permit release failed; it expires with its lease");
+    /// Gives a permit back to Redis; on a Redis error it is retried in the background.
+    async fn release_lease(&self, lease: Lease) {
+        if let Err(e) = self.try_release(&lease).await {
+            tracing::warn!(error = %e, permit = %lease.id,
+                "permit release failed; retrying until Redis answers or the lease expires");
             m::redis_error("permit_release");
+            self.unreleased().push(lease);
         }
     }
 
-    /// Gives every handed-off permit nobody took back to Redis (on shutdown).
+    async fn try_release(&self, lease: &Lease) -> StoreResult<i64> {
+        let mut conn = self.inner.store.conn().await?;
+        Ok(self
+            .inner
+            .release
+            .key(&self.inner.key)
+            .arg(&lease.id)
+            .arg(&self.inner.channel)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Gives every handed-off permit nobody took back to Redis (no waiter left, or shutdown),
+    /// and on shutdown the releases still being retried.
     pub async fn release_spares(&self) {
         let spares =
             std::mem::take(&mut *self.inner.spare.lock().unwrap_or_else(|e| e.into_inner()));
-        for lease in &spares {
+        for lease in spares {
             self.release_lease(lease).await;
+        }
+    }
+
+    /// On shutdown: one last try for the releases Redis has not taken yet.
+    pub async fn flush_releases(&self) {
+        let pending = std::mem::take(&mut *self.unreleased());
+        for lease in pending {
+            let _ = self.try_release(&lease).await;
         }
     }
 
     /// Permits in use fleet-wide (expired ones not counted).
     pub async fn in_use(&self) -> StoreResult<u64> {
+        Ok(self.usage().await?.0)
+    }
+
+    /// Permits in use fleet-wide, and how long ago the oldest of them was taken (zero when
+    /// none): a permit older than a call timeout belongs to a stuck (frozen, cut-off) holder.
+    /// Ages assume every worker runs with this worker's permit lease.
+    pub async fn usage(&self) -> StoreResult<(u64, Duration)> {
         let mut conn = self.inner.store.conn().await?;
         let t: (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
         let now_ms = t.0 * 1000 + t.1 / 1000;
-        Ok(redis::cmd("ZCOUNT")
+        let live = format!("({now_ms}");
+        let (count, first): (u64, Vec<(String, u64)>) = redis::pipe()
+            .cmd("ZCOUNT")
             .arg(&self.inner.key)
-            .arg(format!("({now_ms}"))
+            .arg(&live)
             .arg("+inf")
+            .cmd("ZRANGEBYSCORE")
+            .arg(&self.inner.key)
+            .arg(&live)
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(1)
             .query_async(&mut conn)
-            .await?)
+            .await?;
+        let oldest = first.first().map_or(0, |(_, expiry)| {
+            now_ms.saturating_sub(expiry.saturating_sub(self.inner.lease_ms))
+        });
+        Ok((count, Duration::from_millis(oldest)))
     }
 
     pub fn limit(&self) -> u32 {

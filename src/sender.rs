@@ -5,21 +5,23 @@
 //! only; the fleet-wide permit is held just for the HTTP call.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::WorkerConfig;
+use crate::config::{WorkerConfig, CALL_MARGIN};
 use crate::ecs::{CallError, CallGuard, Ecs};
 use crate::metrics as m;
 use crate::semaphore::Semaphore;
-use crate::store::{field, Fence, KeyState, Store, StoreError};
+use crate::store::{field, Fence, KeyState, Store, StoreError, Taken};
 use crate::wire::{
-    entry_id_prefix, status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES,
-    ATTACHMENT_STATUSES, CONTAINER_STATUSES, TASK_STATUSES,
+    status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
+    CONTAINER_STATUSES, TASK_STATUSES,
 };
 
 /// Exponential backoff of rule 9: min, ×1.3 per retry, capped, plus 0–20 % jitter.
@@ -124,18 +126,54 @@ pub struct ShardCtx {
     /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
     pub cancel: CancellationToken,
     /// Until when (local monotonic clock) the lease is surely still ours; set on each renewal.
-    pub lease_valid_until: Mutex<Instant>,
+    lease_valid_until: Mutex<Instant>,
+    /// Woken on each renewal, for senders waiting for the lease to cover a call.
+    renewed: Notify,
+    /// No ECS call for this shard before then: when the previous owner's lease lapsed, one of
+    /// its calls may still be on the wire for one call timeout.
+    calls_from: Instant,
 }
 
 impl ShardCtx {
-    /// Redis fences every write, but an ECS call is outside Redis: before each call the sender
-    /// checks that the lease cannot have lapsed meanwhile (say, while the process was paused).
-    pub fn lease_valid(&self) -> bool {
-        Instant::now()
-            < *self
-                .lease_valid_until
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+    /// A shard just taken at `taken_at` (when the acquire request left); `lapsed` when the
+    /// previous owner did not release it.
+    pub fn new(
+        shard: u16,
+        taken: Taken,
+        taken_at: Instant,
+        store: Store,
+        ecs: Ecs,
+        permits: Semaphore,
+        cfg: Arc<WorkerConfig>,
+    ) -> ShardCtx {
+        let Taken { fence, lapsed } = taken;
+        let calls_from = if lapsed {
+            taken_at + cfg.call_timeout() + CALL_MARGIN
+        } else {
+            taken_at
+        };
+        let ctx = ShardCtx {
+            shard,
+            fence,
+            store,
+            ecs,
+            permits,
+            cancel: CancellationToken::new(),
+            lease_valid_until: Mutex::new(taken_at),
+            renewed: Notify::new(),
+            calls_from,
+            cfg,
+        };
+        ctx.lease_renewed(taken_at);
+        ctx
+    }
+
+    /// Until when the lease is surely still ours.
+    pub fn lease_valid_until(&self) -> Instant {
+        *self
+            .lease_valid_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records a successful renewal started at `renewed_at`; a margin covers clock drift.
@@ -145,6 +183,48 @@ impl ShardCtx {
             .lease_valid_until
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = valid;
+        self.renewed.notify_waiters();
+    }
+
+    /// Redis fences every write, but an ECS call is outside Redis: a call may go out only if
+    /// it ends (by its timeout) before the shard lease and its permit (`permit_until`) can
+    /// lapse, so no change of a task is ever in flight from two workers, and the fleet-wide
+    /// limit holds even if the call runs its full time.
+    pub fn may_call(&self, permit_until: Instant) -> bool {
+        self.lease_covers_a_call() && self.call_ends_by() < permit_until
+    }
+
+    /// When a call starting now ends at the latest (its timeout), with the margin.
+    fn call_ends_by(&self) -> Instant {
+        Instant::now() + self.cfg.call_timeout() + CALL_MARGIN
+    }
+
+    fn lease_covers_a_call(&self) -> bool {
+        Instant::now() >= self.calls_from && self.call_ends_by() < self.lease_valid_until()
+    }
+
+    /// Waits until the lease covers a whole call (after a renewal, or after the wait that
+    /// follows a lapsed takeover); false when the shard stops first.
+    async fn wait_for_call_window(&self) -> bool {
+        loop {
+            let renewed = self.renewed.notified();
+            tokio::pin!(renewed);
+            renewed.as_mut().enable();
+            if self.cancel.is_cancelled() {
+                return false;
+            }
+            if self.lease_covers_a_call() {
+                return true;
+            }
+            let until = self
+                .calls_from
+                .max(Instant::now() + Duration::from_millis(100));
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = renewed => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
     }
 }
 
@@ -363,7 +443,7 @@ impl Senders {
                     continue;
                 }
             };
-            let id_prefix = entry_id_prefix(&entry.id);
+            let id_prefix = entry.head_prefix();
             let advances = match plan(&entry, &state, now_ms()) {
                 Plan::Redundant => {
                     tracing::debug!(shard = ctx.shard, key, id = %entry.id, "redundant change removed");
@@ -402,6 +482,23 @@ impl Senders {
                 Err(e) => {
                     m::retry();
                     let delay = backoff.next_delay();
+                    // Rule 8 retries for ever: keep the task from looking idle to retention.
+                    match ctx
+                        .store
+                        .touch(ctx.shard, &ctx.fence, key, ctx.cfg.task_retention_s)
+                        .await
+                    {
+                        Ok(()) => {}
+                        Err(StoreError::Fenced) => {
+                            m::fenced("touch");
+                            ctx.cancel.cancel();
+                            return Turn::Stop;
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = ctx.shard, key, error = %e, "cannot mark a retrying task active");
+                            m::redis_error("touch");
+                        }
+                    }
                     // First failure and then every tenth: a long outage must not flood the log.
                     if *attempt == 1 || attempt.is_multiple_of(10) {
                         tracing::warn!(shard = ctx.shard, key, id = %entry.id, attempt = *attempt, error = %e,
@@ -419,63 +516,59 @@ impl Senders {
         }
     }
 
-    /// One ECS call under a fleet-wide permit; None when cancelled before the call started.
+    /// One ECS call under a fleet-wide permit; None when the shard stops before a call went out.
     async fn call(&self, entry: &OutboxEntry) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
-        let mut permit = ctx.permits.acquire(&ctx.cancel).await?;
-        let started = Instant::now();
-        let guard_ctx = self.ctx.clone();
-        let guard = CallGuard::new(move || guard_ctx.lease_valid());
-        let (operation, fut): (
-            &'static str,
-            std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>>,
-        ) = match &entry.e {
-            Change::Task(t) => (
-                "SubmitTaskStateChange",
-                Box::pin(ctx.ecs.submit_task(t, &entry.b, guard)),
-            ),
-            Change::Attachment(a) if a.task.is_some() => (
-                "SubmitTaskStateChange",
-                Box::pin(ctx.ecs.submit_task_attachment(a, guard)),
-            ),
-            Change::Attachment(a) => (
-                "SubmitAttachmentStateChanges",
-                Box::pin(ctx.ecs.submit_attachment(a, guard)),
-            ),
-        };
-        // The call runs to completion even on shutdown (bounded by its timeout), so its outcome
-        // is recorded; the permit lease is refreshed meanwhile.
-        let mut fut = fut;
-        let mut refresh = tokio::time::interval(ctx.permits.lease() / 3);
-        refresh.tick().await;
-        let result = loop {
-            tokio::select! {
-                r = &mut fut => break r,
-                _ = refresh.tick() => {
-                    if let Ok(false) = ctx.permits.refresh(&mut permit).await {
-                        tracing::warn!(shard = ctx.shard, "permit lease expired during an ECS call");
-                    }
-                }
+        loop {
+            if !ctx.wait_for_call_window().await {
+                return None;
             }
-        };
-        ctx.permits.release(permit).await;
-        if result.is_err() && !ctx.lease_valid() {
-            // Paused past the lease (or renewals failing): another worker may own this task now,
-            // so the guard kept the request off the wire. Leave the entry to the next owner.
-            tracing::warn!(
-                shard = ctx.shard,
-                "shard lease may have lapsed; not calling ECS"
+            let permit = ctx.permits.acquire(&ctx.cancel).await?;
+            let started = Instant::now();
+            // Checked by the SDK right before the request goes on the wire: a long permit wait
+            // or a paused process must not send a call that could outlive lease or permit.
+            let refused = Arc::new(AtomicBool::new(false));
+            let guard = {
+                let ctx = ctx.clone();
+                let refused = refused.clone();
+                let permit_until = permit.valid_until();
+                CallGuard::new(move || {
+                    let ok = ctx.may_call(permit_until);
+                    refused.store(!ok, Ordering::SeqCst);
+                    ok
+                })
+            };
+            let (operation, result) = match &entry.e {
+                Change::Task(t) => (
+                    "SubmitTaskStateChange",
+                    ctx.ecs.submit_task(t, &entry.b, guard).await,
+                ),
+                Change::Attachment(a) if a.task.is_some() => (
+                    "SubmitTaskStateChange",
+                    ctx.ecs.submit_task_attachment(a, guard).await,
+                ),
+                Change::Attachment(a) => (
+                    "SubmitAttachmentStateChanges",
+                    ctx.ecs.submit_attachment(a, guard).await,
+                ),
+            };
+            ctx.permits.release(permit).await;
+            if refused.load(Ordering::SeqCst) {
+                // Nothing reached ECS: wait until a renewal covers a call (or the shard stops).
+                tracing::debug!(
+                    shard = ctx.shard,
+                    "lease or permit too short for a call; waiting"
+                );
+                m::fenced("call");
+                continue;
+            }
+            m::ecs_call(
+                operation,
+                result.as_ref().err().map(CallError::code),
+                started.elapsed(),
             );
-            m::fenced("call");
-            ctx.cancel.cancel();
-            return None;
+            return Some(result);
         }
-        let outcome = match &result {
-            Ok(()) => "ok",
-            Err(e) => e.code(),
-        };
-        m::ecs_call(operation, outcome, started.elapsed());
-        Some(result)
     }
 
     /// Clears the wake flag before the outbox is read, so a wake after that read is not lost.
@@ -517,11 +610,19 @@ impl Senders {
                     return None;
                 }
                 Err(e) => {
-                    tracing::warn!(shard = ctx.shard, key, error = %e, "cannot record completion; retrying");
                     m::redis_error("complete");
-                    // Not cancel-aware on purpose: the call already happened; recording it is what
-                    // keeps the one allowed duplicate rare. Redis outages end or the process is killed.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if ctx.cancel.is_cancelled() {
+                        // Shutdown or a lost lease must not wait for Redis: the entry stays at
+                        // the head and its next owner sends it again (the one allowed duplicate).
+                        tracing::warn!(shard = ctx.shard, key, error = %e,
+                            "shard stopping with a completion not recorded; the change will be sent again");
+                        return None;
+                    }
+                    tracing::warn!(shard = ctx.shard, key, error = %e, "cannot record completion; retrying");
+                    tokio::select! {
+                        _ = ctx.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
                 }
             }
         }

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -32,6 +32,7 @@ pub enum ShardEnd {
 /// Runs the shard until cancelled or broken; on return every sender has finished and no
 /// delivery is left unacknowledged-but-stored (unacked ones return to the queue).
 pub async fn run(ctx: Arc<ShardCtx>, conn: &Connection) -> ShardEnd {
+    tokio::spawn(lease_watchdog(ctx.clone()));
     let senders = Senders::new(ctx.clone());
     let end = match consume(&ctx, conn, &senders).await {
         Ok(end) => end,
@@ -228,6 +229,29 @@ async fn dead_letter(
         }
     }
 }
+/// A worker that cannot renew its lease (cut off from Redis, paused) stops the shard before
+/// the lease can lapse: intake stops and the consumer is cancelled, so unacknowledged
+/// deliveries go back to the queue and the next owner receives the shard's messages (as
+/// single-active-consumer, this worker would otherwise keep them from it).
+async fn lease_watchdog(ctx: Arc<ShardCtx>) {
+    loop {
+        let until = ctx.lease_valid_until();
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+        if Instant::now() >= ctx.lease_valid_until() {
+            tracing::warn!(
+                shard = ctx.shard,
+                "shard lease not renewed in time; stopping the shard"
+            );
+            m::fenced("lease_lapse");
+            ctx.cancel.cancel();
+            return;
+        }
+    }
+}
+
 /// Rule 3: at random intervals in [min, max), flush batches of tasks with a known status.
 async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
     loop {

@@ -61,7 +61,13 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         &args.conn.exchange,
     )
     .await?;
-    let permits = Semaphore::new(store.clone(), "status", args.concurrency_limit, 1);
+    let permits = Semaphore::new(
+        store.clone(),
+        "status",
+        args.concurrency_limit,
+        1,
+        std::time::Duration::ZERO,
+    );
     let connection = amqp::connect(
         &args.conn.amqp_url,
         &args.conn.amqp_tls(),

@@ -45,8 +45,9 @@ impl From<deadpool_redis::PoolError> for StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Wakes every waiter on `notify` whenever something is published on `channel`, until
-/// `cancel`; reconnects by itself, and wakes everyone after a reconnect (a message may have
-/// been missed meanwhile). Waiters also keep a timeout, so this is a latency aid, not a need.
+/// `cancel`; reconnects by itself, and wakes everyone when the subscription drops and again
+/// once it is back (a message may have been missed meanwhile). Waiters also keep a timeout,
+/// so this is a latency aid, not a need.
 pub async fn wake_on_publish(
     client: redis::Client,
     channel: String,
@@ -58,6 +59,9 @@ pub async fn wake_on_publish(
         let listened: redis::RedisResult<()> = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
+            // Whatever was published while the subscription was down is lost: wake everyone
+            // now that nothing more can be missed, so they look for themselves.
+            notify.notify_waiters();
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
@@ -99,6 +103,7 @@ struct Scripts {
     lease_acquire: Script,
     lease_renew: Script,
     lease_release: Script,
+    touch: Script,
     heartbeat: Script,
     unlock: Script,
 }
@@ -113,6 +118,7 @@ impl Scripts {
             lease_acquire: Script::new(include_str!("lua/lease_acquire.lua")),
             lease_renew: Script::new(include_str!("lua/lease_renew.lua")),
             lease_release: Script::new(include_str!("lua/lease_release.lua")),
+            touch: fenced_script!("touch.lua"),
             heartbeat: Script::new(include_str!("lua/heartbeat.lua")),
             unlock: Script::new(include_str!("lua/unlock.lua")),
         }
@@ -124,6 +130,15 @@ impl Scripts {
 pub struct Fence {
     pub owner: String,
     pub token: u64,
+}
+
+/// A shard lease just taken.
+#[derive(Clone, Debug)]
+pub struct Taken {
+    pub fence: Fence,
+    /// The previous owner's lease lapsed instead of being released: one of its ECS calls may
+    /// still be on the wire.
+    pub lapsed: bool,
 }
 
 /// What the intake did with one event.
@@ -191,8 +206,14 @@ pub struct Store {
     scripts: std::sync::Arc<Scripts>,
 }
 
-/// Batched tasks one drain script call looks at (an SSCAN page): bounds how long it holds Redis.
-const DRAIN_PAGE: u32 = 500;
+/// Tasks one drain, sweep or pending-index read looks at per call: bounds how long each call
+/// holds Redis, whatever the size of the shard.
+const PAGE: usize = 500;
+
+/// Event ids remembered per ordering key for redelivery dedupe. A redelivery comes back within
+/// the broker's unacknowledged window (the prefetch, far fewer) and a producer's republish of
+/// an unconfirmed message within seconds; a long-lived task's set stays this small.
+pub const RECENT_IDS: usize = 1024;
 
 /// Long-lived connections shared by every step (see [`Store::conn`]).
 const SHARED_CONNECTIONS: usize = 4;
@@ -297,8 +318,18 @@ impl ShardKeys {
     pub fn outbox(&self, key: &str) -> String {
         self.per("o", key)
     }
-    pub fn dedupe(&self, key: &str) -> String {
-        self.per("d", key)
+    /// The most recent event ids of a key (a zset scored by arrival), for redelivery dedupe.
+    pub fn recent_ids(&self, key: &str) -> String {
+        self.per("i", key)
+    }
+    fn fence_counter(&self) -> String {
+        self.k("fence")
+    }
+    fn released(&self) -> String {
+        self.k("released")
+    }
+    fn seq(&self) -> String {
+        self.k("seq")
     }
 }
 
@@ -424,13 +455,14 @@ impl Store {
             .key(keys.pending())
             .key(keys.batched())
             .key(keys.active())
-            .key(keys.k("seq"))
+            .key(keys.seq())
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(retention_s)
-            .arg(crate::wire::MAX_BATCH);
+            .arg(crate::wire::MAX_BATCH)
+            .arg(RECENT_IDS);
         for ev in events {
-            inv.key(keys.dedupe(&ev.key))
+            inv.key(keys.recent_ids(&ev.key))
                 .key(keys.state(&ev.key))
                 .key(keys.batch(&ev.key))
                 .key(keys.outbox(&ev.key))
@@ -444,6 +476,9 @@ impl Store {
                         .unwrap_or_default(),
                 )
                 .arg(&ev.cluster);
+            for t in &ev.task_times {
+                inv.arg(t.as_deref().unwrap_or_default());
+            }
         }
         let mut conn = self.conn().await?;
         let codes: Vec<i64> = inv.invoke_async(&mut conn).await?;
@@ -473,7 +508,7 @@ impl Store {
         Ok((head, KeyState(state)))
     }
 
-    /// Removes the outbox head starting with `head_prefix` (see `wire::entry_id_prefix`) and
+    /// Removes the outbox head starting with `head_prefix` (see `OutboxEntry::head_prefix`) and
     /// advances sent statuses, atomically; returns the outcome with the key's next head and state.
     pub async fn complete_prefix(
         &self,
@@ -492,7 +527,7 @@ impl Store {
             .key(keys.state(key))
             .key(keys.pending())
             .key(keys.active())
-            .key(keys.dedupe(key))
+            .key(keys.recent_ids(key))
             .key(keys.batch(key))
             .arg(&fence.owner)
             .arg(fence.token)
@@ -511,7 +546,8 @@ impl Store {
         })
     }
 
-    /// One drain tick for a shard; returns the keys that got a synthetic task change.
+    /// One drain tick for a shard; returns the keys that got a synthetic task change. Reads
+    /// the batched set a page at a time (SSCAN) and drains each page with one script call.
     pub async fn drain(
         &self,
         shard: u16,
@@ -523,23 +559,37 @@ impl Store {
         let mut woken = Vec::new();
         let mut cursor = "0".to_string();
         loop {
-            let mut inv = self.scripts.drain.prepare_invoke();
-            inv.key(keys.lease())
-                .key(keys.batched())
-                .key(keys.pending())
-                .key(keys.k("seq"))
-                .key(keys.active())
-                .arg(&fence.owner)
-                .arg(fence.token)
-                .arg(&keys.prefix)
-                .arg(retention_s)
+            let (next, page): (String, Vec<String>) = redis::cmd("SSCAN")
+                .arg(keys.batched())
                 .arg(&cursor)
-                .arg(DRAIN_PAGE);
-            for s in TASK_STATUSES {
-                inv.arg(s);
+                .arg("COUNT")
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            // The first call runs even on an empty page: every tick checks the fence.
+            if !page.is_empty() || cursor == "0" {
+                let mut inv = self.scripts.drain.prepare_invoke();
+                inv.key(keys.lease())
+                    .key(keys.batched())
+                    .key(keys.pending())
+                    .key(keys.seq())
+                    .key(keys.active())
+                    .arg(&fence.owner)
+                    .arg(fence.token)
+                    .arg(retention_s)
+                    .arg(TASK_STATUSES.len());
+                for s in TASK_STATUSES {
+                    inv.arg(s);
+                }
+                for key in &page {
+                    inv.key(keys.state(key))
+                        .key(keys.batch(key))
+                        .key(keys.outbox(key))
+                        .arg(key);
+                }
+                let drained: Vec<String> = inv.invoke_async(&mut conn).await?;
+                woken.extend(drained);
             }
-            let (next, page): (String, Vec<String>) = inv.invoke_async(&mut conn).await?;
-            woken.extend(page);
             if next == "0" {
                 return Ok(woken);
             }
@@ -547,7 +597,35 @@ impl Store {
         }
     }
 
-    /// Drops tasks idle past the retention; returns (tasks, events) dropped.
+    /// Marks a key active while its calls keep failing, so retention does not drop it.
+    pub async fn touch(
+        &self,
+        shard: u16,
+        fence: &Fence,
+        key: &str,
+        retention_s: u64,
+    ) -> StoreResult<()> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .scripts
+            .touch
+            .key(keys.lease())
+            .key(keys.active())
+            .key(keys.state(key))
+            .key(keys.batch(key))
+            .key(keys.outbox(key))
+            .key(keys.recent_ids(key))
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(key)
+            .arg(retention_s)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops tasks idle past the retention, a page at a time; returns (tasks, events) dropped.
     pub async fn sweep(
         &self,
         shard: u16,
@@ -556,20 +634,46 @@ impl Store {
     ) -> StoreResult<(u64, u64)> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
-        let mut inv = self.scripts.sweep.prepare_invoke();
-        inv.key(keys.lease())
-            .key(keys.active())
-            .key(keys.pending())
-            .key(keys.batched())
-            .arg(&fence.owner)
-            .arg(fence.token)
-            .arg(&keys.prefix)
-            .arg(retention_s)
-            .arg(1000);
-        Ok(inv.invoke_async(&mut conn).await?)
+        let (mut tasks, mut events) = (0, 0);
+        loop {
+            let (now, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+            let idle: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(keys.active())
+                .arg("-inf")
+                .arg(now.saturating_sub(retention_s))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            // The first call runs even with nothing idle: every tick checks the fence.
+            if idle.is_empty() && tasks > 0 {
+                return Ok((tasks, events));
+            }
+            let mut inv = self.scripts.sweep.prepare_invoke();
+            inv.key(keys.lease())
+                .key(keys.active())
+                .key(keys.pending())
+                .key(keys.batched())
+                .arg(&fence.owner)
+                .arg(fence.token)
+                .arg(retention_s);
+            for key in &idle {
+                inv.key(keys.state(key))
+                    .key(keys.batch(key))
+                    .key(keys.outbox(key))
+                    .key(keys.recent_ids(key))
+                    .arg(key);
+            }
+            let (t, e): (u64, u64) = inv.invoke_async(&mut conn).await?;
+            tasks += t;
+            events += e;
+            if idle.len() < PAGE || t == 0 {
+                return Ok((tasks, events));
+            }
+        }
     }
 
-    /// Keys with a non-empty outbox, oldest first: resumed when a worker takes a shard.
     /// How many tasks of a shard have a batch waiting for a task status.
     pub async fn batched_count(&self, shard: u16) -> StoreResult<usize> {
         let mut conn = self.conn().await?;
@@ -579,37 +683,77 @@ impl Store {
             .await?)
     }
 
+    /// Keys with a non-empty outbox, oldest first: resumed when a worker takes a shard. Read a
+    /// page at a time by score (each entry's sequence number is unique), so no read is long
+    /// and entries removed meanwhile do not shift the next page.
     pub async fn pending_keys(&self, shard: u16) -> StoreResult<Vec<String>> {
+        let pending = self.shard(shard).pending();
         let mut conn = self.conn().await?;
-        Ok(redis::cmd("ZRANGE")
-            .arg(self.shard(shard).pending())
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await?)
+        let mut keys = Vec::new();
+        let mut after = "-inf".to_string();
+        loop {
+            let page: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+                .arg(&pending)
+                .arg(&after)
+                .arg("+inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(PAGE)
+                .query_async(&mut conn)
+                .await?;
+            let full = page.len() == PAGE;
+            if let Some((_, last)) = page.last() {
+                after = format!("({last}");
+            }
+            keys.extend(page.into_iter().map(|(k, _)| k));
+            if !full {
+                return Ok(keys);
+            }
+        }
     }
 
-    /// Takes the shard lease if free; returns the fence, or None when another worker holds it.
+    /// Whether an event id is among the ids a key remembers for dedupe (operators and tests).
+    pub async fn remembers(&self, shards: u16, key: &str, event_id: &str) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        for shard in 0..shards {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(self.shard(shard).recent_ids(key))
+                .arg(event_id)
+                .query_async(&mut conn)
+                .await?;
+            if score.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Takes the shard lease if free; None when another worker holds it.
     pub async fn lease_acquire(
         &self,
         shard: u16,
         owner: &str,
         lease_ms: u64,
-    ) -> StoreResult<Option<Fence>> {
+    ) -> StoreResult<Option<Taken>> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
-        let token: u64 = self
+        let (token, lapsed): (u64, u8) = self
             .scripts
             .lease_acquire
             .key(keys.lease())
-            .key(keys.k("fence"))
+            .key(keys.fence_counter())
+            .key(keys.released())
             .arg(owner)
             .arg(lease_ms)
             .invoke_async(&mut conn)
             .await?;
-        Ok((token > 0).then(|| Fence {
-            owner: owner.to_string(),
-            token,
+        Ok((token > 0).then(|| Taken {
+            fence: Fence {
+                owner: owner.to_string(),
+                token,
+            },
+            lapsed: lapsed == 1,
         }))
     }
 
@@ -633,6 +777,7 @@ impl Store {
             .scripts
             .lease_release
             .key(self.shard(shard).lease())
+            .key(self.shard(shard).released())
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(self.membership_channel())
@@ -741,6 +886,17 @@ impl Store {
             .arg("+inf")
             .query_async(&mut conn)
             .await?)
+    }
+
+    /// How many shards have no lease holder, in one round trip.
+    pub async fn unowned_shards(&self, shards: u16) -> StoreResult<usize> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for shard in 0..shards {
+            pipe.cmd("EXISTS").arg(self.shard(shard).lease());
+        }
+        let held: Vec<u8> = pipe.query_async(&mut conn).await?;
+        Ok(held.iter().filter(|h| **h == 0).count())
     }
 
     /// Current owner of a shard's lease (for status and tests).

@@ -220,6 +220,11 @@ impl Change {
 /// An outbox entry as stored: `{"id":…,"e":{…},"t":…,"b":[…]}`; the intake script appends `"b"`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct OutboxEntry {
+    /// The shard-wide sequence number the intake (or drain) script gave the entry: unique for
+    /// ever, so it names the entry when a completion removes it. Absent on entries written
+    /// before sequence names; those are named by `id`.
+    #[serde(default)]
+    pub n: Option<u64>,
     pub id: String,
     pub e: Change,
     /// The event's `occurredAt` in ms since the epoch, for the end-to-end latency metric
@@ -242,6 +247,9 @@ pub struct Event {
     pub known_task_status: Option<u8>,
     /// Batch item JSON (container, managedAgent) or outbox entry prefix (the others).
     pub stored: String,
+    /// A task event's pullStartedAt, pullStoppedAt and executionStoppedAt: kept as the task's
+    /// latest, for the drained changes made later (upstream rule: the ticker copies them).
+    pub task_times: [Option<String>; 3],
 }
 
 /// Decodes and validates one message. `routing_key` is the AMQP routing key it came with.
@@ -309,6 +317,7 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
     let status = m.req_str("status", "status")?;
 
     let mut known_task_status = None;
+    let mut task_times = [None, None, None];
     let (key, stored) = match kind {
         Kind::Task => {
             let idx = vocab_index(&TASK_STATUSES, status, "task")?;
@@ -322,6 +331,11 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
                 pull_stopped_at: m.opt_time("pullStoppedAt")?,
                 execution_stopped_at: m.opt_time("executionStoppedAt")?,
             };
+            task_times = [
+                change.pull_started_at.clone(),
+                change.pull_stopped_at.clone(),
+                change.execution_stopped_at.clone(),
+            ];
             (
                 task_arn.unwrap_or_default(),
                 entry_prefix(event_id, &Change::Task(change), occurred_ms),
@@ -428,6 +442,7 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
         cluster: cluster.into(),
         known_task_status,
         stored,
+        task_times,
     })
 }
 
@@ -620,12 +635,17 @@ pub fn entry_prefix(event_id: &str, change: &Change, occurred_ms: i64) -> String
     format!("{{\"id\":{id},\"e\":{e},\"t\":{occurred_ms}")
 }
 
-/// The start of a stored entry with this id; the complete script compares heads by it.
-pub fn entry_id_prefix(event_id: &str) -> String {
-    format!(
-        "{{\"id\":{},",
-        serde_json::to_string(event_id).unwrap_or_default()
-    )
+impl OutboxEntry {
+    /// How the stored entry starts: the complete script removes the head only if it starts so.
+    pub fn head_prefix(&self) -> String {
+        match self.n {
+            Some(n) => format!("{{\"n\":{n},"),
+            None => format!(
+                "{{\"id\":{},",
+                serde_json::to_string(&self.id).unwrap_or_default()
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -652,7 +672,7 @@ mod tests {
         let full = format!("{},\"b\":[]}}", e.stored);
         let entry: OutboxEntry = serde_json::from_str(&full).unwrap();
         assert_eq!(entry.id, "e1");
-        assert!(full.starts_with(&entry_id_prefix("e1")));
+        assert!(full.starts_with(&entry.head_prefix()));
         match entry.e {
             Change::Task(t) => {
                 assert_eq!(t.status, "RUNNING");

@@ -6,7 +6,7 @@
 //! then releasing the lease.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::Connection;
@@ -52,9 +52,10 @@ pub async fn run(
         &worker_id,
         cfg.concurrency_limit,
         cfg.permit_lease_ms,
+        cfg.call_timeout(),
     );
     let background = CancellationToken::new();
-    tokio::spawn(permits.clone().run_listener(background.clone()));
+    tokio::spawn(permits.clone().run_background(background.clone()));
     tokio::spawn(report_permits(permits.clone(), background.clone()));
     let rebalance = Arc::new(Notify::new());
     tokio::spawn(wake_on_publish(
@@ -79,10 +80,16 @@ pub async fn run(
             permits: permits.clone(),
             rebalance: rebalance.clone(),
         };
+        let began = Instant::now();
+        ready.pulse();
         match session.run(&ready, &cancel).await {
             Ok(()) => break Ok(()),
             Err(SessionError::Fatal(e)) => break Err(e),
             Err(SessionError::Retry(e)) => {
+                // A connection that held for a while starts the backoff afresh.
+                if began.elapsed() > Duration::from_secs(30) {
+                    retry = Duration::from_millis(500);
+                }
                 tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "connection lost; reconnecting");
                 m::amqp_reconnect();
                 tokio::select! {
@@ -93,13 +100,32 @@ pub async fn run(
             }
         }
     };
-    ready.set(false);
-    permits.release_spares().await;
-    let _ = store.deregister(&worker_id).await;
+    ready.set_amqp(false);
+    // Best effort and bounded (G7): with Redis unreachable, permits and the heartbeat expire
+    // with their leases instead.
+    let goodbye = async {
+        permits.release_spares().await;
+        permits.flush_releases().await;
+        let _ = store.deregister(&worker_id).await;
+    };
+    if tokio::time::timeout(SHUTDOWN_REDIS_WAIT, goodbye)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "Redis did not answer at shutdown; permits and membership expire with their leases"
+        );
+    }
     background.cancel();
     tracing::info!(worker = %worker_id, "worker stopped");
     result
 }
+
+/// How soon the control loop looks again while Redis does not answer.
+const UNHEALTHY_TICK: Duration = Duration::from_millis(500);
+
+/// The longest a stopping worker waits for Redis to take back its leases and permits.
+const SHUTDOWN_REDIS_WAIT: Duration = Duration::from_secs(3);
 
 enum SessionError {
     Fatal(anyhow::Error),
@@ -134,7 +160,7 @@ impl Session {
             }
             Err(e) => return Err(SessionError::Retry(e.into())),
         }
-        ready.set(true);
+        ready.set_amqp(true);
         let conn = Arc::new(conn);
         let mut owned: BTreeMap<u16, Owned> = BTreeMap::new();
         let tick = (self.cfg.lease() / 3).max(Duration::from_millis(100));
@@ -148,21 +174,40 @@ impl Session {
             let woken = self.rebalance.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            self.balance(&conn, &mut owned).await;
+            let healthy = self.balance(&conn, &mut owned, ready).await;
+            ready.pulse();
+            // While Redis fails, look again soon: readiness and work resume right after it is back.
+            let next = if healthy {
+                tick
+            } else {
+                tick.min(UNHEALTHY_TICK)
+            };
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(next) => {}
                 _ = woken => {}
             }
         };
-        ready.set(false);
+        ready.set_amqp(false);
         // Hand every shard back: stop intake, let senders finish, release the lease.
         for o in owned.values() {
             o.ctx.cancel.cancel();
         }
+        let mut stopped = Vec::new();
         for (shard, o) in owned {
             let _ = o.handle.await;
-            let _ = self.store.lease_release(shard, &o.ctx.fence).await;
+            stopped.push((shard, o.ctx));
+        }
+        let releases = futures_util::future::join_all(
+            stopped
+                .iter()
+                .map(|(shard, ctx)| self.store.lease_release(*shard, &ctx.fence)),
+        );
+        if tokio::time::timeout(SHUTDOWN_REDIS_WAIT, releases)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Redis did not answer; the shard leases lapse instead");
         }
         m::shards_owned(0);
         let _ = conn.close(200, "worker stopping".into()).await;
@@ -199,25 +244,35 @@ impl Session {
     }
 
     /// One membership round: heartbeat, renew or hand over owned shards, take free ones.
-    async fn balance(&self, conn: &Arc<Connection>, owned: &mut BTreeMap<u16, Owned>) {
-        let live = match self
+    /// Updates readiness; returns whether Redis answered every step.
+    async fn balance(
+        &self,
+        conn: &Arc<Connection>,
+        owned: &mut BTreeMap<u16, Owned>,
+        ready: &Readiness,
+    ) -> bool {
+        let mut healthy = true;
+        // Without an answer, keep what we own (renewing below keeps trying) and take nothing.
+        let desired: Option<BTreeSet<u16>> = match self
             .store
             .heartbeat(&self.worker_id, self.cfg.lease_ms)
             .await
         {
-            Ok(live) => live,
+            Ok(live) => Some(
+                assignment(&live, self.cfg.shards)
+                    .into_iter()
+                    .zip(0..)
+                    .filter(|(owner, _)| *owner == Some(self.worker_id.as_str()))
+                    .map(|(_, shard)| shard)
+                    .collect(),
+            ),
             Err(e) => {
                 tracing::warn!(error = %e, "heartbeat failed");
                 m::redis_error("heartbeat");
-                return;
+                healthy = false;
+                None
             }
         };
-        let desired: BTreeSet<u16> = assignment(&live, self.cfg.shards)
-            .into_iter()
-            .zip(0..)
-            .filter(|(owner, _)| *owner == Some(self.worker_id.as_str()))
-            .map(|(_, shard)| shard)
-            .collect();
 
         let finished: Vec<u16> = owned
             .iter()
@@ -247,14 +302,17 @@ impl Session {
                 Err(e) => {
                     tracing::warn!(shard, error = %e, "lease renewal failed");
                     m::redis_error("lease_renew");
+                    healthy = false;
                 }
             }
-            if !desired.contains(shard) && !o.ctx.cancel.is_cancelled() {
+            let handed_over = desired.as_ref().is_some_and(|d| !d.contains(shard));
+            if handed_over && !o.ctx.cancel.is_cancelled() {
                 tracing::info!(shard, "handing shard over");
                 o.ctx.cancel.cancel();
             }
         }
-        for shard in desired {
+        let heard = desired.is_some();
+        for shard in desired.unwrap_or_default() {
             if owned.contains_key(&shard) {
                 continue;
             }
@@ -264,19 +322,22 @@ impl Session {
                 .lease_acquire(shard, &self.worker_id, self.cfg.lease_ms)
                 .await
             {
-                Ok(Some(fence)) => {
-                    tracing::info!(shard, token = fence.token, "shard taken");
-                    let ctx = Arc::new(ShardCtx {
+                Ok(Some(taken)) => {
+                    tracing::info!(
                         shard,
-                        fence,
-                        store: self.store.clone(),
-                        ecs: self.ecs.clone(),
-                        permits: self.permits.clone(),
-                        cfg: self.cfg.clone(),
-                        cancel: CancellationToken::new(),
-                        lease_valid_until: Mutex::new(acquiring_at),
-                    });
-                    ctx.lease_renewed(acquiring_at);
+                        token = taken.fence.token,
+                        lapsed = taken.lapsed,
+                        "shard taken"
+                    );
+                    let ctx = Arc::new(ShardCtx::new(
+                        shard,
+                        taken,
+                        acquiring_at,
+                        self.store.clone(),
+                        self.ecs.clone(),
+                        self.permits.clone(),
+                        self.cfg.clone(),
+                    ));
                     let conn = conn.clone();
                     let run_ctx = ctx.clone();
                     let rebalance = self.rebalance.clone();
@@ -291,10 +352,25 @@ impl Session {
                 Err(e) => {
                     tracing::warn!(shard, error = %e, "lease acquire failed");
                     m::redis_error("lease_acquire");
+                    healthy = false;
                 }
             }
         }
         m::shards_owned(owned.len());
+        // Idle is fine when every shard has an owner (more workers than shards); idle while a
+        // shard has none means this worker cannot take its share.
+        let has_work = !owned.is_empty()
+            || (heard
+                && match self.store.unowned_shards(self.cfg.shards).await {
+                    Ok(n) => n == 0,
+                    Err(_) => {
+                        healthy = false;
+                        false
+                    }
+                });
+        ready.set_redis(healthy);
+        ready.set_shards(has_work);
+        healthy
     }
 }
 
@@ -344,8 +420,8 @@ fn score(worker: &str, shard: u16) -> u64 {
 
 async fn report_permits(permits: Semaphore, cancel: CancellationToken) {
     loop {
-        if let Ok(n) = permits.in_use().await {
-            m::permits(n, permits.limit());
+        if let Ok((n, oldest)) = permits.usage().await {
+            m::permits(n, permits.limit(), oldest);
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -276,7 +276,7 @@ async fn a_frozen_worker_holding_permits_gets_them_reaped_and_its_late_completio
     let mk = |env: &mut Env| {
         let mut c = env.config();
         c.lease_ms = 10_000; // keeps its shards through the freeze: its late completions are real
-        c.permit_lease_ms = 1_500;
+        c.permit_lease_ms = 2_000;
         c.call_timeout_ms = 1_000;
         c
     };
@@ -319,7 +319,7 @@ async fn a_frozen_worker_holding_permits_gets_them_reaped_and_its_late_completio
     };
     kill("STOP");
     let frozen = Instant::now();
-    // Worker 2 goes on once worker 1's permits expire (1.5 s), and the sim never sees > 10.
+    // Worker 2 goes on once worker 1's permits expire (2 s), and the sim never sees > 10.
     let ok_at_freeze = env.sim.stats().ok;
     eventually(
         Duration::from_secs(20),

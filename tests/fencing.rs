@@ -22,7 +22,8 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
         .lease_acquire(0, "old-owner", 200)
         .await
         .unwrap()
-        .expect("free lease");
+        .expect("free lease")
+        .fence;
     assert_eq!(
         store
             .intake(0, &old, &[event("RUNNING")], 60)
@@ -39,27 +40,20 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
         .lease_acquire(0, "new-owner", 30_000)
         .await
         .unwrap()
-        .expect("lease taken over");
+        .expect("lease taken over")
+        .fence;
     assert!(new.token > old.token);
 
     let before = store.queued(1, &a).await.unwrap();
     let (head, _) = store.peek(0, &a).await.unwrap();
     let head = head.expect("outbox head");
-    let id = serde_json::from_str::<serde_json::Value>(&head).unwrap()["id"]
-        .as_str()
+    let head_prefix = serde_json::from_str::<wire::OutboxEntry>(&head)
         .unwrap()
-        .to_string();
+        .head_prefix();
     let refused = store.intake(0, &old, &[event("STOPPED")], 60).await;
     assert!(matches!(refused, Err(StoreError::Fenced)), "{refused:?}");
     let complete = store
-        .complete_prefix(
-            0,
-            &old,
-            &a,
-            &wire::entry_id_prefix(&id),
-            &[("s".into(), 3)],
-            60,
-        )
+        .complete_prefix(0, &old, &a, &head_prefix, &[("s".into(), 3)], 60)
         .await;
     assert!(matches!(complete, Err(StoreError::Fenced)));
     assert!(matches!(
@@ -100,14 +94,7 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
     // The new owner goes on where the old one stopped.
     assert_eq!(
         store
-            .complete_prefix(
-                0,
-                &new,
-                &a,
-                &wire::entry_id_prefix(&id),
-                &[("s".into(), 3)],
-                60
-            )
+            .complete_prefix(0, &new, &a, &head_prefix, &[("s".into(), 3)], 60)
             .await
             .unwrap()
             .left,
@@ -167,7 +154,8 @@ async fn one_drain_covers_more_batched_tasks_than_a_page_in_several_short_script
         .lease_acquire(0, "drainer", 30_000)
         .await
         .unwrap()
-        .expect("free lease");
+        .expect("free lease")
+        .fence;
     let tasks: Vec<String> = (0..1_234).map(|i| arn(&format!("paged-{i}"))).collect();
     let events: Vec<wire::Event> = tasks
         .iter()

@@ -148,13 +148,13 @@ fn random_interleavings_match_the_reference_model() {
                     .map(|(_, e)| e.clone())
                     .collect();
                 let expected = model(&own);
-                // All of the task's events are in Redis (their ids are in its dedupe set)...
+                // All of the task's events are in Redis (their ids are among its recent ids)...
                 eventually(Duration::from_secs(20), "events taken", || async {
                     let mut conn = env.store.conn().await.unwrap();
                     let mut taken = 0u64;
                     for s in 0..env.shards {
-                        let n: u64 = redis::cmd("SCARD")
-                            .arg(env.store.shard(s).dedupe(t))
+                        let n: u64 = redis::cmd("ZCARD")
+                            .arg(env.store.shard(s).recent_ids(t))
                             .query_async(&mut conn)
                             .await
                             .unwrap();

@@ -113,6 +113,8 @@ async fn churn_join_kill_term_and_pause_lose_nothing_and_reorder_nothing() {
     let mut cfg = || {
         let mut c = env.config();
         c.lease_ms = 2_000;
+        c.call_timeout_ms = 600; // fits the short lease (see WorkerConfig::validate)
+        c.permit_lease_ms = 1_600;
         c
     };
     let (ca, cb, cc, cd) = (cfg(), cfg(), cfg(), cfg());

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ecs_state_relay::sim::{Action, Rule};
+use ecs_state_relay::sim::{Action, CallRecord, Rule};
 use serde_json::Value;
 
 async fn setup(name: &str) -> Env {
@@ -88,6 +88,98 @@ async fn no_more_calls(env: &Env, key: &str, n: usize) {
     .await;
 }
 
+fn event_id(event: &Value) -> &str {
+    event["eventId"].as_str().expect("events carry an eventId")
+}
+
+/// Whether the intake took every one of `events` for `key`: their eventIds are among the key's
+/// recent ids (the redelivery dedupe), written in the same atomic step that batches or
+/// enqueues the event.
+async fn taken(env: &Env, key: &str, events: &[Value]) -> bool {
+    let Ok(mut conn) = env.store.conn().await else {
+        return false;
+    };
+    for event in events {
+        let mut found = false;
+        for s in 0..env.shards {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(env.store.shard(s).recent_ids(key))
+                .arg(event_id(event))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            found |= score.is_some();
+        }
+        if !found {
+            return false;
+        }
+    }
+    true
+}
+
+/// Waits until the intake took `events` for `key` and the key's (batch, outbox) lengths are
+/// `queued`.
+async fn wait_queued(env: &Env, key: &str, events: &[Value], queued: (u64, u64)) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{key}: events taken, then (batch, outbox) = {queued:?}"),
+        || async {
+            taken(env, key, events).await
+                && env.store.queued(env.shards, key).await.ok() == Some(queued)
+        },
+    )
+    .await;
+}
+
+/// Waits until `events` are provably processed: the intake took them and the key's batch and
+/// outbox are empty, so each was sent, found redundant or dropped. A call is recorded by the
+/// sim on arrival, before its entry leaves the outbox: after this, a missing call is missing
+/// for good, not merely late. (`wait_idle` alone also holds before the events arrive.)
+async fn wait_processed(env: &Env, key: &str, events: &[Value]) {
+    wait_queued(env, key, events, (0, 0)).await;
+}
+
+/// The sentinel container: no test ever sends anything else for it.
+const SENTINEL: &str = "sentinel";
+
+/// A trailing change for task `a` that is sent whatever was sent before: a container change
+/// for a container nothing was ever sent for, carried by a task STOPPED. A task's changes
+/// share one outbox, handled in order, so once the sentinel's call is seen every change
+/// published before it for the task was handled.
+fn sentinel(a: &str) -> Vec<Value> {
+    vec![container(a, SENTINEL, "RUNNING"), task(a, "STOPPED")]
+}
+
+fn is_sentinel(call: &CallRecord) -> bool {
+    containers(call)
+        .iter()
+        .any(|c| c["containerName"] == SENTINEL)
+}
+
+/// Waits for the sentinel's call for task `a` (see [`sentinel`]), checks that the intake took
+/// `earlier` (published before it), and returns the calls that came before the sentinel's:
+/// the calls every earlier change for the task made.
+async fn calls_before_sentinel(env: &Env, a: &str, earlier: &[Value]) -> Vec<CallRecord> {
+    eventually(
+        Duration::from_secs(20),
+        &format!("the sentinel's call for {a}"),
+        || async {
+            env.calls_for(a)
+                .iter()
+                .any(|c| is_sentinel(c) && c.outcome.is_some())
+        },
+    )
+    .await;
+    assert!(
+        taken(env, a, earlier).await,
+        "{a}: the changes before the sentinel were taken"
+    );
+    let mut calls = env.calls_for(a);
+    let at = calls.iter().position(is_sentinel).expect("sentinel call");
+    calls.truncate(at);
+    calls
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sends_events_one_container() {
     let env = setup("one-container").await;
@@ -111,23 +203,80 @@ async fn test_sends_events_one_container() {
     env.cleanup().await;
 }
 
+/// Rule 9 measured on the wire: each retry waits base + 0–20 % jitter, the base starting at the
+/// minimum, ×1.3 per retry, capped at the maximum, and back to the minimum after a success.
+/// The minimum is large next to scheduling noise, so each gap is checked against a window of
+/// [base, base × 1.2 + 60 ms]: a wrong base or growth, a missing cap (the 5th retry would wait
+/// ≥ 1,142 ms), a missing reset (the retry after the success would wait ≥ 700 ms) or jitter
+/// far over 20 % fall outside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sends_events_one_event_retries() {
-    let env = setup("one-event-retries").await;
+    const MIN_MS: u64 = 400;
+    const MAX_MS: u64 = 700;
+    /// Allowed lateness of a retry: the sender's wake-up, its Redis reads and the HTTP call.
+    const SLACK_MS: u64 = 60;
+    let env = setup_with("one-event-retries", |c| {
+        c.backoff_min_ms = MIN_MS;
+        c.backoff_max_ms = MAX_MS;
+    })
+    .await;
     let a = arn("retries");
-    env.sim.add_rule(Rule {
-        key: a.clone(),
-        action: Action::ServerError,
-        times: 1,
-    });
-    env.publish(&[task(&a, "RUNNING")]).await;
-    let calls = env.wait_calls(&a, 2).await;
-    no_more_calls(&env, &a, 2).await;
-    assert_eq!(calls[0].outcome.as_deref(), Some("ServerException"));
-    assert_eq!(calls[1].outcome.as_deref(), Some("ok"));
-    let gap = calls[1].received_at_ms - calls[0].finished_at_ms.expect("finished");
-    // RELAY_BACKOFF_MIN_MS = 50 in tests: the retry waits one backoff period (+0–20 % jitter).
-    assert!((45..2_000).contains(&gap), "retry gap {gap} ms");
+    // RUNNING fails 5 times, then succeeds (held until released); STOPPED, queued behind it,
+    // fails once right after that success, in the same run of the sender, then succeeds.
+    for (action, times) in [
+        (Action::ServerError, 5),
+        (Action::Hold, 1),
+        (Action::ServerError, 1),
+    ] {
+        env.sim.add_rule(Rule {
+            key: a.clone(),
+            action,
+            times,
+        });
+    }
+    let events = [task(&a, "RUNNING"), task(&a, "STOPPED")];
+    env.publish(&events).await;
+    eventually(Duration::from_secs(20), "6th call held", || async {
+        env.sim.stats().held == 1
+    })
+    .await;
+    // STOPPED is in the outbox before RUNNING succeeds: its failure follows the success.
+    wait_queued(&env, &a, &events, (0, 2)).await;
+    env.sim.release(Some(&a));
+    let calls = env.wait_calls(&a, 8).await;
+    no_more_calls(&env, &a, 8).await;
+    let outcomes: Vec<&str> = calls
+        .iter()
+        .map(|c| c.outcome.as_deref().unwrap_or("in flight"))
+        .collect();
+    let e = "ServerException";
+    assert_eq!(outcomes, [e, e, e, e, e, "ok", e, "ok"]);
+    assert_eq!(
+        statuses(&calls),
+        [["RUNNING"; 6].as_slice(), &["STOPPED"; 2]].concat()
+    );
+    // Bases after failures 1–5 (400, 520, 676, then capped: 700, 700) and after failure 7,
+    // the first since a success (400 again).
+    let mut bases = Vec::new();
+    let mut base = MIN_MS as f64;
+    for _ in 0..5 {
+        bases.push(base);
+        base = (base * 1.3).min(MAX_MS as f64);
+    }
+    bases.push(MIN_MS as f64);
+    let gaps: Vec<u64> = [0, 1, 2, 3, 4, 6]
+        .iter()
+        .map(|&i| calls[i + 1].received_at_ms - calls[i].finished_at_ms.expect("finished"))
+        .collect();
+    for (n, (gap, base)) in gaps.iter().zip(&bases).enumerate() {
+        // -1 ms: the sim's timestamps are whole milliseconds.
+        let low = base.round() as u64 - 1;
+        let high = (base * 1.2).round() as u64 + SLACK_MS;
+        assert!(
+            (low..=high).contains(gap),
+            "retry gap {n}: {gap} ms, expected {low}..={high} (gaps {gaps:?}, bases {bases:?})"
+        );
+    }
     env.cleanup().await;
 }
 
@@ -222,16 +371,21 @@ async fn test_sends_events_container_differences() {
 async fn test_sends_events_task_differences() {
     let env = setup("task-differences").await;
     let (a, b) = (arn("differences-a"), arn("differences-b"));
-    env.publish(&[
+    let events_b = [
         container(&b, "B1", "RUNNING"),
-        container(&a, "A1", "RUNNING"),
         container(&b, "B2", "STOPPED"),
+    ];
+    env.publish(&[
+        events_b[0].clone(),
+        container(&a, "A1", "RUNNING"),
+        events_b[1].clone(),
         task(&a, "RUNNING"),
     ])
     .await;
     let calls_a = env.wait_calls(&a, 1).await;
     assert_eq!(containers(&calls_a[0]).len(), 1);
     assert_eq!(containers(&calls_a[0])[0]["containerName"], "A1");
+    wait_queued(&env, &b, &events_b, (2, 0)).await;
     assert!(env.calls_for(&b).is_empty(), "B is only batched");
     env.publish(&[task(&b, "STOPPED")]).await;
     let calls_b = env.wait_calls(&b, 1).await;
@@ -269,11 +423,12 @@ async fn test_sends_events_dedupe() {
         )
         .await
         .unwrap();
-    env.publish(&[
+    let events_a = [
         container(&a, "containerName", "RUNNING"),
         task(&a, "RUNNING"),
-    ])
-    .await;
+    ];
+    env.publish(&[events_a.as_slice(), &sentinel(&a)].concat())
+        .await;
     env.publish(&[
         container(&b, "containerName", "RUNNING"),
         task(&b, "RUNNING"),
@@ -285,8 +440,10 @@ async fn test_sends_events_dedupe() {
         1,
         "the already-sent container stays in the payload"
     );
-    wait_idle(&env, &a).await;
-    assert!(env.calls_for(&a).is_empty(), "nothing new for A: no call");
+    assert!(
+        calls_before_sentinel(&env, &a, &events_a).await.is_empty(),
+        "nothing new for A: no call"
+    );
     env.cleanup().await;
 }
 
@@ -296,16 +453,18 @@ async fn test_cleanup_task_event_after_submit() {
     // the second RUNNING for the same task is redundant: 2 calls.
     let env = setup("cleanup-after-submit").await;
     let (a, b) = (arn("taskarn"), arn("taskarn2"));
+    let events_a = [task(&a, "RUNNING"), task(&a, "RUNNING")];
+    let events_b = [task(&b, "RUNNING")];
     env.publish(&[
-        task(&a, "RUNNING"),
-        task(&a, "RUNNING"),
-        task(&b, "RUNNING"),
+        events_a[0].clone(),
+        events_a[1].clone(),
+        events_b[0].clone(),
     ])
     .await;
     env.wait_calls(&a, 1).await;
     env.wait_calls(&b, 1).await;
-    wait_idle(&env, &a).await;
-    wait_idle(&env, &b).await;
+    wait_processed(&env, &a, &events_a).await;
+    wait_processed(&env, &b, &events_b).await;
     assert_eq!(env.calls_for(&a).len(), 1);
     let mut conn = env.store.conn().await.unwrap();
     for s in 0..env.shards {
@@ -357,14 +516,15 @@ async fn test_get_batched_container_events() {
     let (known, unknown) = (arn("batched-known"), arn("batched-unknown"));
     let mut c1 = container(&known, "web", "RUNNING");
     c1["taskStatus"] = "RUNNING".into();
-    env.publish(&[c1, container(&unknown, "web", "RUNNING")])
-        .await;
+    let c2 = [container(&unknown, "web", "RUNNING")];
+    env.publish(&[c1, c2[0].clone()]).await;
     let calls = env.wait_calls(&known, 1).await;
     assert_eq!(
         calls[0].body["status"], "RUNNING",
         "synthetic change carries the known status"
     );
     assert_eq!(containers(&calls[0]).len(), 1);
+    wait_queued(&env, &unknown, &c2, (1, 0)).await;
     never(
         Duration::from_millis(1_000),
         "a drain for a task with no known status",
@@ -380,7 +540,9 @@ async fn test_get_batched_container_events_stopped_task() {
     let a = arn("batched-stopped");
     let mut c1 = container(&a, "web", "STOPPED");
     c1["taskStatus"] = "STOPPED".into();
-    env.publish(&[c1]).await;
+    let events = [c1];
+    env.publish(&events).await;
+    wait_queued(&env, &a, &events, (1, 0)).await;
     never(
         Duration::from_millis(1_000),
         "a drain for a STOPPED task",
@@ -405,15 +567,15 @@ async fn test_submit_task_events_when_submitting_task_running_after_stopped() {
         action: Action::Hold,
         times: 1,
     });
-    env.publish(&[task(&a, "STOPPED"), task(&a, "RUNNING")])
-        .await;
+    let events = [task(&a, "STOPPED"), task(&a, "RUNNING")];
+    env.publish(&events).await;
     eventually(Duration::from_secs(20), "first call held", || async {
         env.sim.stats().held == 1
     })
     .await;
+    wait_queued(&env, &a, &events, (0, 2)).await;
     env.sim.release(Some(&a));
-    wait_idle(&env, &a).await;
-    no_more_calls(&env, &a, 1).await;
+    wait_processed(&env, &a, &events).await;
     assert_eq!(statuses(&env.calls_for(&a)), vec!["STOPPED"]);
     env.cleanup().await;
 }
@@ -477,11 +639,12 @@ async fn test_get_batched_managed_agent_events() {
     let (known, unknown) = (arn("agent-known"), arn("agent-unknown"));
     let mut m1 = agent(&known, "web", "ExecuteCommandAgent", "RUNNING");
     m1["taskStatus"] = "RUNNING".into();
-    env.publish(&[m1, agent(&unknown, "web", "ExecuteCommandAgent", "RUNNING")])
-        .await;
+    let m2 = [agent(&unknown, "web", "ExecuteCommandAgent", "RUNNING")];
+    env.publish(&[m1, m2[0].clone()]).await;
     let calls = env.wait_calls(&known, 1).await;
     assert_eq!(calls[0].body["status"], "RUNNING");
     assert_eq!(agents(&calls[0]).len(), 1);
+    wait_queued(&env, &unknown, &m2, (1, 0)).await;
     never(
         Duration::from_millis(1_000),
         "a drain for an unknown task",
@@ -497,7 +660,9 @@ async fn test_get_batched_managed_agent_events_stopped_task() {
     let a = arn("agent-stopped");
     let mut m1 = agent(&a, "web", "ExecuteCommandAgent", "STOPPED");
     m1["taskStatus"] = "STOPPED".into();
-    env.publish(&[m1]).await;
+    let events = [m1];
+    env.publish(&events).await;
+    wait_queued(&env, &a, &events, (1, 0)).await;
     never(
         Duration::from_millis(1_000),
         "a drain for a STOPPED task",
@@ -507,7 +672,54 @@ async fn test_get_batched_managed_agent_events_stopped_task() {
     env.cleanup().await;
 }
 
+/// Upstream #18 asks the predicates about a container change whose container the agent holds
+/// no record of (a nil `Container`, a dead path upstream): the container check says "send",
+/// the task check "not a task change". The relay's form: a STOPPED change for a container
+/// nothing was sent for makes no call of its own (it is batched), and it makes the task's next
+/// change be sent even though that change alone is redundant (the task was sent RUNNING).
+/// Against it, the same change for a container already sent STOPPED is redundant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_should_container_event_be_sent() {
+    let env = setup("should-container-event").await;
+    let (a, b) = (arn("container-unsent"), arn("container-sent"));
+    env.store
+        .seed_state(env.shards, &a, &fields(&[("s", "3")]))
+        .await
+        .unwrap();
+    env.store
+        .seed_state(env.shards, &b, &fields(&[("s", "3"), ("c:web", "6")]))
+        .await
+        .unwrap();
+    let change = [container(&a, "web", "STOPPED")];
+    env.publish(&change).await;
+    // Taken and batched: processed, and a batched change makes no call (the drain is off).
+    wait_queued(&env, &a, &change, (1, 0)).await;
+    assert!(
+        env.calls_for(&a).is_empty(),
+        "a container change is not sent on its own"
+    );
+    let next = [task(&a, "RUNNING")];
+    env.publish(&next).await;
+    let calls = env.wait_calls(&a, 1).await;
+    assert_eq!(calls[0].body["status"], "RUNNING");
+    let c = containers(&calls[0]);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(
+        (c[0]["containerName"].as_str(), c[0]["status"].as_str()),
+        (Some("web"), Some("STOPPED"))
+    );
+    wait_processed(&env, &a, &next).await;
+    assert_eq!(env.calls_for(&a).len(), 1);
+    let events_b = [container(&b, "web", "STOPPED"), task(&b, "RUNNING")];
+    env.publish(&events_b).await;
+    wait_processed(&env, &b, &events_b).await;
+    assert!(env.calls_for(&b).is_empty(), "already sent: redundant");
+    env.cleanup().await;
+}
+
 /// Upstream case (1), an internal task, has no wire form: producers do not publish them.
+/// Every case ends with a sentinel that is sent, so "not sent" is judged after the case's
+/// events were handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_should_task_event_be_sent() {
     let env = setup("should-task-event").await;
@@ -580,6 +792,7 @@ async fn test_should_task_event_be_sent() {
             sent: None,
         },
     ];
+    let mut published = Vec::new();
     for case in &cases {
         let a = arn(case.name);
         if !case.seed.is_empty() {
@@ -588,17 +801,16 @@ async fn test_should_task_event_be_sent() {
                 .await
                 .unwrap();
         }
-        env.publish(&(case.events)(&a)).await;
+        let events = (case.events)(&a);
+        env.publish(&[events.as_slice(), &sentinel(&a)].concat())
+            .await;
+        published.push(events);
     }
-    for case in &cases {
+    for (case, events) in cases.iter().zip(&published) {
         let a = arn(case.name);
-        if let Some(status) = case.sent {
-            let calls = env.wait_calls(&a, 1).await;
-            assert_eq!(calls[0].body["status"], status, "case {}", case.name);
-        }
-        wait_idle(&env, &a).await;
-        let expected = usize::from(case.sent.is_some());
-        assert_eq!(env.calls_for(&a).len(), expected, "case {}", case.name);
+        let calls = calls_before_sentinel(&env, &a, events).await;
+        let expected: Vec<String> = case.sent.iter().map(|s| s.to_string()).collect();
+        assert_eq!(statuses(&calls), expected, "case {}", case.name);
     }
     env.cleanup().await;
 }
@@ -620,7 +832,9 @@ async fn test_should_task_attachment_event_be_sent() {
     let c = arn("att-c");
     let mut expired = task_attachment(&c, &att("c"), "ATTACHED", Duration::ZERO);
     expired["expiresAt"] = rfc3339_ago(Duration::from_secs(1)).into();
-    env.publish(&[expired]).await;
+    let events_c = [expired];
+    env.publish(&[events_c.as_slice(), &sentinel(&c)].concat())
+        .await;
     // (d) valid for 10 s but already sent: not sent.
     let d = arn("att-d");
     env.store
@@ -631,13 +845,14 @@ async fn test_should_task_attachment_event_be_sent() {
         )
         .await
         .unwrap();
-    env.publish(&[task_attachment(
+    let events_d = [task_attachment(
         &d,
         &att("d"),
         "ATTACHED",
         Duration::from_secs(10),
-    )])
-    .await;
+    )];
+    env.publish(&[events_d.as_slice(), &sentinel(&d)].concat())
+        .await;
     // (e) valid and unsent: sent with the attachment variant.
     let e = arn("att-e");
     env.publish(&[task_attachment(
@@ -649,9 +864,9 @@ async fn test_should_task_attachment_event_be_sent() {
     .await;
     let calls = env.wait_calls(&e, 1).await;
     assert_eq!(calls[0].body["attachments"][0]["attachmentArn"], att("e"));
-    for key in [&c, &d] {
-        wait_idle(&env, key).await;
-        assert!(env.calls_for(key).is_empty(), "{key} must not be sent");
+    for (key, events) in [(&c, &events_c), (&d, &events_d)] {
+        let calls = calls_before_sentinel(&env, key, events).await;
+        assert!(calls.is_empty(), "{key} must not be sent: {calls:?}");
     }
     eventually(Duration::from_secs(20), "(b) dead-lettered", || async {
         !env.dead_letters().await.is_empty()
@@ -673,14 +888,14 @@ async fn test_set_task_sent_status() {
     ])
     .await;
     env.wait_calls(&a, 1).await;
-    env.publish(&[
+    let second = [
         container(&a, "web", "RUNNING"),
         agent(&a, "web", "ExecAgent", "RUNNING"),
         task(&a, "RUNNING"),
-    ])
-    .await;
-    wait_idle(&env, &a).await;
-    no_more_calls(&env, &a, 1).await;
+    ];
+    env.publish(&second).await;
+    wait_processed(&env, &a, &second).await;
+    assert_eq!(env.calls_for(&a).len(), 1, "the second batch is redundant");
     assert_eq!(state_field(&env, &a, "s").await, 4, "task sent STOPPED");
     assert_eq!(
         state_field(&env, &a, "c:web").await,
@@ -754,17 +969,35 @@ async fn test_send_res_attachment_event() {
     let env = setup("res-attachment").await;
     let att = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/ebs-1";
     let not_attached = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/ebs-2";
-    env.publish(&[
+    // After the NONE, a sentinel on its key: the same attachment ATTACHED, which is sent
+    // (nothing was sent for it before), and only once the NONE was handled (one outbox per key).
+    let not_attached_events = [
         attachment(not_attached, "resource", "NONE", Duration::from_secs(10)),
+        attachment(
+            not_attached,
+            "resource",
+            "ATTACHED",
+            Duration::from_secs(10),
+        ),
+    ];
+    env.publish(&[
+        not_attached_events[0].clone(),
         attachment(att, "resource", "ATTACHED", Duration::from_secs(10)),
+        not_attached_events[1].clone(),
     ])
     .await;
     let calls = env.wait_calls(att, 1).await;
     assert_eq!(calls[0].body["attachments"][0]["status"], "ATTACHED");
-    wait_idle(&env, not_attached).await;
-    assert!(
-        env.calls_for(not_attached).is_empty(),
+    let calls = env.wait_calls(not_attached, 1).await;
+    wait_processed(&env, not_attached, &not_attached_events).await;
+    assert_eq!(
+        env.calls_for(not_attached).len(),
+        1,
         "a resource attachment needs ATTACHED"
+    );
+    assert_eq!(
+        calls[0].body["attachments"][0]["status"], "ATTACHED",
+        "only the sentinel was sent"
     );
     env.cleanup().await;
 }
@@ -829,14 +1062,20 @@ async fn test_submit_attachment_event_attachment_expired() {
     let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/expired";
     let mut e = attachment(att, "eni", "ATTACHED", Duration::ZERO);
     e["expiresAt"] = rfc3339_ago(Duration::from_millis(100)).into();
-    env.publish(&[e]).await;
-    wait_idle(&env, att).await;
+    let events = [e];
+    env.publish(&events).await;
+    wait_processed(&env, att, &events).await;
     assert!(env.calls_for(att).is_empty());
     assert_eq!(
         state_field(&env, att, &format!("a:{att}")).await,
         0,
         "stays unsent"
     );
+    // Seen from outside: a later, valid change for the attachment is still sent.
+    env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(60))])
+        .await;
+    env.wait_calls(att, 1).await;
+    no_more_calls(&env, att, 1).await;
     env.cleanup().await;
 }
 
@@ -848,14 +1087,16 @@ async fn test_submit_attachment_event_attachment_is_sent() {
         .seed_state(env.shards, att, &fields(&[(&format!("a:{att}"), "1")]))
         .await
         .unwrap();
-    env.publish(&[attachment(
+    // No sentinel can be sent for this key (it is already sent): its id among the key's recent
+    // ids and the empty outbox prove the change was handled.
+    let events = [attachment(
         att,
         "resource",
         "ATTACHED",
         Duration::from_secs(60),
-    )])
-    .await;
-    wait_idle(&env, att).await;
+    )];
+    env.publish(&events).await;
+    wait_processed(&env, att, &events).await;
     assert!(env.calls_for(att).is_empty());
     env.cleanup().await;
 }

@@ -56,6 +56,8 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_reorders_nothing() {
     env.sim.set_latency(Duration::from_millis(15));
     let mut cfg = env.config();
     cfg.lease_ms = 1_500;
+    cfg.call_timeout_ms = 400; // fits the short lease (see WorkerConfig::validate)
+    cfg.permit_lease_ms = 1_400;
     let mut first = env.spawn_process(&cfg);
     env.wait_all_shards_owned().await;
 
@@ -76,6 +78,8 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_reorders_nothing() {
     }
     let mut second_cfg = env.config();
     second_cfg.lease_ms = 1_500;
+    second_cfg.call_timeout_ms = 400;
+    second_cfg.permit_lease_ms = 1_400;
     let mut second = env.spawn_process(&second_cfg);
     eventually(Duration::from_secs(60), "every task complete", || async {
         audit(&env.sim.calls(), &tasks).0 == 0

@@ -1,7 +1,9 @@
 -- Removes the head of a task's outbox once it was sent (or dropped), and advances the sent
 -- statuses in the same step, so a crash never leaves "removed but not marked" or the reverse.
--- KEYS: 1 lease, 2 outbox, 3 task state hash, 4 pending zset, 5 active zset, 6 dedupe, 7 batch
--- ARGV: 1 owner, 2 token, 3 head id prefix, 4 ordering key, 5 retention seconds,
+-- KEYS: 1 lease, 2 outbox, 3 task state hash, 4 pending zset, 5 active zset, 6 recent ids,
+--       7 batch
+-- ARGV: 1 owner, 2 token, 3 how the head starts (`{"n":<sequence>,`, see intake.lua),
+--       4 ordering key, 5 retention seconds,
 --       6.. pairs of (state field, status index) to advance, never backwards
 -- Returns {entries left (-1 when the head is not the expected entry), the new head or false,
 -- the state hash as HGETALL}: the sender's next read comes with this step, not after it.

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const CLUSTER: &str = "test-cluster";
+/// Test workers' ECS call timeout: fits their 3 s shard lease (see `WorkerConfig::validate`).
+pub const TEST_CALL_TIMEOUT_MS: u64 = 1_000;
 
 pub fn arn(name: &str) -> String {
     format!("arn:aws:ecs:us-east-1:123456789012:task/{CLUSTER}/{name}")
@@ -103,23 +105,39 @@ impl Env {
             backoff_min_ms: 50,
             backoff_max_ms: 500,
             lease_ms: 3_000,
-            permit_lease_ms: 5_000,
-            call_timeout_ms: 4_000,
+            permit_lease_ms: 2_500,
+            call_timeout_ms: TEST_CALL_TIMEOUT_MS,
             metrics_addr: String::new(),
             worker_id: Some(format!("{}-w{}", self.exchange, self.next_worker)),
             ..WorkerConfig::default()
         }
     }
 
+    /// An ECS client with the test workers' call timeout.
     pub async fn ecs(&self) -> Ecs {
-        Ecs::for_endpoint(&self.sim_url, Duration::from_secs(4), "test-worker").await
+        self.ecs_with_timeout(TEST_CALL_TIMEOUT_MS).await
+    }
+
+    pub async fn ecs_with_timeout(&self, call_timeout_ms: u64) -> Ecs {
+        self.ecs_for(call_timeout_ms, "test-worker").await
+    }
+
+    /// `app_name` goes into the user agent: the sim records it as the calling worker.
+    pub async fn ecs_for(&self, call_timeout_ms: u64, app_name: &str) -> Ecs {
+        Ecs::for_endpoint(
+            &self.sim_url,
+            Duration::from_millis(call_timeout_ms),
+            app_name,
+        )
+        .await
     }
 
     /// Starts an in-process worker and waits until it owns every shard it should.
     pub async fn start_worker(&mut self, cfg: WorkerConfig) -> String {
         let id = cfg.worker_id.clone().expect("test workers have ids");
         let cancel = CancellationToken::new();
-        let ecs = self.ecs().await;
+        // The worker's safety checks count on the client timing out at the configured time.
+        let ecs = self.ecs_for(cfg.call_timeout_ms, &id).await;
         let handle = tokio::spawn(worker::run(cfg, ecs, Readiness::default(), cancel.clone()));
         self.workers.push(InProcess {
             id: id.clone(),
@@ -597,4 +615,93 @@ pub fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Sends a signal to a worker process (`kill -SIG pid`).
+pub fn signal(child: &Proc, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.0.id().to_string())
+        .status();
+    assert!(
+        status.map(|s| s.success()).unwrap_or(false),
+        "kill -{sig} failed"
+    );
+}
+
+/// Waits for a worker process to exit; panics past `within`.
+pub async fn wait_exit(child: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "worker did not exit in time");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The sum of every series of a metric in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A private `redis-server` on a free loopback port, for tests that act on the whole server
+/// (CLIENT KILL, restarts); killed when dropped. Never the shared instance on 6379.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let server = RedisServer { port, child };
+        let url = server.url();
+        eventually(Duration::from_secs(10), "private redis answers", || {
+            let url = url.clone();
+            async move {
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut c) => redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+    l.local_addr().expect("addr").port()
 }

@@ -1,0 +1,578 @@
+//! Correctness at the edges: a lease that lapses while a call is in flight, a worker cut off
+//! from Redis, shutdown during an outage, retention of a task that keeps failing, permits that
+//! are handed on or left over, lost pub/sub messages, and what identifies an outbox entry.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use ecs_state_relay::config::CALL_MARGIN;
+use ecs_state_relay::semaphore::Semaphore;
+use ecs_state_relay::sim::{Action, CallRecord, Rule};
+use ecs_state_relay::store::Store;
+use ecs_state_relay::wire::{self, OutboxEntry};
+use lapin::options::QueueBindOptions;
+use lapin::types::FieldTable;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+fn status(c: &CallRecord) -> &str {
+    c.body.get("status").and_then(Value::as_str).unwrap_or("")
+}
+
+fn hold(env: &Env, key: &str) {
+    env.sim.add_rule(Rule {
+        key: key.into(),
+        action: Action::Hold,
+        times: 1,
+    });
+}
+
+/// A worker whose Redis goes through `proxy`, so the test can cut it off.
+async fn worker_behind(env: &mut Env, proxy: &Proxy) -> String {
+    let mut cfg = env.config();
+    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    env.start_worker(cfg).await
+}
+
+async fn wait_owner(env: &Env, shards: u16, owner: &str) {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{owner} owns every shard"),
+        || async {
+            for s in 0..shards {
+                if env.store.lease_owner(s).await.ok().flatten().as_deref() != Some(owner) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_when_the_lease_lapses_never_overlaps_the_next_owners_calls() {
+    let mut env = Env::new("edge-lapse", 1).await;
+    let proxy = Proxy::start("127.0.0.1:6379").await;
+    worker_behind(&mut env, &proxy).await;
+    let x = arn("lapse-x");
+    hold(&env, &x);
+    env.publish(&[task(&x, "RUNNING")]).await;
+    eventually(Duration::from_secs(20), "A's call for X held", || async {
+        env.sim.stats().held == 1
+    })
+    .await;
+    // A is cut off from Redis with its call on the wire; B takes the shard once A's lease lapses.
+    proxy.cut();
+    let cb = env.config();
+    let b = cb.worker_id.clone().expect("id");
+    env.start_worker(cb).await;
+    wait_owner(&env, 1, &b).await;
+    env.publish(&[task(&x, "STOPPED")]).await;
+    env.sim.release(Some(&x));
+    eventually(Duration::from_secs(30), "X's STOPPED accepted", || async {
+        env.calls_for(&x)
+            .iter()
+            .any(|c| c.outcome.as_deref() == Some("ok") && status(c) == "STOPPED")
+    })
+    .await;
+
+    let calls = env.calls_for(&x);
+    for (i, c) in calls.iter().enumerate() {
+        for d in &calls[i + 1..] {
+            let c_end = c.finished_at_ms.unwrap_or(u64::MAX);
+            let d_end = d.finished_at_ms.unwrap_or(u64::MAX);
+            assert!(
+                c_end <= d.received_at_ms || d_end <= c.received_at_ms,
+                "two calls for X at once:\n{c:?}\n{d:?}"
+            );
+        }
+    }
+    let mut landed: Vec<&CallRecord> = calls
+        .iter()
+        .filter(|c| c.outcome.as_deref() == Some("ok"))
+        .collect();
+    landed.sort_by_key(|c| c.finished_at_ms);
+    let first_stop = landed
+        .iter()
+        .position(|c| status(c) == "STOPPED")
+        .expect("STOPPED landed");
+    assert!(
+        landed[first_stop..].iter().all(|c| status(c) != "RUNNING"),
+        "RUNNING landed after STOPPED: {landed:?}"
+    );
+    proxy.restore();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_redis_lets_the_next_owner_receive_the_shards_messages() {
+    let mut env = Env::new("edge-consumer", 2).await;
+    let proxy = Proxy::start("127.0.0.1:6379").await;
+    worker_behind(&mut env, &proxy).await;
+    proxy.cut();
+    let cb = env.config();
+    let b = cb.worker_id.clone().expect("id");
+    env.start_worker(cb).await;
+    wait_owner(&env, 2, &b).await;
+    // Published after the takeover, while the cut lasts: only B can deliver them.
+    let tasks: Vec<String> = (0..10).map(|i| arn(&format!("cut-off-{i}"))).collect();
+    let events: Vec<Value> = lifecycle_rounds(&tasks, 10).concat();
+    env.publish(&events).await;
+    eventually(
+        Duration::from_secs(30),
+        "every lifecycle sent by the new owner",
+        || async { audit(&env.sim.calls(), &tasks).0 == 0 },
+    )
+    .await;
+    let (lost, disorder, _) = audit(&env.sim.calls(), &tasks);
+    assert_eq!((lost, disorder), (0, 0));
+    proxy.restore();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_redis_outage_exits_cleanly_in_bounded_time() {
+    let mut env = Env::new("edge-term", 1).await;
+    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let mut cfg = env.config();
+    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let mut worker = env.spawn_process(&cfg);
+    env.wait_all_shards_owned().await;
+    let x = arn("term-x");
+    hold(&env, &x);
+    env.publish(&[task(&x, "RUNNING")]).await;
+    eventually(Duration::from_secs(20), "call held", || async {
+        env.sim.stats().held == 1
+    })
+    .await;
+    proxy.cut();
+    env.sim.release(Some(&x));
+    // The answer arrived; its completion cannot be recorded while Redis is away.
+    eventually(Duration::from_secs(10), "call answered", || async {
+        env.sim.stats().in_flight == 0
+    })
+    .await;
+    let asked = Instant::now();
+    signal(&worker, "TERM");
+    let exit = wait_exit(&mut worker, Duration::from_secs(15)).await;
+    println!(
+        "exit {exit:?} {:.1}s after SIGTERM",
+        asked.elapsed().as_secs_f64()
+    );
+    assert!(exit.success(), "{exit:?}");
+    proxy.restore();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_failing_for_longer_than_the_retention_is_kept_and_sent_once_ecs_heals() {
+    let metrics = ecs_state_relay::metrics::handle();
+    let mut env = Env::new("edge-retention", 1).await;
+    let mut cfg = env.config();
+    cfg.task_retention_s = 3;
+    env.start_worker(cfg).await;
+    let x = arn("retry-x");
+    env.sim.add_rule(Rule {
+        key: x.clone(),
+        action: Action::ServerError,
+        times: 1_000_000,
+    });
+    env.publish(&[task(&x, "RUNNING")]).await;
+    // ECS fails X for 10 s: more than three retention periods.
+    eventually(Duration::from_secs(30), "X failing for 10 s", || async {
+        let calls = env.calls_for(&x);
+        match (calls.first(), calls.last()) {
+            (Some(a), Some(b)) => b.received_at_ms - a.received_at_ms >= 10_000,
+            _ => false,
+        }
+    })
+    .await;
+    env.sim.clear_rules();
+    eventually(Duration::from_secs(10), "X sent once ECS heals", || async {
+        env.calls_for(&x)
+            .iter()
+            .any(|c| c.outcome.as_deref() == Some("ok"))
+    })
+    .await;
+    let text = metrics.render();
+    let retention_drops: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("relay_events_dropped_total") && l.contains("retention"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(retention_drops, 0.0, "{text}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_off_permit_always_covers_a_whole_call() {
+    let env = Env::new("edge-handoff", 1).await;
+    let call = Duration::from_millis(2_000);
+    let permits = Semaphore::new(env.store.clone(), "w", 1, 3_000, call);
+    let cancel = CancellationToken::new();
+    tokio::spawn(permits.clone().run_background(cancel.clone()));
+    let first = permits.acquire(&cancel).await.expect("permit");
+    let taken = Instant::now();
+    let waiter = {
+        let (p, c) = (permits.clone(), cancel.clone());
+        tokio::spawn(async move { p.acquire(&c).await })
+    };
+    // The first call ends when its permit no longer covers a whole call (3 s lease, 2 s call).
+    tokio::time::sleep_until((taken + Duration::from_millis(800)).into()).await;
+    permits.release(first).await;
+    let second = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("waiter served")
+        .expect("no panic")
+        .expect("permit");
+    assert!(
+        second.valid_until() > Instant::now() + call + CALL_MARGIN,
+        "the waiter got a permit that may expire during its call"
+    );
+    permits.release(second).await;
+    cancel.cancel();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_handed_to_a_waiter_that_gives_up_goes_back_to_redis() {
+    let env = Env::new("edge-spares", 1).await;
+    let call = Duration::from_millis(1_000);
+    // One permit with a long lease: a spare nobody takes would hold it for 30 s.
+    let permits = Semaphore::new(env.store.clone(), "a", 1, 30_000, call);
+    let cancel = CancellationToken::new();
+    tokio::spawn(permits.clone().run_background(cancel.clone()));
+    for round in 0..10 {
+        let held = permits.acquire(&cancel).await.expect("permit");
+        let give_up = CancellationToken::new();
+        let (asking, asked) = tokio::sync::oneshot::channel();
+        let waiter = {
+            let (p, g) = (permits.clone(), give_up.clone());
+            tokio::spawn(async move {
+                let _ = asking.send(());
+                if let Some(permit) = p.acquire(&g).await {
+                    p.release(permit).await;
+                }
+            })
+        };
+        asked.await.expect("waiter started");
+        tokio::task::yield_now().await;
+        // The call ends and hands its permit on; at that very moment the waiter gives up (its
+        // shard is handed over): whichever wins, the permit must not stay parked.
+        permits.release(held).await;
+        give_up.cancel();
+        waiter.await.expect("no panic");
+        eventually(
+            Duration::from_secs(1),
+            &format!("round {round}: no permit held once every call ended"),
+            || async { permits.in_use().await.unwrap_or(u64::MAX) == 0 },
+        )
+        .await;
+    }
+    cancel.cancel();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_published_while_the_subscription_reconnects_is_not_missed() {
+    // CLIENT KILL acts on the whole server: this test has a Redis of its own.
+    let redis = RedisServer::start().await;
+    let store = Store::connect(&redis.url(), &Default::default(), "edge-pubsub")
+        .await
+        .expect("private redis");
+    let call = Duration::from_millis(1_000);
+    let a = Semaphore::new(store.clone(), "a", 1, 30_000, call);
+    let b = Semaphore::new(store.clone(), "b", 1, 30_000, call);
+    let cancel = CancellationToken::new();
+    tokio::spawn(b.clone().run_background(cancel.clone()));
+    let held = a.acquire(&cancel).await.expect("permit");
+    let evalsha_calls = || async {
+        let mut conn = store.conn().await.expect("conn");
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .expect("info");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let pubsub_clients = || async {
+        let mut conn = store.conn().await.expect("conn");
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .expect("client list");
+        list.lines().count()
+    };
+    eventually(Duration::from_secs(5), "b subscribed", || async {
+        pubsub_clients().await == 1
+    })
+    .await;
+    let before = evalsha_calls().await;
+    let waiter = {
+        let (b, c) = (b.clone(), cancel.clone());
+        tokio::spawn(async move { b.acquire(&c).await.map(|_| Instant::now()) })
+    };
+    eventually(Duration::from_secs(5), "b asked and waits", || async {
+        evalsha_calls().await > before
+    })
+    .await;
+    let before_kill = evalsha_calls().await;
+    let mut conn = store.conn().await.expect("conn");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("client kill");
+    // b is woken by the drop and asks again (still held); the release that follows is
+    // published while b's subscription is still reconnecting, so b never hears of it.
+    eventually(
+        Duration::from_secs(5),
+        "b asked again after the drop",
+        || async { evalsha_calls().await > before_kill },
+    )
+    .await;
+    assert_eq!(
+        pubsub_clients().await,
+        0,
+        "b resubscribed too early for this test"
+    );
+    a.release(held).await;
+    let released = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("b got the permit within 10 s")
+        .expect("no panic")
+        .expect("permit");
+    let waited = got - released;
+    println!(
+        "permit taken {:.2}s after the missed release",
+        waited.as_secs_f64()
+    );
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_task_remembers_a_bounded_number_of_event_ids_and_still_dedupes() {
+    let metrics = ecs_state_relay::metrics::handle();
+    let mut env = Env::new("edge-ids", 1).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let x = arn("long-lived");
+    let events: Vec<Value> = (0..1_500)
+        .map(|i| container(&x, &format!("c{i}"), "RUNNING"))
+        .collect();
+    // Batches are capped (1000 changes): a task event every 500 flushes them.
+    let mut stream = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        stream.push(e.clone());
+        if i % 500 == 499 {
+            stream.push(task(&x, "RUNNING"));
+        }
+    }
+    env.publish(&stream).await;
+    let last = stream.last().expect("events").clone();
+    let last_id = last["eventId"].as_str().expect("id").to_string();
+    eventually(Duration::from_secs(30), "every event taken", || async {
+        env.store.remembers(1, &x, &last_id).await.unwrap_or(false)
+    })
+    .await;
+    // Whatever form the per-task id memory has, it holds at most the bound.
+    let mut conn = env.store.conn().await.expect("conn");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("relay:{{{}#*}}:*:{x}", env.exchange))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    let mut remembered = 0u64;
+    for k in &keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("type");
+        let n: u64 = match kind.as_str() {
+            "set" => redis::cmd("SCARD")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .expect("scard"),
+            "zset" => redis::cmd("ZCARD")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .expect("zcard"),
+            _ => 0,
+        };
+        remembered = remembered.max(n);
+    }
+    assert!(
+        remembered <= ecs_state_relay::store::RECENT_IDS as u64,
+        "{remembered} ids remembered for one task"
+    );
+    // A redelivery of a recent event is still recognised.
+    let duplicates = metric_sum(&metrics.render(), "relay_events_duplicate_total");
+    env.publish(&[last]).await;
+    eventually(
+        Duration::from_secs(10),
+        "redelivery counted as duplicate",
+        || async { metric_sum(&metrics.render(), "relay_events_duplicate_total") > duplicates },
+    )
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_completion_never_removes_a_later_entry_with_the_same_event_id() {
+    let env = Env::new("edge-entry-id", 1).await;
+    let store = &env.store;
+    let fence = store
+        .lease_acquire(0, "only", 30_000)
+        .await
+        .expect("redis")
+        .expect("free lease")
+        .fence;
+    let x = arn("entry-id");
+    let decode = |v: Value| wire::decode(v.to_string().as_bytes(), &x).expect("valid");
+    let mut c = container(&x, "web", "RUNNING");
+    c["taskStatus"] = "RUNNING".into();
+    store
+        .intake(0, &fence, &[decode(c)], 600)
+        .await
+        .expect("intake");
+    assert_eq!(
+        store.drain(0, &fence, 600).await.expect("drain"),
+        vec![x.clone()]
+    );
+    // A producer event whose id is the drained entry's: ids are the producers' to choose.
+    let (head, _) = store.peek(0, &x).await.expect("peek");
+    let drained: OutboxEntry = serde_json::from_str(&head.expect("head")).expect("entry");
+    let mut same_id = task(&x, "STOPPED");
+    same_id["eventId"] = drained.id.clone().into();
+    store
+        .intake(0, &fence, &[decode(same_id)], 600)
+        .await
+        .expect("intake");
+    let done = store
+        .complete_prefix(0, &fence, &x, &drained.head_prefix(), &[], 600)
+        .await
+        .expect("complete");
+    assert_eq!(done.left, Some(1));
+    // The same completion again (its first answer was lost): the next entry must stay.
+    let again = store
+        .complete_prefix(0, &fence, &x, &drained.head_prefix(), &[], 600)
+        .await
+        .expect("complete");
+    assert_eq!(again.left, None, "a later entry was removed");
+    assert_eq!(store.queued(1, &x).await.expect("queued"), (0, 1));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_broker_cannot_route_is_not_acked_and_arrives_once_routable() {
+    let metrics = ecs_state_relay::metrics::handle();
+    let mut env = Env::new("edge-dlq", 1).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let c = ecs_state_relay::amqp::connect(AMQP_URL, &Default::default(), "test dlq binding")
+        .await
+        .expect("amqp");
+    let ch = c.create_channel().await.expect("channel");
+    let dead = ecs_state_relay::amqp::dead_queue(&env.exchange);
+    let dlx = ecs_state_relay::amqp::dlx(&env.exchange);
+    // An operator unbinds the dead-letter queue by mistake; then a bad message comes.
+    ch.queue_unbind(
+        dead.as_str().into(),
+        dlx.as_str().into(),
+        "".into(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("unbind");
+    let x = arn("dlq-x");
+    env.publish_raw(&x, b"{not json").await;
+    eventually(
+        Duration::from_secs(20),
+        "the message was rejected",
+        || async { metric_sum(&metrics.render(), "relay_events_rejected_total") >= 1.0 },
+    )
+    .await;
+    ch.queue_bind(
+        dead.as_str().into(),
+        dlx.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("bind");
+    eventually(
+        Duration::from_secs(30),
+        "the message reached the dead-letter queue",
+        || async { !env.dead_letters().await.is_empty() },
+    )
+    .await;
+    let _ = c.close(200, "done".into()).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_change_carries_the_tasks_latest_timestamps() {
+    let mut env = Env::new("edge-drain-times", 1).await;
+    let mut cfg = env.config();
+    cfg.drain_min_ms = 200;
+    cfg.drain_max_ms = 300;
+    env.start_worker(cfg).await;
+    let x = arn("drain-times");
+    let mut running = task(&x, "RUNNING");
+    running["pullStartedAt"] = "2026-11-28T09:59:00Z".into();
+    running["pullStoppedAt"] = "2026-11-28T09:59:30Z".into();
+    env.publish(&[running]).await;
+    env.wait_calls(&x, 1).await;
+    env.publish(&[container(&x, "web", "RUNNING")]).await;
+    let calls = env.wait_calls(&x, 2).await;
+    let drained = &calls[1].body;
+    assert_eq!(drained["status"], "RUNNING");
+    assert_eq!(drained["containers"][0]["containerName"], "web");
+    let pulled = |field: &str| drained.get(field).and_then(Value::as_f64);
+    assert_eq!(pulled("pullStartedAt"), Some(1_795_859_940.0), "{drained}");
+    assert_eq!(pulled("pullStoppedAt"), Some(1_795_859_970.0), "{drained}");
+    assert_eq!(pulled("executionStoppedAt"), None, "{drained}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_index_is_read_in_pages_and_every_task_comes_back_once_in_order() {
+    let env = Env::new("edge-pending-pages", 1).await;
+    let store = &env.store;
+    let fence = store
+        .lease_acquire(0, "reader", 30_000)
+        .await
+        .expect("redis")
+        .expect("free lease")
+        .fence;
+    let tasks: Vec<String> = (0..1_234)
+        .map(|i| arn(&format!("pending-{i:04}")))
+        .collect();
+    let events: Vec<wire::Event> = tasks
+        .iter()
+        .map(|t| wire::decode(task(t, "RUNNING").to_string().as_bytes(), t).expect("valid"))
+        .collect();
+    for chunk in events.chunks(200) {
+        store.intake(0, &fence, chunk, 600).await.expect("intake");
+    }
+    // Oldest first, each once, although the read takes several pages.
+    assert_eq!(store.pending_keys(0).await.expect("pending"), tasks);
+    env.cleanup().await;
+}
