@@ -21,6 +21,23 @@ pub const REJECT_HEADER: &str = "x-relay-reject-reason";
 /// The shard queue a dead-lettered message came from.
 pub const SOURCE_QUEUE_HEADER: &str = "x-relay-source-queue";
 
+/// The longest a worker waits for the broker to confirm a close: a connection that broke
+/// meanwhile may never answer, and a stopping shard or worker must not hang on it.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The longest a connection attempt may take (TCP, TLS and the AMQP handshake).
+const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Closes a channel (its unacknowledged deliveries go back to their queue), bounded.
+pub async fn close_channel(ch: &Channel, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, ch.close(200, s(why))).await;
+}
+
+/// Closes a connection, bounded.
+pub async fn close_connection(conn: &Connection, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, conn.close(200, s(why))).await;
+}
+
 pub fn shard_queue(exchange: &str, shard: u16) -> String {
     format!("{exchange}.shard-{shard}")
 }
@@ -59,9 +76,17 @@ pub async fn connect(url: &str, tls: &TlsFiles, name: &str) -> anyhow::Result<Co
         cert_chain: ca.map(|pem| String::from_utf8_lossy(&pem).into_owned()),
     };
     let runtime = lapin::runtime::default_runtime()?;
-    Connection::connect_with_config(url, props, config, runtime)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {}: {e}", mask_url(url)))
+    // Bounded: a broker behind a black-holed network would otherwise hang the caller.
+    let connecting = Connection::connect_with_config(url, props, config, runtime);
+    match tokio::time::timeout(CONNECT_WAIT, connecting).await {
+        Ok(result) => result
+            .map_err(|e| anyhow::anyhow!("cannot connect to RabbitMQ at {}: {e}", mask_url(url))),
+        Err(_) => anyhow::bail!(
+            "cannot connect to RabbitMQ at {}: no answer within {} s",
+            mask_url(url),
+            CONNECT_WAIT.as_secs()
+        ),
+    }
 }
 
 fn s(v: &str) -> ShortString {

@@ -434,10 +434,8 @@ impl Bench {
     /// Scenario 4a: Redis memory per pending task, with every ECS call held.
     async fn redis_memory(&mut self) -> anyhow::Result<()> {
         eprintln!("bench: Redis memory — 10000 pending tasks while ECS holds every call");
-        let redis = Store::connect(&self.conn.redis_url, &self.conn.redis_tls(), "bench")
-            .await?
-            .client();
-        let mut rconn = redis.get_multiplexed_async_connection().await?;
+        let redis = Store::connect(&self.conn.redis_url, &self.conn.redis_tls(), "bench").await?;
+        let mut rconn = redis.conn().await?;
         let mem_before = used_memory(&mut rconn).await?;
         self.sim.add_rule(crate::sim::Rule {
             key: "*".into(),
@@ -552,7 +550,7 @@ impl Bench {
     }
 }
 
-async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
+async fn used_memory(conn: &mut crate::store::Conn) -> anyhow::Result<f64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
     Ok(info
         .lines()
@@ -696,6 +694,12 @@ fn spawn_worker(
         .arg("worker")
         .env("RELAY_AMQP_URL", &conn.amqp_url)
         .env("RELAY_REDIS_URL", &conn.redis_url)
+        .env("RELAY_REDIS_SENTINELS", &conn.redis_sentinels)
+        .env("RELAY_REDIS_SENTINEL_MASTER", &conn.redis_sentinel_master)
+        .env(
+            "RELAY_REDIS_MIN_REPLICAS",
+            conn.redis_min_replicas.to_string(),
+        )
         .env("RELAY_EXCHANGE", &conn.exchange)
         .env("RELAY_SHARDS", args.shards.to_string())
         .env("RELAY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
@@ -744,7 +748,7 @@ async fn forget_redis(conn: &ConnConfig) {
     let Ok(store) = Store::connect(&conn.redis_url, &conn.redis_tls(), "bench").await else {
         return;
     };
-    let Ok(mut c) = store.client().get_multiplexed_async_connection().await else {
+    let Ok(mut c) = store.conn().await else {
         return;
     };
     let pattern = format!("relay:{{{}*", conn.exchange);

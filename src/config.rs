@@ -77,6 +77,16 @@ pub struct ConnConfig {
     /// Exchange agents publish to; queues, Redis keys and permits are named after it.
     #[arg(long, env = "RELAY_EXCHANGE", default_value = "ecs.state-changes")]
     pub exchange: String,
+    /// Sentinels (`host:port`, comma-separated) that name the Redis primary; when set, the
+    /// relay follows failovers and RELAY_REDIS_URL only supplies credentials, TLS and db.
+    #[arg(long, env = "RELAY_REDIS_SENTINELS", default_value = "")]
+    pub redis_sentinels: String,
+    /// The Sentinel master name of the relay's Redis.
+    #[arg(long, env = "RELAY_REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    pub redis_sentinel_master: String,
+    /// Replicas that must confirm (WAIT) each write the relay acts on before it acks or sends.
+    #[arg(long, env = "RELAY_REDIS_MIN_REPLICAS", default_value_t = 0)]
+    pub redis_min_replicas: u32,
     /// File holding the RabbitMQ password (a mounted secret); replaces the URL's password.
     #[arg(long, env = "RELAY_AMQP_PASSWORD_FILE")]
     pub amqp_password_file: Option<std::path::PathBuf>,
@@ -140,6 +150,16 @@ impl ConnConfig {
         }
     }
 
+    /// The Sentinel addresses of RELAY_REDIS_SENTINELS (empty: none).
+    pub fn sentinels(&self) -> Vec<String> {
+        self.redis_sentinels
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn redis_tls(&self) -> TlsFiles {
         TlsFiles {
             ca: self.redis_ca_file.clone(),
@@ -184,6 +204,9 @@ impl Default for ConnConfig {
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379/0".into(),
             exchange: "ecs.state-changes".into(),
+            redis_sentinels: String::new(),
+            redis_sentinel_master: "mymaster".into(),
+            redis_min_replicas: 0,
             amqp_password_file: None,
             redis_password_file: None,
             amqp_ca_file: None,

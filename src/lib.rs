@@ -12,6 +12,7 @@ pub mod dlq;
 pub mod ecs;
 pub mod metrics;
 pub mod publish;
+pub mod redis_link;
 pub mod semaphore;
 pub mod sender;
 pub mod shard;

@@ -37,6 +37,8 @@ pub const RETRY_BACKOFF_SECONDS: &str = "relay_retry_backoff_seconds";
 pub const AMQP_RECONNECTS: &str = "relay_amqp_reconnects_total";
 pub const REDIS_RECONNECTS: &str = "relay_redis_reconnects_total";
 pub const PERMIT_OLDEST_HELD_SECONDS: &str = "relay_permit_oldest_held_seconds";
+pub const REDIS_FAILOVERS: &str = "relay_redis_failovers_total";
+pub const REDIS_WAIT_SHORTFALLS: &str = "relay_redis_wait_shortfalls_total";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -66,6 +68,8 @@ pub const ALL: &[&str] = &[
     AMQP_RECONNECTS,
     REDIS_RECONNECTS,
     PERMIT_OLDEST_HELD_SECONDS,
+    REDIS_FAILOVERS,
+    REDIS_WAIT_SHORTFALLS,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -119,6 +123,14 @@ pub fn ecs_outcome(error_code: Option<&str>) -> &'static str {
     }
 }
 
+/// Sentinel named a new Redis primary and this worker followed it.
+pub fn redis_failover() {
+    counter!(REDIS_FAILOVERS).increment(1);
+}
+/// A write the relay acts on was confirmed by fewer replicas than RELAY_REDIS_MIN_REPLICAS.
+pub fn redis_wait_shortfall() {
+    counter!(REDIS_WAIT_SHORTFALLS).increment(1);
+}
 pub fn ecs_call(operation: &'static str, error_code: Option<&str>, took: Duration) {
     counter!(ECS_CALLS, "operation" => operation, "outcome" => ecs_outcome(error_code))
         .increment(1);

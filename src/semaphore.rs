@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::CALL_MARGIN;
 use crate::metrics as m;
-use crate::store::{wake_on_publish, Store, StoreResult};
+use crate::store::{wake_on_publish, Store, StoreError, StoreResult};
 
 /// How often releases that failed are tried again.
 const RELEASE_RETRY_EVERY: Duration = Duration::from_millis(200);
@@ -120,8 +120,8 @@ impl Semaphore {
     /// retries releases that failed.
     pub async fn run_background(self, cancel: CancellationToken) {
         let channel = self.inner.channel.clone();
-        let client = self.inner.store.client();
-        let listen = wake_on_publish(client, channel, self.inner.released.clone(), cancel.clone());
+        let store = self.inner.store.clone();
+        let listen = wake_on_publish(store, channel, self.inner.released.clone(), cancel.clone());
         tokio::join!(listen, self.retry_releases(cancel));
     }
 
@@ -240,16 +240,27 @@ impl Semaphore {
     }
 
     async fn try_acquire(&self, id: &str) -> StoreResult<Option<u64>> {
-        let mut conn = self.inner.store.conn().await?;
-        let (granted, wait): (i64, i64) = self
-            .inner
-            .acquire
-            .key(&self.inner.key)
+        let mut inv = self.inner.acquire.prepare_invoke();
+        inv.key(&self.inner.key)
             .arg(id)
             .arg(self.inner.limit)
-            .arg(self.inner.lease_ms)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(self.inner.lease_ms);
+        // Confirmed by the replicas: a promoted replica must count every permit handed out.
+        let (granted, wait): (i64, i64) = match self.inner.store.link().run_durable(&inv).await {
+            Ok(answer) => answer,
+            Err(e @ StoreError::NotReplicated { .. }) => {
+                // Taken on the primary only: give the slot back rather than hold it unused.
+                let taken = Instant::now();
+                self.release_lease(Lease {
+                    id: id.to_string(),
+                    taken,
+                    valid_until: taken + self.lease(),
+                })
+                .await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         Ok((granted != 1).then_some(wait.max(1) as u64))
     }
 

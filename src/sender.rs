@@ -125,8 +125,10 @@ pub struct ShardCtx {
     pub cfg: Arc<WorkerConfig>,
     /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
     pub cancel: CancellationToken,
-    /// Until when (local monotonic clock) the lease is surely still ours; set on each renewal.
-    lease_valid_until: Mutex<Instant>,
+    /// Until when (local monotonic clock) the lease is surely still ours; set on each renewal,
+    /// with the Redis failovers seen by then (a renewal from before a failover is not counted
+    /// on until the new primary confirms the lease).
+    lease_valid_until: Mutex<(Instant, u64)>,
     /// Woken on each renewal, for senders waiting for the lease to cover a call.
     renewed: Notify,
     /// No ECS call for this shard before then: when the previous owner's lease lapsed, one of
@@ -159,7 +161,7 @@ impl ShardCtx {
             ecs,
             permits,
             cancel: CancellationToken::new(),
-            lease_valid_until: Mutex::new(taken_at),
+            lease_valid_until: Mutex::new((taken_at, 0)),
             renewed: Notify::new(),
             calls_from,
             cfg,
@@ -170,10 +172,10 @@ impl ShardCtx {
 
     /// Until when the lease is surely still ours.
     pub fn lease_valid_until(&self) -> Instant {
-        *self
-            .lease_valid_until
+        self.lease_valid_until
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .0
     }
 
     /// Records a successful renewal started at `renewed_at`; a margin covers clock drift.
@@ -182,7 +184,7 @@ impl ShardCtx {
         *self
             .lease_valid_until
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = valid;
+            .unwrap_or_else(|e| e.into_inner()) = (valid, self.store.link().failovers());
         self.renewed.notify_waiters();
     }
 
@@ -200,7 +202,13 @@ impl ShardCtx {
     }
 
     fn lease_covers_a_call(&self) -> bool {
-        Instant::now() >= self.calls_from && self.call_ends_by() < self.lease_valid_until()
+        let (valid_until, failovers) = *self
+            .lease_valid_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Instant::now() >= self.calls_from
+            && self.call_ends_by() < valid_until
+            && failovers == self.store.link().failovers()
     }
 
     /// Waits until the lease covers a whole call (after a renewal, or after the wait that

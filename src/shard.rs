@@ -108,7 +108,7 @@ async fn consume(
         }
     };
     // Closing the channel returns unacknowledged deliveries to the queue for the next owner.
-    let _ = ch.close(200, "shard released".into()).await;
+    amqp::close_channel(&ch, "shard released").await;
     Ok(end)
 }
 

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::amqp;
 use crate::config::ConnConfig;
+use crate::redis_link::Replication;
 use crate::semaphore::Semaphore;
 use crate::store::Store;
 
@@ -40,6 +41,9 @@ pub struct ShardStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub exchange: String,
+    /// The Redis primary (through Sentinel when configured).
+    pub redis_primary: String,
+    pub redis: Replication,
     pub shards: Vec<ShardStatus>,
     pub permits_in_use: u64,
     pub permits_limit: u32,
@@ -55,12 +59,7 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         concurrency_limit: args.concurrency_limit,
         json: args.json,
     };
-    let store = Store::connect(
-        &args.conn.redis_url,
-        &args.conn.redis_tls(),
-        &args.conn.exchange,
-    )
-    .await?;
+    let store = Store::open(&args.conn).await?;
     let permits = Semaphore::new(
         store.clone(),
         "status",
@@ -104,8 +103,11 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         });
     }
     let _ = connection.close(200, "status".into()).await;
+    let redis = store.link().replication().await?;
     Ok(Status {
         exchange: args.conn.exchange.clone(),
+        redis_primary: store.link().primary(),
+        redis,
         shards,
         permits_in_use: permits.in_use().await?,
         permits_limit: args.concurrency_limit,
@@ -125,6 +127,21 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         status.live_workers.len(),
         status.permits_in_use,
         status.permits_limit
+    );
+    println!(
+        "redis {} ({}), {} replica(s){}",
+        status.redis_primary,
+        status.redis.role,
+        status.redis.replicas.len(),
+        status
+            .redis
+            .replicas
+            .iter()
+            .map(|r| format!(
+                "; {} {} lag {} B / {} s",
+                r.addr, r.state, r.lag_bytes, r.lag_s
+            ))
+            .collect::<String>()
     );
     println!(
         "{:>5}  {:<40} {:>9} {:>8} {:>8} {:>7} {:>9}",

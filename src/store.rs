@@ -4,52 +4,22 @@
 //! step is one atomic script that also checks the shard's fencing token (see `src/lua/`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-
-use deadpool_redis::{Pool, Runtime};
-use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{self, Script};
 
-use crate::config::{mask_url, TlsFiles};
+use crate::config::{ConnConfig, TlsFiles};
+use crate::redis_link::Link;
 use crate::wire::{Event, TASK_STATUSES};
 
-/// Why a store call failed: the lease was lost (stop writing this shard), or Redis failed (retry).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("shard lease lost (fenced)")]
-    Fenced,
-    #[error("redis: {0}")]
-    Redis(String),
-}
-
-impl From<redis::RedisError> for StoreError {
-    fn from(e: redis::RedisError) -> Self {
-        // A pipeline reports its commands' errors inside one "Pipeline failure" error, so the
-        // code is looked for in the message too.
-        if e.code() == Some("FENCED") || e.to_string().contains("\"FENCED\"") {
-            StoreError::Fenced
-        } else {
-            StoreError::Redis(e.to_string())
-        }
-    }
-}
-
-impl From<deadpool_redis::PoolError> for StoreError {
-    fn from(e: deadpool_redis::PoolError) -> Self {
-        StoreError::Redis(e.to_string())
-    }
-}
-
-pub type StoreResult<T> = Result<T, StoreError>;
+pub use crate::redis_link::{Conn, StoreError, StoreResult};
 
 /// Wakes every waiter on `notify` whenever something is published on `channel`, until
 /// `cancel`; reconnects by itself, and wakes everyone when the subscription drops and again
 /// once it is back (a message may have been missed meanwhile). Waiters also keep a timeout,
 /// so this is a latency aid, not a need.
 pub async fn wake_on_publish(
-    client: redis::Client,
+    store: Store,
     channel: String,
     notify: std::sync::Arc<tokio::sync::Notify>,
     cancel: tokio_util::sync::CancellationToken,
@@ -57,6 +27,12 @@ pub async fn wake_on_publish(
     use futures_util::StreamExt;
     while !cancel.is_cancelled() {
         let listened: redis::RedisResult<()> = async {
+            // Asked anew each time: after a failover the primary is another node.
+            let client = store
+                .link
+                .client()
+                .await
+                .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "no primary", e.to_string())))?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             // Whatever was published while the subscription was down is lost: wake everyone
@@ -199,9 +175,7 @@ pub mod field {
 
 #[derive(Clone)]
 pub struct Store {
-    pool: Pool,
-    shared: Arc<Shared>,
-    client: redis::Client,
+    link: Arc<Link>,
     namespace: String,
     scripts: std::sync::Arc<Scripts>,
 }
@@ -214,75 +188,6 @@ const PAGE: usize = 500;
 /// the broker's unacknowledged window (the prefetch, far fewer) and a producer's republish of
 /// an unconfirmed message within seconds; a long-lived task's set stays this small.
 pub const RECENT_IDS: usize = 1024;
-
-/// Long-lived connections shared by every step (see [`Store::conn`]).
-const SHARED_CONNECTIONS: usize = 4;
-
-struct Shared {
-    slots: Vec<Mutex<Option<MultiplexedConnection>>>,
-    next: AtomicUsize,
-}
-
-impl Shared {
-    fn slot(&self, index: usize) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
-        self.slots[index].lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A shared connection; a connection-level error (I/O, timeout, dropped) empties its slot so
-/// the next step gets a fresh connection instead of the broken one.
-pub struct Conn {
-    inner: MultiplexedConnection,
-    shared: Arc<Shared>,
-    index: usize,
-}
-
-impl Conn {
-    fn check<T>(&self, result: &redis::RedisResult<T>) {
-        if let Err(e) = result {
-            if e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_unrecoverable_error()
-            {
-                // Counted once per broken connection, by whichever step saw it first.
-                if self.shared.slot(self.index).take().is_some() {
-                    crate::metrics::redis_reconnect();
-                }
-            }
-        }
-    }
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(
-        &'a mut self,
-        cmd: &'a redis::Cmd,
-    ) -> redis::RedisFuture<'a, redis::Value> {
-        Box::pin(async move {
-            let result = self.inner.req_packed_command(cmd).await;
-            self.check(&result);
-            result
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        Box::pin(async move {
-            let result = self.inner.req_packed_commands(cmd, offset, count).await;
-            self.check(&result);
-            result
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.inner.get_db()
-    }
-}
 
 /// Key names of one shard.
 #[derive(Clone, Debug)]
@@ -334,55 +239,55 @@ impl ShardKeys {
 }
 
 impl Store {
-    /// Connects a pool; `namespace` (the exchange name) separates deployments sharing one Redis.
-    /// `tls` gives the CA and client certificate for `rediss://` URLs.
+    /// Connects to one Redis at `url`; `namespace` (the exchange name) separates deployments
+    /// sharing one Redis. `tls` gives the CA and client certificate for `rediss://` URLs.
     pub async fn connect(url: &str, tls: &TlsFiles, namespace: &str) -> anyhow::Result<Store> {
-        let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {}: {e}", mask_url(url));
-        let (ca, identity) = tls.load()?;
-        let client = if ca.is_some() || identity.is_some() {
-            let certs = redis::TlsCertificates {
-                client_tls: identity.map(|(client_cert, client_key)| redis::ClientTlsConfig {
-                    client_cert,
-                    client_key,
-                }),
-                root_cert: ca,
-            };
-            redis::Client::build_with_tls(url, certs).map_err(|e| fail(&e))?
+        Store::on(Link::direct(url, tls, 0)?, namespace).await
+    }
+
+    /// Connects as the configuration says: through Sentinel when `RELAY_REDIS_SENTINELS` is
+    /// set, with `RELAY_REDIS_MIN_REPLICAS` confirming every write the relay acts on.
+    pub async fn open(conn: &ConnConfig) -> anyhow::Result<Store> {
+        let tls = conn.redis_tls();
+        let sentinels = conn.sentinels();
+        let link = if sentinels.is_empty() {
+            Link::direct(&conn.redis_url, &tls, conn.redis_min_replicas)?
         } else {
-            redis::Client::open(url).map_err(|e| fail(&e))?
+            Link::sentinel(
+                &sentinels,
+                &conn.redis_sentinel_master,
+                &conn.redis_url,
+                &tls,
+                conn.redis_min_replicas,
+            )?
         };
-        // The pool is built on the client's connection info, which carries the TLS material.
-        // Bounded waits everywhere: after a network cut or a paused process a connection can
-        // hang; an error is retried, a hang would stall the shard silently. Replies get 5 s,
-        // not the client's default 0.5 s: Redis runs scripts one after another, and under a
-        // full intake load a reply can wait behind many batches on a healthy connection.
-        let bound = Some(std::time::Duration::from_secs(5));
-        let connection = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(bound)
-            .set_response_timeout(bound);
-        let manager = deadpool_redis::Manager::new_with_config(
-            client.get_connection_info().clone(),
-            connection,
-        )
-        .map_err(|e| fail(&e))?;
-        let pool = Pool::builder(manager)
-            .max_size(32)
-            .wait_timeout(bound)
-            .create_timeout(bound)
-            .recycle_timeout(bound)
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| fail(&e))?;
+        let store = Store::on(link, &conn.exchange).await?;
+        if conn.redis_min_replicas > 0 {
+            let online = store
+                .link
+                .replication()
+                .await
+                .map(|r| r.replicas.iter().filter(|r| r.state == "online").count())
+                .unwrap_or(0);
+            if online < conn.redis_min_replicas as usize {
+                tracing::warn!(
+                    online,
+                    wanted = conn.redis_min_replicas,
+                    "fewer Redis replicas online than RELAY_REDIS_MIN_REPLICAS: writes are not confirmed, so nothing is acked or sent until enough replicas are back"
+                );
+            }
+        }
+        Ok(store)
+    }
+
+    async fn on(link: Link, namespace: &str) -> anyhow::Result<Store> {
         let store = Store {
-            pool,
-            shared: Arc::new(Shared {
-                slots: (0..SHARED_CONNECTIONS).map(|_| Mutex::new(None)).collect(),
-                next: AtomicUsize::new(0),
-            }),
-            client,
+            link: Arc::new(link),
             namespace: namespace.to_string(),
             scripts: std::sync::Arc::new(Scripts::new()),
         };
+        let fail =
+            |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {}: {e}", store.link.target());
         let mut conn = store.conn().await.map_err(|e| fail(&e))?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
@@ -391,30 +296,14 @@ impl Store {
         Ok(store)
     }
 
-    /// A client for dedicated connections (pub/sub), with the pool's address and TLS.
-    pub fn client(&self) -> redis::Client {
-        self.client.clone()
+    /// A shared connection for one step (see [`Link::conn`]).
+    pub async fn conn(&self) -> StoreResult<Conn> {
+        self.link.conn().await
     }
 
-    /// A connection for one step. A pool checkout costs a round trip (deadpool pings on
-    /// recycle), so steps share a few long-lived multiplexed connections, each pipelining
-    /// concurrent requests; one that fails at the connection level is replaced on next use.
-    pub async fn conn(&self) -> StoreResult<Conn> {
-        let index = self.shared.next.fetch_add(1, Ordering::Relaxed) % self.shared.slots.len();
-        if let Some(inner) = self.shared.slot(index).clone() {
-            return Ok(Conn {
-                inner,
-                shared: self.shared.clone(),
-                index,
-            });
-        }
-        let inner = deadpool_redis::Connection::take(self.pool.get().await?);
-        *self.shared.slot(index) = Some(inner.clone());
-        Ok(Conn {
-            inner,
-            shared: self.shared.clone(),
-            index,
-        })
+    /// The Redis connections: failovers followed, replication, durable script runs.
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
     pub fn namespace(&self) -> &str {
@@ -480,8 +369,7 @@ impl Store {
                 inv.arg(t.as_deref().unwrap_or_default());
             }
         }
-        let mut conn = self.conn().await?;
-        let codes: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        let codes: Vec<i64> = self.link.run_durable(&inv).await?;
         Ok(codes
             .into_iter()
             .map(|c| match c {
@@ -520,7 +408,6 @@ impl Store {
         retention_s: u64,
     ) -> StoreResult<Completed> {
         let keys = self.shard(shard);
-        let mut conn = self.conn().await?;
         let mut inv = self.scripts.complete.prepare_invoke();
         inv.key(keys.lease())
             .key(keys.outbox(key))
@@ -538,7 +425,7 @@ impl Store {
             inv.arg(f).arg(*v);
         }
         let (left, head, state): (i64, Option<String>, HashMap<String, String>) =
-            inv.invoke_async(&mut conn).await?;
+            self.link.run_durable(&inv).await?;
         Ok(Completed {
             left: u64::try_from(left).ok(),
             head,
@@ -737,17 +624,14 @@ impl Store {
         lease_ms: u64,
     ) -> StoreResult<Option<Taken>> {
         let keys = self.shard(shard);
-        let mut conn = self.conn().await?;
-        let (token, lapsed): (u64, u8) = self
-            .scripts
-            .lease_acquire
-            .key(keys.lease())
+        let mut inv = self.scripts.lease_acquire.prepare_invoke();
+        inv.key(keys.lease())
             .key(keys.fence_counter())
             .key(keys.released())
             .arg(owner)
-            .arg(lease_ms)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(lease_ms);
+        // Confirmed by the replicas: a promoted replica must know every token granted.
+        let (token, lapsed): (u64, u8) = self.link.run_durable(&inv).await?;
         Ok((token > 0).then(|| Taken {
             fence: Fence {
                 owner: owner.to_string(),
@@ -758,16 +642,12 @@ impl Store {
     }
 
     pub async fn lease_renew(&self, shard: u16, fence: &Fence, lease_ms: u64) -> StoreResult<bool> {
-        let mut conn = self.conn().await?;
-        let ok: i64 = self
-            .scripts
-            .lease_renew
-            .key(self.shard(shard).lease())
+        let mut inv = self.scripts.lease_renew.prepare_invoke();
+        inv.key(self.shard(shard).lease())
             .arg(&fence.owner)
             .arg(fence.token)
-            .arg(lease_ms)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(lease_ms);
+        let ok: i64 = self.link.run_durable(&inv).await?;
         Ok(ok == 1)
     }
 

@@ -41,12 +41,7 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let cfg = Arc::new(cfg);
     let worker_id = cfg.worker_id();
-    let store = Store::connect(
-        &cfg.conn.redis_url,
-        &cfg.conn.redis_tls(),
-        &cfg.conn.exchange,
-    )
-    .await?;
+    let store = Store::open(&cfg.conn).await?;
     let permits = Semaphore::new(
         store.clone(),
         &worker_id,
@@ -59,7 +54,7 @@ pub async fn run(
     tokio::spawn(report_permits(permits.clone(), background.clone()));
     let rebalance = Arc::new(Notify::new());
     tokio::spawn(wake_on_publish(
-        store.client(),
+        store.clone(),
         store.membership_channel(),
         rebalance.clone(),
         background.clone(),
@@ -186,6 +181,8 @@ impl Session {
                 _ = cancel.cancelled() => break Ok(()),
                 _ = tokio::time::sleep(next) => {}
                 _ = woken => {}
+                // Leases are renewed on the new primary at once: calls wait for that.
+                _ = self.store.link().failed_over() => {}
             }
         };
         ready.set_amqp(false);
@@ -210,7 +207,7 @@ impl Session {
             tracing::warn!("Redis did not answer; the shard leases lapse instead");
         }
         m::shards_owned(0);
-        let _ = conn.close(200, "worker stopping".into()).await;
+        amqp::close_connection(&conn, "worker stopping").await;
         outcome
     }
 

@@ -54,6 +54,10 @@ fn compose_runs_the_whole_stack_with_health_checks_and_start_order() {
     for service in [
         "rabbitmq:",
         "redis:",
+        "redis-replica:",
+        "sentinel-1:",
+        "sentinel-2:",
+        "sentinel-3:",
         "ecs-sim:",
         "worker-1:",
         "worker-2:",
@@ -69,6 +73,14 @@ fn compose_runs_the_whole_stack_with_health_checks_and_start_order() {
         compose.contains("--appendonly\", \"yes\""),
         "Redis keeps an AOF"
     );
+    for needle in [
+        "RELAY_REDIS_SENTINELS: sentinel-1:26379,sentinel-2:26379,sentinel-3:26379",
+        "RELAY_REDIS_MIN_REPLICAS: \"1\"",
+        "\"--replicaof\", \"redis\", \"6379\"",
+        "\"--min-replicas-to-write\", \"1\"",
+    ] {
+        assert!(compose.contains(needle), "Redis HA shape: {needle} missing");
+    }
     assert!(
         compose.contains("condition: service_healthy"),
         "workers wait for healthy services"

@@ -24,6 +24,9 @@ const FAULT_ONLY: &[&str] = &[
     m::AMQP_ERRORS,
     m::AMQP_RECONNECTS,
     m::REDIS_RECONNECTS,
+    // Shown moving by tests/redis_ha.rs.
+    m::REDIS_FAILOVERS,
+    m::REDIS_WAIT_SHORTFALLS,
 ];
 
 fn promtool() -> &'static str {

@@ -12,6 +12,9 @@ if err then return err end
 
 local head = redis.call('LINDEX', KEYS[2], 0)
 if not head or string.sub(head, 1, #ARGV[3]) ~= ARGV[3] then
+  -- Already removed (a retry whose first try landed): still write, so a WAIT after this
+  -- script also covers that first try's removal (replication is one stream).
+  redis.call('ZADD', KEYS[5], redis.call('TIME')[1], ARGV[4])
   return {-1, head, redis.call('HGETALL', KEYS[3])}
 end
 redis.call('LPOP', KEYS[2])

@@ -78,6 +78,12 @@ for e = 0, (#ARGV - 5) / 9 - 1 do
   results[#results + 1] = result
 end
 
+-- Always write something: a WAIT after this script then also covers what an earlier try of
+-- the same batch wrote (replication is one stream), even when every event is a duplicate now.
+if next(touched) == nil then
+  redis.call('INCR', KEYS[5])
+end
+
 -- Retention: the sweeper drops (and counts) idle tasks after 1x; the TTL is only a safety net.
 local ttl = tonumber(ARGV[3]) * 2
 for key, k in pairs(touched) do

@@ -23,6 +23,7 @@ use lapin::BasicProperties;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+pub mod ha;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
@@ -205,6 +206,18 @@ impl Env {
             (
                 "RELAY_WORKER_ID".into(),
                 cfg.worker_id.clone().unwrap_or_default(),
+            ),
+            (
+                "RELAY_REDIS_SENTINELS".into(),
+                cfg.conn.redis_sentinels.clone(),
+            ),
+            (
+                "RELAY_REDIS_SENTINEL_MASTER".into(),
+                cfg.conn.redis_sentinel_master.clone(),
+            ),
+            (
+                "RELAY_REDIS_MIN_REPLICAS".into(),
+                cfg.conn.redis_min_replicas.to_string(),
             ),
             ("AWS_ENDPOINT_URL_ECS".into(), self.sim_url.clone()),
             ("AWS_REGION".into(), "us-east-1".into()),

@@ -1,0 +1,486 @@
+//! The way to Redis: a fixed address, or the primary that Sentinel names (asked again for every
+//! new connection, so a failover is followed without a restart); a few long-lived shared
+//! connections; and, when replicas must confirm writes, `WAIT` after each write the relay acts on.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_redis::{Pool, Runtime};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, FromRedisValue, ScriptInvocation};
+use tokio::sync::Notify;
+
+use crate::config::{mask_url, TlsFiles};
+use crate::metrics as m;
+
+/// Why a store call failed: the lease was lost (stop writing this shard), or Redis failed (retry).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("shard lease lost (fenced)")]
+    Fenced,
+    #[error("redis: {0}")]
+    Redis(String),
+    /// Written on the primary but not confirmed by enough replicas: a failover could lose it,
+    /// so it counts as not stored (retry; never ack or send on it).
+    #[error("redis: write confirmed by {got} of {wanted} replicas")]
+    NotReplicated { wanted: u32, got: u32 },
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(e: redis::RedisError) -> Self {
+        // A pipeline reports its commands' errors inside one "Pipeline failure" error, so the
+        // code is looked for in the message too.
+        if e.code() == Some("FENCED") || e.to_string().contains("\"FENCED\"") {
+            StoreError::Fenced
+        } else {
+            StoreError::Redis(e.to_string())
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for StoreError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        StoreError::Redis(e.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Long-lived connections shared by every step (see [`Link::conn`]).
+const SHARED_CONNECTIONS: usize = 4;
+
+/// How long a write waits for its replicas before it counts as not stored.
+const WAIT_MS: u64 = 1_000;
+
+/// Bounded waits everywhere: after a network cut or a paused process a connection can hang;
+/// an error is retried, a hang would stall the shard silently. Replies get 5 s, not the
+/// client's default 0.5 s: Redis runs scripts one after another, and under a full intake load
+/// a reply can wait behind many batches on a healthy connection.
+const BOUND: Duration = Duration::from_secs(5);
+
+enum Source {
+    /// One Redis at a fixed address; the pool creates connections with bounded waits.
+    Direct { pool: Pool, client: Client },
+    /// The primary Sentinel names for the master; the client checks its ROLE before use.
+    Sentinel {
+        sentinel: Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+        config: AsyncConnectionConfig,
+        /// The primary's address last connected to, to notice a failover.
+        primary: Mutex<Option<String>>,
+    },
+}
+
+pub struct Link {
+    source: Source,
+    slots: Vec<Mutex<Option<MultiplexedConnection>>>,
+    next: AtomicUsize,
+    min_replicas: u32,
+    failovers: AtomicU64,
+    /// Woken when a new primary is seen, so leases are checked again at once.
+    failed_over: Notify,
+    /// What to name in errors: the URL (masked) or the Sentinel master.
+    target: String,
+}
+
+impl Link {
+    /// A fixed Redis. `tls` gives the CA and client certificate for `rediss://` URLs.
+    pub fn direct(url: &str, tls: &TlsFiles, min_replicas: u32) -> anyhow::Result<Link> {
+        let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {}: {e}", mask_url(url));
+        let client = match tls_certificates(tls)? {
+            Some(certs) => Client::build_with_tls(url, certs).map_err(|e| fail(&e))?,
+            None => Client::open(url).map_err(|e| fail(&e))?,
+        };
+        // The pool is built on the client's connection info, which carries the TLS material.
+        let manager = deadpool_redis::Manager::new_with_config(
+            client.get_connection_info().clone(),
+            connection_config(),
+        )
+        .map_err(|e| fail(&e))?;
+        let pool = Pool::builder(manager)
+            .max_size(32)
+            .wait_timeout(Some(BOUND))
+            .create_timeout(Some(BOUND))
+            .recycle_timeout(Some(BOUND))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| fail(&e))?;
+        Ok(Link::new(
+            Source::Direct { pool, client },
+            min_replicas,
+            mask_url(url),
+        ))
+    }
+
+    /// The primary of `master` as the Sentinels at `sentinels` (`host:port`) name it. `url`
+    /// supplies the data nodes' credentials, TLS (`rediss://`) and database; its host is unused.
+    pub fn sentinel(
+        sentinels: &[String],
+        master: &str,
+        url: &str,
+        tls: &TlsFiles,
+        min_replicas: u32,
+    ) -> anyhow::Result<Link> {
+        let target = format!("Sentinel master {master:?} via {}", sentinels.join(","));
+        let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {target}: {e}");
+        let mut addrs = Vec::new();
+        for s in sentinels {
+            let (host, port) = s
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("RELAY_REDIS_SENTINELS: {s:?} is not host:port"))?;
+            addrs.push(ConnectionAddr::Tcp(host, port));
+        }
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| anyhow::anyhow!("RELAY_REDIS_URL {}: {e}", mask_url(url)))?;
+        let redis_info = info.redis_settings();
+        let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+            .map_err(|e| fail(&e))?
+            .set_client_to_redis_db(redis_info.db());
+        if let Some(user) = redis_info.username() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = redis_info.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if url.starts_with("rediss://") {
+            builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
+            if let Some(certs) = tls_certificates(tls)? {
+                builder = builder.set_client_to_redis_certificates(certs);
+            }
+        }
+        let sentinel = builder.build().map_err(|e| fail(&e))?;
+        Ok(Link::new(
+            Source::Sentinel {
+                sentinel: Box::new(tokio::sync::Mutex::new(sentinel)),
+                config: connection_config(),
+                primary: Mutex::new(None),
+            },
+            min_replicas,
+            target,
+        ))
+    }
+
+    fn new(source: Source, min_replicas: u32, target: String) -> Link {
+        Link {
+            source,
+            slots: (0..SHARED_CONNECTIONS).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+            min_replicas,
+            failovers: AtomicU64::new(0),
+            failed_over: Notify::new(),
+            target,
+        }
+    }
+
+    /// The Redis this link talks to, for messages (credentials masked).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The primary's address as last connected to (Sentinel), or the masked URL.
+    pub fn primary(&self) -> String {
+        match &self.source {
+            Source::Direct { .. } => self.target.clone(),
+            Source::Sentinel { primary, .. } => primary
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn slot(&self, index: usize) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.slots[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection for one step. A pool checkout costs a round trip (deadpool pings on
+    /// recycle), so steps share a few long-lived multiplexed connections, each pipelining
+    /// concurrent requests; one that fails at the connection level is replaced on next use.
+    pub async fn conn(self: &Arc<Self>) -> StoreResult<Conn> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        if let Some(inner) = self.slot(index).clone() {
+            return Ok(Conn {
+                inner,
+                link: self.clone(),
+                index,
+            });
+        }
+        let inner = self.connect().await?;
+        *self.slot(index) = Some(inner.clone());
+        Ok(Conn {
+            inner,
+            link: self.clone(),
+            index,
+        })
+    }
+
+    async fn connect(&self) -> StoreResult<MultiplexedConnection> {
+        match &self.source {
+            Source::Direct { pool, .. } => Ok(deadpool_redis::Connection::take(pool.get().await?)),
+            Source::Sentinel { config, .. } => {
+                let client = self.primary_client().await?;
+                Ok(client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await?)
+            }
+        }
+    }
+
+    /// A client for dedicated connections (pub/sub): the fixed address, or the current primary.
+    pub async fn client(&self) -> StoreResult<Client> {
+        match &self.source {
+            Source::Direct { client, .. } => Ok(client.clone()),
+            Source::Sentinel { .. } => self.primary_client().await,
+        }
+    }
+
+    /// Asks the Sentinels for the primary (and checks its ROLE); counts a changed address as a
+    /// failover.
+    async fn primary_client(&self) -> StoreResult<Client> {
+        let Source::Sentinel {
+            sentinel, primary, ..
+        } = &self.source
+        else {
+            return self.client_direct();
+        };
+        let client = tokio::time::timeout(BOUND, async {
+            sentinel.lock().await.async_get_client().await
+        })
+        .await
+        .map_err(|_| StoreError::Redis(format!("{}: no answer within 5 s", self.target)))??;
+        let addr = client.get_connection_info().addr().to_string();
+        let mut last = primary.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref().is_some_and(|a| a != addr) {
+            tracing::warn!(primary = %addr, previous = last.as_deref().unwrap_or(""),
+                "Redis failover: Sentinel names a new primary");
+            m::redis_failover();
+            self.failovers.fetch_add(1, Ordering::SeqCst);
+            self.failed_over.notify_waiters();
+        }
+        *last = Some(addr);
+        Ok(client)
+    }
+
+    fn client_direct(&self) -> StoreResult<Client> {
+        match &self.source {
+            Source::Direct { client, .. } => Ok(client.clone()),
+            Source::Sentinel { .. } => Err(StoreError::Redis("not a direct link".into())),
+        }
+    }
+
+    /// How many failovers this link has followed; a lease renewed before the last one is
+    /// checked again before it is counted on.
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the next failover is seen.
+    pub async fn failed_over(&self) {
+        self.failed_over.notified().await
+    }
+
+    /// Replicas that must confirm a write the relay acts on (`RELAY_REDIS_MIN_REPLICAS`).
+    pub fn min_replicas(&self) -> u32 {
+        self.min_replicas
+    }
+
+    /// Runs a script whose writes the relay acts on. With replicas required, `WAIT` follows in
+    /// the same round trip (pipelined); too few confirmations mean "not stored". The scripts
+    /// always write something (if only a sequence number), so the `WAIT` also covers what an
+    /// earlier, unconfirmed try of the same step wrote.
+    pub async fn run_durable<T: FromRedisValue>(
+        self: &Arc<Self>,
+        inv: &ScriptInvocation<'_>,
+    ) -> StoreResult<T> {
+        let mut conn = self.conn().await?;
+        if self.min_replicas == 0 {
+            return Ok(inv.invoke_async(&mut conn).await?);
+        }
+        let mut loaded = false;
+        loop {
+            let result: redis::RedisResult<(T, u32)> = redis::pipe()
+                .invoke_script(inv)
+                .cmd("WAIT")
+                .arg(self.min_replicas)
+                .arg(WAIT_MS)
+                .query_async(&mut conn)
+                .await;
+            match result {
+                Ok((value, got)) if got >= self.min_replicas => return Ok(value),
+                Ok((_, got)) => {
+                    m::redis_wait_shortfall();
+                    return Err(StoreError::NotReplicated {
+                        wanted: self.min_replicas,
+                        got,
+                    });
+                }
+                // Pipelines do not load scripts by themselves (a new primary has none cached).
+                Err(e) if !loaded && e.to_string().to_ascii_uppercase().contains("NOSCRIPT") => {
+                    inv.load_async(&mut conn).await?;
+                    loaded = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The primary's `INFO replication` (role, replicas, offsets), for `status` and start checks.
+    pub async fn replication(self: &Arc<Self>) -> StoreResult<Replication> {
+        let mut conn = self.conn().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await?;
+        Ok(Replication::parse(&info))
+    }
+}
+
+/// The parts of `INFO replication` an operator needs.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Replication {
+    pub role: String,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReplicaInfo {
+    pub addr: String,
+    pub state: String,
+    /// Replication bytes the replica is behind the primary.
+    pub lag_bytes: u64,
+    /// Seconds since the replica's last acknowledgement.
+    pub lag_s: u64,
+}
+
+impl Replication {
+    fn parse(info: &str) -> Replication {
+        let mut role = String::new();
+        let mut offset = 0u64;
+        let mut replicas = Vec::new();
+        for line in info.lines() {
+            let Some((k, v)) = line.trim().split_once(':') else {
+                continue;
+            };
+            if k == "role" {
+                role = v.to_string();
+            } else if k == "master_repl_offset" {
+                offset = v.parse().unwrap_or(0);
+            } else if k.starts_with("slave") && k[5..].chars().all(|c| c.is_ascii_digit()) {
+                // slave0:ip=…,port=…,state=online,offset=…,lag=…
+                let field = |name: &str| {
+                    v.split(',')
+                        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                        .unwrap_or("")
+                        .to_string()
+                };
+                replicas.push(ReplicaInfo {
+                    addr: format!("{}:{}", field("ip"), field("port")),
+                    state: field("state"),
+                    lag_bytes: field("offset").parse::<u64>().unwrap_or(0),
+                    lag_s: field("lag").parse().unwrap_or(0),
+                });
+            }
+        }
+        for r in &mut replicas {
+            r.lag_bytes = offset.saturating_sub(r.lag_bytes);
+        }
+        Replication { role, replicas }
+    }
+}
+
+fn connection_config() -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(BOUND))
+        .set_response_timeout(Some(BOUND))
+}
+
+fn tls_certificates(tls: &TlsFiles) -> anyhow::Result<Option<redis::TlsCertificates>> {
+    let (ca, identity) = tls.load()?;
+    if ca.is_none() && identity.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(redis::TlsCertificates {
+        client_tls: identity.map(|(client_cert, client_key)| redis::ClientTlsConfig {
+            client_cert,
+            client_key,
+        }),
+        root_cert: ca,
+    }))
+}
+
+/// A shared connection; a connection-level error (I/O, timeout, dropped), or a primary that
+/// turned replica (`READONLY` after a failover), empties its slot so the next step gets a
+/// fresh connection to the current primary instead of the broken one.
+pub struct Conn {
+    inner: MultiplexedConnection,
+    link: Arc<Link>,
+    index: usize,
+}
+
+impl Conn {
+    fn check<T>(&self, result: &redis::RedisResult<T>) {
+        if let Err(e) = result {
+            if e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_unrecoverable_error()
+                || e.to_string().contains("READONLY")
+            {
+                // Counted once per broken connection, by whichever step saw it first.
+                if self.link.slot(self.index).take().is_some() {
+                    m::redis_reconnect();
+                }
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_command(cmd).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let result = self.inner.req_packed_commands(cmd, offset, count).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replication_info_gives_role_replicas_and_lag() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\n\
+            slave0:ip=127.0.0.1,port=6380,state=online,offset=90,lag=1\r\n\
+            master_repl_offset:100\r\n";
+        let r = Replication::parse(info);
+        assert_eq!(r.role, "master");
+        assert_eq!(r.replicas.len(), 1);
+        assert_eq!(r.replicas[0].addr, "127.0.0.1:6380");
+        assert_eq!(r.replicas[0].state, "online");
+        assert_eq!((r.replicas[0].lag_bytes, r.replicas[0].lag_s), (10, 1));
+    }
+}

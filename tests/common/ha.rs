@@ -1,0 +1,402 @@
+//! A Redis high-availability group on loopback for failover tests: one primary, one replica and
+//! three Sentinels (quorum 2), each a `redis-server` child process on a free port, with their
+//! configs, logs and data files in a private temp dir. Never the shared instance on 6379.
+//!
+//! Timings: a primary is subjectively down after 1 s without a PING reply
+//! (`down-after-milliseconds`); `failover-timeout` is 2 s, which also sets how long a Sentinel
+//! waits before it turns a restarted old primary (reporting itself a master) into a replica, and
+//! the 4 s pause before a failover is retried after a split vote.
+//!
+//! Data nodes have no persistence, and a restarted node comes back empty, as one without
+//! persistence would in production: restarted before a failover, it stays the (empty) primary
+//! and its replica resyncs from it.
+//!
+//! A restarted node rejoins as a replica about 10 s after it is back: Sentinel sends INFO to
+//! replicas every 10 s (fixed, not configurable) and only converts a replica that reports itself
+//! a master at an INFO reply more than `failover-timeout` after it first saw it as one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::eventually;
+
+/// Per connection attempt and per command, so a stopped or hung node never stalls a poll.
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on the initial sync and on Sentinel discovery in `start`.
+const START_WITHIN: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+
+pub struct RedisHa {
+    pub master_name: String,
+    pub sentinel_ports: Vec<u16>,
+    dir: PathBuf,
+    children: HashMap<u16, Child>,
+    data: [u16; 2],
+}
+
+impl RedisHa {
+    /// Primary + replica + 3 Sentinels. Returns once the replica is in sync and every Sentinel
+    /// names the primary and knows the replica and the two other Sentinels.
+    pub async fn start(master_name: &str) -> RedisHa {
+        let dir = std::env::temp_dir().join(format!(
+            "redis-ha-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create the HA temp dir");
+        let ports = free_ports(5);
+        let mut ha = RedisHa {
+            master_name: master_name.to_string(),
+            sentinel_ports: ports[2..].to_vec(),
+            dir,
+            children: HashMap::new(),
+            data: [ports[0], ports[1]],
+        };
+        let [primary, replica] = ha.data;
+
+        ha.spawn_data(primary, None);
+        ha.wait_ping(primary).await;
+        ha.spawn_data(replica, Some(primary));
+        ha.wait_ping(replica).await;
+        eventually(
+            START_WITHIN,
+            "the replica in sync with the primary",
+            || async {
+                info_field(replica, "replication", "master_link_status").await == Some("up".into())
+                    && online_replicas(primary).await >= 1
+            },
+        )
+        .await;
+
+        for p in ha.sentinel_ports.clone() {
+            ha.spawn_sentinel(p, primary);
+        }
+        for p in ha.sentinel_ports.clone() {
+            ha.wait_ping(p).await;
+        }
+        let name = ha.master_name.clone();
+        let sentinels = ha.sentinel_ports.clone();
+        eventually(
+            START_WITHIN,
+            "every sentinel knows the primary, the replica and the other sentinels",
+            || {
+                let (name, sentinels) = (name.clone(), sentinels.clone());
+                async move {
+                    for &s in &sentinels {
+                        if master_addr(s, &name).await != Some(primary) {
+                            return false;
+                        }
+                        let replicas = sentinel_list(s, "REPLICAS", &name).await;
+                        if !replicas
+                            .iter()
+                            .any(|r| port_of(r) == Some(replica) && healthy(r))
+                        {
+                            return false;
+                        }
+                        let others = sentinel_list(s, "SENTINELS", &name).await;
+                        if others.iter().filter(|o| healthy(o)).count() != sentinels.len() - 1 {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            },
+        )
+        .await;
+        ha
+    }
+
+    /// `127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3`
+    pub fn sentinels(&self) -> String {
+        self.sentinel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The two data node ports, primary first at start.
+    pub fn data_ports(&self) -> [u16; 2] {
+        self.data
+    }
+
+    /// The primary's port as the Sentinels report it, asking each in turn until one answers.
+    pub async fn primary_port(&self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for &s in &self.sentinel_ports {
+                if let Some(p) = master_addr(s, &self.master_name).await {
+                    return p;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no sentinel names a primary for {}",
+                self.master_name
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// SIGKILLs the redis-server on that data port.
+    pub fn kill(&mut self, port: u16) {
+        assert!(self.data.contains(&port), "{port} is not a data port");
+        let mut child = self
+            .children
+            .remove(&port)
+            .unwrap_or_else(|| panic!("no redis-server runs on {port}"));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the node on that data port again, empty and without `--replicaof`: the Sentinels
+    /// make it a replica of the current primary (after `failover-timeout`). Waits for PING.
+    pub async fn restart(&mut self, port: u16) {
+        assert!(self.data.contains(&port), "{port} is not a data port");
+        if let Some(mut old) = self.children.remove(&port) {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.join(format!("dump-{port}.rdb")));
+        self.spawn_data(port, None);
+        self.wait_ping(port).await;
+    }
+
+    /// Waits until every Sentinel names the same primary other than `old`, and that node says
+    /// it is a master; returns its port. Panics past `within`.
+    pub async fn wait_failover(&self, old: u16, within: Duration) -> u16 {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut named = Vec::new();
+            for &s in &self.sentinel_ports {
+                named.push(master_addr(s, &self.master_name).await);
+            }
+            if let Some(Some(new)) = named.first().copied() {
+                if new != old
+                    && named.iter().all(|n| *n == Some(new))
+                    && info_field(new, "replication", "role").await == Some("master".into())
+                {
+                    return new;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failover from {old} within {within:?}: sentinels name {named:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until the current primary reports at least `n` connected replicas with
+    /// `state=online`. Panics past `within`.
+    pub async fn wait_replicas(&self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let primary = self.primary_port().await;
+            let online = online_replicas(primary).await;
+            if online >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "primary {primary} has {online} online replicas, not {n}, after {within:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>/0` for a data port.
+    pub fn url(port: u16) -> String {
+        format!("redis://127.0.0.1:{port}/0")
+    }
+
+    fn spawn_data(&mut self, port: u16, replica_of: Option<u16>) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--dbfilename", &format!("dump-{port}.rdb")])
+            .arg("--logfile")
+            .arg(self.dir.join(format!("redis-{port}.log")))
+            .args(["--repl-diskless-sync", "yes"])
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--repl-diskless-load", "on-empty-db"])
+            .args(["--rdb-del-sync-files", "yes"]);
+        if let Some(primary) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
+        }
+        self.spawn(port, cmd);
+    }
+
+    fn spawn_sentinel(&mut self, port: u16, primary: u16) {
+        let name = &self.master_name;
+        let conf = self.dir.join(format!("sentinel-{port}.conf"));
+        let text = format!(
+            "port {port}\n\
+             bind 127.0.0.1\n\
+             daemonize no\n\
+             dir {dir}\n\
+             logfile {log}\n\
+             sentinel resolve-hostnames no\n\
+             sentinel announce-hostnames no\n\
+             sentinel monitor {name} 127.0.0.1 {primary} 2\n\
+             sentinel down-after-milliseconds {name} 1000\n\
+             sentinel failover-timeout {name} 2000\n\
+             sentinel parallel-syncs {name} 1\n",
+            dir = self.dir.display(),
+            log = self.dir.join(format!("sentinel-{port}.log")).display(),
+        );
+        std::fs::write(&conf, text).expect("write a sentinel config");
+        let mut cmd = Command::new("redis-server");
+        cmd.arg(&conf).arg("--sentinel");
+        self.spawn(port, cmd);
+    }
+
+    fn spawn(&mut self, port: u16, mut cmd: Command) {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.children.insert(port, child);
+    }
+
+    /// Waits for PING on a child's port; panics with its log if it exits (a port taken since
+    /// `free_ports`, a bad option).
+    async fn wait_ping(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(child) = self.children.get_mut(&port) {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("redis-server on {port} exited ({status}) at start");
+                }
+            }
+            if query::<String>(port, &redis::cmd("PING")).await.as_deref() == Some("PONG") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} does not answer PING"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The last lines of every log in the temp dir (printed by `drop` when a test fails).
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        files.retain(|f| f.extension().is_some_and(|x| x == "log"));
+        files.sort();
+        for f in files {
+            out.push_str(&format!("--- {}\n", file_name(&f)));
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RedisHa {
+    fn drop(&mut self) {
+        for (_, mut child) in self.children.drain() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("redis HA logs ({}):\n{}", self.dir.display(), self.logs());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `n` distinct free loopback ports: every listener is held until all are picked.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// One command on a fresh connection; `None` on any error or timeout.
+async fn query<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> Option<T> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = tokio::time::timeout(IO_TIMEOUT, client.get_multiplexed_async_connection())
+        .await
+        .ok()?
+        .ok()?;
+    tokio::time::timeout(IO_TIMEOUT, cmd.query_async::<T>(&mut conn))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// A field of an INFO section, e.g. `replication` / `role`.
+async fn info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let info: String = query(port, redis::cmd("INFO").arg(section)).await?;
+    info.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+/// Replicas the node lists as `state=online` in INFO replication (0 if it does not answer).
+async fn online_replicas(port: u16) -> usize {
+    let Some(info) = query::<String>(port, redis::cmd("INFO").arg("replication")).await else {
+        return 0;
+    };
+    info.lines()
+        .filter(|l| l.starts_with("slave") && l.contains(":ip=") && l.contains(",state=online,"))
+        .count()
+}
+
+/// SENTINEL get-master-addr-by-name, as a port.
+async fn master_addr(sentinel: u16, name: &str) -> Option<u16> {
+    let addr: Option<(String, u16)> = query(
+        sentinel,
+        redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(name),
+    )
+    .await?;
+    addr.map(|(_, port)| port)
+}
+
+/// SENTINEL REPLICAS|SENTINELS <name>: one field map per instance (empty on error).
+async fn sentinel_list(sentinel: u16, what: &str, name: &str) -> Vec<HashMap<String, String>> {
+    query(sentinel, redis::cmd("SENTINEL").arg(what).arg(name))
+        .await
+        .unwrap_or_default()
+}
+
+fn port_of(instance: &HashMap<String, String>) -> Option<u16> {
+    instance.get("port")?.parse().ok()
+}
+
+/// Not subjectively/objectively down, not disconnected.
+fn healthy(instance: &HashMap<String, String>) -> bool {
+    instance.get("flags").is_some_and(|f| {
+        !f.split(',')
+            .any(|x| matches!(x, "s_down" | "o_down" | "disconnected"))
+    })
+}
