@@ -11,7 +11,7 @@ use lapin::{
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 
-use crate::config::{mask_url, TlsFiles};
+use crate::config::{mask_url, url_list, TlsFiles};
 use crate::wire::Reject;
 
 /// Deliveries beyond this count are dead-lettered by the broker: a safety net for a message
@@ -68,7 +68,56 @@ pub enum TopologyError {
 }
 
 /// Connects with the CA and client certificate of `tls` (used for `amqps://` URLs).
-pub async fn connect(url: &str, tls: &TlsFiles, name: &str) -> anyhow::Result<Connection> {
+/// Connects to the first node of `urls` (one URL, or a comma-separated list of a cluster's
+/// nodes) that answers.
+pub async fn connect(urls: &str, tls: &TlsFiles, name: &str) -> anyhow::Result<Connection> {
+    Ok(connect_any(urls, 0, tls, name).await?.0)
+}
+
+/// Tries the nodes of `urls` in order, starting with the one at `start` (so a reconnect moves
+/// on to the next node); returns the connection and the index of the node that answered.
+pub async fn connect_any(
+    urls: &str,
+    start: usize,
+    tls: &TlsFiles,
+    name: &str,
+) -> anyhow::Result<(Connection, usize)> {
+    let nodes = url_list(urls);
+    if nodes.is_empty() {
+        anyhow::bail!("RELAY_AMQP_URL is empty");
+    }
+    let mut errors = Vec::new();
+    for k in 0..nodes.len() {
+        let i = (start + k) % nodes.len();
+        match connect_one(nodes[i], tls, name).await {
+            Ok(c) => {
+                if nodes.len() > 1 {
+                    tracing::info!(node = %mask_url(nodes[i]), "connected to RabbitMQ");
+                }
+                return Ok((c, i));
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    anyhow::bail!("{}", errors.join("; "))
+}
+
+/// The `host:port` of the node at `index` of `urls`, for logs and the node metric.
+pub fn node_label(urls: &str, index: usize) -> String {
+    url_list(urls)
+        .get(index)
+        .and_then(|u| url::Url::parse(u).ok())
+        .map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or(""),
+                u.port().unwrap_or(5672)
+            )
+        })
+        .unwrap_or_default()
+}
+
+async fn connect_one(url: &str, tls: &TlsFiles, name: &str) -> anyhow::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let (ca, identity) = tls.load()?;
     let config = OwnedTLSConfig {

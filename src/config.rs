@@ -181,10 +181,19 @@ impl ConnConfig {
     }
 }
 
+/// Puts the password of `path` into every URL of the (comma-separated) list.
 fn with_password(raw: &str, path: &std::path::Path) -> anyhow::Result<String> {
     let secret = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read password file {}: {e}", path.display()))?;
     let secret = secret.trim_end_matches(['\r', '\n']);
+    let urls = url_list(raw)
+        .into_iter()
+        .map(|u| url_with_password(u, secret))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(urls.join(","))
+}
+
+fn url_with_password(raw: &str, secret: &str) -> anyhow::Result<String> {
     let mut url =
         url::Url::parse(raw).map_err(|e| anyhow::anyhow!("invalid URL {}: {e}", mask_url(raw)))?;
     if url.username().is_empty() && url.scheme().starts_with("amqp") {
@@ -313,8 +322,22 @@ impl WorkerConfig {
     }
 }
 
-/// Hides the password of a URL (`amqp://user:***@host`), for logs and errors.
+/// Hides the password of a URL (`amqp://user:***@host`), or of each URL of a comma-separated
+/// list (`RELAY_AMQP_URL` may name every node of a cluster), for logs and errors.
 pub fn mask_url(raw: &str) -> String {
+    raw.split(',').map(mask_one).collect::<Vec<_>>().join(",")
+}
+
+/// The URLs of a comma-separated list, in order.
+pub fn url_list(raw: &str) -> Vec<&str> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+fn mask_one(raw: &str) -> String {
+    let raw = raw.trim();
     match url::Url::parse(raw) {
         Ok(mut u) => {
             if u.password().is_some() {
@@ -333,6 +356,17 @@ pub fn mask_url(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_every_password_of_a_url_list() {
+        let list = "amqp://relay:one@n1:5672/%2f,amqp://relay:two@n2:5672/%2f, amqp://relay:three@n3:5672/%2f";
+        let masked = mask_url(list);
+        for secret in ["one", "two", "three"] {
+            assert!(!masked.contains(secret), "{masked}");
+        }
+        assert_eq!(masked.matches("relay:***@").count(), 3, "{masked}");
+        assert_eq!(url_list(list).len(), 3);
+    }
 
     #[test]
     fn masks_passwords() {

@@ -38,6 +38,7 @@ pub const AMQP_RECONNECTS: &str = "relay_amqp_reconnects_total";
 pub const REDIS_RECONNECTS: &str = "relay_redis_reconnects_total";
 pub const PERMIT_OLDEST_HELD_SECONDS: &str = "relay_permit_oldest_held_seconds";
 pub const REDIS_FAILOVERS: &str = "relay_redis_failovers_total";
+pub const AMQP_NODE: &str = "relay_amqp_node_info";
 pub const REDIS_WAIT_SHORTFALLS: &str = "relay_redis_wait_shortfalls_total";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
@@ -70,6 +71,7 @@ pub const ALL: &[&str] = &[
     PERMIT_OLDEST_HELD_SECONDS,
     REDIS_FAILOVERS,
     REDIS_WAIT_SHORTFALLS,
+    AMQP_NODE,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -123,6 +125,17 @@ pub fn ecs_outcome(error_code: Option<&str>) -> &'static str {
     }
 }
 
+/// The RabbitMQ node this worker is connected to (`host:port`): 1 for the current node, 0 for
+/// nodes it was connected to before.
+pub fn amqp_node(node: &str) {
+    static CURRENT: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(previous) = current.as_deref().filter(|p| *p != node) {
+        gauge!(AMQP_NODE, "node" => previous.to_string()).set(0.0);
+    }
+    gauge!(AMQP_NODE, "node" => node.to_string()).set(1.0);
+    *current = Some(node.to_string());
+}
 /// Sentinel named a new Redis primary and this worker followed it.
 pub fn redis_failover() {
     counter!(REDIS_FAILOVERS).increment(1);

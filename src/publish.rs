@@ -2,6 +2,7 @@
 //! Stops at the first line the broker refuses (nack) or returns (unroutable), naming it.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
@@ -23,38 +24,52 @@ pub enum PublishError {
     Other(#[from] anyhow::Error),
 }
 
-/// A confirmed publisher on one connection: `send` lines, then `flush` to wait for every
-/// confirm. Used by `publish` and the benchmark (which publishes in timed chunks).
+/// Nacks in a row a publisher answers by publishing again (with a growing pause, about 11 s
+/// in all) before it reports the line as refused.
+const NACK_RETRIES: u32 = 10;
+
+/// How long a publisher keeps trying to reach a node after its connection was lost.
+const RECOVER_FOR: Duration = Duration::from_secs(60);
+
+/// A confirmed publisher: `send` lines, then `flush` to wait for every confirm. Used by
+/// `publish` and the benchmark (which publishes in timed chunks). When its node goes away it
+/// connects to the next node of `RELAY_AMQP_URL` and publishes again every message not yet
+/// confirmed (at least once: the relay drops the repeats by `eventId`).
 pub struct Publisher {
+    conn: ConnConfig,
+    /// Index in RELAY_AMQP_URL of the node connected to.
+    node: usize,
     connection: lapin::Connection,
     ch: lapin::Channel,
-    exchange: String,
-    waiting: VecDeque<(usize, PublisherConfirm)>,
+    waiting: VecDeque<Pending>,
     confirmed: u64,
+    /// Nacks in a row, each answered by publishing again; past [`NACK_RETRIES`] a nack is final.
+    nacks: u32,
+}
+
+/// A message sent but not confirmed yet, kept so it can be sent again after a node loss.
+struct Pending {
+    line: usize,
+    text: String,
+    routing_key: String,
+    message_id: Option<String>,
+    /// None after its connection was lost, until it is published again.
+    confirm: Option<PublisherConfirm>,
 }
 
 impl Publisher {
     pub async fn connect(conn: &ConnConfig) -> Result<Publisher, PublishError> {
         let mut conn = conn.clone();
         conn.resolve_secrets()?;
-        let connection =
-            amqp::connect(&conn.amqp_url, &conn.amqp_tls(), "ecs-state-relay publish").await?;
-        let ch = connection
-            .create_channel()
-            .await
-            .map_err(anyhow::Error::from)?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(anyhow::Error::from)?;
-        amqp::declare_exchange(&ch, &conn.exchange)
-            .await
-            .map_err(anyhow::Error::from)?;
+        let (connection, ch, node) = open(&conn, 0).await?;
         Ok(Publisher {
+            conn,
+            node,
             connection,
             ch,
-            exchange: conn.exchange,
             waiting: VecDeque::new(),
             confirmed: 0,
+            nacks: 0,
         })
     }
 
@@ -65,53 +80,217 @@ impl Publisher {
             line: line_no,
             reason,
         })?;
-        let mut props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        if let Some(id) = message_id {
-            props = props.with_message_id(id.into());
-        }
-        let confirm = self
-            .ch
-            .basic_publish(
-                self.exchange.as_str().into(),
-                routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                text.as_bytes(),
-                props,
-            )
-            .await
-            .map_err(|e| PublishError::Line {
-                line: line_no,
-                reason: e.to_string(),
-            })?;
-        self.waiting.push_back((line_no, confirm));
-        if self.waiting.len() >= CONFIRM_WINDOW {
-            if let Some((l, c)) = self.waiting.pop_front() {
-                settle(l, c).await?;
-                self.confirmed += 1;
+        let confirm = match publish(
+            &self.ch,
+            &self.conn.exchange,
+            &routing_key,
+            &message_id,
+            text,
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                self.recover(&e).await?;
+                publish(
+                    &self.ch,
+                    &self.conn.exchange,
+                    &routing_key,
+                    &message_id,
+                    text,
+                )
+                .await
+                .map_err(|e| PublishError::Line {
+                    line: line_no,
+                    reason: e.to_string(),
+                })?
             }
+        };
+        self.waiting.push_back(Pending {
+            line: line_no,
+            text: text.to_string(),
+            routing_key,
+            message_id,
+            confirm: Some(confirm),
+        });
+        if self.waiting.len() >= CONFIRM_WINDOW {
+            self.settle_oldest().await?;
         }
         Ok(())
     }
 
     /// Waits for every outstanding confirm; returns how many lines were confirmed so far.
     pub async fn flush(&mut self) -> Result<u64, PublishError> {
-        while let Some((l, c)) = self.waiting.pop_front() {
-            settle(l, c).await?;
-            self.confirmed += 1;
+        while !self.waiting.is_empty() {
+            self.settle_oldest().await?;
         }
         Ok(self.confirmed)
     }
 
     pub async fn close(mut self) -> Result<u64, PublishError> {
         let confirmed = self.flush().await?;
-        let _ = self.connection.close(200, "done".into()).await;
+        amqp::close_connection(&self.connection, "done").await;
         Ok(confirmed)
     }
+
+    /// Waits for the oldest confirm. A refusal (nack, returned) ends the run naming the line;
+    /// a lost connection sends everything unconfirmed again through another node.
+    async fn settle_oldest(&mut self) -> Result<(), PublishError> {
+        loop {
+            let Some(p) = self.waiting.pop_front() else {
+                return Ok(());
+            };
+            let Pending {
+                line,
+                text,
+                routing_key,
+                message_id,
+                confirm,
+            } = p;
+            let answer = match confirm {
+                Some(confirm) => confirm.await,
+                None => Err(lapin::Error::from(
+                    lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
+                )),
+            };
+            match answer {
+                // A quorum queue without a leader (a node just went) nacks: the message may not
+                // be stored, so it goes out again, with everything after it to keep the order.
+                Ok(Confirmation::Nack(None)) if self.nacks < NACK_RETRIES => {
+                    self.nacks += 1;
+                    tokio::time::sleep(Duration::from_millis(200) * self.nacks).await;
+                    self.waiting.push_front(Pending {
+                        line,
+                        text,
+                        routing_key,
+                        message_id,
+                        confirm: None,
+                    });
+                    self.recover(&"nacked by the broker").await?;
+                }
+                Ok(answer) => {
+                    refused(line, answer)?;
+                    self.nacks = 0;
+                    self.confirmed += 1;
+                    return Ok(());
+                }
+                Err(e) => {
+                    // Its confirm will never come: it goes out again with the others.
+                    self.waiting.push_front(Pending {
+                        line,
+                        text,
+                        routing_key,
+                        message_id,
+                        confirm: None,
+                    });
+                    self.recover(&e).await?;
+                }
+            }
+        }
+    }
+
+    /// Connects to the next node that answers (for up to [`RECOVER_FOR`]) and publishes every
+    /// unconfirmed message again, in order.
+    async fn recover(
+        &mut self,
+        cause: &(dyn std::fmt::Display + Sync),
+    ) -> Result<(), PublishError> {
+        tracing::warn!(error = %cause, unconfirmed = self.waiting.len(),
+            "publisher lost its RabbitMQ connection or was nacked; publishing the unconfirmed messages again through the next node");
+        let deadline = tokio::time::Instant::now() + RECOVER_FOR;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            match self.reconnect_and_republish().await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "publisher cannot reach RabbitMQ yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(PublishError::Other(anyhow::anyhow!(
+                        "RabbitMQ unreachable for {} s after a lost connection: {e}",
+                        RECOVER_FOR.as_secs()
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn reconnect_and_republish(&mut self) -> anyhow::Result<()> {
+        let (connection, ch, node) = open(&self.conn, self.node + 1)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for p in self.waiting.iter_mut() {
+            p.confirm = Some(
+                publish(
+                    &ch,
+                    &self.conn.exchange,
+                    &p.routing_key,
+                    &p.message_id,
+                    &p.text,
+                )
+                .await?,
+            );
+        }
+        let old = std::mem::replace(&mut self.connection, connection);
+        self.ch = ch;
+        self.node = node;
+        amqp::close_connection(&old, "replaced").await;
+        Ok(())
+    }
+}
+
+/// A confirm channel on the first node (from `start` on) that answers, with the exchange.
+async fn open(
+    conn: &ConnConfig,
+    start: usize,
+) -> Result<(lapin::Connection, lapin::Channel, usize), PublishError> {
+    let (connection, node) = amqp::connect_any(
+        &conn.amqp_url,
+        start,
+        &conn.amqp_tls(),
+        "ecs-state-relay publish",
+    )
+    .await?;
+    let ch = connection
+        .create_channel()
+        .await
+        .map_err(anyhow::Error::from)?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(anyhow::Error::from)?;
+    amqp::declare_exchange(&ch, &conn.exchange)
+        .await
+        .map_err(anyhow::Error::from)?;
+    Ok((connection, ch, node))
+}
+
+/// Publishes one message: persistent, mandatory, JSON, message id = eventId.
+async fn publish(
+    ch: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    message_id: &Option<String>,
+    text: &str,
+) -> Result<PublisherConfirm, lapin::Error> {
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    if let Some(id) = message_id {
+        props = props.with_message_id(id.as_str().into());
+    }
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        text.as_bytes(),
+        props,
+    )
+    .await
 }
 
 /// Publishes every non-blank line of `input`; returns how many were confirmed.
@@ -143,18 +322,18 @@ pub async fn publish_lines<R: AsyncBufRead + Unpin>(
     publisher.close().await
 }
 
-async fn settle(line: usize, confirm: PublisherConfirm) -> Result<(), PublishError> {
-    match confirm.await {
-        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => Err(PublishError::Line {
+/// The broker's answer to one message: an error naming the line if it refused it.
+fn refused(line: usize, answer: Confirmation) -> Result<(), PublishError> {
+    match answer {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => Err(PublishError::Line {
             line,
             reason: format!(
                 "returned by the broker: {} {} (is the exchange bound to shard queues? start a worker first)",
                 returned.reply_code, returned.reply_text
             ),
         }),
-        Ok(Confirmation::Nack(None)) => Err(PublishError::Line { line, reason: "nacked by the broker".into() }),
-        Err(e) => Err(PublishError::Line { line, reason: format!("no confirm: {e}") }),
+        Confirmation::Nack(None) => Err(PublishError::Line { line, reason: "nacked by the broker".into() }),
     }
 }
 

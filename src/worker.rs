@@ -6,6 +6,7 @@
 //! then releasing the lease.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,6 +64,7 @@ pub async fn run(
     m::shards_configured(cfg.shards);
 
     let mut retry = Duration::from_millis(500);
+    let next_node = Arc::new(AtomicUsize::new(0));
     let result = loop {
         if cancel.is_cancelled() {
             break Ok(());
@@ -74,6 +76,7 @@ pub async fn run(
             ecs: ecs.clone(),
             permits: permits.clone(),
             rebalance: rebalance.clone(),
+            next_node: next_node.clone(),
         };
         let began = Instant::now();
         ready.pulse();
@@ -136,17 +139,24 @@ struct Session {
     permits: Semaphore,
     /// Woken when membership changes or a shard stops, to rebalance before the next tick.
     rebalance: Arc<Notify>,
+    /// Index in RELAY_AMQP_URL of the node to try first: the one after the node last lost.
+    next_node: Arc<AtomicUsize>,
 }
 
 impl Session {
     async fn run(&self, ready: &Readiness, cancel: &CancellationToken) -> Result<(), SessionError> {
-        let conn = amqp::connect(
-            &self.cfg.conn.amqp_url,
+        let urls = &self.cfg.conn.amqp_url;
+        let (conn, node) = amqp::connect_any(
+            urls,
+            self.next_node.load(Ordering::Relaxed),
             &self.cfg.conn.amqp_tls(),
             &format!("ecs-state-relay {}", self.worker_id),
         )
         .await
         .map_err(SessionError::Retry)?;
+        // Losing this node moves the next connection on to the following one.
+        self.next_node.store(node + 1, Ordering::Relaxed);
+        m::amqp_node(&amqp::node_label(urls, node));
         let declared = self.declare_topology(&conn, cancel).await;
         match declared {
             Ok(()) => {}

@@ -177,3 +177,35 @@ async fn stop_and_read(mut p: Proc) -> String {
     }
     out
 }
+
+#[test]
+fn every_password_of_a_broker_url_list_is_masked_in_errors() {
+    // Three nodes, none answering: the error names each one, with no password.
+    let secrets = ["node-one-secret", "node-two-secret", "node-three-secret"];
+    let urls: Vec<String> = secrets
+        .iter()
+        .map(|s| {
+            let port = free_port();
+            format!("amqp://relay:{s}@127.0.0.1:{port}/%2f")
+        })
+        .collect();
+    for command in ["status", "publish"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+            .arg(command)
+            .env("RELAY_AMQP_URL", urls.join(","))
+            .env("RELAY_REDIS_URL", REDIS_URL)
+            .stdin(Stdio::null())
+            .output()
+            .expect("runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{command}: {text}");
+        for s in secrets {
+            assert!(!text.contains(s), "{command} shows a password: {text}");
+        }
+        assert!(text.matches("relay:***@").count() >= 3, "{command}: {text}");
+    }
+}
