@@ -42,14 +42,17 @@ port_open() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Tools the tests use beside the services: openssl makes the TLS tests' certificates.
+# Tools only the tests use (`--with-test-tools`, given by scripts/test.sh; the demo needs none):
+# openssl makes the TLS tests' certificates; promtool checks the alert rules and dashboard
+# queries (tests/observability.rs) and comes with Debian's prometheus package, whose server we
+# do not start.
 # ---------------------------------------------------------------------------------------------
-command -v openssl >/dev/null || apt_install openssl
-# promtool checks the alert rules and dashboard queries (tests/observability.rs); it comes with
-# Debian's prometheus package, whose server we do not start.
-if ! command -v promtool >/dev/null; then
-  apt_install --no-install-recommends prometheus
-  systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+if [ "${1:-}" = "--with-test-tools" ]; then
+  command -v openssl >/dev/null || apt_install openssl
+  if ! command -v promtool >/dev/null; then
+    apt_install --no-install-recommends prometheus
+    systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true
+  fi
 fi
 
 # ---------------------------------------------------------------------------------------------

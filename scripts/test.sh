@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 log() { echo "test.sh: $*" >&2; }
 
 # The integration tests talk to RabbitMQ and Redis on 127.0.0.1.
-bash scripts/services.sh
+bash scripts/services.sh --with-test-tools
 
 # nextest runs test binaries in parallel processes and prints one clear summary; install it if
 # the machine lacks it, and fall back to `cargo test` if that fails.

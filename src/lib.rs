@@ -1,23 +1,14 @@
 //! ecs-state-relay: the ECS agent's task event handler as a fleet-wide service.
 //!
-//! RabbitMQ shard queues → validation ([`wire`]) → one atomic Redis script per delivery batch
-//! ([`store`], scripts in `src/lua/`) → per-task senders ([`sender`]) under a fleet-wide Redis
-//! semaphore ([`semaphore`]) → ECS ([`ecs`]). See docs/architecture.md.
+//! Three roles, with dependencies pointing one way (`cli` → `relay`; `sim` stands alone):
+//! - [`relay`]: the service that runs in production (the `worker` command): RabbitMQ shard
+//!   queues → validation → one atomic Redis script per delivery batch → per-task senders under
+//!   a fleet-wide Redis semaphore → ECS.
+//! - [`cli`]: the operator commands beside it: `publish`, `status`, `dlq`, `demo`, `bench`.
+//! - [`sim`]: `ecs-sim`, a local stand-in for the ECS endpoint (tests, demo, benchmark).
+//!
+//! See docs/architecture.md for the map of folders and the path of one event.
 
-pub mod amqp;
-pub mod bench;
-pub mod config;
-pub mod demo;
-pub mod dlq;
-pub mod ecs;
-pub mod metrics;
-pub mod publish;
-pub mod redis_link;
-pub mod semaphore;
-pub mod sender;
-pub mod shard;
+pub mod cli;
+pub mod relay;
 pub mod sim;
-pub mod status;
-pub mod store;
-pub mod wire;
-pub mod worker;

@@ -4,10 +4,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ecs_state_relay::config::{ConnConfig, WorkerConfig};
-use ecs_state_relay::ecs::Ecs;
-use ecs_state_relay::metrics::{self, Readiness};
-use ecs_state_relay::{bench, demo, dlq, publish, status, worker};
+use ecs_state_relay::cli::{bench, demo, dlq, publish, status};
+use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
+use ecs_state_relay::relay::ecs::Ecs;
+use ecs_state_relay::relay::metrics::{self, Readiness};
+use ecs_state_relay::relay::worker;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 

@@ -1,7 +1,7 @@
 //! Property tests of the message decoder: whatever the bytes, it returns a value or a reject
 //! reason — never a panic — and a message past the size cap is refused before it is parsed.
 
-use ecs_state_relay::wire::{self, MAX_MESSAGE_BYTES};
+use ecs_state_relay::relay::wire::{self, MAX_MESSAGE_BYTES};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use ecs_state_relay::amqp;
-use ecs_state_relay::dlq;
+use ecs_state_relay::cli::dlq;
+use ecs_state_relay::relay::amqp;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;

@@ -7,11 +7,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ecs_state_relay::config::CALL_MARGIN;
-use ecs_state_relay::semaphore::Semaphore;
+use ecs_state_relay::relay::config::CALL_MARGIN;
+use ecs_state_relay::relay::semaphore::Semaphore;
+use ecs_state_relay::relay::store::Store;
+use ecs_state_relay::relay::wire::{self, OutboxEntry};
 use ecs_state_relay::sim::{Action, CallRecord, Rule};
-use ecs_state_relay::store::Store;
-use ecs_state_relay::wire::{self, OutboxEntry};
 use lapin::options::QueueBindOptions;
 use lapin::types::FieldTable;
 use serde_json::Value;
@@ -169,7 +169,7 @@ async fn sigterm_during_a_redis_outage_exits_cleanly_in_bounded_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_failing_for_longer_than_the_retention_is_kept_and_sent_once_ecs_heals() {
-    let metrics = ecs_state_relay::metrics::handle();
+    let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("edge-retention", 1).await;
     let mut cfg = env.config();
     cfg.task_retention_s = 3;
@@ -365,7 +365,7 @@ async fn a_release_published_while_the_subscription_reconnects_is_not_missed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_lived_task_remembers_a_bounded_number_of_event_ids_and_still_dedupes() {
-    let metrics = ecs_state_relay::metrics::handle();
+    let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("edge-ids", 1).await;
     let cfg = env.config();
     env.start_worker(cfg).await;
@@ -418,7 +418,7 @@ async fn a_long_lived_task_remembers_a_bounded_number_of_event_ids_and_still_ded
         remembered = remembered.max(n);
     }
     assert!(
-        remembered <= ecs_state_relay::store::RECENT_IDS as u64,
+        remembered <= ecs_state_relay::relay::store::RECENT_IDS as u64,
         "{remembered} ids remembered for one task"
     );
     // A redelivery of a recent event is still recognised.
@@ -481,16 +481,17 @@ async fn a_retried_completion_never_removes_a_later_entry_with_the_same_event_id
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_the_broker_cannot_route_is_not_acked_and_arrives_once_routable() {
-    let metrics = ecs_state_relay::metrics::handle();
+    let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("edge-dlq", 1).await;
     let cfg = env.config();
     env.start_worker(cfg).await;
-    let c = ecs_state_relay::amqp::connect(AMQP_URL, &Default::default(), "test dlq binding")
-        .await
-        .expect("amqp");
+    let c =
+        ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test dlq binding")
+            .await
+            .expect("amqp");
     let ch = c.create_channel().await.expect("channel");
-    let dead = ecs_state_relay::amqp::dead_queue(&env.exchange);
-    let dlx = ecs_state_relay::amqp::dlx(&env.exchange);
+    let dead = ecs_state_relay::relay::amqp::dead_queue(&env.exchange);
+    let dlx = ecs_state_relay::relay::amqp::dlx(&env.exchange);
     // An operator unbinds the dead-letter queue by mistake; then a bad message comes.
     ch.queue_unbind(
         dead.as_str().into(),

@@ -51,7 +51,7 @@ async fn flowing_stream(env: &Env, prefix: &str) -> (Vec<String>, tokio::task::J
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
     // This test's process records the in-process worker's metrics.
-    let metrics = ecs_state_relay::metrics::handle();
+    let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("fault-amqp", 4).await;
     env.sim.set_latency(Duration::from_millis(5));
     let proxy = Proxy::start("127.0.0.1:5672").await;
@@ -83,20 +83,9 @@ async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
     env.cleanup().await;
 }
 
-/// Sum of every series of a metric in a Prometheus text rendering.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everything_completes() {
-    let metrics = ecs_state_relay::metrics::handle();
+    let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("fault-redis", 4).await;
     env.sim.set_latency(Duration::from_millis(5));
     let proxy = Proxy::start("127.0.0.1:6379").await;
@@ -174,9 +163,10 @@ async fn redis_restart_with_aof_loses_nothing() {
     eventually(Duration::from_secs(10), "AOF redis up", || async { ping() }).await;
 
     let mut env = Env::new("fault-aof", 4).await;
-    env.store = ecs_state_relay::store::Store::connect(&url, &Default::default(), &env.exchange)
-        .await
-        .unwrap();
+    env.store =
+        ecs_state_relay::relay::store::Store::connect(&url, &Default::default(), &env.exchange)
+            .await
+            .unwrap();
     env.sim.set_latency(Duration::from_millis(5));
     let mut cfg = env.config();
     cfg.conn.redis_url = url.clone();
@@ -467,7 +457,7 @@ async fn a_flood_of_1000_invalid_messages_is_dead_lettered_and_every_valid_event
         }
     }
     assert_eq!(invalid, 1000);
-    ecs_state_relay::publish::publish_lines(&env.conn(), lines.join("\n").as_bytes())
+    ecs_state_relay::cli::publish::publish_lines(&env.conn(), lines.join("\n").as_bytes())
         .await
         .unwrap();
     wait_complete(&env, &tasks, Duration::from_secs(60)).await;

@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ecs_state_relay::store::{Intake, StoreError};
-use ecs_state_relay::wire;
+use ecs_state_relay::relay::store::{Intake, StoreError};
+use ecs_state_relay::relay::wire;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_lost_its_lease_cannot_write() {
@@ -105,7 +105,7 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_worker_whose_lease_was_taken_stores_nothing_and_counts_it() {
-    let metrics = ecs_state_relay::metrics::handle();
+    let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("fenced-worker", 1).await;
     let mut cfg = env.config();
     // Renewals are rare, so the intake, not the heartbeat, is first to meet the new owner.

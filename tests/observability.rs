@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use ecs_state_relay::metrics as m;
+use ecs_state_relay::relay::metrics as m;
 use ecs_state_relay::sim::{Action, Rule};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::rabbit_cluster::{QueueStatus, RabbitCluster};
-use ecs_state_relay::amqp;
+use ecs_state_relay::relay::amqp;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::rabbit_cluster::RabbitCluster;
 use common::*;
-use ecs_state_relay::amqp;
-use ecs_state_relay::config::ConnConfig;
-use ecs_state_relay::publish::publish_lines;
+use ecs_state_relay::cli::publish::publish_lines;
+use ecs_state_relay::relay::amqp;
+use ecs_state_relay::relay::config::ConnConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_node_that_leads_most_shard_queues_loses_nothing() {

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ecs_state_relay::config::WorkerConfig;
+use ecs_state_relay::relay::config::WorkerConfig;
 use ecs_state_relay::sim::{Action, Rule};
 
 async fn readyz(port: u16) -> Option<u16> {

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::ha::RedisHa;
 use common::*;
-use ecs_state_relay::config::WorkerConfig;
+use ecs_state_relay::relay::config::WorkerConfig;
+use ecs_state_relay::relay::store::Store;
 use ecs_state_relay::sim::CallRecord;
-use ecs_state_relay::store::Store;
 
 /// A worker configured for the HA group.
 fn ha_config(env: &mut Env, ha: &RedisHa, min_replicas: u32) -> WorkerConfig {

@@ -131,14 +131,14 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
         );
     }
     // Everything was acked: nothing is left in the shard queues.
-    let c = ecs_state_relay::amqp::connect(AMQP_URL, &Default::default(), "test")
+    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test")
         .await
         .unwrap();
     let ch = c.create_channel().await.unwrap();
     for s in 0..env.shards {
         let q = ch
             .queue_declare(
-                ecs_state_relay::amqp::shard_queue(&env.exchange, s)
+                ecs_state_relay::relay::amqp::shard_queue(&env.exchange, s)
                     .as_str()
                     .into(),
                 lapin::options::QueueDeclareOptions {
@@ -160,7 +160,7 @@ async fn a_task_batch_is_capped_and_the_change_past_the_cap_is_dead_lettered() {
     let cfg = env.config();
     env.start_worker(cfg).await;
     let a = arn("batch-cap");
-    let cap = ecs_state_relay::wire::MAX_BATCH;
+    let cap = ecs_state_relay::relay::wire::MAX_BATCH;
     let events: Vec<Value> = (0..=cap)
         .map(|i| container(&a, &format!("c{i}"), "RUNNING"))
         .collect();

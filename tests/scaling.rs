@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn signal(child: &Proc, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.0.id().to_string())
-        .status();
-    assert!(
-        ok.map(|s| s.success()).unwrap_or(false),
-        "kill -{sig} failed"
-    );
-}
-
 async fn owners(env: &Env) -> Vec<Option<String>> {
     let mut out = Vec::new();
     for s in 0..env.shards {
@@ -69,7 +58,7 @@ async fn three_workers_twelve_shards_each_own_four_and_status_agrees_with_the_br
         let mut agree = status["live_workers"].as_array().map(Vec::len) == Some(3);
         for shard in status["shards"].as_array().expect("shards") {
             let owner = shard["owner"].as_str().unwrap_or_default().to_string();
-            let queue = ecs_state_relay::amqp::shard_queue(
+            let queue = ecs_state_relay::relay::amqp::shard_queue(
                 &env.exchange,
                 shard["shard"].as_u64().unwrap() as u16,
             );
@@ -118,7 +107,7 @@ async fn churn_join_kill_term_and_pause_lose_nothing_and_reorder_nothing() {
         c
     };
     let (ca, cb, cc, cd) = (cfg(), cfg(), cfg(), cfg());
-    let id = |c: &ecs_state_relay::config::WorkerConfig| c.worker_id.clone().unwrap();
+    let id = |c: &ecs_state_relay::relay::config::WorkerConfig| c.worker_id.clone().unwrap();
     let (a, b, c, d) = (id(&ca), id(&cb), id(&cc), id(&cd));
     let pa = env.spawn_process(&ca);
     let mut pb = env.spawn_process(&cb);

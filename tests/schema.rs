@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ecs_state_relay::wire;
+use ecs_state_relay::relay::wire;
 use serde_json::Value;
 
 fn load(path: &Path) -> Value {

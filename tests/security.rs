@@ -31,9 +31,10 @@ impl Users {
         };
         assert!(ok(&["add_user", &name, password]));
         assert!(ok(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]));
-        let store = ecs_state_relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
-            .await
-            .unwrap();
+        let store =
+            ecs_state_relay::relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
+                .await
+                .unwrap();
         let mut conn = store.conn().await.unwrap();
         let _: () = redis::cmd("ACL")
             .arg("SETUSER")
@@ -54,9 +55,10 @@ impl Users {
             .args(["delete_user", &self.name])
             .stdout(Stdio::null())
             .status();
-        let store = ecs_state_relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
-            .await
-            .unwrap();
+        let store =
+            ecs_state_relay::relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
+                .await
+                .unwrap();
         let mut conn = store.conn().await.unwrap();
         let _: Result<(), _> = redis::cmd("ACL")
             .arg("DELUSER")

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use ecs_state_relay::config::TlsFiles;
-use ecs_state_relay::store::Store;
+use ecs_state_relay::relay::config::TlsFiles;
+use ecs_state_relay::relay::store::Store;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -138,14 +138,15 @@ async fn amqps_and_rediss_with_a_private_ca_and_client_certificates() {
             .is_err(),
         "Redis without client cert"
     );
-    let refused = ecs_state_relay::amqp::connect(&amqps, &client_tls(&dir, false), "test").await;
+    let refused =
+        ecs_state_relay::relay::amqp::connect(&amqps, &client_tls(&dir, false), "test").await;
     let err = match refused {
         Ok(_) => panic!("RabbitMQ accepted a client without a certificate"),
         Err(e) => e.to_string(),
     };
     assert!(!err.contains("guest:guest"), "{err}");
     assert!(
-        ecs_state_relay::amqp::connect(&amqps, &no_ca, "test")
+        ecs_state_relay::relay::amqp::connect(&amqps, &no_ca, "test")
             .await
             .is_err(),
         "untrusted RabbitMQ accepted"

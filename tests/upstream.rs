@@ -26,7 +26,7 @@ async fn setup_draining(name: &str) -> Env {
 
 async fn setup_with(
     name: &str,
-    tweak: impl FnOnce(&mut ecs_state_relay::config::WorkerConfig),
+    tweak: impl FnOnce(&mut ecs_state_relay::relay::config::WorkerConfig),
 ) -> Env {
     let mut env = Env::new(name, 2).await;
     let mut cfg = env.config();

@@ -6,33 +6,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ecs_state_relay::metrics::Readiness;
+use ecs_state_relay::relay::metrics::Readiness;
+use ecs_state_relay::relay::worker;
 use ecs_state_relay::sim::{Action, Rule};
-use ecs_state_relay::worker;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-
-fn signal(child: &Proc, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.0.id().to_string())
-        .status();
-    assert!(
-        status.map(|s| s.success()).unwrap_or(false),
-        "kill -{sig} failed"
-    );
-}
-
-async fn wait_exit(child: &mut Proc, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "worker did not exit in time");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// A task's lifecycle as events: containers RUNNING, task RUNNING, containers STOPPED, task STOPPED.
 fn lifecycle(a: &str) -> Vec<Vec<Value>> {
@@ -287,7 +265,7 @@ async fn a_worker_waits_for_another_workers_topology_declaration_instead_of_refu
     // another checks them. The checker must wait, not take the half-declared topology for a
     // deployment with fewer shards.
     let mut env = Env::new("start-together", 4).await;
-    let c = ecs_state_relay::amqp::connect(AMQP_URL, &Default::default(), "test")
+    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test")
         .await
         .unwrap();
     let ch = c.create_channel().await.unwrap();
@@ -295,8 +273,8 @@ async fn a_worker_waits_for_another_workers_topology_declaration_instead_of_refu
     let exchange = env.exchange.clone();
     let declare_shard = |s: u16| {
         let ch = ch.clone();
-        let q = ecs_state_relay::amqp::shard_queue(&exchange, s);
-        let args = ecs_state_relay::amqp::shard_queue_args(&exchange);
+        let q = ecs_state_relay::relay::amqp::shard_queue(&exchange, s);
+        let args = ecs_state_relay::relay::amqp::shard_queue_args(&exchange);
         async move {
             let opts = lapin::options::QueueDeclareOptions {
                 durable: true,

@@ -7,14 +7,14 @@ use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ecs_state_relay::amqp;
-use ecs_state_relay::config::{ConnConfig, WorkerConfig};
-use ecs_state_relay::ecs::Ecs;
-use ecs_state_relay::metrics::Readiness;
-use ecs_state_relay::publish::publish_lines;
+use ecs_state_relay::cli::publish::publish_lines;
+use ecs_state_relay::relay::amqp;
+use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
+use ecs_state_relay::relay::ecs::Ecs;
+use ecs_state_relay::relay::metrics::Readiness;
+use ecs_state_relay::relay::store::Store;
+use ecs_state_relay::relay::worker;
 use ecs_state_relay::sim::{CallRecord, Sim};
-use ecs_state_relay::store::Store;
-use ecs_state_relay::worker;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
 };

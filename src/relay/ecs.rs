@@ -20,7 +20,7 @@ use aws_smithy_types::DateTime;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::wire::{
+use crate::relay::wire::{
     container_wire_status, task_wire_status, AttachmentChange, BatchItem, Binding, TaskChange,
 };
 

@@ -14,11 +14,11 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::amqp;
-use crate::config::ConnConfig;
-use crate::publish::{publish_lines, Publisher};
+use crate::cli::publish::{publish_lines, Publisher};
+use crate::relay::amqp;
+use crate::relay::config::ConnConfig;
+use crate::relay::store::Store;
 use crate::sim::{CallRecord, Sim, SimConfig};
-use crate::store::Store;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -542,15 +542,15 @@ impl Bench {
         let text = resp.text().await.unwrap_or_default();
         text.lines()
             .filter(|l| {
-                l.starts_with(crate::metrics::EVENTS_CONSUMED)
-                    || l.starts_with(crate::metrics::EVENTS_DUPLICATE)
+                l.starts_with(crate::relay::metrics::EVENTS_CONSUMED)
+                    || l.starts_with(crate::relay::metrics::EVENTS_DUPLICATE)
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
 }
 
-async fn used_memory(conn: &mut crate::store::Conn) -> anyhow::Result<f64> {
+async fn used_memory(conn: &mut crate::relay::store::Conn) -> anyhow::Result<f64> {
     let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
     Ok(info
         .lines()

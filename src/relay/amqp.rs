@@ -11,8 +11,8 @@ use lapin::{
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 
-use crate::config::{mask_url, url_list, TlsFiles};
-use crate::wire::Reject;
+use crate::relay::config::{mask_url, url_list, TlsFiles};
+use crate::relay::wire::Reject;
 
 /// Deliveries beyond this count are dead-lettered by the broker: a safety net for a message
 /// that keeps a worker from acknowledging it (the relay itself rejects bad input explicitly).

@@ -22,9 +22,9 @@ use redis::{self, Script};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::CALL_MARGIN;
-use crate::metrics as m;
-use crate::store::{wake_on_publish, Store, StoreError, StoreResult};
+use crate::relay::config::CALL_MARGIN;
+use crate::relay::metrics as m;
+use crate::relay::store::{wake_on_publish, Store, StoreError, StoreResult};
 
 /// How often releases that failed are tried again.
 const RELEASE_RETRY_EVERY: Duration = Duration::from_millis(200);
@@ -110,8 +110,8 @@ impl Semaphore {
                 waiting: AtomicUsize::new(0),
                 spare: Mutex::new(Vec::new()),
                 unreleased: Mutex::new(Vec::new()),
-                acquire: Script::new(include_str!("lua/permit_acquire.lua")),
-                release: Script::new(include_str!("lua/permit_release.lua")),
+                acquire: Script::new(include_str!("permit_acquire.lua")),
+                release: Script::new(include_str!("permit_release.lua")),
             }),
         }
     }

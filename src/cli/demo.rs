@@ -9,9 +9,9 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::{json, Value};
 
-use crate::amqp;
-use crate::config::ConnConfig;
-use crate::publish::publish_lines;
+use crate::cli::publish::publish_lines;
+use crate::relay::amqp;
+use crate::relay::config::ConnConfig;
 use crate::sim::{Action, Rule, SimStats};
 
 #[derive(Args)]

@@ -5,11 +5,11 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 
-use crate::amqp;
-use crate::config::ConnConfig;
-use crate::redis_link::Replication;
-use crate::semaphore::Semaphore;
-use crate::store::Store;
+use crate::relay::amqp;
+use crate::relay::config::ConnConfig;
+use crate::relay::redis_link::Replication;
+use crate::relay::semaphore::Semaphore;
+use crate::relay::store::Store;
 
 #[derive(Args)]
 pub struct StatusArgs {

@@ -10,8 +10,8 @@ use lapin::{Confirmation, PublisherConfirm};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
-use crate::amqp;
-use crate::config::ConnConfig;
+use crate::relay::amqp;
+use crate::relay::config::ConnConfig;
 
 /// Publishes still waiting for their confirm; bounds memory while keeping the pipe full.
 const CONFIRM_WINDOW: usize = 1024;
@@ -80,39 +80,26 @@ impl Publisher {
             line: line_no,
             reason,
         })?;
-        let confirm = match publish(
+        let published = publish(
             &self.ch,
             &self.conn.exchange,
             &routing_key,
             &message_id,
             text,
         )
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                self.recover(&e).await?;
-                publish(
-                    &self.ch,
-                    &self.conn.exchange,
-                    &routing_key,
-                    &message_id,
-                    text,
-                )
-                .await
-                .map_err(|e| PublishError::Line {
-                    line: line_no,
-                    reason: e.to_string(),
-                })?
-            }
-        };
+        .await;
+        let lost = published.as_ref().err().map(lapin::Error::to_string);
         self.waiting.push_back(Pending {
             line: line_no,
             text: text.to_string(),
             routing_key,
             message_id,
-            confirm: Some(confirm),
+            confirm: published.ok(),
         });
+        if let Some(cause) = lost {
+            // The connection went: this message goes out again with the unconfirmed ones.
+            self.recover(&cause).await?;
+        }
         if self.waiting.len() >= CONFIRM_WINDOW {
             self.settle_oldest().await?;
         }
@@ -153,20 +140,13 @@ impl Publisher {
                     lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
                 )),
             };
-            match answer {
+            let cause = match answer {
                 // A quorum queue without a leader (a node just went) nacks: the message may not
                 // be stored, so it goes out again, with everything after it to keep the order.
                 Ok(Confirmation::Nack(None)) if self.nacks < NACK_RETRIES => {
                     self.nacks += 1;
                     tokio::time::sleep(Duration::from_millis(200) * self.nacks).await;
-                    self.waiting.push_front(Pending {
-                        line,
-                        text,
-                        routing_key,
-                        message_id,
-                        confirm: None,
-                    });
-                    self.recover(&"nacked by the broker").await?;
+                    "nacked by the broker".to_string()
                 }
                 Ok(answer) => {
                     refused(line, answer)?;
@@ -174,18 +154,17 @@ impl Publisher {
                     self.confirmed += 1;
                     return Ok(());
                 }
-                Err(e) => {
-                    // Its confirm will never come: it goes out again with the others.
-                    self.waiting.push_front(Pending {
-                        line,
-                        text,
-                        routing_key,
-                        message_id,
-                        confirm: None,
-                    });
-                    self.recover(&e).await?;
-                }
-            }
+                // Its confirm will never come: it goes out again with the others.
+                Err(e) => e.to_string(),
+            };
+            self.waiting.push_front(Pending {
+                line,
+                text,
+                routing_key,
+                message_id,
+                confirm: None,
+            });
+            self.recover(&cause).await?;
         }
     }
 

@@ -19,8 +19,8 @@ use lapin::{Channel, Connection};
 use serde::Serialize;
 use std::time::Duration;
 
-use crate::amqp::{self, REJECT_HEADER, SOURCE_QUEUE_HEADER};
-use crate::config::ConnConfig;
+use crate::relay::amqp::{self, REJECT_HEADER, SOURCE_QUEUE_HEADER};
+use crate::relay::config::ConnConfig;
 
 #[derive(Args)]
 pub struct DlqArgs {

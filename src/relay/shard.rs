@@ -12,11 +12,11 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use rand::Rng;
 
-use crate::amqp;
-use crate::metrics as m;
-use crate::sender::{Senders, ShardCtx};
-use crate::store::{Intake, StoreError};
-use crate::wire::{self, Event, Kind};
+use crate::relay::amqp;
+use crate::relay::metrics as m;
+use crate::relay::sender::{Senders, ShardCtx};
+use crate::relay::store::{Intake, StoreError};
+use crate::relay::wire::{self, Event, Kind};
 
 /// Why a shard stopped running.
 #[derive(Debug)]

@@ -14,12 +14,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{WorkerConfig, CALL_MARGIN};
-use crate::ecs::{CallError, CallGuard, Ecs};
-use crate::metrics as m;
-use crate::semaphore::Semaphore;
-use crate::store::{field, Fence, KeyState, Store, StoreError, Taken};
-use crate::wire::{
+use crate::relay::config::{WorkerConfig, CALL_MARGIN};
+use crate::relay::ecs::{CallError, CallGuard, Ecs};
+use crate::relay::metrics as m;
+use crate::relay::semaphore::Semaphore;
+use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
+use crate::relay::wire::{
     status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
     CONTAINER_STATUSES, TASK_STATUSES,
 };

@@ -15,14 +15,14 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, TopologyError};
-use crate::config::WorkerConfig;
-use crate::ecs::Ecs;
-use crate::metrics::{self as m, Readiness};
-use crate::semaphore::Semaphore;
-use crate::sender::ShardCtx;
-use crate::shard::{self, ShardEnd};
-use crate::store::{wake_on_publish, Store};
+use crate::relay::amqp::{self, TopologyError};
+use crate::relay::config::WorkerConfig;
+use crate::relay::ecs::Ecs;
+use crate::relay::metrics::{self as m, Readiness};
+use crate::relay::semaphore::Semaphore;
+use crate::relay::sender::ShardCtx;
+use crate::relay::shard::{self, ShardEnd};
+use crate::relay::store::{wake_on_publish, Store};
 
 struct Owned {
     ctx: Arc<ShardCtx>,

@@ -12,8 +12,8 @@ use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, FromRedisValue, ScriptInvocation};
 use tokio::sync::Notify;
 
-use crate::config::{mask_url, TlsFiles};
-use crate::metrics as m;
+use crate::relay::config::{mask_url, TlsFiles};
+use crate::relay::metrics as m;
 
 /// Why a store call failed: the lease was lost (stop writing this shard), or Redis failed (retry).
 #[derive(Debug, thiserror::Error)]

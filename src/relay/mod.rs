@@ -1,0 +1,18 @@
+//! The service: what runs in production as `ecs-state-relay worker`.
+//!
+//! [`worker`] owns shards by Redis lease; each [`shard`] consumes its queue ([`amqp`]),
+//! validates ([`wire`]) and stores ([`store`]) deliveries, and runs the [`sender`]s, which call
+//! ECS ([`ecs`]) under the fleet-wide [`semaphore`]. [`redis_link`] is the way to Redis,
+//! [`config`] the settings and [`metrics`] every exported figure.
+
+pub mod amqp;
+pub mod config;
+pub mod ecs;
+pub mod metrics;
+pub mod redis_link;
+pub mod semaphore;
+pub mod sender;
+pub mod shard;
+pub mod store;
+pub mod wire;
+pub mod worker;

@@ -1,0 +1,105 @@
+//! Read-mostly views for `status`, operators and tests; not on a hot path.
+
+use std::collections::HashMap;
+
+use super::{KeyState, Store, StoreResult};
+
+/// One shard as `status` shows it.
+#[derive(Clone, Debug)]
+pub struct ShardSummary {
+    pub owner: Option<String>,
+    pub lease_age_ms: Option<u64>,
+    pub pending: u64,
+    pub batched: u64,
+}
+
+impl Store {
+    /// Lease owner and age, pending and batched task counts of a shard, in one round trip.
+    pub async fn shard_summary(&self, shard: u16) -> StoreResult<ShardSummary> {
+        let keys = self.shard(shard);
+        let mut conn = self.conn().await?;
+        let (owner, since, pending, batched, (secs, micros)): (
+            Option<String>,
+            Option<u64>,
+            u64,
+            u64,
+            (u64, u64),
+        ) = redis::pipe()
+            .cmd("HGET")
+            .arg(keys.lease())
+            .arg("owner")
+            .cmd("HGET")
+            .arg(keys.lease())
+            .arg("since")
+            .cmd("ZCARD")
+            .arg(keys.pending())
+            .cmd("SCARD")
+            .arg(keys.batched())
+            .cmd("TIME")
+            .query_async(&mut conn)
+            .await?;
+        let now_ms = secs * 1000 + micros / 1000;
+        Ok(ShardSummary {
+            owner,
+            lease_age_ms: since.map(|s| now_ms.saturating_sub(s)),
+            pending,
+            batched,
+        })
+    }
+
+    /// State of a key in the shard that holds it (operators and tests; not on a hot path).
+    pub async fn find_state(&self, shards: u16, key: &str) -> StoreResult<Option<(u16, KeyState)>> {
+        let mut conn = self.conn().await?;
+        for shard in 0..shards {
+            let state: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.shard(shard).state(key))
+                .query_async(&mut conn)
+                .await?;
+            if !state.is_empty() {
+                return Ok(Some((shard, KeyState(state))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Lengths of a key's batch and outbox in every shard, summed.
+    pub async fn queued(&self, shards: u16, key: &str) -> StoreResult<(u64, u64)> {
+        let mut conn = self.conn().await?;
+        let (mut batch, mut outbox) = (0, 0);
+        for shard in 0..shards {
+            let keys = self.shard(shard);
+            let (b, o): (u64, u64) = redis::pipe()
+                .cmd("LLEN")
+                .arg(keys.batch(key))
+                .cmd("LLEN")
+                .arg(keys.outbox(key))
+                .query_async(&mut conn)
+                .await?;
+            batch += b;
+            outbox += o;
+        }
+        Ok((batch, outbox))
+    }
+
+    /// Writes sent/known statuses for a key in every shard: for operators restoring state
+    /// after a Redis loss, and for tests that start from a known "already sent" state.
+    pub async fn seed_state(
+        &self,
+        shards: u16,
+        key: &str,
+        fields: &[(String, String)],
+    ) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for shard in 0..shards {
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(self.shard(shard).state(key));
+            for (f, v) in fields {
+                cmd.arg(f).arg(v);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! Membership and ownership: worker heartbeats, shard leases with fencing tokens
+//! (`lease_*.lua`, `heartbeat.lua`) and the topology lock (`unlock.lua`).
+
+use super::{Fence, Store, StoreResult, Taken};
+
+impl Store {
+    /// Takes the shard lease if free; None when another worker holds it.
+    pub async fn lease_acquire(
+        &self,
+        shard: u16,
+        owner: &str,
+        lease_ms: u64,
+    ) -> StoreResult<Option<Taken>> {
+        let keys = self.shard(shard);
+        let mut inv = self.scripts.lease_acquire.prepare_invoke();
+        inv.key(keys.lease())
+            .key(keys.fence_counter())
+            .key(keys.released())
+            .arg(owner)
+            .arg(lease_ms);
+        // Confirmed by the replicas: a promoted replica must know every token granted.
+        let (token, lapsed): (u64, u8) = self.link.run_durable(&inv).await?;
+        Ok((token > 0).then(|| Taken {
+            fence: Fence {
+                owner: owner.to_string(),
+                token,
+            },
+            lapsed: lapsed == 1,
+        }))
+    }
+
+    pub async fn lease_renew(&self, shard: u16, fence: &Fence, lease_ms: u64) -> StoreResult<bool> {
+        let mut inv = self.scripts.lease_renew.prepare_invoke();
+        inv.key(self.shard(shard).lease())
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(lease_ms);
+        let ok: i64 = self.link.run_durable(&inv).await?;
+        Ok(ok == 1)
+    }
+
+    pub async fn lease_release(&self, shard: u16, fence: &Fence) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let ok: i64 = self
+            .scripts
+            .lease_release
+            .key(self.shard(shard).lease())
+            .key(self.shard(shard).released())
+            .arg(&fence.owner)
+            .arg(fence.token)
+            .arg(self.membership_channel())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Takes the deployment's topology lock: workers starting together declare the queues one
+    /// after the other, so none sees another's half-declared topology as a wrong shard count.
+    pub async fn topology_lock(&self, holder: &str, ttl_ms: u64) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.global_key("topology-lock"))
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    pub async fn topology_unlock(&self, holder: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        let _: i64 = self
+            .scripts
+            .unlock
+            .key(self.global_key("topology-lock"))
+            .arg(holder)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Announces this worker for `lease_ms`; returns the live workers (this one included).
+    pub async fn heartbeat(&self, worker: &str, lease_ms: u64) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        Ok(self
+            .scripts
+            .heartbeat
+            .key(self.global_key("workers"))
+            .arg(worker)
+            .arg(lease_ms)
+            .arg(self.membership_channel())
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    /// Leaves the live set at once (clean shutdown), so the others rebalance without waiting.
+    pub async fn deregister(&self, worker: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        redis::pipe()
+            .cmd("ZREM")
+            .arg(self.global_key("workers"))
+            .arg(worker)
+            .cmd("PUBLISH")
+            .arg(self.membership_channel())
+            .arg("left")
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Workers whose heartbeat has not lapsed.
+    pub async fn live_workers(&self) -> StoreResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = secs * 1000 + micros / 1000;
+        Ok(redis::cmd("ZRANGEBYSCORE")
+            .arg(self.global_key("workers"))
+            .arg(format!("({now_ms}"))
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// How many shards have no lease holder, in one round trip.
+    pub async fn unowned_shards(&self, shards: u16) -> StoreResult<usize> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for shard in 0..shards {
+            pipe.cmd("EXISTS").arg(self.shard(shard).lease());
+        }
+        let held: Vec<u8> = pipe.query_async(&mut conn).await?;
+        Ok(held.iter().filter(|h| **h == 0).count())
+    }
+
+    /// Current owner of a shard's lease (for status and tests).
+    pub async fn lease_owner(&self, shard: u16) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("HGET")
+            .arg(self.shard(shard).lease())
+            .arg("owner")
+            .query_async(&mut conn)
+            .await?)
+    }
+}
