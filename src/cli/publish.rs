@@ -34,7 +34,9 @@ const RECOVER_FOR: Duration = Duration::from_secs(60);
 /// A confirmed publisher: `send` lines, then `flush` to wait for every confirm. Used by
 /// `publish` and the benchmark (which publishes in timed chunks). When its node goes away it
 /// connects to the next node of `RELAY_AMQP_URL` and publishes again every message not yet
-/// confirmed (at least once: the relay drops the repeats by `eventId`).
+/// confirmed (at least once: the relay drops the repeats by `eventId`). A message published
+/// again can land behind a later one that was stored the first time: order across a node loss
+/// holds only for a producer with one unconfirmed message per task at a time.
 pub struct Publisher {
     conn: ConnConfig,
     /// Index in RELAY_AMQP_URL of the node connected to.
@@ -142,7 +144,9 @@ impl Publisher {
             };
             let cause = match answer {
                 // A quorum queue without a leader (a node just went) nacks: the message may not
-                // be stored, so it goes out again, with everything after it to keep the order.
+                // be stored, so it goes out again, with everything after it. Some of those may
+                // have been stored already and now follow it as repeats (dropped by eventId):
+                // the nacked message itself lands after them.
                 Ok(Confirmation::Nack(None)) if self.nacks < NACK_RETRIES => {
                     self.nacks += 1;
                     tokio::time::sleep(Duration::from_millis(200) * self.nacks).await;
@@ -232,15 +236,16 @@ async fn open(
         "ecs-state-relay publish",
     )
     .await?;
-    let ch = connection
-        .create_channel()
+    // Bounded: a node that accepted the connection but stalls must not hold the publisher.
+    let setup = async {
+        let ch = connection.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        amqp::declare_exchange(&ch, &conn.exchange).await?;
+        Ok::<_, lapin::Error>(ch)
+    };
+    let ch = tokio::time::timeout(RECOVER_FOR, setup)
         .await
-        .map_err(anyhow::Error::from)?;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(anyhow::Error::from)?;
-    amqp::declare_exchange(&ch, &conn.exchange)
-        .await
+        .map_err(|_| anyhow::anyhow!("RabbitMQ did not open a channel in time"))?
         .map_err(anyhow::Error::from)?;
     Ok((connection, ch, node))
 }

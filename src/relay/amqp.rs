@@ -25,6 +25,9 @@ pub const SOURCE_QUEUE_HEADER: &str = "x-relay-source-queue";
 /// meanwhile may never answer, and a stopping shard or worker must not hang on it.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The longest a dead-letter publish waits for the broker's confirm.
+const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The longest a connection attempt may take (TCP, TLS and the AMQP handshake).
 const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -306,8 +309,10 @@ pub async fn dead_letter(
     let props = props.clone().with_headers(headers).with_delivery_mode(2);
     // Mandatory: with nothing bound to the dead-letter exchange the broker would confirm and
     // drop the message, and the original would be acked: lost. A return is a failure instead.
-    let confirm = ch
-        .basic_publish(
+    // Bounded: a broker in a memory or disk alarm blocks publishers, and a stopping shard must
+    // not wait for it (the original is not acked and comes back).
+    let publishing = async {
+        ch.basic_publish(
             s(&dlx(exchange)),
             s(routing_key),
             BasicPublishOptions {
@@ -318,7 +323,16 @@ pub async fn dead_letter(
             props,
         )
         .await?
-        .await?;
+        .await
+    };
+    let confirm = tokio::time::timeout(CONFIRM_WAIT, publishing)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the broker did not confirm the dead-lettered message within {} s",
+                CONFIRM_WAIT.as_secs()
+            )
+        })??;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => anyhow::bail!(

@@ -257,6 +257,11 @@ impl Link {
                 "Redis failover: Sentinel names a new primary");
             m::redis_failover();
             self.failovers.fetch_add(1, Ordering::SeqCst);
+            // Connections to the old primary must not serve another step (it may still be up
+            // on the far side of a partition).
+            for slot in &self.slots {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
             self.failed_over.notify_waiters();
         }
         *last = Some(addr);
@@ -426,7 +431,7 @@ impl Conn {
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_unrecoverable_error()
-                || e.to_string().contains("READONLY")
+                || e.to_string().to_ascii_uppercase().contains("READONLY")
             {
                 // Counted once per broken connection, by whichever step saw it first.
                 if self.link.slot(self.index).take().is_some() {

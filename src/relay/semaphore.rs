@@ -179,12 +179,14 @@ impl Semaphore {
             p = self.inner.local.clone().acquire_owned() => p.ok()?,
             _ = cancel.cancelled() => return None,
         };
-        let id = format!(
-            "{}:{}",
-            self.inner.worker,
-            self.inner.next.fetch_add(1, Ordering::Relaxed)
-        );
         loop {
+            // A fresh id for every try: a try whose answer was lost may still have been granted,
+            // and is given back by id in the background; that must never hit a later grant.
+            let id = format!(
+                "{}:{}",
+                self.inner.worker,
+                self.inner.next.fetch_add(1, Ordering::Relaxed)
+            );
             // Register for the release signal before trying, so a release in between is not missed.
             let released = self.inner.released.notified();
             tokio::pin!(released);
@@ -206,6 +208,14 @@ impl Semaphore {
                 Err(e) => {
                     tracing::warn!(error = %e, "permit acquire failed; retrying");
                     m::redis_error("permit_acquire");
+                    // The script may have run with its answer lost: give that id back.
+                    if !matches!(e, StoreError::NotReplicated { .. }) {
+                        self.unreleased().push(Lease {
+                            id,
+                            taken: asked,
+                            valid_until: asked + self.lease(),
+                        });
+                    }
                     Duration::from_millis(200)
                 }
             };

@@ -115,6 +115,23 @@ pub fn plan(entry: &OutboxEntry, state: &KeyState, now_ms: i64) -> Plan {
     }
 }
 
+/// When a lease request left, and how many Redis failovers the store had followed by then: a
+/// renewal that raced a failover is not counted on.
+#[derive(Clone, Copy, Debug)]
+pub struct Asked {
+    pub at: Instant,
+    pub failovers: u64,
+}
+
+impl Asked {
+    pub fn now(store: &Store) -> Asked {
+        Asked {
+            failovers: store.link().failovers(),
+            at: Instant::now(),
+        }
+    }
+}
+
 /// Everything a shard's senders share.
 pub struct ShardCtx {
     pub shard: u16,
@@ -142,13 +159,14 @@ impl ShardCtx {
     pub fn new(
         shard: u16,
         taken: Taken,
-        taken_at: Instant,
+        asked: Asked,
         store: Store,
         ecs: Ecs,
         permits: Semaphore,
         cfg: Arc<WorkerConfig>,
     ) -> ShardCtx {
         let Taken { fence, lapsed } = taken;
+        let taken_at = asked.at;
         let calls_from = if lapsed {
             taken_at + cfg.call_timeout() + CALL_MARGIN
         } else {
@@ -166,7 +184,7 @@ impl ShardCtx {
             calls_from,
             cfg,
         };
-        ctx.lease_renewed(taken_at);
+        ctx.lease_renewed(asked);
         ctx
     }
 
@@ -178,13 +196,14 @@ impl ShardCtx {
             .0
     }
 
-    /// Records a successful renewal started at `renewed_at`; a margin covers clock drift.
-    pub fn lease_renewed(&self, renewed_at: Instant) {
-        let valid = renewed_at + self.cfg.lease().mul_f64(0.8);
+    /// Records a successful renewal (or the acquisition) asked at `asked`; a margin covers
+    /// clock drift.
+    pub fn lease_renewed(&self, asked: Asked) {
+        let valid = asked.at + self.cfg.lease().mul_f64(0.8);
         *self
             .lease_valid_until
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = (valid, self.store.link().failovers());
+            .unwrap_or_else(|e| e.into_inner()) = (valid, asked.failovers);
         self.renewed.notify_waiters();
     }
 
@@ -193,7 +212,9 @@ impl ShardCtx {
     /// lapse, so no change of a task is ever in flight from two workers, and the fleet-wide
     /// limit holds even if the call runs its full time.
     pub fn may_call(&self, permit_until: Instant) -> bool {
-        self.lease_covers_a_call() && self.call_ends_by() < permit_until
+        !self.cancel.is_cancelled()
+            && self.lease_covers_a_call()
+            && self.call_ends_by() < permit_until
     }
 
     /// When a call starting now ends at the latest (its timeout), with the margin.

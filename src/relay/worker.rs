@@ -20,7 +20,7 @@ use crate::relay::config::WorkerConfig;
 use crate::relay::ecs::Ecs;
 use crate::relay::metrics::{self as m, Readiness};
 use crate::relay::semaphore::Semaphore;
-use crate::relay::sender::ShardCtx;
+use crate::relay::sender::{Asked, ShardCtx};
 use crate::relay::shard::{self, ShardEnd};
 use crate::relay::store::{wake_on_publish, Store};
 
@@ -295,13 +295,13 @@ impl Session {
         }
         for (shard, o) in owned.iter() {
             // Keep renewing while a handover finishes its calls: the lease is ours until released.
-            let renewing_at = Instant::now();
+            let renewing = Asked::now(&self.store);
             match self
                 .store
                 .lease_renew(*shard, &o.ctx.fence, self.cfg.lease_ms)
                 .await
             {
-                Ok(true) => o.ctx.lease_renewed(renewing_at),
+                Ok(true) => o.ctx.lease_renewed(renewing),
                 Ok(false) => {
                     tracing::warn!(shard, "shard lease lost; stopping the shard");
                     o.ctx.cancel.cancel();
@@ -323,7 +323,7 @@ impl Session {
             if owned.contains_key(&shard) {
                 continue;
             }
-            let acquiring_at = Instant::now();
+            let acquiring = Asked::now(&self.store);
             match self
                 .store
                 .lease_acquire(shard, &self.worker_id, self.cfg.lease_ms)
@@ -339,7 +339,7 @@ impl Session {
                     let ctx = Arc::new(ShardCtx::new(
                         shard,
                         taken,
-                        acquiring_at,
+                        acquiring,
                         self.store.clone(),
                         self.ecs.clone(),
                         self.permits.clone(),

@@ -1,7 +1,7 @@
 -- Removes the head of a task's outbox once it was sent (or dropped), and advances the sent
 -- statuses in the same step, so a crash never leaves "removed but not marked" or the reverse.
 -- KEYS: 1 lease, 2 outbox, 3 task state hash, 4 pending zset, 5 active zset, 6 recent ids,
---       7 batch
+--       7 batch, 8 the shard's sequence counter (a write that always replicates)
 -- ARGV: 1 owner, 2 token, 3 how the head starts (`{"n":<sequence>,`, see intake.lua),
 --       4 ordering key, 5 retention seconds,
 --       6.. pairs of (state field, status index) to advance, never backwards
@@ -12,9 +12,10 @@ if err then return err end
 
 local head = redis.call('LINDEX', KEYS[2], 0)
 if not head or string.sub(head, 1, #ARGV[3]) ~= ARGV[3] then
-  -- Already removed (a retry whose first try landed): still write, so a WAIT after this
-  -- script also covers that first try's removal (replication is one stream).
-  redis.call('ZADD', KEYS[5], redis.call('TIME')[1], ARGV[4])
+  -- Already removed (a retry whose first try landed): still write something that always
+  -- changes the data set, so a WAIT after this script also covers that first try's removal
+  -- (replication is one stream).
+  redis.call('INCR', KEYS[8])
   return {-1, head, redis.call('HGETALL', KEYS[3])}
 end
 redis.call('LPOP', KEYS[2])

@@ -65,6 +65,7 @@ impl Store {
             .key(keys.active())
             .key(keys.recent_ids(key))
             .key(keys.batch(key))
+            .key(keys.seq())
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(head_prefix)
