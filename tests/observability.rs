@@ -270,6 +270,7 @@ async fn a_live_worker_exports_every_metric_and_they_move() {
                 m::PERMIT_WAIT_SECONDS,
                 m::BATCH_SIZE,
                 m::END_TO_END_SECONDS,
+                m::STAGE_SECONDS,
             ]
             .contains(&n) =>
             {

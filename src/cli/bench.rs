@@ -2,7 +2,7 @@
 //! machine, and how fully it uses the fleet-wide ECS call limit. Runs against the local
 //! RabbitMQ and Redis, an in-process ecs-sim, and a worker child process (this binary).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -340,6 +340,7 @@ impl Bench {
         let tasks = ((rate * 5.0) as usize / 10).max(1);
         let events = lifecycles(&self.run, tag, tasks);
         let broker = self.broker_latency(tag, &events, rate).await?;
+        let stages_before = self.stage_buckets().await;
         let sent = paced(&mut self.publisher, &events, rate).await?;
         let published: HashMap<(String, &'static str), u64> = sent
             .into_iter()
@@ -380,7 +381,37 @@ impl Bench {
         latency_row(format!("p50 ms, {load} ({rate:.0} ev/s)"), 0, "");
         latency_row("p99 ms".into(), 1, "<= 25");
         latency_row("max ms".into(), 2, "");
+        // Where the time went during this row: the worker's stage histograms, this row only.
+        let stages = stage_percentiles(&stages_before, &self.stage_buckets().await);
+        for (stage, [p50, p99]) in stages {
+            self.rows
+                .push(row("stages", &format!("{stage} p50 ms ({load})"), p50, ""));
+            self.rows
+                .push(row("stages", &format!("{stage} p99 ms"), p99, ""));
+        }
         Ok(())
+    }
+
+    /// The worker's `relay_stage_seconds` buckets: (stage, upper bound s) → cumulative count.
+    async fn stage_buckets(&self) -> BTreeMap<(String, String), f64> {
+        let Ok(resp) = self.http.get(&self.metrics_url).send().await else {
+            return BTreeMap::new();
+        };
+        let text = resp.text().await.unwrap_or_default();
+        let prefix = format!("{}_bucket{{", crate::relay::metrics::STAGE_SECONDS);
+        text.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (labels, value) = rest.split_once("} ")?;
+                let label = |name: &str| {
+                    labels
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix("=\""))
+                        .map(|v| v.trim_end_matches('"').to_string())
+                };
+                Some(((label("stage")?, label("le")?), value.parse().ok()?))
+            })
+            .collect()
     }
 
     /// The broker alone at the same rate: the same lifecycles through the same kind of queues
@@ -671,6 +702,47 @@ async fn paced(
     }
     publisher.flush().await?;
     Ok(sent)
+}
+
+/// Per stage, p50 and p99 in ms (the upper bound of the bucket where each is reached) of what
+/// was recorded between two bucket snapshots.
+fn stage_percentiles(
+    before: &BTreeMap<(String, String), f64>,
+    after: &BTreeMap<(String, String), f64>,
+) -> Vec<(String, [f64; 2])> {
+    let mut by_stage: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for ((stage, le), count) in after {
+        let bound = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::INFINITY)
+        };
+        let earlier = before
+            .get(&(stage.clone(), le.clone()))
+            .copied()
+            .unwrap_or(0.0);
+        by_stage
+            .entry(stage)
+            .or_default()
+            .push((bound, count - earlier));
+    }
+    by_stage
+        .into_iter()
+        .filter_map(|(stage, mut buckets)| {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let total = buckets.last()?.1;
+            if total <= 0.0 {
+                return None;
+            }
+            let at = |q: f64| {
+                buckets
+                    .iter()
+                    .find(|(_, c)| *c >= q * total)
+                    .map_or(f64::INFINITY, |(b, _)| b * 1000.0)
+            };
+            Some((stage.to_string(), [at(0.5), at(0.99)]))
+        })
+        .collect()
 }
 
 /// p50, p99 and max of latencies in ms.

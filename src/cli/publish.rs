@@ -258,9 +258,16 @@ async fn publish(
     message_id: &Option<String>,
     text: &str,
 ) -> Result<PublisherConfirm, lapin::Error> {
+    // The publish time lets the relay measure the time in the shard queue (`queue` stage).
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        amqp::PUBLISHED_MS_HEADER.into(),
+        lapin::types::AMQPValue::LongLongInt(crate::relay::wire::now_ms()),
+    );
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
-        .with_delivery_mode(2);
+        .with_delivery_mode(2)
+        .with_headers(headers);
     if let Some(id) = message_id {
         props = props.with_message_id(id.as_str().into());
     }

@@ -25,6 +25,20 @@ pub const SOURCE_QUEUE_HEADER: &str = "x-relay-source-queue";
 /// meanwhile may never answer, and a stopping shard or worker must not hang on it.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Header a publisher may set to its clock's ms since the epoch at publish time: the relay
+/// then measures the `queue` stage (publish → delivery).
+pub const PUBLISHED_MS_HEADER: &str = "x-published-ms";
+
+/// The publish time a message carries in [`PUBLISHED_MS_HEADER`], if any.
+pub fn published_ms(props: &BasicProperties) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(PUBLISHED_MS_HEADER)? {
+        AMQPValue::LongLongInt(ms) => Some(*ms),
+        AMQPValue::Timestamp(ms) => i64::try_from(*ms).ok(),
+        _ => None,
+    }
+}
+
 /// The longest a dead-letter publish waits for the broker's confirm.
 const CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 

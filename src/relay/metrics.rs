@@ -39,6 +39,7 @@ pub const REDIS_RECONNECTS: &str = "relay_redis_reconnects_total";
 pub const PERMIT_OLDEST_HELD_SECONDS: &str = "relay_permit_oldest_held_seconds";
 pub const REDIS_FAILOVERS: &str = "relay_redis_failovers_total";
 pub const AMQP_NODE: &str = "relay_amqp_node_info";
+pub const STAGE_SECONDS: &str = "relay_stage_seconds";
 pub const REDIS_WAIT_SHORTFALLS: &str = "relay_redis_wait_shortfalls_total";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
@@ -72,6 +73,7 @@ pub const ALL: &[&str] = &[
     REDIS_FAILOVERS,
     REDIS_WAIT_SHORTFALLS,
     AMQP_NODE,
+    STAGE_SECONDS,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -148,6 +150,7 @@ pub fn ecs_call(operation: &'static str, error_code: Option<&str>, took: Duratio
     counter!(ECS_CALLS, "operation" => operation, "outcome" => ecs_outcome(error_code))
         .increment(1);
     histogram!(ECS_CALL_SECONDS, "operation" => operation).record(took.as_secs_f64());
+    stage("ecs", took);
 }
 pub fn submission_batch(events: usize) {
     histogram!(BATCH_SIZE).record(events as f64);
@@ -155,7 +158,15 @@ pub fn submission_batch(events: usize) {
 pub fn retry() {
     counter!(RETRIES).increment(1);
 }
+/// Where an event's time goes, one histogram per stage: `queue` (publish → delivery, from the
+/// publisher's `x-published-ms` header), `intake` (delivery → stored in Redis), `wake` (stored →
+/// a sender picks the task), `permit` (waiting for a fleet-wide permit), `ecs` (the call),
+/// `complete` (ECS answer → the next head ready).
+pub fn stage(stage: &'static str, took: Duration) {
+    histogram!(STAGE_SECONDS, "stage" => stage).record(took.as_secs_f64());
+}
 pub fn permit_acquired(waited: Duration) {
+    stage("permit", waited);
     histogram!(PERMIT_WAIT_SECONDS).record(waited.as_secs_f64());
 }
 pub fn permits(in_use: u64, limit: u32, oldest_held: Duration) {

@@ -20,7 +20,7 @@ use crate::relay::metrics as m;
 use crate::relay::semaphore::Semaphore;
 use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
 use crate::relay::wire::{
-    status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
+    self, status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
     CONTAINER_STATUSES, TASK_STATUSES,
 };
 
@@ -275,7 +275,8 @@ enum Slot {
 #[derive(Default)]
 struct Board {
     keys: HashMap<String, Slot>,
-    queue: VecDeque<String>,
+    /// Keys waiting for a runner, with when they were queued (the `wake` stage).
+    queue: VecDeque<(String, Instant)>,
     runners: usize,
     /// Backoff, attempt count and start of the failure streak of keys whose last call failed.
     retries: HashMap<String, (Backoff, u32, Instant)>,
@@ -321,7 +322,7 @@ impl Senders {
             Some(Slot::Queued | Slot::Backoff) => {}
             None => {
                 board.keys.insert(key.to_string(), Slot::Queued);
-                board.queue.push_back(key.to_string());
+                board.queue.push_back((key.to_string(), Instant::now()));
                 self.spawn_runner(&mut board);
             }
         }
@@ -364,7 +365,8 @@ impl Senders {
             let key = {
                 let mut board = self.board();
                 match board.queue.pop_front() {
-                    Some(key) if !self.ctx.cancel.is_cancelled() => {
+                    Some((key, queued)) if !self.ctx.cancel.is_cancelled() => {
+                        m::stage("wake", queued.elapsed());
                         board.keys.insert(key.clone(), Slot::Running(false));
                         key
                     }
@@ -399,7 +401,7 @@ impl Senders {
                         if this.sleep(delay).await {
                             let mut board = this.board();
                             board.keys.insert(key.clone(), Slot::Queued);
-                            board.queue.push_back(key);
+                            board.queue.push_back((key, Instant::now()));
                             this.spawn_runner(&mut board);
                         }
                     });
@@ -473,7 +475,7 @@ impl Senders {
                 }
             };
             let id_prefix = entry.head_prefix();
-            let advances = match plan(&entry, &state, now_ms()) {
+            let advances = match plan(&entry, &state, wire::now_ms()) {
                 Plan::Redundant => {
                     tracing::debug!(shard = ctx.shard, key, id = %entry.id, "redundant change removed");
                     m::events_dropped("redundant", 1);
@@ -497,7 +499,7 @@ impl Senders {
                 Ok(()) => {
                     m::submission_batch(entry.b.len());
                     if let Some(occurred) = entry.t {
-                        let ms = u64::try_from(now_ms() - occurred).unwrap_or(0);
+                        let ms = u64::try_from(wire::now_ms() - occurred).unwrap_or(0);
                         m::end_to_end(Duration::from_millis(ms));
                     }
                     &advances
@@ -538,8 +540,12 @@ impl Senders {
             };
             backoff.reset();
             *attempt = 0;
+            let answered = Instant::now();
             match self.complete(key, &id_prefix, record).await {
-                Some(next) => read = Some(next),
+                Some(next) => {
+                    m::stage("complete", answered.elapsed());
+                    read = Some(next)
+                }
                 None => return Turn::Stop,
             }
         }
@@ -664,10 +670,6 @@ impl Senders {
             _ = tokio::time::sleep(d) => true,
         }
     }
-}
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[cfg(test)]

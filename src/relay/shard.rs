@@ -121,6 +121,14 @@ async fn intake_batch(
     batch: Vec<Delivery>,
     senders: &Senders,
 ) -> Result<Option<ShardEnd>, lapin::Error> {
+    let received = Instant::now();
+    let now = wire::now_ms();
+    for d in &batch {
+        if let Some(published) = amqp::published_ms(&d.properties) {
+            let ms = u64::try_from(now - published).unwrap_or(0);
+            m::stage("queue", Duration::from_millis(ms));
+        }
+    }
     let mut events: Vec<Event> = Vec::with_capacity(batch.len());
     // Which delivery each event came from, to dead-letter what the store refuses.
     let mut origin: Vec<&Delivery> = Vec::with_capacity(batch.len());
@@ -145,7 +153,10 @@ async fn intake_batch(
             .intake(ctx.shard, &ctx.fence, &events, ctx.cfg.task_retention_s)
             .await
         {
-            Ok(o) => break o,
+            Ok(o) => {
+                m::stage("intake", received.elapsed());
+                break o;
+            }
             Err(StoreError::Fenced) => {
                 m::fenced("intake");
                 return Ok(Some(ShardEnd::Fenced));

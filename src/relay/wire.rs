@@ -635,6 +635,11 @@ pub fn entry_prefix(event_id: &str, change: &Change, occurred_ms: i64) -> String
     format!("{{\"id\":{id},\"e\":{e},\"t\":{occurred_ms}")
 }
 
+/// This machine's clock in ms since the epoch (expiry checks, publish times, end-to-end latency).
+pub fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
 impl OutboxEntry {
     /// How the stored entry starts: the complete script removes the head only if it starts so.
     pub fn head_prefix(&self) -> String {
