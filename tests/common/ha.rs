@@ -296,12 +296,7 @@ impl RedisHa {
         files.sort();
         for f in files {
             out.push_str(&format!("--- {}\n", file_name(&f)));
-            let text = std::fs::read_to_string(&f).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            for l in &lines[lines.len().saturating_sub(40)..] {
-                out.push_str(l);
-                out.push('\n');
-            }
+            out.push_str(&super::log_tail(&f, 40));
         }
         out
     }

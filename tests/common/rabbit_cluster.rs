@@ -506,15 +506,8 @@ impl RabbitCluster {
                 files.extend(logs);
             }
             for f in files {
-                let Ok(text) = std::fs::read_to_string(&f) else {
-                    continue;
-                };
                 out.push_str(&format!("--- {}: {}\n", node.name, f.display()));
-                let lines: Vec<&str> = text.lines().collect();
-                for l in &lines[lines.len().saturating_sub(30)..] {
-                    out.push_str(l);
-                    out.push('\n');
-                }
+                out.push_str(&super::log_tail(&f, 30));
             }
         }
         out
