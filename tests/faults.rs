@@ -221,11 +221,7 @@ async fn ecs_outage_backoff_holds_permits_are_not_held_while_sleeping_and_the_ba
     env.sim.clear_rules();
     let restored = Instant::now();
     eventually(Duration::from_secs(30), "backlog drained", || async {
-        tasks.iter().all(|t| {
-            env.calls_for(t)
-                .iter()
-                .any(|c| c.outcome.as_deref() == Some("ok"))
-        })
+        all_sent(&env, &tasks)
     })
     .await;
     let recovery = restored.elapsed();

@@ -116,11 +116,7 @@ async fn ecs_calls_resume_within_two_seconds_of_redis_coming_back() {
     );
     assert!(resumed < Duration::from_secs(2), "{resumed:?}");
     eventually(Duration::from_secs(30), "every task sent", || async {
-        tasks.iter().all(|t| {
-            env.calls_for(t)
-                .iter()
-                .any(|c| c.outcome.as_deref() == Some("ok"))
-        })
+        all_sent(&env, &tasks)
     })
     .await;
     assert!(env.sim.stats().max_in_flight <= 10);

@@ -219,12 +219,15 @@ impl Link {
     async fn connect(&self) -> StoreResult<MultiplexedConnection> {
         match &self.source {
             Source::Direct { pool, .. } => Ok(deadpool_redis::Connection::take(pool.get().await?)),
-            Source::Sentinel { config, .. } => {
-                let client = self.primary_client().await?;
-                Ok(client
-                    .get_multiplexed_async_connection_with_config(config)
-                    .await?)
-            }
+            Source::Sentinel {
+                sentinel,
+                config,
+                primary,
+            } => Ok(self
+                .primary_client(sentinel, primary)
+                .await?
+                .get_multiplexed_async_connection_with_config(config)
+                .await?),
         }
     }
 
@@ -232,19 +235,19 @@ impl Link {
     pub async fn client(&self) -> StoreResult<Client> {
         match &self.source {
             Source::Direct { client, .. } => Ok(client.clone()),
-            Source::Sentinel { .. } => self.primary_client().await,
+            Source::Sentinel {
+                sentinel, primary, ..
+            } => self.primary_client(sentinel, primary).await,
         }
     }
 
     /// Asks the Sentinels for the primary (and checks its ROLE); counts a changed address as a
     /// failover.
-    async fn primary_client(&self) -> StoreResult<Client> {
-        let Source::Sentinel {
-            sentinel, primary, ..
-        } = &self.source
-        else {
-            return self.client_direct();
-        };
+    async fn primary_client(
+        &self,
+        sentinel: &tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+        primary: &Mutex<Option<String>>,
+    ) -> StoreResult<Client> {
         let client = tokio::time::timeout(BOUND, async {
             sentinel.lock().await.async_get_client().await
         })
@@ -268,13 +271,6 @@ impl Link {
         Ok(client)
     }
 
-    fn client_direct(&self) -> StoreResult<Client> {
-        match &self.source {
-            Source::Direct { client, .. } => Ok(client.clone()),
-            Source::Sentinel { .. } => Err(StoreError::Redis("not a direct link".into())),
-        }
-    }
-
     /// How many failovers this link has followed; a lease renewed before the last one is
     /// checked again before it is counted on.
     pub fn failovers(&self) -> u64 {
@@ -284,11 +280,6 @@ impl Link {
     /// Resolves when the next failover is seen.
     pub async fn failed_over(&self) {
         self.failed_over.notified().await
-    }
-
-    /// Replicas that must confirm a write the relay acts on (`RELAY_REDIS_MIN_REPLICAS`).
-    pub fn min_replicas(&self) -> u32 {
-        self.min_replicas
     }
 
     /// Runs a script whose writes the relay acts on. With replicas required, `WAIT` follows in

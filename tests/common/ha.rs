@@ -46,7 +46,7 @@ impl RedisHa {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).expect("create the HA temp dir");
-        let ports = free_ports(5);
+        let ports = super::free_ports(5);
         let mut ha = RedisHa {
             master_name: master_name.to_string(),
             sentinel_ports: ports[2..].to_vec(),
@@ -319,17 +319,6 @@ fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-/// `n` distinct free loopback ports: every listener is held until all are picked.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
 }
 
 /// One command on a fresh connection; `None` on any error or timeout.

@@ -728,3 +728,23 @@ pub fn log_tail(path: &std::path::Path, n: usize) -> String {
     out.push('\n');
     out
 }
+
+/// `n` distinct free loopback ports: every listener is held until all are picked.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// Every one of `tasks` had at least one ECS call accepted.
+pub fn all_sent(env: &Env, tasks: &[String]) -> bool {
+    tasks.iter().all(|t| {
+        env.calls_for(t)
+            .iter()
+            .any(|c| c.outcome.as_deref() == Some("ok"))
+    })
+}

@@ -74,7 +74,7 @@ impl RabbitCluster {
         // Empty: keeps the scripts off /etc/rabbitmq/rabbitmq-env.conf.
         std::fs::write(dir.join("rabbitmq-env.conf"), "").expect("write rabbitmq-env.conf");
 
-        let ports = free_ports(4 * n);
+        let ports = super::free_ports(4 * n);
         let nodes = (0..n)
             .map(|i| {
                 let node_dir = dir.join(format!("node{i}"));
@@ -542,15 +542,4 @@ fn write_cookie(path: &Path) {
     std::fs::write(path, cookie).expect("write the erlang cookie");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400))
         .expect("chmod the erlang cookie");
-}
-
-/// `n` distinct free loopback ports: every listener is held until all are picked.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
 }

@@ -39,7 +39,6 @@ for e = 0, (#ARGV - 5) / 9 - 1 do
     result = 3
   else
     redis.call('ZADD', ids, string.format('%.0f', now_us + e), id)
-    redis.call('ZREMRANGEBYRANK', ids, 0, -keep_ids - 1)
     -- Known status only moves forward: a task lifecycle never goes back, and a stale
     -- taskStatus on a late container event must not make a stopped task drainable again.
     if status ~= '' and tonumber(status) > tonumber(redis.call('HGET', state, 'k') or '-1') then
@@ -87,6 +86,8 @@ end
 -- Retention: the sweeper drops (and counts) idle tasks after 1x; the TTL is only a safety net.
 local ttl = tonumber(ARGV[3]) * 2
 for key, k in pairs(touched) do
+  -- Keep only the most recent ids: trimmed once per key and batch, not per event.
+  redis.call('ZREMRANGEBYRANK', KEYS[k + 1], 0, -keep_ids - 1)
   redis.call('ZADD', KEYS[4], now, key)
   for i = 1, 4 do
     redis.call('EXPIRE', KEYS[k + i], ttl)
