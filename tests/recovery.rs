@@ -231,3 +231,55 @@ async fn a_frozen_worker_holding_every_permit_blocks_the_fleet_for_at_most_one_p
     assert!(env.sim.stats().max_in_flight <= 10);
     env.cleanup().await;
 }
+
+/// Nagle's algorithm on a shared connection holds a request written while an earlier one is
+/// unacknowledged until that ACK comes (up to the 40 ms delayed-ACK timer): the redis crate
+/// leaves it on unless told. Every connection the relay opens to Redis must have it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_to_redis_has_nagle_off() {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let store = ecs_state_relay::relay::store::Store::connect(
+        REDIS_URL,
+        &Default::default(),
+        &format!("test.nodelay.{:08x}", rand::random::<u32>()),
+    )
+    .await
+    .expect("redis reachable");
+    // Several steps at once open the shared connections.
+    let reads = (0..8).map(|shard| store.pending_keys(shard));
+    for read in futures_util::future::join_all(reads).await {
+        read.expect("redis answers");
+    }
+    let port = REDIS_URL
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port in REDIS_URL");
+    let mut checked = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").expect("fd list") {
+        let Ok(fd) = entry
+            .expect("fd")
+            .file_name()
+            .to_string_lossy()
+            .parse::<i32>()
+        else {
+            continue;
+        };
+        // SAFETY: only borrowed for the two reads below, while this test holds every
+        // connection open (the store lives to the end of the test).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&fd);
+        let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+        if peer.is_some_and(|p| p.port() == port) {
+            assert!(
+                sock.tcp_nodelay().expect("a TCP socket"),
+                "connection fd {} to Redis has Nagle on",
+                fd.as_raw_fd()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no connection to Redis found");
+    drop(store);
+}

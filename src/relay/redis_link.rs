@@ -26,14 +26,20 @@ pub enum StoreError {
     /// so it counts as not stored (retry; never ack or send on it).
     #[error("redis: write confirmed by {got} of {wanted} replicas")]
     NotReplicated { wanted: u32, got: u32 },
+    /// An intake batch arrived before the one ahead of it was stored; nothing was written.
+    #[error("intake batch out of order: {0}")]
+    OutOfOrder(String),
 }
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
         // A pipeline reports its commands' errors inside one "Pipeline failure" error, so the
         // code is looked for in the message too.
-        if e.code() == Some("FENCED") || e.to_string().contains("\"FENCED\"") {
+        let text = e.to_string();
+        if e.code() == Some("FENCED") || text.contains("\"FENCED\"") {
             StoreError::Fenced
+        } else if e.code() == Some("GAP") || text.contains("GAP intake batch") {
+            StoreError::OutOfOrder(text)
         } else {
             StoreError::Redis(e.to_string())
         }
@@ -88,9 +94,12 @@ impl Link {
     /// A fixed Redis. `tls` gives the CA and client certificate for `rediss://` URLs.
     pub fn direct(url: &str, tls: &TlsFiles, min_replicas: u32) -> anyhow::Result<Link> {
         let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {}: {e}", mask_url(url));
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| fail(&e))?
+            .set_tcp_settings(tcp_settings());
         let client = match tls_certificates(tls)? {
-            Some(certs) => Client::build_with_tls(url, certs).map_err(|e| fail(&e))?,
-            None => Client::open(url).map_err(|e| fail(&e))?,
+            Some(certs) => Client::build_with_tls(info, certs).map_err(|e| fail(&e))?,
+            None => Client::open(info).map_err(|e| fail(&e))?,
         };
         // The pool is built on the client's connection info, which carries the TLS material.
         let manager = deadpool_redis::Manager::new_with_config(
@@ -137,7 +146,8 @@ impl Link {
         let redis_info = info.redis_settings();
         let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
             .map_err(|e| fail(&e))?
-            .set_client_to_redis_db(redis_info.db());
+            .set_client_to_redis_db(redis_info.db())
+            .set_client_to_redis_tcp_settings(tcp_settings());
         if let Some(user) = redis_info.username() {
             builder = builder.set_client_to_redis_username(user);
         }
@@ -199,7 +209,14 @@ impl Link {
     /// recycle), so steps share a few long-lived multiplexed connections, each pipelining
     /// concurrent requests; one that fails at the connection level is replaced on next use.
     pub async fn conn(self: &Arc<Self>) -> StoreResult<Conn> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.conn_on(None).await
+    }
+
+    /// A shared connection: `Some(n)` always the same one for the same n (requests sent on it
+    /// in order reach Redis in order), `None` the next in turn.
+    async fn conn_on(self: &Arc<Self>, pin: Option<usize>) -> StoreResult<Conn> {
+        let index =
+            pin.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed)) % self.slots.len();
         if let Some(inner) = self.slot(index).clone() {
             return Ok(Conn {
                 inner,
@@ -290,7 +307,16 @@ impl Link {
         self: &Arc<Self>,
         inv: &ScriptInvocation<'_>,
     ) -> StoreResult<T> {
-        let mut conn = self.conn().await?;
+        self.run_durable_on(None, inv).await
+    }
+
+    /// [`Link::run_durable`] on a pinned connection (see [`Link::conn_on`]).
+    pub async fn run_durable_on<T: FromRedisValue>(
+        self: &Arc<Self>,
+        pin: Option<usize>,
+        inv: &ScriptInvocation<'_>,
+    ) -> StoreResult<T> {
+        let mut conn = self.conn_on(pin).await?;
         if self.min_replicas == 0 {
             return Ok(inv.invoke_async(&mut conn).await?);
         }
@@ -384,6 +410,13 @@ impl Replication {
         }
         Replication { role, replicas }
     }
+}
+
+/// TCP_NODELAY: the redis crate leaves Nagle on, so on a shared connection a request written
+/// while an earlier one is unacknowledged waited for that ACK (up to the 40 ms delayed-ACK
+/// timer): the tens-of-ms tail of every Redis step under load.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 fn connection_config() -> AsyncConnectionConfig {
