@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ecs_state_relay::relay::config::CALL_MARGIN;
 use ecs_state_relay::relay::semaphore::Semaphore;
-use ecs_state_relay::relay::store::{IntakeRun, Store};
+use ecs_state_relay::relay::store::Store;
 use ecs_state_relay::relay::wire::{self, OutboxEntry};
 use ecs_state_relay::sim::{Action, CallRecord, Rule};
 use lapin::options::QueueBindOptions;
@@ -448,7 +448,7 @@ async fn a_retried_completion_never_removes_a_later_entry_with_the_same_event_id
     let mut c = container(&x, "web", "RUNNING");
     c["taskStatus"] = "RUNNING".into();
     store
-        .intake(0, &fence, &IntakeRun::new().next_batch(), &[decode(c)], 600)
+        .intake(0, &fence, &[decode(c)], 600)
         .await
         .expect("intake");
     assert_eq!(
@@ -461,13 +461,7 @@ async fn a_retried_completion_never_removes_a_later_entry_with_the_same_event_id
     let mut same_id = task(&x, "STOPPED");
     same_id["eventId"] = drained.id.clone().into();
     store
-        .intake(
-            0,
-            &fence,
-            &IntakeRun::new().next_batch(),
-            &[decode(same_id)],
-            600,
-        )
+        .intake(0, &fence, &[decode(same_id)], 600)
         .await
         .expect("intake");
     let done = store
@@ -576,12 +570,8 @@ async fn the_pending_index_is_read_in_pages_and_every_task_comes_back_once_in_or
         .iter()
         .map(|t| wire::decode(task(t, "RUNNING").to_string().as_bytes(), t).expect("valid"))
         .collect();
-    let mut run = IntakeRun::new();
     for chunk in events.chunks(200) {
-        store
-            .intake(0, &fence, &run.next_batch(), chunk, 600)
-            .await
-            .expect("intake");
+        store.intake(0, &fence, chunk, 600).await.expect("intake");
     }
     // Oldest first, each once, although the read takes several pages.
     assert_eq!(store.pending_keys(0).await.expect("pending"), tasks);

@@ -1,14 +1,13 @@
 //! Fencing at the store: once a shard's lease has passed to another worker, every write of
 //! the former owner (intake, completion, drain, sweep) is refused and changes nothing. Also
-//! the drain's paging, which runs under the same lease checks, and the order check that lets
-//! a shard keep several intake batches in flight.
+//! the drain's paging, which runs under the same lease checks.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use ecs_state_relay::relay::store::{Intake, IntakeRun, StoreError};
+use ecs_state_relay::relay::store::{Intake, StoreError};
 use ecs_state_relay::relay::wire;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,13 +26,7 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
         .fence;
     assert_eq!(
         store
-            .intake(
-                0,
-                &old,
-                &IntakeRun::new().next_batch(),
-                &[event("RUNNING")],
-                60
-            )
+            .intake(0, &old, &[event("RUNNING")], 60)
             .await
             .unwrap(),
         vec![Intake::Enqueued]
@@ -57,15 +50,7 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
     let head_prefix = serde_json::from_str::<wire::OutboxEntry>(&head)
         .unwrap()
         .head_prefix();
-    let refused = store
-        .intake(
-            0,
-            &old,
-            &IntakeRun::new().next_batch(),
-            &[event("STOPPED")],
-            60,
-        )
-        .await;
+    let refused = store.intake(0, &old, &[event("STOPPED")], 60).await;
     assert!(matches!(refused, Err(StoreError::Fenced)), "{refused:?}");
     let complete = store
         .complete_prefix(0, &old, &a, &head_prefix, &[("s".into(), 3)], 60)
@@ -180,12 +165,8 @@ async fn one_drain_covers_more_batched_tasks_than_a_page_in_several_short_script
             wire::decode(c.to_string().as_bytes(), t).expect("valid")
         })
         .collect();
-    let mut run = IntakeRun::new();
     for chunk in events.chunks(200) {
-        store
-            .intake(0, &fence, &run.next_batch(), chunk, 600)
-            .await
-            .unwrap();
+        store.intake(0, &fence, chunk, 600).await.unwrap();
     }
     let mut woken = store.drain(0, &fence, 600).await.unwrap();
     woken.sort();
@@ -195,63 +176,6 @@ async fn one_drain_covers_more_batched_tasks_than_a_page_in_several_short_script
     assert!(
         store.drain(0, &fence, 600).await.unwrap().is_empty(),
         "nothing left to drain"
-    );
-    env.cleanup().await;
-}
-
-/// A shard sends its next intake batches before the earlier ones are answered. If one is lost
-/// (its connection dropped) or overtaken, the store must not take a later one first: a task's
-/// STOPPED would be stored ahead of its RUNNING.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_intake_batch_that_overtakes_the_one_before_it_is_refused_and_stores_nothing() {
-    let env = Env::new("intake-order", 1).await;
-    let store = &env.store;
-    let fence = store
-        .lease_acquire(0, "only", 30_000)
-        .await
-        .unwrap()
-        .expect("free lease")
-        .fence;
-    let a = arn("order");
-    let running = wire::decode(task(&a, "RUNNING").to_string().as_bytes(), &a).expect("valid");
-    let stopped = wire::decode(task(&a, "STOPPED").to_string().as_bytes(), &a).expect("valid");
-    let mut run = IntakeRun::new();
-    let (first, second) = (run.next_batch(), run.next_batch());
-
-    let early = store
-        .intake(0, &fence, &second, std::slice::from_ref(&stopped), 600)
-        .await;
-    assert!(matches!(early, Err(StoreError::OutOfOrder(_))), "{early:?}");
-    assert_eq!(store.peek(0, &a).await.unwrap().0, None, "nothing stored");
-
-    // The first batch, then the second again: stored in delivery order.
-    for (place, ev) in [(&first, &running), (&second, &stopped)] {
-        let stored = store.intake(0, &fence, place, std::slice::from_ref(ev), 600);
-        assert_eq!(stored.await.unwrap(), vec![Intake::Enqueued]);
-    }
-    let (head, _) = store.peek(0, &a).await.unwrap();
-    let head: wire::OutboxEntry = serde_json::from_str(&head.expect("head")).unwrap();
-    assert_eq!(head.id, running.event_id, "RUNNING stays ahead of STOPPED");
-
-    // A batch sent again after its answer was lost is accepted: its events are duplicates.
-    let again = store.intake(0, &fence, &first, std::slice::from_ref(&running), 600);
-    assert_eq!(again.await.unwrap(), vec![Intake::Duplicate]);
-
-    // A new run (the shard taken again) starts at its first batch, not where the last one was.
-    let mut next_run = IntakeRun::new();
-    let _lost = next_run.next_batch();
-    let skipped = store
-        .intake(
-            0,
-            &fence,
-            &next_run.next_batch(),
-            &[wire::decode(task(&a, "STOPPED").to_string().as_bytes(), &a).expect("valid")],
-            600,
-        )
-        .await;
-    assert!(
-        matches!(skipped, Err(StoreError::OutOfOrder(_))),
-        "{skipped:?}"
     );
     env.cleanup().await;
 }

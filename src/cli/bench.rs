@@ -341,6 +341,8 @@ impl Bench {
         let events = lifecycles(&self.run, tag, tasks);
         let broker = self.broker_latency(tag, &events, rate).await?;
         let stages_before = self.stage_buckets().await;
+        let (machine_before, worker_before) = (machine_cpu()?, cpu_secs(self.worker.id())?);
+        let started = Instant::now();
         let sent = paced(&mut self.publisher, &events, rate).await?;
         let published: HashMap<(String, &'static str), u64> = sent
             .into_iter()
@@ -367,6 +369,13 @@ impl Bench {
             self.ensure_time(1200, "latency run")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        // How busy the machine was meanwhile: above ~0.9 queues build everywhere, the
+        // broker's included, whatever the relay does.
+        let machine_after = machine_cpu()?;
+        let worker_cores =
+            (cpu_secs(self.worker.id())? - worker_before) / started.elapsed().as_secs_f64();
+        let machine_busy =
+            (machine_after.0 - machine_before.0) / (machine_after.1 - machine_before.1).max(1e-9);
         let (lat, broker) = (percentiles(lat), percentiles(broker));
         let mut latency_row = |figure: String, i: usize, target: &'static str| {
             self.rows.push(Row {
@@ -381,6 +390,18 @@ impl Bench {
         latency_row(format!("p50 ms, {load} ({rate:.0} ev/s)"), 0, "");
         latency_row("p99 ms".into(), 1, "<= 25");
         latency_row("max ms".into(), 2, "");
+        self.rows.push(row(
+            "latency",
+            &format!("machine CPU busy, share of all cores ({load})"),
+            machine_busy,
+            "",
+        ));
+        self.rows.push(row(
+            "latency",
+            &format!("worker CPU, cores ({load})"),
+            worker_cores,
+            "",
+        ));
         // Where the time went during this row: the worker's stage histograms, this row only.
         let stages = stage_percentiles(&stages_before, &self.stage_buckets().await);
         for (stage, [p50, p99]) in stages {
@@ -802,6 +823,23 @@ fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
             .unwrap_or(0.0)
     };
     Ok((ticks(11) + ticks(12)) / 100.0)
+}
+
+/// The machine's (busy, total) CPU time so far, all cores, from /proc/stat (in ticks).
+fn machine_cpu() -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: idle and iowait are not busy.
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    Ok((total - idle, total))
 }
 
 /// A memory figure of /proc/<pid>/status in MB: `VmRSS` (now) or `VmHWM` (peak).

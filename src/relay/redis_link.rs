@@ -26,20 +26,14 @@ pub enum StoreError {
     /// so it counts as not stored (retry; never ack or send on it).
     #[error("redis: write confirmed by {got} of {wanted} replicas")]
     NotReplicated { wanted: u32, got: u32 },
-    /// An intake batch arrived before the one ahead of it was stored; nothing was written.
-    #[error("intake batch out of order: {0}")]
-    OutOfOrder(String),
 }
 
 impl From<redis::RedisError> for StoreError {
     fn from(e: redis::RedisError) -> Self {
         // A pipeline reports its commands' errors inside one "Pipeline failure" error, so the
         // code is looked for in the message too.
-        let text = e.to_string();
-        if e.code() == Some("FENCED") || text.contains("\"FENCED\"") {
+        if e.code() == Some("FENCED") || e.to_string().contains("\"FENCED\"") {
             StoreError::Fenced
-        } else if e.code() == Some("GAP") || text.contains("GAP intake batch") {
-            StoreError::OutOfOrder(text)
         } else {
             StoreError::Redis(e.to_string())
         }
@@ -209,14 +203,7 @@ impl Link {
     /// recycle), so steps share a few long-lived multiplexed connections, each pipelining
     /// concurrent requests; one that fails at the connection level is replaced on next use.
     pub async fn conn(self: &Arc<Self>) -> StoreResult<Conn> {
-        self.conn_on(None).await
-    }
-
-    /// A shared connection: `Some(n)` always the same one for the same n (requests sent on it
-    /// in order reach Redis in order), `None` the next in turn.
-    async fn conn_on(self: &Arc<Self>, pin: Option<usize>) -> StoreResult<Conn> {
-        let index =
-            pin.unwrap_or_else(|| self.next.fetch_add(1, Ordering::Relaxed)) % self.slots.len();
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         if let Some(inner) = self.slot(index).clone() {
             return Ok(Conn {
                 inner,
@@ -307,16 +294,7 @@ impl Link {
         self: &Arc<Self>,
         inv: &ScriptInvocation<'_>,
     ) -> StoreResult<T> {
-        self.run_durable_on(None, inv).await
-    }
-
-    /// [`Link::run_durable`] on a pinned connection (see [`Link::conn_on`]).
-    pub async fn run_durable_on<T: FromRedisValue>(
-        self: &Arc<Self>,
-        pin: Option<usize>,
-        inv: &ScriptInvocation<'_>,
-    ) -> StoreResult<T> {
-        let mut conn = self.conn_on(pin).await?;
+        let mut conn = self.conn().await?;
         if self.min_replicas == 0 {
             return Ok(inv.invoke_async(&mut conn).await?);
         }

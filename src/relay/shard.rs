@@ -1,12 +1,10 @@
-//! One owned shard: its intake (consume → validate → one Redis script per batch → ack), its
+//! One owned shard: its intake (consume → validate → one Redis script per event → ack), its
 //! senders, its drain ticker and its retention sweep. Runs while the worker holds the lease.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -17,7 +15,7 @@ use rand::Rng;
 use crate::relay::amqp;
 use crate::relay::metrics as m;
 use crate::relay::sender::{Senders, ShardCtx};
-use crate::relay::store::{BatchPlace, Intake, IntakeRun, StoreError, StoreResult};
+use crate::relay::store::{Intake, StoreError};
 use crate::relay::wire::{self, Event, Kind};
 
 /// Why a shard stopped running.
@@ -81,42 +79,32 @@ async fn consume(
     tokio::spawn(retention_sweeper(ctx.clone()));
 
     let max_batch = usize::from(ctx.cfg.prefetch);
-    let mut run = IntakeRun::new();
-    let mut in_flight: FuturesOrdered<BoxFuture<'static, Stored>> = FuturesOrdered::new();
     let end = loop {
-        tokio::select! {
-            biased;
+        let first = tokio::select! {
             _ = ctx.cancel.cancelled() => break ShardEnd::Stopped,
-            Some(stored) = in_flight.next() => {
-                if let Some(end) = finish_batch(ctx, &ch, &queue, stored, senders).await? {
-                    break end;
-                }
+            d = consumer.next() => d,
+        };
+        let first = match first {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => {
+                m::amqp_error("consume");
+                break ShardEnd::Amqp(e.to_string());
             }
-            next = consumer.next(), if in_flight.len() < INTAKE_DEPTH => {
-                let first = match next {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => {
-                        m::amqp_error("consume");
-                        break ShardEnd::Amqp(e.to_string());
-                    }
-                    None => {
-                        m::amqp_error("consumer_cancelled");
-                        break ShardEnd::Amqp("consumer cancelled by the broker".into());
-                    }
-                };
-                // Take whatever else is already here: one Redis round trip and one ack for all.
-                let mut deliveries = vec![first];
-                while deliveries.len() < max_batch {
-                    match consumer.next().now_or_never() {
-                        Some(Some(Ok(d))) => deliveries.push(d),
-                        _ => break,
-                    }
-                }
-                match start_batch(ctx, &ch, &queue, deliveries, &mut run).await {
-                    Ok(stored) => in_flight.push_back(stored),
-                    Err(end) => break end,
-                }
+            None => {
+                m::amqp_error("consumer_cancelled");
+                break ShardEnd::Amqp("consumer cancelled by the broker".into());
             }
+        };
+        // Take whatever else is already here: one pipelined Redis round trip and one ack for all.
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
+        if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders).await? {
+            break end;
         }
     };
     // Closing the channel returns unacknowledged deliveries to the queue for the next owner.
@@ -124,109 +112,55 @@ async fn consume(
     Ok(end)
 }
 
-/// How many intake batches of one shard may be on their way to Redis at once. While one batch
-/// waits for its script, the next is already sent: a slow script no longer holds every later
-/// delivery in the shard queue. They go out in delivery order on the shard's own connection,
-/// and the store refuses one whose predecessor it has not stored, so order is kept.
-const INTAKE_DEPTH: usize = 4;
-
-/// A batch on its way to Redis, and what the store answered.
-type Stored = (Batch, StoreResult<Vec<Intake>>);
-
-struct Batch {
-    deliveries: Vec<Delivery>,
-    /// The valid events, and which delivery each came from (to dead-letter what the store
-    /// refuses).
-    events: Vec<Event>,
-    origin: Vec<usize>,
-    place: Option<BatchPlace>,
-    received: Instant,
-}
-
-/// Records the queue stage, decodes, dead-letters what is invalid, and sends the valid events
-/// to the store. Err(end) when the shard must stop.
-async fn start_batch(
-    ctx: &Arc<ShardCtx>,
+/// Stores a batch of deliveries in order, dead-letters the invalid ones, then acks them all.
+/// Returns Some(end) when the shard must stop (nothing of the batch is acked then).
+async fn intake_batch(
+    ctx: &ShardCtx,
     ch: &Channel,
     queue: &str,
-    deliveries: Vec<Delivery>,
-    run: &mut IntakeRun,
-) -> Result<BoxFuture<'static, Stored>, ShardEnd> {
+    batch: Vec<Delivery>,
+    senders: &Senders,
+) -> Result<Option<ShardEnd>, lapin::Error> {
     let received = Instant::now();
     let now = wire::now_ms();
-    for d in &deliveries {
+    for d in &batch {
         if let Some(published) = amqp::published_ms(&d.properties) {
             let ms = u64::try_from(now - published).unwrap_or(0);
             m::stage("queue", Duration::from_millis(ms));
         }
     }
-    let mut events: Vec<Event> = Vec::with_capacity(deliveries.len());
-    let mut origin = Vec::with_capacity(deliveries.len());
-    for (i, d) in deliveries.iter().enumerate() {
+    let mut events: Vec<Event> = Vec::with_capacity(batch.len());
+    // Which delivery each event came from, to dead-letter what the store refuses.
+    let mut origin: Vec<&Delivery> = Vec::with_capacity(batch.len());
+    for d in &batch {
         match wire::decode(&d.data, d.routing_key.as_str()) {
             Ok(ev) => {
                 events.push(ev);
-                origin.push(i);
+                origin.push(d);
             }
             Err(reject) => {
                 if let Some(end) = dead_letter(ctx, ch, queue, d, &reject).await {
-                    return Err(end);
+                    return Ok(Some(end));
                 }
             }
         }
     }
-    let place = (!events.is_empty()).then(|| run.next_batch());
-    let batch = Batch {
-        deliveries,
-        events,
-        origin,
-        place,
-        received,
-    };
-    let ctx = ctx.clone();
-    Ok(async move {
-        let result = match &batch.place {
-            Some(place) => {
-                ctx.store
-                    .intake(
-                        ctx.shard,
-                        &ctx.fence,
-                        place,
-                        &batch.events,
-                        ctx.cfg.task_retention_s,
-                    )
-                    .await
-            }
-            None => Ok(Vec::new()),
-        };
-        (batch, result)
-    }
-    .boxed())
-}
 
-/// Completes the oldest batch in flight: on a failed store, tries again (later batches stay
-/// unacknowledged meanwhile); then wakes the senders and acks the batch.
-/// Returns Some(end) when the shard must stop (nothing of the batch is acked then).
-async fn finish_batch(
-    ctx: &ShardCtx,
-    ch: &Channel,
-    queue: &str,
-    (batch, mut result): Stored,
-    senders: &Senders,
-) -> Result<Option<ShardEnd>, lapin::Error> {
     let mut delay = Duration::from_millis(100);
     let outcomes = loop {
-        match result {
+        match ctx
+            .store
+            .intake(ctx.shard, &ctx.fence, &events, ctx.cfg.task_retention_s)
+            .await
+        {
             Ok(o) => {
-                m::stage("intake", batch.received.elapsed());
+                m::stage("intake", received.elapsed());
                 break o;
             }
             Err(StoreError::Fenced) => {
                 m::fenced("intake");
                 return Ok(Some(ShardEnd::Fenced));
             }
-            // Its predecessor failed and is stored by now: send it again at once.
-            Err(StoreError::OutOfOrder(_)) => {}
             Err(e) => {
                 // Never ack what Redis does not have: hold the batch and retry.
                 tracing::warn!(shard = ctx.shard, error = %e, "intake cannot reach Redis; retrying");
@@ -238,24 +172,10 @@ async fn finish_batch(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
-        // (A batch without events never fails.)
-        let Some(place) = &batch.place else {
-            break Vec::new();
-        };
-        result = ctx
-            .store
-            .intake(
-                ctx.shard,
-                &ctx.fence,
-                place,
-                &batch.events,
-                ctx.cfg.task_retention_s,
-            )
-            .await;
     };
 
     let mut woken = HashSet::new();
-    for ((ev, outcome), &i) in batch.events.iter().zip(outcomes).zip(&batch.origin) {
+    for ((ev, outcome), d) in events.iter().zip(outcomes).zip(origin) {
         match outcome {
             Intake::Duplicate => {
                 m::event_duplicate();
@@ -277,14 +197,13 @@ async fn finish_batch(
             }
             Intake::BatchFull => {
                 let reject = wire::Reject::batch_full();
-                if let Some(end) = dead_letter(ctx, ch, queue, &batch.deliveries[i], &reject).await
-                {
+                if let Some(end) = dead_letter(ctx, ch, queue, d, &reject).await {
                     return Ok(Some(end));
                 }
             }
         }
     }
-    if let Some(last) = batch.deliveries.last() {
+    if let Some(last) = batch.last() {
         ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
             .await?;
     }

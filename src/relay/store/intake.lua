@@ -2,10 +2,8 @@
 -- known status, batch or outbox. One script per batch (not per event), so the fence, the
 -- clock and the per-task TTL refreshes are paid once per batch and task, not once per event.
 -- KEYS: 1 lease, 2 pending zset, 3 batched set, 4 active zset, 5 sequence counter,
---       6 intake cursor, then 4 per event: recent ids zset, task state hash, batch list,
---       outbox list
+--       then 4 per event: recent ids zset, task state hash, batch list, outbox list
 -- ARGV: 1 owner, 2 token, 3 retention seconds, 4 largest batch, 5 recent ids kept per key,
---       6 intake run id, 7 batch number in the run (1, 2, ...),
 --       then 9 per event: eventId, type, ordering key, stored form,
 --       known task status index or '', cluster, pullStartedAt, pullStoppedAt,
 --       executionStoppedAt (RFC 3339 or '')
@@ -13,23 +11,6 @@
 -- outbox, 3 = refused: the batch is full (nothing written; the caller dead-letters it).
 local err = fenced(KEYS[1], ARGV[1], ARGV[2])
 if err then return err end
-
--- A shard keeps several batches in flight, sent in delivery order. One that skips a batch
--- of its run (the one before it was lost with its connection, or overtook it on another) is
--- refused before it writes anything, and sent again once the one before it is stored: a
--- task's changes are never stored out of delivery order. A batch sent again (its answer was
--- lost) is accepted: its events are duplicates by id.
-local run, number = ARGV[6], tonumber(ARGV[7])
-local cursor = redis.call('GET', KEYS[6])
-local last = 0
-if cursor then
-  local cursor_run, cursor_number = string.match(cursor, '^(.*):(%d+)$')
-  if cursor_run == run then last = tonumber(cursor_number) end
-end
-if number > last + 1 then
-  return redis.error_reply('GAP intake batch ' .. number .. ' of run ' .. run .. ' follows ' .. last)
-end
-redis.call('SET', KEYS[6], run .. ':' .. string.format('%d', math.max(last, number)))
 
 local max_batch = tonumber(ARGV[4])
 local keep_ids = tonumber(ARGV[5])
@@ -42,8 +23,8 @@ local results = {}
 local touched = {}
 local times = { 'ps', 'pt', 'es' }
 
-for e = 0, (#ARGV - 7) / 9 - 1 do
-  local k, a = 6 + e * 4, 7 + e * 9
+for e = 0, (#ARGV - 5) / 9 - 1 do
+  local k, a = 5 + e * 4, 5 + e * 9
   local ids, state, batch, outbox = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local id, kind, key = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local stored, status, cluster = ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
@@ -96,9 +77,11 @@ for e = 0, (#ARGV - 7) / 9 - 1 do
   results[#results + 1] = result
 end
 
--- The cursor is always written: a WAIT after this script then also covers what an earlier
--- try of the same batch wrote (replication is one stream), even when every event is a
--- duplicate now.
+-- Always write something: a WAIT after this script then also covers what an earlier try of
+-- the same batch wrote (replication is one stream), even when every event is a duplicate now.
+if next(touched) == nil then
+  redis.call('INCR', KEYS[5])
+end
 
 -- Retention: the sweeper drops (and counts) idle tasks after 1x; the TTL is only a safety net.
 local ttl = tonumber(ARGV[3]) * 2

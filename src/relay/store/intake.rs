@@ -1,49 +1,8 @@
 //! Intake: a batch of one shard's validated events in one script (`intake.lua`): dedupe by
 //! recent event ids, known task status, the task's batch or its outbox.
 
-use std::sync::Arc;
-
 use super::{Fence, Store, StoreResult, RECENT_IDS};
 use crate::relay::wire::Event;
-
-/// One run of a shard's intake (from taking the shard to letting it go); numbers its batches.
-pub struct IntakeRun {
-    id: Arc<str>,
-    last: u64,
-}
-
-impl IntakeRun {
-    pub fn new() -> Self {
-        let id = format!("{:016x}", rand::random::<u64>());
-        Self {
-            id: id.into(),
-            last: 0,
-        }
-    }
-
-    /// The place of the run's next batch.
-    pub fn next_batch(&mut self) -> BatchPlace {
-        self.last += 1;
-        BatchPlace {
-            run: self.id.clone(),
-            number: self.last,
-        }
-    }
-}
-
-impl Default for IntakeRun {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Where a batch stands in its run: the store refuses a batch whose predecessor it has not
-/// stored (`StoreError::OutOfOrder`), so batches in flight together are stored in order.
-#[derive(Clone, Debug)]
-pub struct BatchPlace {
-    run: Arc<str>,
-    number: u64,
-}
 
 /// What the intake did with one event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,13 +15,11 @@ pub enum Intake {
 }
 
 impl Store {
-    /// Applies a shard's events in delivery order with one script call (one round trip), on
-    /// the shard's own connection so that its batches reach Redis in the order they are sent.
+    /// Applies a shard's events in delivery order with one script call (one round trip).
     pub async fn intake(
         &self,
         shard: u16,
         fence: &Fence,
-        place: &BatchPlace,
         events: &[Event],
         retention_s: u64,
     ) -> StoreResult<Vec<Intake>> {
@@ -76,14 +33,11 @@ impl Store {
             .key(keys.batched())
             .key(keys.active())
             .key(keys.seq())
-            .key(keys.intake_cursor())
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(retention_s)
             .arg(crate::relay::wire::MAX_BATCH)
-            .arg(RECENT_IDS)
-            .arg(&*place.run)
-            .arg(place.number);
+            .arg(RECENT_IDS);
         for ev in events {
             inv.key(keys.recent_ids(&ev.key))
                 .key(keys.state(&ev.key))
@@ -103,10 +57,7 @@ impl Store {
                 inv.arg(t.as_deref().unwrap_or_default());
             }
         }
-        let codes: Vec<i64> = self
-            .link
-            .run_durable_on(Some(usize::from(shard)), &inv)
-            .await?;
+        let codes: Vec<i64> = self.link.run_durable(&inv).await?;
         Ok(codes
             .into_iter()
             .map(|c| match c {

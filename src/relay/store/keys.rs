@@ -62,10 +62,6 @@ impl ShardKeys {
     pub(super) fn released(&self) -> String {
         self.k("released")
     }
-    /// The last intake batch stored for the shard: `<run id>:<batch number>`.
-    pub(super) fn intake_cursor(&self) -> String {
-        self.k("intake")
-    }
     pub(super) fn seq(&self) -> String {
         self.k("seq")
     }

@@ -23,7 +23,7 @@ use crate::relay::redis_link::Link;
 
 pub use crate::relay::redis_link::{Conn, StoreError, StoreResult};
 pub use inspect::ShardSummary;
-pub use intake::{BatchPlace, Intake, IntakeRun};
+pub use intake::Intake;
 pub use keys::{field, ShardKeys};
 pub use outbox::{Completed, KeyState};
 pub use pubsub::wake_on_publish;
