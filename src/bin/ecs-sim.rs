@@ -22,6 +22,10 @@ struct Args {
     /// Delay applied to every ECS call before it is answered.
     #[arg(long, env = "ECS_SIM_LATENCY_MS", default_value_t = 0)]
     latency_ms: u64,
+    /// Capacity mode: throttle any call that arrives while this many are in flight (0: off).
+    /// Changed at runtime with `POST /_sim/capacity {"max_in_flight": K}`.
+    #[arg(long, env = "ECS_SIM_CAPACITY", default_value_t = 0)]
+    capacity: u64,
 }
 
 #[tokio::main]
@@ -49,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the bound address")?;
     let sim = Sim::new(SimConfig {
         latency: Duration::from_millis(args.latency_ms),
+        capacity: (args.capacity > 0).then_some(args.capacity),
     });
     println!("ecs-sim listening on http://{addr}");
     sim.serve(listener, shutdown).await.context("serving")?;

@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// An extra latency run at this many events/s (0 skips it).
     #[arg(long, default_value_t = 2_000.0)]
     pub steady_rate: f64,
+    /// Tasks of the throttling scenario (ecs-sim throttling above 4 calls in flight), run with
+    /// adaptive concurrency off and on; 0 skips it.
+    #[arg(long, default_value_t = 1_000)]
+    pub throttle_tasks: usize,
     /// Distinct tasks (one event and one call each) for the memory-over-time scenario; 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     pub distinct: usize,
@@ -114,6 +118,8 @@ struct Bench {
     args: BenchArgs,
     run: String,
     sim: Sim,
+    sim_url: String,
+    metrics_port: u16,
     conn: ConnConfig,
     publisher: Publisher,
     worker: Child,
@@ -160,10 +166,12 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
     }
     publisher.flush().await?;
     let metrics_port = free_port()?;
-    let worker = spawn_worker(&args, &relay_conn, &sim_url, metrics_port)?;
+    let worker = spawn_worker(&args, &relay_conn, &sim_url, metrics_port, &[])?;
     let mut bench = Bench {
         run,
         sim,
+        sim_url,
+        metrics_port,
         conn: relay_conn,
         publisher,
         worker,
@@ -202,7 +210,83 @@ impl Bench {
             self.latency("s", self.args.steady_rate, "steady").await?;
         }
         self.redis_memory().await?;
-        self.distinct_tasks().await
+        self.distinct_tasks().await?;
+        self.throttling().await
+    }
+
+    /// Scenario 6: ECS throttles every call beyond [`THROTTLE_K`] in flight (ecs-sim capacity
+    /// mode); accepted calls/s and the throttled share of calls, with adaptive concurrency off
+    /// and then on (a worker restarted for each).
+    async fn throttling(&mut self) -> anyhow::Result<()> {
+        let tasks = self.args.throttle_tasks;
+        if tasks == 0 {
+            return Ok(());
+        }
+        self.sim
+            .set_latency(Duration::from_millis(THROTTLE_LATENCY_MS));
+        self.sim.set_capacity(Some(THROTTLE_K));
+        for adaptive in ["off", "on"] {
+            eprintln!(
+                "bench: throttling — {tasks} tasks, ecs-sim throttling above {THROTTLE_K} in flight \
+                 ({THROTTLE_LATENCY_MS} ms per call), adaptive concurrency {adaptive}"
+            );
+            self.restart_worker(&[("RELAY_ADAPTIVE", adaptive)]).await?;
+            let before = self.sim.stats();
+            let lines: Vec<String> = (0..tasks)
+                .map(|i| task_running(&self.run, &format!("t{adaptive}"), i).1)
+                .collect();
+            let started = Instant::now();
+            self.publish(lines).await?;
+            while self.sim.stats().ok < before.ok + tasks as u64 {
+                self.ensure_time(2400, "throttling backlog")?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let after = self.sim.stats();
+            let calls = (after.calls - before.calls).max(1) as f64;
+            let throttled = (after.errors - before.errors) as f64;
+            self.rows.push(row(
+                "throttling",
+                &format!("accepted ECS calls/s, adaptive {adaptive} (K={THROTTLE_K})"),
+                tasks as f64 / secs,
+                "",
+            ));
+            self.rows.push(row(
+                "throttling",
+                &format!("throttled share of calls, adaptive {adaptive}"),
+                throttled / calls,
+                if adaptive == "on" { "< 0.10" } else { "" },
+            ));
+        }
+        self.sim.set_capacity(None);
+        self.sim.set_latency(Duration::ZERO);
+        Ok(())
+    }
+
+    /// Stops the worker (SIGTERM: it releases its shards) and starts another with `extra`
+    /// environment; waits until it is ready.
+    async fn restart_worker(&mut self, extra: &[(&str, &str)]) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.worker.id().to_string())
+            .status();
+        let _ = self.worker.wait();
+        self.worker = spawn_worker(
+            &self.args,
+            &self.conn,
+            &self.sim_url,
+            self.metrics_port,
+            extra,
+        )?;
+        let ready = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        loop {
+            let status = self.http.get(&ready).send().await.map(|r| r.status());
+            if status.is_ok_and(|s| s.is_success()) {
+                return Ok(());
+            }
+            self.ensure_time(2400, "worker restart")?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn ensure_time(&self, limit_s: u64, what: &str) -> anyhow::Result<()> {
@@ -611,6 +695,10 @@ async fn used_memory(conn: &mut crate::relay::store::Conn) -> anyhow::Result<f64
         .unwrap_or(0.0))
 }
 
+/// The throttling scenario's ECS: capacity and latency per call.
+const THROTTLE_K: u64 = 4;
+const THROTTLE_LATENCY_MS: u64 = 20;
+
 fn row(scenario: &'static str, figure: &str, value: f64, target: &'static str) -> Row {
     Row {
         scenario,
@@ -782,9 +870,11 @@ fn spawn_worker(
     conn: &ConnConfig,
     sim_url: &str,
     metrics_port: u16,
+    extra: &[(&str, &str)],
 ) -> anyhow::Result<Child> {
     Ok(Command::new(std::env::current_exe()?)
         .arg("worker")
+        .envs(extra.iter().copied())
         .env("RELAY_AMQP_URL", &conn.amqp_url)
         .env("RELAY_REDIS_URL", &conn.redis_url)
         .env("RELAY_REDIS_SENTINELS", &conn.redis_sentinels)

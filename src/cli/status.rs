@@ -5,6 +5,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde::Serialize;
 
+use crate::relay::adaptive;
 use crate::relay::amqp;
 use crate::relay::config::ConnConfig;
 use crate::relay::redis_link::Replication;
@@ -47,6 +48,8 @@ pub struct Status {
     pub shards: Vec<ShardStatus>,
     pub permits_in_use: u64,
     pub permits_limit: u32,
+    /// The fleet's effective limit: below `permits_limit` while ECS throttles (adaptive).
+    pub effective_limit: u32,
     pub live_workers: Vec<String>,
 }
 
@@ -111,6 +114,9 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         shards,
         permits_in_use: permits.in_use().await?,
         permits_limit: args.concurrency_limit,
+        effective_limit: adaptive::effective_limit(&store)
+            .await?
+            .map_or(args.concurrency_limit, |l| l.min(args.concurrency_limit)),
         live_workers: store.live_workers().await?,
     })
 }
@@ -122,11 +128,17 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "exchange {}   workers {} live   permits {}/{} in use",
+        "exchange {}   workers {} live   permits {}/{} in use   effective limit {}{}",
         status.exchange,
         status.live_workers.len(),
         status.permits_in_use,
-        status.permits_limit
+        status.permits_limit,
+        status.effective_limit,
+        if status.effective_limit < status.permits_limit {
+            " (lowered: ECS throttles)"
+        } else {
+            ""
+        }
     );
     println!(
         "redis {} ({}), {} replica(s){}",

@@ -24,6 +24,18 @@ pub struct WorkerConfig {
     /// Fleet-wide limit of ECS calls in flight.
     #[arg(long, env = "RELAY_CONCURRENCY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency_limit: u32,
+    /// Adaptive concurrency: `on` lowers the fleet's effective limit while ECS throttles (down
+    /// to RELAY_CONCURRENCY_MIN) and raises it back to RELAY_CONCURRENCY_LIMIT; `off` keeps
+    /// the fixed limit.
+    #[arg(long, env = "RELAY_ADAPTIVE", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub adaptive: bool,
+    /// The lowest the adaptive limit goes.
+    #[arg(long, env = "RELAY_CONCURRENCY_MIN", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency_min: u32,
+    /// The adaptive limit halves at most once per window and grows by one per window of
+    /// healthy calls.
+    #[arg(long, env = "RELAY_ADAPTIVE_WINDOW_MS", default_value_t = 1_000)]
+    pub adaptive_window_ms: u64,
     #[arg(long, env = "RELAY_DRAIN_MIN_MS", default_value_t = 10_000)]
     pub drain_min_ms: u64,
     #[arg(long, env = "RELAY_DRAIN_MAX_MS", default_value_t = 30_000)]
@@ -234,6 +246,9 @@ impl Default for WorkerConfig {
             conn: ConnConfig::default(),
             shards: 16,
             concurrency_limit: 10,
+            adaptive: true,
+            concurrency_min: 1,
+            adaptive_window_ms: 1_000,
             drain_min_ms: 10_000,
             drain_max_ms: 30_000,
             backoff_min_ms: 1_000,
@@ -254,6 +269,12 @@ impl WorkerConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.drain_min_ms == 0 || self.drain_min_ms > self.drain_max_ms {
             return Err("RELAY_DRAIN_MIN_MS must be > 0 and <= RELAY_DRAIN_MAX_MS".into());
+        }
+        if self.concurrency_min > self.concurrency_limit {
+            return Err("RELAY_CONCURRENCY_MIN must be <= RELAY_CONCURRENCY_LIMIT".into());
+        }
+        if self.adaptive_window_ms == 0 {
+            return Err("RELAY_ADAPTIVE_WINDOW_MS must be > 0".into());
         }
         if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
             return Err("RELAY_BACKOFF_MIN_MS must be > 0 and <= RELAY_BACKOFF_MAX_MS".into());
@@ -431,6 +452,14 @@ mod tests {
                 parsed.prefetch
             ),
             (d.permit_lease_ms, d.call_timeout_ms, d.prefetch)
+        );
+        assert_eq!(
+            (
+                parsed.adaptive,
+                parsed.concurrency_min,
+                parsed.adaptive_window_ms
+            ),
+            (d.adaptive, d.concurrency_min, d.adaptive_window_ms)
         );
         assert_eq!(parsed.metrics_addr, d.metrics_addr);
         assert_eq!(parsed.worker_id, d.worker_id);

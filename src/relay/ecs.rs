@@ -9,6 +9,7 @@ use std::time::Duration;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
+use aws_sdk_ecs::config::http::HttpResponse;
 use aws_sdk_ecs::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_ecs::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_ecs::error::{BoxError, ProvideErrorMetadata, SdkError};
@@ -52,14 +53,22 @@ impl std::fmt::Display for CallError {
     }
 }
 
-fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
-    err: SdkError<E, R>,
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    err: SdkError<E, HttpResponse>,
 ) -> CallError {
     let (code, message) = match &err {
-        SdkError::ServiceError(se) => (
-            se.err().code().unwrap_or("UnknownServiceError").to_string(),
-            se.err().message().unwrap_or_default().to_string(),
-        ),
+        SdkError::ServiceError(se) => {
+            // A 429 without an error code (a proxy, a gateway) is a throttle all the same.
+            let fallback = if se.raw().status().as_u16() == 429 {
+                "TooManyRequests"
+            } else {
+                "UnknownServiceError"
+            };
+            (
+                se.err().code().unwrap_or(fallback).to_string(),
+                se.err().message().unwrap_or_default().to_string(),
+            )
+        }
         SdkError::TimeoutError(_) => ("Timeout".to_string(), "call timed out".to_string()),
         SdkError::DispatchFailure(d) => (
             "DispatchFailure".to_string(),

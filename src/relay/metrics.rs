@@ -41,6 +41,10 @@ pub const REDIS_FAILOVERS: &str = "relay_redis_failovers_total";
 pub const AMQP_NODE: &str = "relay_amqp_node_info";
 pub const STAGE_SECONDS: &str = "relay_stage_seconds";
 pub const REDIS_WAIT_SHORTFALLS: &str = "relay_redis_wait_shortfalls_total";
+/// The fleet's effective limit of ECS calls in flight (adaptive; `relay_permits_limit` is the
+/// ceiling).
+pub const CONCURRENCY_LIMIT: &str = "relay_concurrency_limit";
+pub const ECS_THROTTLED: &str = "relay_ecs_throttled_total";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -74,6 +78,8 @@ pub const ALL: &[&str] = &[
     REDIS_WAIT_SHORTFALLS,
     AMQP_NODE,
     STAGE_SECONDS,
+    CONCURRENCY_LIMIT,
+    ECS_THROTTLED,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -178,6 +184,15 @@ pub fn permits(in_use: u64, limit: u32, oldest_held: Duration) {
     gauge!(PERMITS_IN_USE).set(in_use as f64);
     gauge!(PERMITS_LIMIT).set(limit as f64);
     gauge!(PERMIT_OLDEST_HELD_SECONDS).set(oldest_held.as_secs_f64());
+}
+/// The effective limit as last read, and the ceiling.
+pub fn concurrency_limits(effective: u32, ceiling: u32) {
+    gauge!(CONCURRENCY_LIMIT).set(f64::from(effective));
+    gauge!(PERMITS_LIMIT).set(f64::from(ceiling));
+}
+/// An ECS call answered with a throttling code.
+pub fn ecs_throttled() {
+    counter!(ECS_THROTTLED).increment(1);
 }
 /// RELAY_SHARDS as this worker sees it: with `relay_shards_owned`, tells when a shard has no owner.
 pub fn shards_configured(n: u16) {

@@ -2,9 +2,10 @@
 //!
 //! [`worker`] owns shards by Redis lease; each [`shard`] consumes its queue ([`amqp`]),
 //! validates ([`wire`]) and stores ([`store`]) deliveries, and runs the [`sender`]s, which call
-//! ECS ([`ecs`]) under the fleet-wide [`semaphore`]. [`redis_link`] is the way to Redis,
+//! ECS ([`ecs`]) under the fleet-wide [`semaphore`], which admits by the [`adaptive`] limit. [`redis_link`] is the way to Redis,
 //! [`config`] the settings and [`metrics`] every exported figure.
 
+pub mod adaptive;
 pub mod amqp;
 pub mod config;
 pub mod ecs;

@@ -13,6 +13,9 @@
 //! round trips and a pub/sub hop per call. A permit is handed on only during [`HANDOFF_FOR`]
 //! after it was taken from Redis, and only while its lease still covers a whole call; then it
 //! goes back, so other workers get their turn.
+//!
+//! The limit admitted by is the fleet's effective limit (`adaptive`): the configured ceiling,
+//! lowered while ECS throttles.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,7 @@ use redis::{self, Script};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
+use crate::relay::adaptive::Adaptive;
 use crate::relay::config::CALL_MARGIN;
 use crate::relay::metrics as m;
 use crate::relay::store::{wake_on_publish, Store, StoreError, StoreResult};
@@ -55,6 +59,8 @@ struct Lease {
     id: String,
     taken: Instant,
     valid_until: Instant,
+    /// The adaptive epoch when it was taken (see `Adaptive::epoch`).
+    epoch: u64,
 }
 
 #[derive(Clone)]
@@ -66,7 +72,7 @@ struct Inner {
     store: Store,
     key: String,
     channel: String,
-    limit: u32,
+    adaptive: Adaptive,
     lease_ms: u64,
     /// What a permit's lease must still cover to be handed to another call.
     handoff_min: Duration,
@@ -86,6 +92,7 @@ struct Inner {
 }
 
 impl Semaphore {
+    /// A fixed limit.
     pub fn new(
         store: Store,
         worker: &str,
@@ -93,6 +100,19 @@ impl Semaphore {
         lease_ms: u64,
         call_timeout: Duration,
     ) -> Semaphore {
+        let adaptive = Adaptive::fixed(store.clone(), limit);
+        Self::with_limit(store, worker, adaptive, lease_ms, call_timeout)
+    }
+
+    /// Admits by `adaptive`'s effective limit; its ceiling sizes the local semaphore.
+    pub fn with_limit(
+        store: Store,
+        worker: &str,
+        adaptive: Adaptive,
+        lease_ms: u64,
+        call_timeout: Duration,
+    ) -> Semaphore {
+        let limit = adaptive.ceiling();
         let key = store.global_key("permits");
         let channel = store.global_key("permits-released");
         Semaphore {
@@ -100,7 +120,7 @@ impl Semaphore {
                 store,
                 key,
                 channel,
-                limit,
+                adaptive,
                 lease_ms,
                 handoff_min: call_timeout + CALL_MARGIN,
                 worker: worker.to_string(),
@@ -116,13 +136,19 @@ impl Semaphore {
         }
     }
 
-    /// Until `cancel`: listens for releases from every worker (reconnecting on its own), and
-    /// retries releases that failed.
+    /// Until `cancel`: listens for releases from every worker (reconnecting on its own),
+    /// retries releases that failed, and reports call outcomes for the adaptive limit.
     pub async fn run_background(self, cancel: CancellationToken) {
         let channel = self.inner.channel.clone();
         let store = self.inner.store.clone();
         let listen = wake_on_publish(store, channel, self.inner.released.clone(), cancel.clone());
-        tokio::join!(listen, self.retry_releases(cancel));
+        let adaptive = self.inner.adaptive.clone().run(cancel.clone());
+        tokio::join!(listen, self.retry_releases(cancel), adaptive);
+    }
+
+    /// Counts an ECS call's outcome (None = ok) for the adaptive limit.
+    pub fn record(&self, error_code: Option<&str>) {
+        self.inner.adaptive.record(error_code);
     }
 
     async fn retry_releases(&self, cancel: CancellationToken) {
@@ -195,13 +221,10 @@ impl Semaphore {
                 return Some((lease, local));
             }
             let asked = Instant::now();
+            let epoch = self.inner.adaptive.epoch();
             let wait = match self.try_acquire(&id).await {
                 Ok(None) => {
-                    let lease = Lease {
-                        id,
-                        taken: asked,
-                        valid_until: asked + self.lease(),
-                    };
+                    let lease = self.new_lease(id, asked, epoch);
                     return Some((lease, local));
                 }
                 Ok(Some(wait_ms)) => Duration::from_millis(wait_ms).min(FALLBACK_WAIT),
@@ -210,11 +233,8 @@ impl Semaphore {
                     m::redis_error("permit_acquire");
                     // The script may have run with its answer lost: give that id back.
                     if !matches!(e, StoreError::NotReplicated { .. }) {
-                        self.unreleased().push(Lease {
-                            id,
-                            taken: asked,
-                            valid_until: asked + self.lease(),
-                        });
+                        let lease = self.new_lease(id, asked, epoch);
+                        self.unreleased().push(lease);
                     }
                     Duration::from_millis(200)
                 }
@@ -224,6 +244,15 @@ impl Semaphore {
                 _ = released => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+    }
+
+    fn new_lease(&self, id: String, asked: Instant, epoch: u64) -> Lease {
+        Lease {
+            id,
+            taken: asked,
+            valid_until: asked + self.lease(),
+            epoch,
         }
     }
 
@@ -242,7 +271,7 @@ impl Semaphore {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop()?;
-            if self.covers_a_call(&lease) {
+            if self.covers_a_call(&lease) && lease.epoch == self.inner.adaptive.epoch() {
                 return Some(lease);
             }
             self.release_lease(lease).await;
@@ -250,23 +279,21 @@ impl Semaphore {
     }
 
     async fn try_acquire(&self, id: &str) -> StoreResult<Option<u64>> {
+        let adaptive = &self.inner.adaptive;
         let mut inv = self.inner.acquire.prepare_invoke();
         inv.key(&self.inner.key)
+            .key(adaptive.key().unwrap_or(&self.inner.key))
             .arg(id)
-            .arg(self.inner.limit)
-            .arg(self.inner.lease_ms);
+            .arg(adaptive.ceiling())
+            .arg(self.inner.lease_ms)
+            .arg(if adaptive.key().is_some() { "1" } else { "0" });
         // Confirmed by the replicas: a promoted replica must count every permit handed out.
         let (granted, wait): (i64, i64) = match self.inner.store.link().run_durable(&inv).await {
             Ok(answer) => answer,
             Err(e @ StoreError::NotReplicated { .. }) => {
                 // Taken on the primary only: give the slot back rather than hold it unused.
-                let taken = Instant::now();
-                self.release_lease(Lease {
-                    id: id.to_string(),
-                    taken,
-                    valid_until: taken + self.lease(),
-                })
-                .await;
+                let lease = self.new_lease(id.to_string(), Instant::now(), 0);
+                self.release_lease(lease).await;
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -277,7 +304,10 @@ impl Semaphore {
     /// Hands the permit to a waiting call of this worker, or gives it back to Redis at once.
     pub async fn release(&self, permit: Permit) {
         let Permit { lease, _local } = permit;
+        // Not after a throttle or a lowered fleet limit: Redis admits by the lower limit, a
+        // hand-off would keep the old count in flight.
         if lease.taken.elapsed() < HANDOFF_FOR
+            && lease.epoch == self.inner.adaptive.epoch()
             && self.covers_a_call(&lease)
             && self.inner.waiting.load(Ordering::SeqCst) > 0
         {
@@ -373,8 +403,9 @@ impl Semaphore {
         Ok((count, Duration::from_millis(oldest)))
     }
 
+    /// The ceiling: the limit when adaptive is off.
     pub fn limit(&self) -> u32 {
-        self.inner.limit
+        self.inner.adaptive.ceiling()
     }
 
     pub fn lease(&self) -> Duration {

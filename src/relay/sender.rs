@@ -587,8 +587,8 @@ impl Senders {
                     ctx.ecs.submit_attachment(a, guard).await,
                 ),
             };
-            ctx.permits.release(permit).await;
             if refused.load(Ordering::SeqCst) {
+                ctx.permits.release(permit).await;
                 // Nothing reached ECS: wait until a renewal covers a call (or the shard stops).
                 tracing::debug!(
                     shard = ctx.shard,
@@ -597,11 +597,12 @@ impl Senders {
                 m::fenced("call");
                 continue;
             }
-            m::ecs_call(
-                operation,
-                result.as_ref().err().map(CallError::code),
-                started.elapsed(),
-            );
+            let error_code = result.as_ref().err().map(CallError::code);
+            m::ecs_call(operation, error_code, started.elapsed());
+            // Before the release: a throttled call's permit must go back to Redis, not on to
+            // the next call of this worker.
+            ctx.permits.record(error_code);
+            ctx.permits.release(permit).await;
             return Some(result);
         }
     }

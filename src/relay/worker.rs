@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::relay::adaptive::Adaptive;
 use crate::relay::amqp::{self, TopologyError};
 use crate::relay::config::WorkerConfig;
 use crate::relay::ecs::Ecs;
@@ -43,10 +44,10 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let worker_id = cfg.worker_id();
     let store = Store::open(&cfg.conn).await?;
-    let permits = Semaphore::new(
+    let permits = Semaphore::with_limit(
         store.clone(),
         &worker_id,
-        cfg.concurrency_limit,
+        Adaptive::new(store.clone(), &cfg),
         cfg.permit_lease_ms,
         cfg.call_timeout(),
     );

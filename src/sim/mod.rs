@@ -40,6 +40,9 @@ pub const OUTCOME_OK: &str = "ok";
 pub struct SimConfig {
     /// Delay applied to every ECS call before it is answered (while counted in flight).
     pub latency: Duration,
+    /// Capacity mode: a call arriving while this many calls are already in flight is
+    /// throttled (`ThrottlingException`), as ECS sheds load. None: unlimited.
+    pub capacity: Option<u64>,
 }
 
 /// What a matching [`Rule`] does to a call.
@@ -113,6 +116,7 @@ pub struct Sim {
 
 struct Inner {
     latency: Duration,
+    capacity: Option<u64>,
     /// Bumped by reset so calls from before it don't touch the new records or counters.
     epoch: u64,
     calls: Vec<CallRecord>,
@@ -229,6 +233,7 @@ impl Sim {
         Sim {
             inner: Arc::new(Mutex::new(Inner {
                 latency: config.latency,
+                capacity: config.capacity,
                 epoch: 0,
                 calls: Vec::new(),
                 rules: Vec::new(),
@@ -285,6 +290,11 @@ impl Sim {
 
     pub fn set_latency(&self, d: Duration) {
         self.lock().latency = d;
+    }
+
+    /// Capacity mode (see [`SimConfig::capacity`]); settable while calls run.
+    pub fn set_capacity(&self, capacity: Option<u64>) {
+        self.lock().capacity = capacity;
     }
 
     pub fn add_rule(&self, rule: Rule) {
@@ -363,6 +373,7 @@ impl Sim {
             .route("/_sim/rules", post(admin_rules))
             .route("/_sim/release", post(admin_release))
             .route("/_sim/latency", post(admin_latency))
+            .route("/_sim/capacity", post(admin_capacity))
             .route("/_sim/reset", post(admin_reset))
             .with_state(App { sim: self, stop })
     }
@@ -408,6 +419,10 @@ impl Sim {
                 Decision::Hold(rx)
             }
             (None, Some(a)) => Decision::Answer(Failure::from_action(a)),
+            // Over capacity: this call makes more than `capacity` in flight.
+            (None, None) if st.capacity.is_some_and(|k| st.in_flight > k) => {
+                Decision::Answer(Some(Failure::Throttling))
+            }
             (None, None) => Decision::Answer(None),
         };
         match &decision {
@@ -651,6 +666,23 @@ async fn admin_latency(State(app): State<App>, body: Bytes) -> Response {
     }
 }
 
+#[derive(Deserialize)]
+struct CapacityBody {
+    /// None (null or absent) turns capacity mode off.
+    #[serde(default)]
+    max_in_flight: Option<u64>,
+}
+
+async fn admin_capacity(State(app): State<App>, body: Bytes) -> Response {
+    match admin_body::<CapacityBody>(&body) {
+        Ok(b) => {
+            app.sim.set_capacity(b.max_in_flight);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(msg) => bad_request(msg),
+    }
+}
+
 async fn admin_reset(State(app): State<App>) -> StatusCode {
     app.sim.reset();
     StatusCode::NO_CONTENT
@@ -729,6 +761,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("timed out waiting for {what}");
+    }
+
+    /// Capacity mode: with K calls in flight the next is throttled; set at runtime over the
+    /// admin API, and off again with null.
+    #[tokio::test]
+    async fn capacity_mode_throttles_calls_beyond_k_in_flight() {
+        let (sim, base) = Sim::spawn_local().await.unwrap();
+        let r = http(
+            &base,
+            "POST",
+            "/_sim/capacity",
+            &[],
+            r#"{"max_in_flight":1}"#,
+        )
+        .await;
+        assert_eq!(r.status, 204);
+        sim.add_rule(Rule {
+            key: "arn:held".into(),
+            action: Action::Hold,
+            times: 1,
+        });
+        let held = tokio::spawn({
+            let base = base.clone();
+            async move { ecs(&base, "SubmitTaskStateChange", r#"{"task":"arn:held"}"#).await }
+        });
+        eventually("the first call held", || sim.stats().held == 1).await;
+        let r = ecs(&base, "SubmitTaskStateChange", r#"{"task":"arn:second"}"#).await;
+        assert_eq!(r.status, 400);
+        assert_eq!(r.json()["__type"], "ThrottlingException");
+        sim.release(None);
+        assert_eq!(held.await.unwrap().status, 200);
+        // One in flight again is within capacity; then capacity mode off.
+        let r = ecs(&base, "SubmitTaskStateChange", r#"{"task":"arn:third"}"#).await;
+        assert_eq!(r.status, 200);
+        let r = http(
+            &base,
+            "POST",
+            "/_sim/capacity",
+            &[],
+            r#"{"max_in_flight":null}"#,
+        )
+        .await;
+        assert_eq!(r.status, 204);
+        assert_eq!(sim.lock().capacity, None);
     }
 
     #[tokio::test]
