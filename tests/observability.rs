@@ -230,9 +230,16 @@ async fn a_live_worker_exports_every_metric_and_they_move() {
     let (_worker, port) = env.spawn_with_metrics().await;
 
     // Intake, a batch flushed by a task event, a duplicate, a redundant change, a rejected
-    // message, a failing call that is retried, and a task left waiting with its batch.
+    // message, a throttled and then failing call that is retried, and a task left waiting with
+    // its batch.
     let a = arn("observed");
     let flaky = arn("flaky");
+    // Throttled once first (the adaptive limit's counter), then failing for good.
+    env.sim.add_rule(Rule {
+        key: flaky.clone(),
+        action: Action::Throttle,
+        times: 1,
+    });
     env.sim.add_rule(Rule {
         key: flaky.clone(),
         action: Action::ServerError,
