@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ecs_state_relay::cli::status;
 use ecs_state_relay::relay::adaptive::effective_limit;
 use ecs_state_relay::relay::config::WorkerConfig;
 use ecs_state_relay::sim::CallRecord;
@@ -125,6 +126,21 @@ async fn the_fleet_backs_off_when_ecs_throttles_and_returns_to_the_ceiling() {
     );
     let low = effective_limit(&env.store).await.expect("redis");
     assert!(low.is_some_and(|l| l <= 5), "effective limit {low:?}");
+    // What an operator sees.
+    let status = status::collect(&status::StatusArgs {
+        conn: env.conn(),
+        shards: 4,
+        concurrency_limit: 10,
+        json: true,
+    })
+    .await
+    .expect("status");
+    assert!(
+        status.effective_limit <= 5,
+        "status: {}",
+        status.effective_limit
+    );
+    assert_eq!(status.permits_limit, 10);
 
     // ECS has room again: the limit climbs back to the ceiling while calls flow.
     env.sim.set_capacity(Some(20));
