@@ -30,4 +30,4 @@ pids+=($!)
 pids+=($!)
 echo "demo: ecs-sim and a worker started (logs in $LOG_DIR/)"
 
-RUST_LOG=warn ./target/debug/ecs-state-relay demo --sim-url "http://$SIM_ADDR" --worker-url "http://$RELAY_METRICS_ADDR" --tasks "${DEMO_TASKS:-300}"
+RUST_LOG=warn ./target/debug/ecs-state-relay demo --sim-url "http://$SIM_ADDR" --worker-url "http://$RELAY_METRICS_ADDR" --tasks "${DEMO_TASKS:-300}" --capacity "${DEMO_CAPACITY:-0}"

@@ -27,6 +27,10 @@ pub struct DemoArgs {
     /// Tasks in the fleet.
     #[arg(long, default_value_t = 300)]
     pub tasks: usize,
+    /// Let ecs-sim throttle every call arriving while this many are in flight (its capacity
+    /// mode, for the run only): shows the fleet's adaptive limit coming down. 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub capacity: u64,
     /// Give up waiting for the run after this many seconds.
     #[arg(long, default_value_t = 180)]
     pub timeout_s: u64,
@@ -170,6 +174,13 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             .await?
             .error_for_status()?;
     }
+    if args.capacity > 0 {
+        set_capacity(&http, &sim, Some(args.capacity)).await?;
+        println!(
+            "demo: ecs-sim throttles calls beyond {} in flight",
+            args.capacity
+        );
+    }
     println!(
         "demo: publishing {} events for {} tasks ({} failures injected, 1 invalid event)",
         fleet.lines.len(),
@@ -192,12 +203,13 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         let ok = now.ok - before.ok;
         if ok != last.ok - before.ok || now.calls != last.calls {
             println!(
-                "demo: {:>5.1}s  ECS calls ok {ok:>4}/{}  failed {:>3}  in flight {:>2}  highest {:>2}",
+                "demo: {:>5.1}s  ECS calls ok {ok:>4}/{}  failed {:>3}  in flight {:>2}  highest {:>2}  limit {}",
                 started.elapsed().as_secs_f64(),
                 fleet.expected_ok_calls,
                 now.errors - before.errors,
                 now.in_flight,
-                now.max_in_flight
+                now.max_in_flight,
+                effective_limit(&http, &args.worker_url).await
             );
         }
         last = now.clone();
@@ -211,6 +223,9 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if args.capacity > 0 {
+        set_capacity(&http, &sim, None).await?;
     }
     let dead = dead_count(&args.conn).await? - dead_before;
     let calls = last.calls - before.calls;
@@ -237,6 +252,32 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+async fn set_capacity(
+    http: &reqwest::Client,
+    sim: &str,
+    capacity: Option<u64>,
+) -> anyhow::Result<()> {
+    http.post(format!("{sim}/_sim/capacity"))
+        .json(&json!({ "max_in_flight": capacity }))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(())
+}
+
+/// The fleet's effective limit as the worker exports it ("?" when it cannot be read).
+async fn effective_limit(http: &reqwest::Client, worker_url: &str) -> String {
+    let url = format!("{}/metrics", worker_url.trim_end_matches('/'));
+    let Ok(resp) = http.get(url).send().await else {
+        return "?".into();
+    };
+    let text = resp.text().await.unwrap_or_default();
+    let prefix = format!("{} ", crate::relay::metrics::CONCURRENCY_LIMIT);
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or_else(|| "?".into(), |v| v.trim().to_string())
 }
 
 async fn dead_count(conn: &ConnConfig) -> anyhow::Result<i64> {
