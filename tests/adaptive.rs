@@ -224,3 +224,45 @@ async fn with_adaptive_off_the_fixed_limit_stays_under_throttling() {
     assert_eq!(effective_limit(&env.store).await.expect("redis"), None);
     env.cleanup().await;
 }
+
+/// After a failover to a Redis host whose clock is behind, the stored times lie in the future:
+/// they must not freeze the limit below its ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_times_from_a_clock_ahead_do_not_freeze_the_limit() {
+    let mut env = Env::new("adaptive-clock", 2).await;
+    let an_hour_ahead = (std::time::SystemTime::now() + Duration::from_secs(3_600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let mut conn = env.store.conn().await.expect("redis");
+    let _: () = redis::cmd("HSET")
+        .arg(env.store.global_key("concurrency"))
+        .arg("limit")
+        .arg(3)
+        .arg("changed")
+        .arg(an_hour_ahead)
+        .arg("decreased")
+        .arg(an_hour_ahead)
+        .arg("throttled")
+        .arg(an_hour_ahead)
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    env.sim.set_latency(Duration::from_millis(20));
+    let cfg = WorkerConfig {
+        concurrency_limit: 10,
+        adaptive_window_ms: WINDOW_MS,
+        ..env.config()
+    };
+    env.start_worker(cfg).await;
+    let tasks: Vec<String> = (0..1_000).map(|i| arn(&format!("clock-{i:04}"))).collect();
+    env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
+        .await;
+    eventually(
+        RECOVERY_BOUND,
+        "the limit climbs back to the ceiling",
+        || async { effective_limit(&env.store).await.expect("redis") == Some(10) },
+    )
+    .await;
+    env.cleanup().await;
+}

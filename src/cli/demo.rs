@@ -136,7 +136,10 @@ pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
 
 pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     args.conn.resolve_secrets()?;
-    let http = reqwest::Client::new();
+    // Bounded requests: a worker or sim that stops answering must not hang the demo.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
     let sim = args.sim_url.trim_end_matches('/').to_string();
     let stats = || async {
         let s: SimStats = http
@@ -217,6 +220,10 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
             break;
         }
         if Instant::now() > deadline {
+            if args.capacity > 0 {
+                // Leave the sim as it was found, also when the run failed.
+                let _ = set_capacity(&http, &sim, None).await;
+            }
             anyhow::bail!(
                 "timed out: {ok} of {} ECS calls succeeded",
                 fleet.expected_ok_calls

@@ -8,7 +8,8 @@
 //!
 //! Workers count their calls' outcomes locally and report them every quarter window, a
 //! throttle at once, so the limit costs one Redis round trip per worker and quarter window,
-//! not one per call.
+//! not one per call. A report whose answer is lost is not sent again (at most once: a
+//! throttle counted twice would halve the limit twice).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -179,9 +180,9 @@ impl Adaptive {
                 m::concurrency_limits(limit, inner.ceiling);
             }
             Err(e) => {
-                // Counted again next time: a Redis blip must not lose a throttle.
-                inner.throttled.fetch_add(throttled, Ordering::SeqCst);
-                inner.healthy.fetch_add(healthy, Ordering::SeqCst);
+                // Not reported again: the script may have run (answer lost, or written but not
+                // confirmed by replicas), and a throttle counted twice would halve the limit
+                // twice. A lost throttle costs nothing: an overload throttles the next call too.
                 tracing::warn!(error = %e, "cannot report ECS call outcomes for the adaptive limit");
                 m::redis_error("adaptive_limit");
             }

@@ -273,8 +273,10 @@ impl WorkerConfig {
         if self.concurrency_min > self.concurrency_limit {
             return Err("RELAY_CONCURRENCY_MIN must be <= RELAY_CONCURRENCY_LIMIT".into());
         }
-        if self.adaptive_window_ms == 0 {
-            return Err("RELAY_ADAPTIVE_WINDOW_MS must be > 0".into());
+        // Shorter than a call, one overload would be halved many times over; the upper bound
+        // keeps the hash's expiry (60 windows) in range.
+        if !(50..=600_000).contains(&self.adaptive_window_ms) {
+            return Err("RELAY_ADAPTIVE_WINDOW_MS must be between 50 and 600000".into());
         }
         if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
             return Err("RELAY_BACKOFF_MIN_MS must be > 0 and <= RELAY_BACKOFF_MAX_MS".into());
@@ -521,5 +523,23 @@ mod tests {
         };
         let err = c.validate().unwrap_err();
         assert!(err.contains("RELAY_TASK_RETENTION_S"), "{err}");
+    }
+
+    #[test]
+    fn adaptive_settings_out_of_range_are_refused() {
+        for window in [0, 49, 600_001] {
+            let c = WorkerConfig {
+                adaptive_window_ms: window,
+                ..Default::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert!(err.contains("RELAY_ADAPTIVE_WINDOW_MS"), "{window}: {err}");
+        }
+        let c = WorkerConfig {
+            concurrency_min: 11,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("RELAY_CONCURRENCY_MIN"), "{err}");
     }
 }

@@ -11,9 +11,15 @@ local throttled, healthy = tonumber(ARGV[4]), tonumber(ARGV[5])
 local state = redis.call('HMGET', KEYS[1], 'limit', 'changed', 'decreased', 'throttled')
 -- Clamped on every read: a redeploy may have changed the ceiling or the minimum.
 local limit = math.min(ceiling, math.max(minimum, tonumber(state[1]) or ceiling))
-local changed = tonumber(state[2]) or 0
-local decreased = tonumber(state[3]) or 0
-local last_throttle = tonumber(state[4]) or 0
+-- Never in the future: after a failover to a host whose clock is behind, stored times past
+-- `now` would hold every change back until that clock caught up.
+local changed = math.min(now, tonumber(state[2]) or 0)
+local decreased = math.min(now, tonumber(state[3]) or 0)
+local last_throttle = math.min(now, tonumber(state[4]) or 0)
+if throttled == 0 and healthy == 0 then
+  -- Nothing to report (no calls): only read, so an idle fleet's hash can expire.
+  return limit
+end
 if throttled > 0 then
   last_throttle = now
   -- Multiplicative decrease, at most once per window since the last decrease: the calls
@@ -31,6 +37,6 @@ elseif healthy > 0 and limit < ceiling and now - changed >= window
 end
 redis.call('HSET', KEYS[1], 'limit', limit, 'changed', changed, 'decreased', decreased,
   'throttled', last_throttle)
--- A fleet idle for 60 windows forgets the throttling: nothing measured it since.
+-- A fleet without calls for 60 windows forgets the throttling: nothing measured it since.
 redis.call('PEXPIRE', KEYS[1], window * 60)
 return limit
