@@ -716,8 +716,7 @@ impl Drop for RedisServer {
 }
 
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-    l.local_addr().expect("addr").port()
+    free_ports(1)[0]
 }
 
 /// The last `n` lines of a log file (empty if unreadable), for a failing fixture's report.
@@ -730,10 +729,24 @@ pub fn log_tail(path: &std::path::Path, n: usize) -> String {
 }
 
 /// `n` distinct free loopback ports: every listener is held until all are picked.
+///
+/// Taken below the kernel's ephemeral range: a port the kernel hands out (`bind :0`) is free
+/// only until the fixture's server binds it, and meanwhile any outgoing connection of a test
+/// running in parallel may get it as its local port (seen: a RabbitMQ node failing with
+/// `eaddrinuse`). Below that range only another fixture's random pick can collide.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
-        .collect();
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let range = 10_000..ephemeral_low.max(10_001);
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    while listeners.len() < n {
+        let port = rand::random_range(range.clone());
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
     listeners
         .iter()
         .map(|l| l.local_addr().expect("addr").port())
