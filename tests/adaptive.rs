@@ -21,6 +21,17 @@ const CONVERGED_AFTER_MS: u64 = 5 * WINDOW_MS;
 /// quarter-window lag and a slow machine.
 const RECOVERY_BOUND: Duration = Duration::from_millis(2 * 10 * WINDOW_MS + 2_000);
 
+/// A worker with the ceiling 10 and this file's window.
+async fn start_worker(env: &mut Env, adaptive: bool) {
+    let cfg = WorkerConfig {
+        concurrency_limit: 10,
+        adaptive,
+        adaptive_window_ms: WINDOW_MS,
+        ..env.config()
+    };
+    env.start_worker(cfg).await;
+}
+
 fn throttled(c: &CallRecord) -> bool {
     c.outcome.as_deref() == Some("ThrottlingException")
 }
@@ -47,12 +58,7 @@ async fn the_fleet_backs_off_when_ecs_throttles_and_returns_to_the_ceiling() {
     env.sim.set_latency(Duration::from_millis(20));
     env.sim.set_capacity(Some(4));
     for _ in 0..2 {
-        let cfg = WorkerConfig {
-            concurrency_limit: 10,
-            adaptive_window_ms: WINDOW_MS,
-            ..env.config()
-        };
-        env.start_worker(cfg).await;
+        start_worker(&mut env, true).await;
     }
 
     // A backlog of 500 tasks, each RUNNING then STOPPED.
@@ -195,13 +201,7 @@ async fn with_adaptive_off_the_fixed_limit_stays_under_throttling() {
     let mut env = Env::new("adaptive-off", 4).await;
     env.sim.set_latency(Duration::from_millis(20));
     env.sim.set_capacity(Some(4));
-    let cfg = WorkerConfig {
-        concurrency_limit: 10,
-        adaptive: false,
-        adaptive_window_ms: WINDOW_MS,
-        ..env.config()
-    };
-    env.start_worker(cfg).await;
+    start_worker(&mut env, false).await;
     let tasks: Vec<String> = (0..200).map(|i| arn(&format!("fixed-{i:03}"))).collect();
     env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
         .await;
@@ -249,12 +249,7 @@ async fn stored_times_from_a_clock_ahead_do_not_freeze_the_limit() {
         .await
         .expect("hset");
     env.sim.set_latency(Duration::from_millis(20));
-    let cfg = WorkerConfig {
-        concurrency_limit: 10,
-        adaptive_window_ms: WINDOW_MS,
-        ..env.config()
-    };
-    env.start_worker(cfg).await;
+    start_worker(&mut env, true).await;
     let tasks: Vec<String> = (0..1_000).map(|i| arn(&format!("clock-{i:04}"))).collect();
     env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
         .await;
