@@ -12,8 +12,8 @@
 //! throttle counted twice would halve the limit twice).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redis::Script;
 use tokio::sync::Notify;
@@ -65,6 +65,33 @@ struct Inner {
     epoch: AtomicU64,
     report_now: Notify,
     update: Script,
+    log: Mutex<ThrottleLog>,
+}
+
+/// How often, at most, a worker logs that ECS throttles.
+const THROTTLE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Throttled calls are logged as a count, the first at once and then at most once per
+/// [`THROTTLE_LOG_EVERY`]: during a mass event thousands of tasks are throttled together, and a
+/// line per task would bury everything else in the log.
+#[derive(Default)]
+struct ThrottleLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl ThrottleLog {
+    /// Counts a throttle; Some(throttles since the last line) when a line is due.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        match self.last {
+            Some(last) if now.duration_since(last) < THROTTLE_LOG_EVERY => None,
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
 }
 
 impl Adaptive {
@@ -100,6 +127,7 @@ impl Adaptive {
                 epoch: AtomicU64::new(0),
                 report_now: Notify::new(),
                 update: Script::new(include_str!("limit_update.lua")),
+                log: Mutex::default(),
             }),
         }
     }
@@ -123,6 +151,19 @@ impl Adaptive {
         let throttled = error_code.is_some_and(is_throttle);
         if throttled {
             m::ecs_throttled();
+            let due = self
+                .inner
+                .log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .note(Instant::now());
+            if let Some(n) = due {
+                tracing::warn!(
+                    throttled = n,
+                    adaptive = self.inner.enabled,
+                    "ECS throttles calls; the tasks back off (logged at most every 10 s)"
+                );
+            }
         }
         if !self.inner.enabled {
             return;
@@ -203,4 +244,21 @@ pub async fn effective_limit(store: &Store) -> StoreResult<Option<u32>> {
         .arg("limit")
         .query_async(&mut conn)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttles_are_logged_as_a_count_at_most_every_ten_seconds() {
+        let mut log = ThrottleLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.note(t0), Some(1), "the first at once");
+        for i in 1..=500 {
+            assert_eq!(log.note(t0 + Duration::from_millis(i * 10)), None);
+        }
+        assert_eq!(log.note(t0 + THROTTLE_LOG_EVERY), Some(501));
+        assert_eq!(log.note(t0 + THROTTLE_LOG_EVERY * 3), Some(1));
+    }
 }

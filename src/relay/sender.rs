@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::relay::adaptive;
 use crate::relay::config::{WorkerConfig, CALL_MARGIN};
 use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::metrics as m;
@@ -531,7 +532,9 @@ impl Senders {
                         }
                     }
                     // First failure and then every tenth: a long outage must not flood the log.
-                    if *attempt == 1 || attempt.is_multiple_of(10) {
+                    // A first throttle is counted in the adaptive limit's log line instead.
+                    let first = *attempt == 1 && !adaptive::is_throttle(e.code());
+                    if first || attempt.is_multiple_of(10) {
                         tracing::warn!(shard = ctx.shard, key, id = %entry.id, attempt = *attempt, error = %e,
                             retry_in_ms = delay.as_millis() as u64, "ECS call failed; retrying");
                     }
