@@ -34,17 +34,9 @@ fn arns(prefix: &str, n: usize) -> Vec<String> {
 }
 
 /// 120 task lifecycles published over about 1.5 s; returns once calls are flowing.
-async fn flowing_stream(env: &Env, prefix: &str) -> (Vec<String>, tokio::task::JoinHandle<()>) {
+async fn flowing(env: &Env, prefix: &str) -> (Vec<String>, tokio::task::JoinHandle<()>) {
     let tasks = arns(prefix, 120);
-    let publisher = stream(
-        env.conn(),
-        lifecycle_rounds(&tasks, 8),
-        Duration::from_millis(100),
-    );
-    eventually(Duration::from_secs(20), "flowing", || async {
-        env.sim.stats().ok >= 20
-    })
-    .await;
+    let publisher = flowing_stream(env, env.conn(), &tasks, Duration::from_millis(100)).await;
     (tasks, publisher)
 }
 
@@ -58,7 +50,7 @@ async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
     let mut cfg = env.config();
     cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     env.start_worker(cfg).await;
-    let (tasks, publisher) = flowing_stream(&env, "amqp-cut").await;
+    let (tasks, publisher) = flowing(&env, "amqp-cut").await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself: 2 s without RabbitMQ
     proxy.restore();
@@ -92,7 +84,7 @@ async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everyth
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
     env.start_worker(cfg).await;
-    let (tasks, publisher) = flowing_stream(&env, "redis-cut").await;
+    let (tasks, publisher) = flowing(&env, "redis-cut").await;
     proxy.cut();
     let cut_at = Instant::now();
     // While Redis is away nothing new reaches ECS once calls in flight are done, and the
@@ -171,7 +163,7 @@ async fn redis_restart_with_aof_loses_nothing() {
     let mut cfg = env.config();
     cfg.conn.redis_url = url.clone();
     env.start_worker(cfg).await;
-    let (tasks, publisher) = flowing_stream(&env, "aof").await;
+    let (tasks, publisher) = flowing(&env, "aof").await;
     // A clean shutdown writes the AOF; the restarted server loads it (scripts are gone: NOSCRIPT).
     let _ = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "shutdown"])

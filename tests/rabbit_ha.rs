@@ -58,15 +58,7 @@ async fn losing_the_node_that_leads_most_shard_queues_loses_nothing() {
         .find(|i| cluster.node_name(*i) == victim_name)
         .expect("leader is a cluster node");
     let tasks: Vec<String> = (0..160).map(|i| arn(&format!("rmq-{i:03}"))).collect();
-    let publisher = stream(
-        conn.clone(),
-        lifecycle_rounds(&tasks, 8),
-        Duration::from_millis(300),
-    );
-    eventually(Duration::from_secs(30), "calls flowing", || async {
-        env.sim.stats().ok >= 20
-    })
-    .await;
+    let publisher = flowing_stream(&env, conn.clone(), &tasks, Duration::from_millis(300)).await;
     cluster.kill(victim);
     let killed = Instant::now();
     publisher

@@ -99,15 +99,7 @@ async fn failover_run(name: &str, min_replicas: u32, rejoin: bool, within: Durat
     wait_owned(&store, env.shards).await;
 
     let tasks: Vec<String> = (0..160).map(|i| arn(&format!("{name}-{i:03}"))).collect();
-    let publisher = stream(
-        env.conn(),
-        lifecycle_rounds(&tasks, 8),
-        Duration::from_millis(200),
-    );
-    eventually(Duration::from_secs(20), "calls flowing", || async {
-        env.sim.stats().ok >= 20
-    })
-    .await;
+    let publisher = flowing_stream(&env, env.conn(), &tasks, Duration::from_millis(200)).await;
     let primary = ha.primary_port().await;
     ha.kill(primary);
     let killed = Instant::now();

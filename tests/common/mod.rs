@@ -611,6 +611,22 @@ pub fn stream(conn: ConnConfig, rounds: Vec<Vec<Value>>, every: Duration) -> Joi
     })
 }
 
+/// [`stream`]s the lifecycles of `tasks` to `conn` (8 tasks a round, a round every `every`) and
+/// returns once ECS has accepted 20 calls, so a fault injected next hits a flowing stream.
+pub async fn flowing_stream(
+    env: &Env,
+    conn: ConnConfig,
+    tasks: &[String],
+    every: Duration,
+) -> JoinHandle<()> {
+    let publisher = stream(conn, lifecycle_rounds(tasks, 8), every);
+    eventually(Duration::from_secs(30), "calls flowing", || async {
+        env.sim.stats().ok >= 20
+    })
+    .await;
+    publisher
+}
+
 /// Whether the sim got a body with `status` for the key (status variant).
 pub fn statuses(calls: &[CallRecord]) -> Vec<String> {
     calls
