@@ -179,7 +179,7 @@ impl Adaptive {
 
     /// Until `cancel`: reports outcomes and publishes the effective limit as a metric.
     pub async fn run(self, cancel: CancellationToken) {
-        m::concurrency_limits(self.inner.known.load(Ordering::SeqCst), self.inner.ceiling);
+        m::concurrency_limit(self.inner.known.load(Ordering::SeqCst));
         if !self.inner.enabled {
             return;
         }
@@ -218,7 +218,7 @@ impl Adaptive {
                 } else if limit > before && limit == inner.ceiling {
                     tracing::info!(limit, "fleet concurrency limit back at its ceiling");
                 }
-                m::concurrency_limits(limit, inner.ceiling);
+                m::concurrency_limit(limit);
             }
             Err(e) => {
                 // Not reported again: the script may have run (answer lost, or written but not

@@ -185,10 +185,9 @@ pub fn permits(in_use: u64, limit: u32, oldest_held: Duration) {
     gauge!(PERMITS_LIMIT).set(limit as f64);
     gauge!(PERMIT_OLDEST_HELD_SECONDS).set(oldest_held.as_secs_f64());
 }
-/// The effective limit as last read, and the ceiling.
-pub fn concurrency_limits(effective: u32, ceiling: u32) {
+/// The fleet's effective limit as last read (the ceiling is `permits`' `limit`).
+pub fn concurrency_limit(effective: u32) {
     gauge!(CONCURRENCY_LIMIT).set(f64::from(effective));
-    gauge!(PERMITS_LIMIT).set(f64::from(ceiling));
 }
 /// An ECS call answered with a throttling code.
 pub fn ecs_throttled() {
