@@ -237,6 +237,36 @@ async fn a_handed_off_permit_always_covers_a_whole_call() {
     env.cleanup().await;
 }
 
+/// A restarted container keeps its pod name: two incarnations with the same worker id, one
+/// with permits still valid, never hold more than the limit between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_incarnations_of_one_worker_id_never_hold_more_than_the_limit() {
+    let env = Env::new("edge-permit-ids", 1).await;
+    let call = Duration::from_millis(1_000);
+    let dead = Semaphore::new(env.store.clone(), "pod-0", 2, 30_000, call);
+    let restarted = Semaphore::new(env.store.clone(), "pod-0", 2, 30_000, call);
+    let cancel = CancellationToken::new();
+    let _held_by_the_dead_one = dead.acquire(&cancel).await.expect("permit");
+    let first = restarted.acquire(&cancel).await.expect("permit");
+    // Two held of two: a third must wait, whoever asks.
+    let give_up = CancellationToken::new();
+    let third = {
+        let (p, g) = (restarted.clone(), give_up.clone());
+        tokio::spawn(async move { p.acquire(&g).await.is_some() })
+    };
+    never(
+        Duration::from_millis(1_500),
+        "a third permit granted with a limit of 2",
+        || async { third.is_finished() },
+    )
+    .await;
+    give_up.cancel();
+    assert!(!third.await.expect("no panic"), "granted past the limit");
+    assert_eq!(restarted.in_use().await.expect("redis"), 2);
+    restarted.release(first).await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permit_handed_to_a_waiter_that_gives_up_goes_back_to_redis() {
     let env = Env::new("edge-spares", 1).await;
@@ -479,12 +509,9 @@ async fn a_retried_completion_never_removes_a_later_entry_with_the_same_event_id
     env.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_the_broker_cannot_route_is_not_acked_and_arrives_once_routable() {
-    let metrics = ecs_state_relay::relay::metrics::handle();
-    let mut env = Env::new("edge-dlq", 1).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+/// The dead-letter queue's binding, for tests that break the dead-letter route as an operator
+/// cleaning up might.
+async fn dead_letter_binding(env: &Env, bound: bool) {
     let c =
         ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test dlq binding")
             .await
@@ -492,39 +519,64 @@ async fn a_dead_letter_the_broker_cannot_route_is_not_acked_and_arrives_once_rou
     let ch = c.create_channel().await.expect("channel");
     let dead = ecs_state_relay::relay::amqp::dead_queue(&env.exchange);
     let dlx = ecs_state_relay::relay::amqp::dlx(&env.exchange);
-    // An operator unbinds the dead-letter queue by mistake; then a bad message comes.
-    ch.queue_unbind(
-        dead.as_str().into(),
-        dlx.as_str().into(),
-        "".into(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("unbind");
-    let x = arn("dlq-x");
-    env.publish_raw(&x, b"{not json").await;
-    eventually(
-        Duration::from_secs(20),
-        "the message was rejected",
-        || async { metric_sum(&metrics.render(), "relay_events_rejected_total") >= 1.0 },
-    )
-    .await;
-    ch.queue_bind(
-        dead.as_str().into(),
-        dlx.as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .expect("bind");
+    if bound {
+        ch.queue_bind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    } else {
+        ch.queue_unbind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("unbind");
+    }
+    let _ = c.close(200, "done".into()).await;
+}
+
+/// 1 bad and 100 valid events in one shard while the dead-letter route is broken: every valid
+/// event reaches ECS; once the route is back the bad one lands in `.dead`, alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_events_flow_while_the_dead_letter_route_is_broken() {
+    let mut env = Env::new("edge-dlq", 1).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    dead_letter_binding(&env, false).await;
+    // One pipelined publish: the bad message is delivered with the valid ones behind it.
+    let mut bad = task(&arn("dlq-bad"), "RUNNING");
+    bad["schemaVersion"] = 2.into();
+    let tasks: Vec<String> = (0..100).map(|i| arn(&format!("dlq-ok-{i:03}"))).collect();
+    let mut events = vec![bad.clone()];
+    events.extend(tasks.iter().map(|t| task(t, "RUNNING")));
+    env.publish(&events).await;
     eventually(
         Duration::from_secs(30),
-        "the message reached the dead-letter queue",
-        || async { !env.dead_letters().await.is_empty() },
+        "all 100 valid events reached ECS while the route was broken",
+        || async { all_sent(&env, &tasks) },
     )
     .await;
-    let _ = c.close(200, "done".into()).await;
+    dead_letter_binding(&env, true).await;
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dead.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the bad message never reached .dead"
+        );
+        dead.extend(env.dead_letters().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, bad.to_string().as_bytes());
+    assert!(dead[0].1.starts_with("schema_version"), "{}", dead[0].1);
     env.cleanup().await;
 }
 

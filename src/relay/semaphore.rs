@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::relay::adaptive::Adaptive;
 use crate::relay::config::CALL_MARGIN;
 use crate::relay::metrics as m;
-use crate::relay::store::{wake_on_publish, Store, StoreError, StoreResult};
+use crate::relay::store::{wake_on_publish, Lane, Store, StoreError, StoreResult};
 
 /// How often releases that failed are tried again.
 const RELEASE_RETRY_EVERY: Duration = Duration::from_millis(200);
@@ -76,7 +76,11 @@ struct Inner {
     lease_ms: u64,
     /// What a permit's lease must still cover to be handed to another call.
     handoff_min: Duration,
-    worker: String,
+    /// Prefix of this process's permit ids: the worker id and a random nonce. A restarted
+    /// container keeps its pod name (and PID 1), so the worker id alone would re-use the ids
+    /// of its dead incarnation's permits that are still valid, and a grant would overwrite
+    /// one of them instead of counting beside it.
+    id_prefix: String,
     next: AtomicU64,
     local: Arc<tokio::sync::Semaphore>,
     released: Arc<Notify>,
@@ -123,7 +127,7 @@ impl Semaphore {
                 adaptive,
                 lease_ms,
                 handoff_min: call_timeout + CALL_MARGIN,
-                worker: worker.to_string(),
+                id_prefix: format!("{worker}:{:016x}", rand::random::<u64>()),
                 next: AtomicU64::new(0),
                 local: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
                 released: Arc::new(Notify::new()),
@@ -210,7 +214,7 @@ impl Semaphore {
             // and is given back by id in the background; that must never hit a later grant.
             let id = format!(
                 "{}:{}",
-                self.inner.worker,
+                self.inner.id_prefix,
                 self.inner.next.fetch_add(1, Ordering::Relaxed)
             );
             // Register for the release signal before trying, so a release in between is not missed.
@@ -288,7 +292,13 @@ impl Semaphore {
             .arg(self.inner.lease_ms)
             .arg(if adaptive.key().is_some() { "1" } else { "0" });
         // Confirmed by the replicas: a promoted replica must count every permit handed out.
-        let (granted, wait): (i64, i64) = match self.inner.store.link().run_durable(&inv).await {
+        let (granted, wait): (i64, i64) = match self
+            .inner
+            .store
+            .link()
+            .run_durable(Lane::Permits, &inv)
+            .await
+        {
             Ok(answer) => answer,
             Err(e @ StoreError::NotReplicated { .. }) => {
                 // Taken on the primary only: give the slot back rather than hold it unused.
