@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ecs_state_relay::cli::dlq;
 use ecs_state_relay::relay::config::CALL_MARGIN;
 use ecs_state_relay::relay::semaphore::Semaphore;
 use ecs_state_relay::relay::store::Store;
@@ -542,7 +543,66 @@ async fn dead_letter_binding(env: &Env, bound: bool) {
     let _ = c.close(200, "done".into()).await;
 }
 
-/// 1 bad and 100 valid events in one shard while the dead-letter route is broken: every valid
+/// Publishes `bad` and 100 valid events to a one-shard relay whose dead-letter route the caller
+/// broke; every valid event reaches ECS meanwhile, and the bad one is held and counted.
+async fn valid_traffic_passes_a_broken_route(env: &Env, name: &str) -> Value {
+    let metrics = ecs_state_relay::relay::metrics::handle();
+    // One pipelined publish: the bad message is delivered with the valid ones behind it.
+    let mut bad = task(&arn(&format!("{name}-bad")), "RUNNING");
+    bad["schemaVersion"] = 2.into();
+    let tasks: Vec<String> = (0..100)
+        .map(|i| arn(&format!("{name}-ok-{i:03}")))
+        .collect();
+    let mut events = vec![bad.clone()];
+    events.extend(tasks.iter().map(|t| task(t, "RUNNING")));
+    env.publish(&events).await;
+    eventually(
+        Duration::from_secs(30),
+        "all 100 valid events reached ECS while the route was broken",
+        || async { all_sent(env, &tasks) },
+    )
+    .await;
+    let conn = env.conn();
+    eventually(
+        Duration::from_secs(10),
+        "the bad message held, and its failed moves counted",
+        || async {
+            let text = metrics.render();
+            metric_sum(&text, "relay_events_rejected_total") == 1.0
+                && text
+                    .lines()
+                    .any(|l| l.starts_with("relay_amqp_errors_total{op=\"dead_letter\"}"))
+        },
+    )
+    .await;
+    let held = dlq::held(&conn, 1, 10).await.expect("held letters");
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].reason.starts_with("schema_version"), "{held:?}");
+    assert_eq!(held[0].body, bad.to_string());
+    bad
+}
+
+/// Waits until the relay holds no dead letter any more, then reads `.dead` (at least `n`).
+async fn dead_letters_after_heal(env: &Env, n: usize) -> Vec<(Vec<u8>, String)> {
+    let conn = env.conn();
+    eventually(
+        Duration::from_secs(40),
+        "every held dead letter moved",
+        || async { dlq::held(&conn, 1, 10).await.is_ok_and(|h| h.is_empty()) },
+    )
+    .await;
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dead.len() < n {
+        assert!(Instant::now() < deadline, "only {} in .dead", dead.len());
+        dead.extend(env.dead_letters().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dead.extend(env.dead_letters().await);
+    dead
+}
+
+/// 1 bad and 100 valid events in one shard while the dead-letter queue is unbound: every valid
 /// event reaches ECS; once the route is back the bad one lands in `.dead`, alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_events_flow_while_the_dead_letter_route_is_broken() {
@@ -550,33 +610,87 @@ async fn valid_events_flow_while_the_dead_letter_route_is_broken() {
     let cfg = env.config();
     env.start_worker(cfg).await;
     dead_letter_binding(&env, false).await;
-    // One pipelined publish: the bad message is delivered with the valid ones behind it.
-    let mut bad = task(&arn("dlq-bad"), "RUNNING");
-    bad["schemaVersion"] = 2.into();
-    let tasks: Vec<String> = (0..100).map(|i| arn(&format!("dlq-ok-{i:03}"))).collect();
-    let mut events = vec![bad.clone()];
-    events.extend(tasks.iter().map(|t| task(t, "RUNNING")));
-    env.publish(&events).await;
-    eventually(
-        Duration::from_secs(30),
-        "all 100 valid events reached ECS while the route was broken",
-        || async { all_sent(&env, &tasks) },
-    )
-    .await;
+    let bad = valid_traffic_passes_a_broken_route(&env, "unbound").await;
     dead_letter_binding(&env, true).await;
-    let mut dead = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while dead.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the bad message never reached .dead"
-        );
-        dead.extend(env.dead_letters().await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = dead_letters_after_heal(&env, 1).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0, bad.to_string().as_bytes());
     assert!(dead[0].1.starts_with("schema_version"), "{}", dead[0].1);
+    env.cleanup().await;
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Publishes one filler message straight to the dead-letter exchange; whether it was taken.
+async fn fill_dead_queue(env: &Env) -> bool {
+    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test filler")
+        .await
+        .expect("amqp");
+    let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)
+        .await
+        .expect("channel");
+    let confirm = ch
+        .basic_publish(
+            ecs_state_relay::relay::amqp::dlx(&env.exchange)
+                .as_str()
+                .into(),
+            "filler".into(),
+            Default::default(),
+            b"filler",
+            Default::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let _ = c.close(200, "done".into()).await;
+    confirm.is_ack()
+}
+
+/// The same with a full dead-letter queue (max-length 1, overflow reject-publish, by policy):
+/// the broker nacks the dead letter; once there is room it lands there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_events_flow_while_the_dead_letter_queue_is_full() {
+    let mut env = Env::new("edge-dlq-full", 1).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let policy = format!("{}-full", env.exchange);
+    let pattern = format!(
+        "^{}$",
+        ecs_state_relay::relay::amqp::dead_queue(&env.exchange).replace('.', "\\.")
+    );
+    rabbitmqctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        &policy,
+        &pattern,
+        r#"{"max-length":1,"overflow":"reject-publish"}"#,
+    ]);
+    // Full once a second message is refused: the policy is in force.
+    assert!(fill_dead_queue(&env).await, "the first filler was refused");
+    eventually(Duration::from_secs(10), "the policy in force", || async {
+        !fill_dead_queue(&env).await
+    })
+    .await;
+    let bad = valid_traffic_passes_a_broken_route(&env, "full").await;
+    rabbitmqctl(&["clear_policy", &policy]);
+    let dead = dead_letters_after_heal(&env, 2).await;
+    let fillers = dead.iter().filter(|(b, _)| b == b"filler").count();
+    assert!(fillers >= 1, "{dead:?}");
+    let letters: Vec<_> = dead.iter().filter(|(b, _)| b != b"filler").collect();
+    assert_eq!(letters.len(), 1, "{dead:?}");
+    assert_eq!(letters[0].0, bad.to_string().as_bytes());
     env.cleanup().await;
 }
 

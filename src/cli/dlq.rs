@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use crate::relay::amqp::{self, REJECT_HEADER, SOURCE_QUEUE_HEADER};
 use crate::relay::config::ConnConfig;
+use crate::relay::dead_letter::Letter;
+use crate::relay::store::Store;
 
 #[derive(Args)]
 pub struct DlqArgs {
@@ -30,10 +32,13 @@ pub struct DlqArgs {
 
 #[derive(Subcommand)]
 pub enum DlqCommand {
-    /// Show dead-lettered messages with their reasons, leaving them in the queue.
+    /// Show dead-lettered messages with their reasons, leaving them in the queue; first those
+    /// still held in Redis because the dead-letter queue did not take them yet.
     List {
         #[command(flatten)]
         conn: ConnConfig,
+        #[arg(long, env = "RELAY_SHARDS", default_value_t = 16)]
+        shards: u16,
         /// At most this many messages.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -64,6 +69,9 @@ pub struct DeadLetter {
     pub message_id: Option<String>,
     /// The body as text (lossy for non-UTF-8), cut at 2,000 bytes.
     pub body: String,
+    /// Still held in Redis: the relay moves it to the dead-letter queue once the broker
+    /// takes it (replay does not see it until then).
+    pub held: bool,
 }
 
 /// How long to wait for the next message before deciding the queue has no more ready ones.
@@ -71,13 +79,21 @@ const IDLE: Duration = Duration::from_millis(500);
 
 pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
     match args.command {
-        DlqCommand::List { conn, limit, json } => {
-            for m in list(&conn, limit).await? {
+        DlqCommand::List {
+            conn,
+            shards,
+            limit,
+            json,
+        } => {
+            let mut all = held(&conn, shards, limit).await?;
+            all.extend(list(&conn, limit.saturating_sub(all.len())).await?);
+            for m in all {
                 if json {
                     println!("{}", serde_json::to_string(&m)?);
                 } else {
                     println!(
-                        "{}  {}  key={}  id={}\n  {}",
+                        "{}{}  {}  key={}  id={}\n  {}",
+                        if m.held { "(held in Redis) " } else { "" },
                         m.source_queue,
                         m.reason,
                         m.routing_key,
@@ -108,6 +124,33 @@ pub async fn list(conn: &ConnConfig, limit: usize) -> anyhow::Result<Vec<DeadLet
     // Closing the channel returns every unacked delivery to the queue, in order.
     let _ = ch.close(200, "listed".into()).await;
     let _ = connection.close(200, "dlq list done".into()).await;
+    Ok(out)
+}
+
+/// Up to `limit` dead letters still held in Redis (the broker did not take them yet), oldest
+/// first per shard.
+pub async fn held(conn: &ConnConfig, shards: u16, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+    let mut conn = conn.clone();
+    conn.resolve_secrets()?;
+    let store = Store::open(&conn).await?;
+    let mut out = Vec::new();
+    for shard in 0..shards {
+        if out.len() >= limit {
+            break;
+        }
+        let source = amqp::shard_queue(&conn.exchange, shard);
+        for raw in store.held_letters(shard, limit - out.len()).await? {
+            let l = Letter::decode(&raw, &source);
+            out.push(DeadLetter {
+                reason: l.reason,
+                source_queue: l.source_queue,
+                routing_key: l.routing_key,
+                message_id: l.properties.message_id().as_ref().map(|m| m.to_string()),
+                body: String::from_utf8_lossy(&l.body[..l.body.len().min(2000)]).into_owned(),
+                held: true,
+            });
+        }
+    }
     Ok(out)
 }
 
@@ -240,5 +283,6 @@ fn describe(d: &Delivery) -> DeadLetter {
         routing_key: d.routing_key.as_str().to_string(),
         message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
         body: String::from_utf8_lossy(body).into_owned(),
+        held: false,
     }
 }

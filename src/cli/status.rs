@@ -34,6 +34,8 @@ pub struct ShardStatus {
     pub pending_tasks: u64,
     /// Tasks with container/agent changes waiting for a task change or a drain tick.
     pub batched_tasks: u64,
+    /// Rejected messages kept in Redis until the dead-letter queue takes them.
+    pub held_dead_letters: u64,
     /// Messages ready in the shard queue (not yet delivered).
     pub queue_depth: u32,
     pub consumers: u32,
@@ -101,6 +103,7 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
             lease_age_ms: s.lease_age_ms,
             pending_tasks: s.pending,
             batched_tasks: s.batched,
+            held_dead_letters: s.held,
             queue_depth: queue.message_count(),
             consumers: queue.consumer_count(),
         });
@@ -156,8 +159,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .collect::<String>()
     );
     println!(
-        "{:>5}  {:<40} {:>9} {:>8} {:>8} {:>7} {:>9}",
-        "SHARD", "OWNER", "LEASE AGE", "PENDING", "BATCHED", "QUEUED", "CONSUMERS"
+        "{:>5}  {:<40} {:>9} {:>8} {:>8} {:>7} {:>9} {:>5}",
+        "SHARD", "OWNER", "LEASE AGE", "PENDING", "BATCHED", "QUEUED", "CONSUMERS", "HELD"
     );
     for s in &status.shards {
         let age = s
@@ -165,14 +168,21 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:>5}  {:<40} {:>9} {:>8} {:>8} {:>7} {:>9}",
+            "{:>5}  {:<40} {:>9} {:>8} {:>8} {:>7} {:>9} {:>5}",
             s.shard,
             s.owner.as_deref().unwrap_or("(none)"),
             age,
             s.pending_tasks,
             s.batched_tasks,
             s.queue_depth,
-            s.consumers
+            s.consumers,
+            s.held_dead_letters
+        );
+    }
+    let held: u64 = status.shards.iter().map(|s| s.held_dead_letters).sum();
+    if held > 0 {
+        println!(
+            "{held} dead letter(s) held in Redis: the dead-letter queue does not take them (see `dlq list`)"
         );
     }
     println!("live workers: {}", status.live_workers.join(", "));

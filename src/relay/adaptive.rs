@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::relay::config::WorkerConfig;
 use crate::relay::metrics as m;
-use crate::relay::store::{Store, StoreResult};
+use crate::relay::store::{Lane, Store, StoreResult};
 
 /// Error codes ECS (and AWS in general) answers when it sheds load; HTTP 429 maps to
 /// `TooManyRequests` (see `ecs::classify`).
@@ -205,7 +205,12 @@ impl Adaptive {
             .arg(inner.window.as_millis() as u64)
             .arg(throttled)
             .arg(healthy);
-        match inner.store.link().run_durable::<u32>(&inv).await {
+        match inner
+            .store
+            .link()
+            .run_durable::<u32>(Lane::Permits, &inv)
+            .await
+        {
             Ok(limit) => {
                 let before = inner.known.swap(limit, Ordering::SeqCst);
                 if limit < before {

@@ -12,7 +12,6 @@ use lapin::{
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 
 use crate::relay::config::{mask_url, url_list, TlsFiles};
-use crate::relay::wire::Reject;
 
 /// Deliveries beyond this count are dead-lettered by the broker: a safety net for a message
 /// that keeps a worker from acknowledging it (the relay itself rejects bad input explicitly).
@@ -300,8 +299,20 @@ pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error>
     Ok(ch)
 }
 
+/// Why a dead-letter publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The broker answered and refused it (nothing bound, the queue full and rejecting
+    /// publishes): the channel is fine, the route is not.
+    #[error("{0}")]
+    Refused(String),
+    /// No answer in time (a memory or disk alarm blocks publishers) or the channel broke.
+    #[error("{0}")]
+    Broken(String),
+}
+
 /// Publishes a rejected message to the dead-letter exchange, unchanged but for the reason
-/// header, and waits for the broker's confirm.
+/// headers, and waits for the broker's confirm.
 pub async fn dead_letter(
     ch: &Channel,
     exchange: &str,
@@ -309,22 +320,18 @@ pub async fn dead_letter(
     routing_key: &str,
     body: &[u8],
     props: &BasicProperties,
-    reject: &Reject,
-) -> anyhow::Result<()> {
+    reason: &str,
+) -> Result<(), DeadLetterError> {
     let mut headers = props.headers().clone().unwrap_or_default();
-    headers.insert(
-        s(REJECT_HEADER),
-        AMQPValue::LongString(reject.header().into()),
-    );
+    headers.insert(s(REJECT_HEADER), AMQPValue::LongString(reason.into()));
     headers.insert(
         s(SOURCE_QUEUE_HEADER),
         AMQPValue::LongString(source_queue.into()),
     );
     let props = props.clone().with_headers(headers).with_delivery_mode(2);
     // Mandatory: with nothing bound to the dead-letter exchange the broker would confirm and
-    // drop the message, and the original would be acked: lost. A return is a failure instead.
-    // Bounded: a broker in a memory or disk alarm blocks publishers, and a stopping shard must
-    // not wait for it (the original is not acked and comes back).
+    // drop the message, and the original would be forgotten: lost. A return is a failure.
+    // Bounded: a broker in a memory or disk alarm blocks publishers.
     let publishing = async {
         ch.basic_publish(
             s(&dlx(exchange)),
@@ -342,19 +349,27 @@ pub async fn dead_letter(
     let confirm = tokio::time::timeout(CONFIRM_WAIT, publishing)
         .await
         .map_err(|_| {
-            anyhow::anyhow!(
-                "the broker did not confirm the dead-lettered message within {} s",
+            DeadLetterError::Broken(format!(
+                "the broker did not confirm within {} s (a memory or disk alarm blocks publishers?)",
                 CONFIRM_WAIT.as_secs()
-            )
-        })??;
+            ))
+        })?
+        .map_err(|e| DeadLetterError::Broken(e.to_string()))?;
     match confirm {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => anyhow::bail!(
-            "the dead-letter exchange {} routes to no queue (is {} bound?)",
+        Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => Err(DeadLetterError::Refused(format!(
+            "returned by the broker ({} {}): the dead-letter exchange {} routes to no queue (is {} bound?)",
+            r.reply_code,
+            r.reply_text,
             dlx(exchange),
             dead_queue(exchange)
-        ),
-        Confirmation::Nack(None) => anyhow::bail!("broker refused the dead-lettered message"),
-        Confirmation::NotRequested => anyhow::bail!("dead-letter publish was not confirmed"),
+        ))),
+        Confirmation::Nack(None) => Err(DeadLetterError::Refused(format!(
+            "nacked by the broker: is {} full (max-length with overflow reject-publish)?",
+            dead_queue(exchange)
+        ))),
+        Confirmation::NotRequested => Err(DeadLetterError::Broken(
+            "the channel is not in confirm mode".into(),
+        )),
     }
 }

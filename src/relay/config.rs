@@ -61,6 +61,10 @@ pub struct WorkerConfig {
     /// Unacknowledged deliveries per shard consumer (also the largest intake batch).
     #[arg(long, env = "RELAY_PREFETCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Bytes of rejected messages a shard keeps in Redis while the dead-letter queue does not
+    /// take them (unbound, full, broker alarm); past it a rejected message stays unacknowledged.
+    #[arg(long, env = "RELAY_DEAD_LETTER_HOLD_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub dead_letter_hold_bytes: u64,
     /// `/metrics`, `/healthz`, `/readyz`; empty disables the listener.
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: String,
@@ -258,6 +262,7 @@ impl Default for WorkerConfig {
             permit_lease_ms: 8_000,
             call_timeout_ms: 5_000,
             prefetch: 256,
+            dead_letter_hold_bytes: 16 * 1024 * 1024,
             metrics_addr: "0.0.0.0:9464".into(),
             worker_id: None,
         }
@@ -305,6 +310,13 @@ impl WorkerConfig {
                 self.call_timeout_ms,
                 CALL_MARGIN.as_millis(),
                 self.lease_ms
+            ));
+        }
+        // The largest message with its held header must fit, or a hold would refuse it always.
+        if self.dead_letter_hold_bytes < 2 * crate::relay::wire::MAX_MESSAGE_BYTES as u64 {
+            return Err(format!(
+                "RELAY_DEAD_LETTER_HOLD_BYTES must be at least {} (two of the largest messages)",
+                2 * crate::relay::wire::MAX_MESSAGE_BYTES
             ));
         }
         if self.task_retention_s == 0 {
@@ -463,6 +475,7 @@ mod tests {
             ),
             (d.adaptive, d.concurrency_min, d.adaptive_window_ms)
         );
+        assert_eq!(parsed.dead_letter_hold_bytes, d.dead_letter_hold_bytes);
         assert_eq!(parsed.metrics_addr, d.metrics_addr);
         assert_eq!(parsed.worker_id, d.worker_id);
     }

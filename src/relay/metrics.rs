@@ -45,6 +45,10 @@ pub const REDIS_WAIT_SHORTFALLS: &str = "relay_redis_wait_shortfalls_total";
 /// ceiling).
 pub const CONCURRENCY_LIMIT: &str = "relay_concurrency_limit";
 pub const ECS_THROTTLED: &str = "relay_ecs_throttled_total";
+/// Rejected messages a shard keeps in Redis until the dead-letter queue takes them.
+pub const DEAD_LETTERS_HELD: &str = "relay_dead_letters_held";
+/// Rejected messages left unacknowledged because their shard's hold was full.
+pub const DEAD_LETTER_HOLD_FULL: &str = "relay_dead_letter_hold_full_total";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -80,6 +84,8 @@ pub const ALL: &[&str] = &[
     STAGE_SECONDS,
     CONCURRENCY_LIMIT,
     ECS_THROTTLED,
+    DEAD_LETTERS_HELD,
+    DEAD_LETTER_HOLD_FULL,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -208,6 +214,14 @@ pub fn shard_state(shard: u16, pending: usize, batched: usize, retry: RetryState
     gauge!(SHARD_BATCHED_TASKS, "shard" => shard.clone()).set(batched as f64);
     gauge!(OLDEST_RETRY_SECONDS, "shard" => shard.clone()).set(retry.oldest.as_secs_f64());
     gauge!(RETRY_BACKOFF_SECONDS, "shard" => shard).set(retry.longest_backoff.as_secs_f64());
+}
+
+/// Dead letters a shard holds; zeroed when the shard is released, like [`shard_state`].
+pub fn dead_letters_held(shard: u16, n: u64) {
+    gauge!(DEAD_LETTERS_HELD, "shard" => shard.to_string()).set(n as f64);
+}
+pub fn dead_letter_hold_full() {
+    counter!(DEAD_LETTER_HOLD_FULL).increment(1);
 }
 
 /// The retrying tasks of a shard: the longest failure streak and the longest current backoff.

@@ -2,15 +2,18 @@
 //! new connection, so a failover is followed without a restart); a few long-lived shared
 //! connections; and, when replicas must confirm writes, `WAIT` after each write the relay acts on.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, FromRedisValue, ScriptInvocation};
-use tokio::sync::Notify;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, FromRedisValue, ScriptInvocation, Value,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::relay::config::{mask_url, TlsFiles};
 use crate::relay::metrics as m;
@@ -82,6 +85,83 @@ pub struct Link {
     failed_over: Notify,
     /// What to name in errors: the URL (masked) or the Sentinel master.
     target: String,
+    /// Durable writes' committers, one per lane (see [`Link::run_durable`]).
+    lanes: Mutex<HashMap<Lane, Committer>>,
+}
+
+/// Which durable writes share a connection and a `WAIT`: each shard's intake and completions,
+/// the shard leases, and the permits (with the adaptive limit). A slow replica then delays a
+/// lane's own writes, never a lease renewal behind a shard's intake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Shard(u16),
+    Leases,
+    Permits,
+}
+
+/// Most scripts one group commit sends before its `WAIT`.
+const COMMIT_BATCH: usize = 256;
+
+/// One durable write waiting for its lane's next group commit.
+struct Job {
+    cmd: redis::Cmd,
+    reply: oneshot::Sender<StoreResult<(Value, u32)>>,
+}
+
+/// The sending side of a lane's group-commit task.
+#[derive(Clone)]
+struct Committer {
+    jobs: mpsc::UnboundedSender<Job>,
+}
+
+impl Committer {
+    /// Starts the lane's task; it ends when the link is dropped.
+    fn start(link: Weak<Link>) -> Committer {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        tokio::spawn(Committer::run(link, rx));
+        Committer { jobs }
+    }
+
+    /// The script's reply and how many replicas confirmed the write.
+    async fn commit(&self, cmd: redis::Cmd) -> StoreResult<(Value, u32)> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job { cmd, reply })
+            .map_err(|_| StoreError::Redis("the Redis link is closed".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Redis("the Redis link is closed".into()))?
+    }
+
+    async fn run(link: Weak<Link>, mut rx: mpsc::UnboundedReceiver<Job>) {
+        // The lane's own connection, and the failovers seen when it was made: a connection to
+        // a former primary must not take another write.
+        let mut conn: Option<(MultiplexedConnection, u64)> = None;
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            while jobs.len() < COMMIT_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            let Some(link) = link.upgrade() else { return };
+            let result = link.group_commit(&mut conn, &jobs).await;
+            match result {
+                Ok((values, got)) => {
+                    for (job, value) in jobs.into_iter().zip(values) {
+                        let _ = job.reply.send(Ok((value, got)));
+                    }
+                }
+                Err(e) => {
+                    m::redis_reconnect();
+                    for job in jobs {
+                        let _ = job.reply.send(Err(StoreError::Redis(e.clone())));
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Link {
@@ -175,6 +255,7 @@ impl Link {
             failovers: AtomicU64::new(0),
             failed_over: Notify::new(),
             target,
+            lanes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -286,44 +367,85 @@ impl Link {
         self.failed_over.notified().await
     }
 
-    /// Runs a script whose writes the relay acts on. With replicas required, `WAIT` follows in
-    /// the same round trip (pipelined); too few confirmations mean "not stored". The scripts
-    /// always write something (if only a sequence number), so the `WAIT` also covers what an
-    /// earlier, unconfirmed try of the same step wrote.
+    /// Runs a script whose writes the relay acts on. With replicas required, the script goes
+    /// to `lane`'s committer: a connection of its own that sends every script waiting on the
+    /// lane in one pipeline followed by one `WAIT` (group commit). So a `WAIT` never holds up
+    /// heartbeats, releases or reads on the shared connections, nor another lane's writes, and
+    /// many writes share one wait for the replicas. Too few confirmations mean "not stored".
+    /// The scripts always write something (if only a sequence number), so the `WAIT` also
+    /// covers what an earlier, unconfirmed try of the same step wrote.
     pub async fn run_durable<T: FromRedisValue>(
         self: &Arc<Self>,
+        lane: Lane,
         inv: &ScriptInvocation<'_>,
     ) -> StoreResult<T> {
-        let mut conn = self.conn().await?;
         if self.min_replicas == 0 {
+            let mut conn = self.conn().await?;
             return Ok(inv.invoke_async(&mut conn).await?);
         }
+        let cmd = redis::Cmd::invoke_script(inv);
         let mut loaded = false;
         loop {
-            let result: redis::RedisResult<(T, u32)> = redis::pipe()
-                .invoke_script(inv)
-                .cmd("WAIT")
-                .arg(self.min_replicas)
-                .arg(WAIT_MS)
-                .query_async(&mut conn)
-                .await;
-            match result {
-                Ok((value, got)) if got >= self.min_replicas => return Ok(value),
-                Ok((_, got)) => {
-                    m::redis_wait_shortfall();
-                    return Err(StoreError::NotReplicated {
-                        wanted: self.min_replicas,
-                        got,
-                    });
-                }
-                // Pipelines do not load scripts by themselves (a new primary has none cached).
-                Err(e) if !loaded && e.to_string().to_ascii_uppercase().contains("NOSCRIPT") => {
-                    inv.load_async(&mut conn).await?;
+            let (value, got) = self.committer(lane).commit(cmd.clone()).await?;
+            // Pipelines do not load scripts by themselves (a new primary has none cached).
+            if let Value::ServerError(e) = &value {
+                if !loaded && e.code() == "NOSCRIPT" {
+                    inv.load_async(&mut self.conn().await?).await?;
                     loaded = true;
+                    continue;
                 }
-                Err(e) => return Err(e.into()),
             }
+            let value = value.extract_error()?;
+            if got < self.min_replicas {
+                m::redis_wait_shortfall();
+                return Err(StoreError::NotReplicated {
+                    wanted: self.min_replicas,
+                    got,
+                });
+            }
+            return redis::from_redis_value(value)
+                .map_err(|e| StoreError::Redis(format!("unexpected reply: {e}")));
         }
+    }
+
+    /// The committer of `lane`, started on first use.
+    fn committer(self: &Arc<Self>, lane: Lane) -> Committer {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        lanes
+            .entry(lane)
+            .or_insert_with(|| Committer::start(Arc::downgrade(self)))
+            .clone()
+    }
+
+    /// Sends `jobs`' scripts in one pipeline, then `WAIT`; each script's reply (errors as
+    /// values) and the replicas that confirmed them all.
+    async fn group_commit(
+        &self,
+        conn: &mut Option<(MultiplexedConnection, u64)>,
+        jobs: &[Job],
+    ) -> Result<(Vec<Value>, u32), String> {
+        let failovers = self.failovers();
+        let mut c = match conn.take() {
+            Some((c, seen)) if seen == failovers => c,
+            _ => self.connect().await.map_err(|e| e.to_string())?,
+        };
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for job in jobs {
+            pipe.add_command(job.cmd.clone());
+        }
+        pipe.cmd("WAIT").arg(self.min_replicas).arg(WAIT_MS);
+        // A failed round trip drops the connection (the next commit makes a new one).
+        let mut values: Vec<Value> = pipe
+            .query_async(&mut c)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        let got = match values.pop() {
+            Some(Value::Int(n)) => u32::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        *conn = Some((c, failovers));
+        Ok((values, got))
     }
 
     /// The primary's `INFO replication` (role, replicas, offsets), for `status` and start checks.

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::relay::adaptive;
 use crate::relay::config::{WorkerConfig, CALL_MARGIN};
+use crate::relay::dead_letter;
 use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::metrics as m;
 use crate::relay::semaphore::Semaphore;
@@ -133,6 +134,16 @@ impl Asked {
     }
 }
 
+/// What every shard of a worker shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub store: Store,
+    pub ecs: Ecs,
+    pub permits: Semaphore,
+    pub dead_letters: dead_letter::Publisher,
+    pub cfg: Arc<WorkerConfig>,
+}
+
 /// Everything a shard's senders share.
 pub struct ShardCtx {
     pub shard: u16,
@@ -141,6 +152,10 @@ pub struct ShardCtx {
     pub ecs: Ecs,
     pub permits: Semaphore,
     pub cfg: Arc<WorkerConfig>,
+    /// The worker's dead-letter publisher, for the shard's held letters.
+    pub dead_letters: dead_letter::Publisher,
+    /// Woken when intake holds new dead letters, so the mover moves them at once.
+    pub held: Notify,
     /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
     pub cancel: CancellationToken,
     /// Until when (local monotonic clock) the lease is surely still ours; set on each renewal,
@@ -157,15 +172,14 @@ pub struct ShardCtx {
 impl ShardCtx {
     /// A shard just taken at `taken_at` (when the acquire request left); `lapsed` when the
     /// previous owner did not release it.
-    pub fn new(
-        shard: u16,
-        taken: Taken,
-        asked: Asked,
-        store: Store,
-        ecs: Ecs,
-        permits: Semaphore,
-        cfg: Arc<WorkerConfig>,
-    ) -> ShardCtx {
+    pub fn new(shard: u16, taken: Taken, asked: Asked, shared: Shared) -> ShardCtx {
+        let Shared {
+            store,
+            ecs,
+            permits,
+            dead_letters,
+            cfg,
+        } = shared;
         let Taken { fence, lapsed } = taken;
         let taken_at = asked.at;
         let calls_from = if lapsed {
@@ -184,6 +198,8 @@ impl ShardCtx {
             renewed: Notify::new(),
             calls_from,
             cfg,
+            dead_letters,
+            held: Notify::new(),
         };
         ctx.lease_renewed(asked);
         ctx

@@ -13,6 +13,7 @@ use lapin::{Channel, Connection};
 use rand::Rng;
 
 use crate::relay::amqp;
+use crate::relay::dead_letter::{self, Letter};
 use crate::relay::metrics as m;
 use crate::relay::sender::{Senders, ShardCtx};
 use crate::relay::store::{Intake, StoreError};
@@ -77,6 +78,7 @@ async fn consume(
     tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(resume_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(retention_sweeper(ctx.clone()));
+    tokio::spawn(dead_letter::mover(ctx.clone()));
 
     let max_batch = usize::from(ctx.cfg.prefetch);
     let end = loop {
@@ -112,8 +114,9 @@ async fn consume(
     Ok(end)
 }
 
-/// Stores a batch of deliveries in order, dead-letters the invalid ones, then acks them all.
-/// Returns Some(end) when the shard must stop (nothing of the batch is acked then).
+/// Stores a batch of deliveries in order, holds the rejected ones for the dead-letter queue
+/// (see `dead_letter`), then acks. Returns Some(end) when the shard must stop (nothing of the
+/// batch is acked then).
 async fn intake_batch(
     ctx: &ShardCtx,
     ch: &Channel,
@@ -132,47 +135,27 @@ async fn intake_batch(
     let mut events: Vec<Event> = Vec::with_capacity(batch.len());
     // Which delivery each event came from, to dead-letter what the store refuses.
     let mut origin: Vec<&Delivery> = Vec::with_capacity(batch.len());
+    let mut rejected: Vec<(&Delivery, wire::Reject)> = Vec::new();
     for d in &batch {
         match wire::decode(&d.data, d.routing_key.as_str()) {
             Ok(ev) => {
                 events.push(ev);
                 origin.push(d);
             }
-            Err(reject) => {
-                if let Some(end) = dead_letter(ctx, ch, queue, d, &reject).await {
-                    return Ok(Some(end));
-                }
-            }
+            Err(reject) => rejected.push((d, reject)),
         }
     }
 
-    let mut delay = Duration::from_millis(100);
-    let outcomes = loop {
-        match ctx
-            .store
+    let outcomes = match retry_store(ctx, "intake", || {
+        ctx.store
             .intake(ctx.shard, &ctx.fence, &events, ctx.cfg.task_retention_s)
-            .await
-        {
-            Ok(o) => {
-                m::stage("intake", received.elapsed());
-                break o;
-            }
-            Err(StoreError::Fenced) => {
-                m::fenced("intake");
-                return Ok(Some(ShardEnd::Fenced));
-            }
-            Err(e) => {
-                // Never ack what Redis does not have: hold the batch and retry.
-                tracing::warn!(shard = ctx.shard, error = %e, "intake cannot reach Redis; retrying");
-                m::redis_error("intake");
-                tokio::select! {
-                    _ = ctx.cancel.cancelled() => return Ok(Some(ShardEnd::Stopped)),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
+    })
+    .await
+    {
+        Ok(o) => o,
+        Err(end) => return Ok(Some(end)),
     };
+    m::stage("intake", received.elapsed());
 
     let mut woken = HashSet::new();
     for ((ev, outcome), d) in events.iter().zip(outcomes).zip(origin) {
@@ -195,51 +178,98 @@ async fn intake_batch(
                     senders.wake(&ev.key);
                 }
             }
-            Intake::BatchFull => {
-                let reject = wire::Reject::batch_full();
-                if let Some(end) = dead_letter(ctx, ch, queue, d, &reject).await {
-                    return Ok(Some(end));
-                }
-            }
+            Intake::BatchFull => rejected.push((d, wire::Reject::batch_full())),
         }
     }
-    if let Some(last) = batch.last() {
-        ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
-            .await?;
+
+    // Deliveries whose letter did not fit in the shard's hold stay unacknowledged.
+    let mut unacked: HashSet<u64> = HashSet::new();
+    if !rejected.is_empty() {
+        let letters: Vec<Vec<u8>> = rejected
+            .iter()
+            .map(|(d, reject)| letter(d, reject, queue, now).encode())
+            .collect();
+        let max = ctx.cfg.dead_letter_hold_bytes;
+        let held = match retry_store(ctx, "hold", || {
+            ctx.store.hold(ctx.shard, &ctx.fence, &letters, max)
+        })
+        .await
+        {
+            Ok(h) => h,
+            Err(end) => return Ok(Some(end)),
+        };
+        for ((d, reject), held) in rejected.iter().zip(held) {
+            m::event_rejected(reject.code);
+            if held {
+                tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
+            } else {
+                m::dead_letter_hold_full();
+                tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject,
+                    "message rejected, but the shard's held dead letters are at RELAY_DEAD_LETTER_HOLD_BYTES: left unacknowledged until the dead-letter route works again");
+                unacked.insert(d.delivery_tag);
+            }
+        }
+        ctx.held.notify_one();
+    }
+
+    if unacked.is_empty() {
+        if let Some(last) = batch.last() {
+            ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    } else {
+        for d in batch.iter().filter(|d| !unacked.contains(&d.delivery_tag)) {
+            ch.basic_ack(d.delivery_tag, BasicAckOptions::default())
+                .await?;
+        }
     }
     Ok(None)
 }
 
-/// Publishes a rejected delivery to the dead-letter queue with its reason (confirmed), so the
-/// ack that follows loses nothing. Some(end) when the broker could not take it.
-async fn dead_letter(
+/// The held form of a rejected delivery.
+fn letter(d: &Delivery, reject: &wire::Reject, queue: &str, now_ms: i64) -> Letter {
+    Letter {
+        routing_key: d.routing_key.to_string(),
+        reason: reject.header(),
+        source_queue: queue.to_string(),
+        held_at_ms: now_ms,
+        properties: d.properties.clone(),
+        body: d.data.clone(),
+    }
+}
+
+/// Runs a shard write until Redis has it: a Redis error is retried with backoff (never ack
+/// what Redis does not have); Err(end) when the shard must stop (fenced or cancelled).
+async fn retry_store<T, F, Fut>(
     ctx: &ShardCtx,
-    ch: &Channel,
-    queue: &str,
-    d: &Delivery,
-    reject: &wire::Reject,
-) -> Option<ShardEnd> {
-    tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
-    m::event_rejected(reject.code);
-    let published = amqp::dead_letter(
-        ch,
-        ctx.store.namespace(),
-        queue,
-        d.routing_key.as_str(),
-        &d.data,
-        &d.properties,
-        reject,
-    )
-    .await;
-    match published {
-        Ok(()) => None,
-        Err(e) => {
-            // Not acked: the message comes back and is rejected again.
-            m::amqp_error("dead_letter");
-            Some(ShardEnd::Amqp(format!("dead-letter publish failed: {e}")))
+    op: &'static str,
+    mut step: F,
+) -> Result<T, ShardEnd>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match step().await {
+            Ok(v) => return Ok(v),
+            Err(StoreError::Fenced) => {
+                m::fenced(op);
+                return Err(ShardEnd::Fenced);
+            }
+            Err(e) => {
+                tracing::warn!(shard = ctx.shard, error = %e, op, "cannot write to Redis; retrying");
+                m::redis_error(op);
+                tokio::select! {
+                    _ = ctx.cancel.cancelled() => return Err(ShardEnd::Stopped),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
         }
     }
 }
+
 /// A worker that cannot renew its lease (cut off from Redis, paused) stops the shard before
 /// the lease can lapse: intake stops and the consumer is cancelled, so unacknowledged
 /// deliveries go back to the queue and the next owner receives the shard's messages (as
@@ -299,6 +329,7 @@ async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
         tokio::select! {
             _ = ctx.cancel.cancelled() => {
                 m::shard_state(ctx.shard, 0, 0, m::RetryState::default());
+                m::dead_letters_held(ctx.shard, 0);
                 return;
             }
             _ = tokio::time::sleep(RESUME_EVERY) => {}
@@ -306,12 +337,14 @@ async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
         let read = async {
             let keys = ctx.store.pending_keys(ctx.shard).await?;
             let batched = ctx.store.batched_count(ctx.shard).await?;
-            Ok::<_, StoreError>((keys, batched))
+            let (held, _) = ctx.store.held_count(ctx.shard).await?;
+            Ok::<_, StoreError>((keys, batched, held))
         };
         match read.await {
-            Ok((keys, batched)) => {
+            Ok((keys, batched, held)) => {
                 keys.iter().for_each(|k| senders.wake(k));
                 m::shard_state(ctx.shard, keys.len(), batched, senders.retry_state());
+                m::dead_letters_held(ctx.shard, held);
             }
             Err(e) => {
                 tracing::warn!(shard = ctx.shard, error = %e, "cannot list pending tasks");

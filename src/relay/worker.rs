@@ -18,10 +18,11 @@ use tokio_util::sync::CancellationToken;
 use crate::relay::adaptive::Adaptive;
 use crate::relay::amqp::{self, TopologyError};
 use crate::relay::config::WorkerConfig;
+use crate::relay::dead_letter;
 use crate::relay::ecs::Ecs;
 use crate::relay::metrics::{self as m, Readiness};
 use crate::relay::semaphore::Semaphore;
-use crate::relay::sender::{Asked, ShardCtx};
+use crate::relay::sender::{Asked, ShardCtx, Shared};
 use crate::relay::shard::{self, ShardEnd};
 use crate::relay::store::{wake_on_publish, Store};
 
@@ -64,6 +65,7 @@ pub async fn run(
     tracing::info!(worker = %worker_id, exchange = %cfg.conn.exchange, shards = cfg.shards, "worker starting");
     m::shards_configured(cfg.shards);
 
+    let dead_letters = dead_letter::Publisher::new(&cfg.conn, &worker_id);
     let mut retry = Duration::from_millis(500);
     let next_node = Arc::new(AtomicUsize::new(0));
     let result = loop {
@@ -76,6 +78,7 @@ pub async fn run(
             store: store.clone(),
             ecs: ecs.clone(),
             permits: permits.clone(),
+            dead_letters: dead_letters.clone(),
             rebalance: rebalance.clone(),
             next_node: next_node.clone(),
         };
@@ -100,6 +103,7 @@ pub async fn run(
         }
     };
     ready.set_amqp(false);
+    dead_letters.close().await;
     // Best effort and bounded (G7): with Redis unreachable, permits and the heartbeat expire
     // with their leases instead.
     let goodbye = async {
@@ -138,6 +142,7 @@ struct Session {
     store: Store,
     ecs: Ecs,
     permits: Semaphore,
+    dead_letters: dead_letter::Publisher,
     /// Woken when membership changes or a shard stops, to rebalance before the next tick.
     rebalance: Arc<Notify>,
     /// Index in RELAY_AMQP_URL of the node to try first: the one after the node last lost.
@@ -341,10 +346,13 @@ impl Session {
                         shard,
                         taken,
                         acquiring,
-                        self.store.clone(),
-                        self.ecs.clone(),
-                        self.permits.clone(),
-                        self.cfg.clone(),
+                        Shared {
+                            store: self.store.clone(),
+                            ecs: self.ecs.clone(),
+                            permits: self.permits.clone(),
+                            dead_letters: self.dead_letters.clone(),
+                            cfg: self.cfg.clone(),
+                        },
                     ));
                     let conn = conn.clone();
                     let run_ctx = ctx.clone();

@@ -11,6 +11,8 @@ pub struct ShardSummary {
     pub lease_age_ms: Option<u64>,
     pub pending: u64,
     pub batched: u64,
+    /// Dead letters held for the dead-letter queue.
+    pub held: u64,
 }
 
 impl Store {
@@ -18,9 +20,10 @@ impl Store {
     pub async fn shard_summary(&self, shard: u16) -> StoreResult<ShardSummary> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
-        let (owner, since, pending, batched, (secs, micros)): (
+        let (owner, since, pending, batched, held, (secs, micros)): (
             Option<String>,
             Option<u64>,
+            u64,
             u64,
             u64,
             (u64, u64),
@@ -35,6 +38,8 @@ impl Store {
             .arg(keys.pending())
             .cmd("SCARD")
             .arg(keys.batched())
+            .cmd("LLEN")
+            .arg(keys.held())
             .cmd("TIME")
             .query_async(&mut conn)
             .await?;
@@ -44,6 +49,7 @@ impl Store {
             lease_age_ms: since.map(|s| now_ms.saturating_sub(s)),
             pending,
             batched,
+            held,
         })
     }
 

@@ -1,7 +1,7 @@
 //! Intake: a batch of one shard's validated events in one script (`intake.lua`): dedupe by
 //! recent event ids, known task status, the task's batch or its outbox.
 
-use super::{Fence, Store, StoreResult, RECENT_IDS};
+use super::{Fence, Lane, Store, StoreResult, RECENT_IDS};
 use crate::relay::wire::Event;
 
 /// What the intake did with one event.
@@ -57,7 +57,7 @@ impl Store {
                 inv.arg(t.as_deref().unwrap_or_default());
             }
         }
-        let codes: Vec<i64> = self.link.run_durable(&inv).await?;
+        let codes: Vec<i64> = self.link.run_durable(Lane::Shard(shard), &inv).await?;
         Ok(codes
             .into_iter()
             .map(|c| match c {

@@ -43,6 +43,13 @@ impl ShardKeys {
     pub fn active(&self) -> String {
         self.k("active")
     }
+    /// Rejected messages waiting for the dead-letter queue (a list, oldest first).
+    pub fn held(&self) -> String {
+        self.k("held")
+    }
+    pub(super) fn held_bytes(&self) -> String {
+        self.k("held-bytes")
+    }
     pub fn state(&self, key: &str) -> String {
         self.per("t", key)
     }

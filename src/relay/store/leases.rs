@@ -1,7 +1,7 @@
 //! Membership and ownership: worker heartbeats, shard leases with fencing tokens
 //! (`lease_*.lua`, `heartbeat.lua`) and the topology lock (`unlock.lua`).
 
-use super::{Fence, Store, StoreResult, Taken};
+use super::{Fence, Lane, Store, StoreResult, Taken};
 
 impl Store {
     /// Takes the shard lease if free; None when another worker holds it.
@@ -19,7 +19,7 @@ impl Store {
             .arg(owner)
             .arg(lease_ms);
         // Confirmed by the replicas: a promoted replica must know every token granted.
-        let (token, lapsed): (u64, u8) = self.link.run_durable(&inv).await?;
+        let (token, lapsed): (u64, u8) = self.link.run_durable(Lane::Leases, &inv).await?;
         Ok((token > 0).then(|| Taken {
             fence: Fence {
                 owner: owner.to_string(),
@@ -35,7 +35,7 @@ impl Store {
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(lease_ms);
-        let ok: i64 = self.link.run_durable(&inv).await?;
+        let ok: i64 = self.link.run_durable(Lane::Leases, &inv).await?;
         Ok(ok == 1)
     }
 

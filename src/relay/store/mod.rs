@@ -6,6 +6,7 @@
 //! (`fence.lua`, prepended to every script that writes a shard).
 
 mod drain;
+mod held;
 mod inspect;
 mod intake;
 mod keys;
@@ -21,7 +22,7 @@ use redis::{self, Script};
 use crate::relay::config::{ConnConfig, TlsFiles};
 use crate::relay::redis_link::Link;
 
-pub use crate::relay::redis_link::{Conn, StoreError, StoreResult};
+pub use crate::relay::redis_link::{Conn, Lane, StoreError, StoreResult};
 pub use inspect::ShardSummary;
 pub use intake::Intake;
 pub use keys::{field, ShardKeys};
@@ -45,6 +46,8 @@ struct Scripts {
     touch: Script,
     heartbeat: Script,
     unlock: Script,
+    hold: Script,
+    unhold: Script,
 }
 
 impl Scripts {
@@ -60,6 +63,8 @@ impl Scripts {
             touch: fenced_script!("touch.lua"),
             heartbeat: Script::new(include_str!("heartbeat.lua")),
             unlock: Script::new(include_str!("unlock.lua")),
+            hold: fenced_script!("hold.lua"),
+            unhold: fenced_script!("unhold.lua"),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{Fence, Store, StoreResult, PAGE};
+use super::{Fence, Lane, Store, StoreResult, PAGE};
 
 /// Sent and known statuses of one ordering key, as stored in its state hash.
 #[derive(Clone, Debug, Default)]
@@ -75,7 +75,7 @@ impl Store {
             inv.arg(f).arg(*v);
         }
         let (left, head, state): (i64, Option<String>, HashMap<String, String>) =
-            self.link.run_durable(&inv).await?;
+            self.link.run_durable(Lane::Shard(shard), &inv).await?;
         Ok(Completed {
             left: u64::try_from(left).ok(),
             head,
