@@ -619,6 +619,52 @@ async fn valid_events_flow_while_the_dead_letter_route_is_broken() {
     env.cleanup().await;
 }
 
+/// A shard whose queue is gone stops for an AMQP error at every try: it is taken again after
+/// a growing delay, not at once (each restart would return its unacknowledged window to the
+/// queue and raise every delivery count in it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_keeps_failing_is_restarted_with_backoff() {
+    let metrics = ecs_state_relay::relay::metrics::handle();
+    let mut env = Env::new("edge-restarts", 1).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let consume_errors = || {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("relay_amqp_errors_total{op=\"consume"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test delete")
+        .await
+        .expect("amqp");
+    let ch = c.create_channel().await.expect("channel");
+    ch.queue_delete(
+        ecs_state_relay::relay::amqp::shard_queue(&env.exchange, 0)
+            .as_str()
+            .into(),
+        Default::default(),
+    )
+    .await
+    .expect("delete");
+    let _ = c.close(200, "done".into()).await;
+    eventually(Duration::from_secs(10), "the shard failed", || async {
+        consume_errors() >= 1.0
+    })
+    .await;
+    // Delays of 1, 2, 4 and 8 s (+ up to 20 %): at most 4 more tries in the next 8 s.
+    let first = consume_errors();
+    never(
+        Duration::from_secs(8),
+        "more than 4 restarts in 8 s",
+        || async { consume_errors() - first > 4.0 },
+    )
+    .await;
+    assert!(consume_errors() - first >= 2.0, "the shard was not retried");
+    env.cleanup().await;
+}
+
 fn rabbitmqctl(args: &[&str]) {
     let out = std::process::Command::new("rabbitmqctl")
         .args(args)

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::Connection;
+use rand::Rng;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,55 @@ use crate::relay::store::{wake_on_publish, Store};
 struct Owned {
     ctx: Arc<ShardCtx>,
     handle: JoinHandle<ShardEnd>,
+    started: Instant,
+}
+
+/// Shards that stopped for an AMQP error (a channel closed by the broker, a consumer
+/// cancelled, a queue gone) and when each may be taken again. Taking it again at once would
+/// loop: every restart returns the unacknowledged window to the queue and raises each of its
+/// messages' delivery count towards the queue's delivery limit.
+#[derive(Default)]
+struct Restarts(BTreeMap<u16, (u32, Instant)>);
+
+/// First restart delay, doubled per failure in a row up to the last; a shard that ran for
+/// [`RESTART_RESET`] starts again from the first.
+const RESTART_DELAY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+const RESTART_RESET: Duration = Duration::from_secs(120);
+
+impl Restarts {
+    fn failed(&mut self, shard: u16, ran_for: Duration) {
+        let streak = match self.0.get(&shard) {
+            Some((n, _)) if ran_for < RESTART_RESET => n + 1,
+            _ => 1,
+        };
+        let delay = restart_delay(streak).mul_f64(rand::rng().random_range(1.0..1.2));
+        self.0.insert(shard, (streak, Instant::now() + delay));
+    }
+
+    /// Whether the shard may be taken now.
+    fn allows(&self, shard: u16) -> bool {
+        self.0
+            .get(&shard)
+            .is_none_or(|(_, at)| *at <= Instant::now())
+    }
+
+    /// The next moment a waiting shard may be taken.
+    fn next_due(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.0
+            .values()
+            .map(|(_, at)| *at)
+            .filter(|at| *at > now)
+            .min()
+    }
+}
+
+/// The delay before the `streak`-th restart in a row.
+fn restart_delay(streak: u32) -> Duration {
+    RESTART_DELAY
+        .0
+        .saturating_mul(1 << streak.saturating_sub(1).min(16))
+        .min(RESTART_DELAY.1)
 }
 
 /// Runs a worker until `cancel`, then shuts down cleanly (G7). Errors only for what a restart
@@ -174,8 +224,12 @@ impl Session {
         ready.set_amqp(true);
         let conn = Arc::new(conn);
         let mut owned: BTreeMap<u16, Owned> = BTreeMap::new();
+        let mut restarts = Restarts::default();
         let tick = (self.cfg.lease() / 3).max(Duration::from_millis(100));
         let outcome = loop {
+            if cancel.is_cancelled() {
+                break Ok(());
+            }
             if !conn.status().connected() {
                 break Err(SessionError::Retry(anyhow::anyhow!(
                     "RabbitMQ connection closed"
@@ -185,14 +239,23 @@ impl Session {
             let woken = self.rebalance.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let healthy = self.balance(&conn, &mut owned, ready).await;
+            let failovers = self.store.link().failovers();
+            let healthy = self.balance(&conn, &mut owned, &mut restarts, ready).await;
             ready.pulse();
+            // A failover seen during the pass: renew on the new primary at once (its wake-up
+            // came before anyone waited for it).
+            if self.store.link().failovers() != failovers {
+                continue;
+            }
             // While Redis fails, look again soon: readiness and work resume right after it is back.
-            let next = if healthy {
+            let mut next = if healthy {
                 tick
             } else {
                 tick.min(UNHEALTHY_TICK)
             };
+            if let Some(due) = restarts.next_due() {
+                next = next.min(due.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 _ = tokio::time::sleep(next) => {}
@@ -262,6 +325,7 @@ impl Session {
         &self,
         conn: &Arc<Connection>,
         owned: &mut BTreeMap<u16, Owned>,
+        restarts: &mut Restarts,
         ready: &Readiness,
     ) -> bool {
         let mut healthy = true;
@@ -294,9 +358,23 @@ impl Session {
             .collect();
         for shard in finished {
             if let Some(o) = owned.remove(&shard) {
-                let end = o.handle.await.unwrap_or(ShardEnd::Stopped);
-                tracing::info!(shard, ?end, "shard stopped");
-                let _ = self.store.lease_release(shard, &o.ctx.fence).await;
+                match o.handle.await {
+                    Ok(end) => {
+                        tracing::info!(shard, ?end, "shard stopped");
+                        if matches!(end, ShardEnd::Amqp(_)) {
+                            restarts.failed(shard, o.started.elapsed());
+                        }
+                        let _ = self.store.lease_release(shard, &o.ctx.fence).await;
+                    }
+                    Err(e) => {
+                        // A panic skipped the shard's own shutdown: its senders may still be
+                        // calling. Stop them, and let the lease lapse instead of releasing it,
+                        // so the next owner waits out a call still on the wire.
+                        tracing::error!(shard, error = %e, "shard task panicked; its lease is left to lapse");
+                        o.ctx.cancel.cancel();
+                        restarts.failed(shard, o.started.elapsed());
+                    }
+                }
             }
         }
         for (shard, o) in owned.iter() {
@@ -326,7 +404,7 @@ impl Session {
         }
         let heard = desired.is_some();
         for shard in desired.unwrap_or_default() {
-            if owned.contains_key(&shard) {
+            if owned.contains_key(&shard) || !restarts.allows(shard) {
                 continue;
             }
             let acquiring = Asked::now(&self.store);
@@ -362,7 +440,14 @@ impl Session {
                         rebalance.notify_waiters();
                         end
                     });
-                    owned.insert(shard, Owned { ctx, handle });
+                    owned.insert(
+                        shard,
+                        Owned {
+                            ctx,
+                            handle,
+                            started: Instant::now(),
+                        },
+                    );
                 }
                 Ok(None) => {} // still held by its previous owner: taken once released or lapsed
                 Err(e) => {
@@ -449,6 +534,30 @@ async fn report_permits(permits: Semaphore, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restarts_back_off_and_a_long_run_starts_afresh() {
+        let delays: Vec<u64> = (1..=9).map(|n| restart_delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(restart_delay(u32::MAX), RESTART_DELAY.1);
+        let mut r = Restarts::default();
+        assert!(r.allows(3));
+        r.failed(3, Duration::ZERO);
+        r.failed(3, Duration::ZERO);
+        assert!(!r.allows(3) && r.allows(4));
+        assert_eq!(r.0[&3].0, 2);
+        let due = r.next_due().expect("a shard waits");
+        let wait = due - Instant::now();
+        assert!(
+            wait > Duration::from_millis(1_900) && wait <= Duration::from_millis(2_400),
+            "{wait:?}"
+        );
+        r.failed(3, RESTART_RESET);
+        assert_eq!(
+            r.0[&3].0, 1,
+            "a shard that ran long starts its streak afresh"
+        );
+    }
 
     #[test]
     fn assignment_is_balanced_and_stable() {

@@ -687,18 +687,30 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 pub struct RedisServer {
     pub port: u16,
     child: Child,
+    dir: std::path::PathBuf,
 }
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(&[]).await
+    }
+
+    /// With extra arguments, e.g. `--replicaof`. Its files (a replica's synced RDB) go to a
+    /// temp dir of its own, never the working directory.
+    pub async fn start_with(extra: &[&str]) -> RedisServer {
         let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("relay-redis-{port}-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("redis dir");
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server starts");
-        let server = RedisServer { port, child };
+        let server = RedisServer { port, child, dir };
         let url = server.url();
         eventually(Duration::from_secs(10), "private redis answers", || {
             let url = url.clone();
@@ -728,6 +740,7 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
