@@ -225,7 +225,11 @@ impl Session {
         let conn = Arc::new(conn);
         let mut owned: BTreeMap<u16, Owned> = BTreeMap::new();
         let mut restarts = Restarts::default();
-        let tick = (self.cfg.lease() / 3).max(Duration::from_millis(100));
+        // A pass starts every tenth of the lease time (or as soon as the last one ended, if it
+        // took longer), though the call window is computed for renewals every third: the
+        // difference is room for renewals that wait on a replica (WAIT), so that calls are not
+        // held back between two renewals.
+        let tick = (self.cfg.lease() / 10).max(Duration::from_millis(100));
         let outcome = loop {
             if cancel.is_cancelled() {
                 break Ok(());
@@ -240,6 +244,7 @@ impl Session {
             tokio::pin!(woken);
             woken.as_mut().enable();
             let failovers = self.store.link().failovers();
+            let pass = Instant::now();
             let healthy = self.balance(&conn, &mut owned, &mut restarts, ready).await;
             ready.pulse();
             // A failover seen during the pass: renew on the new primary at once (its wake-up
@@ -252,7 +257,8 @@ impl Session {
                 tick
             } else {
                 tick.min(UNHEALTHY_TICK)
-            };
+            }
+            .saturating_sub(pass.elapsed());
             if let Some(due) = restarts.next_due() {
                 next = next.min(due.saturating_duration_since(Instant::now()));
             }
@@ -377,18 +383,24 @@ impl Session {
                 }
             }
         }
-        for (shard, o) in owned.iter() {
-            // Keep renewing while a handover finishes its calls: the lease is ours until released.
-            let renewing = Asked::now(&self.store);
-            match self
+        // Keep renewing while a handover finishes its calls: the lease is ours until released.
+        // All at once: one round trip (pipelined on the shared connections, or one group commit
+        // on the lease lane), so a slow replica costs one wait per pass, not one per shard.
+        let renewing = Asked::now(&self.store);
+        let renewals = futures_util::future::join_all(owned.iter().map(|(shard, o)| async move {
+            let renewed = self
                 .store
                 .lease_renew(*shard, &o.ctx.fence, self.cfg.lease_ms)
-                .await
-            {
-                Ok(true) => o.ctx.lease_renewed(renewing),
+                .await;
+            (*shard, &o.ctx, renewed)
+        }))
+        .await;
+        for (shard, ctx, renewed) in renewals {
+            match renewed {
+                Ok(true) => ctx.lease_renewed(renewing),
                 Ok(false) => {
                     tracing::warn!(shard, "shard lease lost; stopping the shard");
-                    o.ctx.cancel.cancel();
+                    ctx.cancel.cancel();
                 }
                 Err(e) => {
                     tracing::warn!(shard, error = %e, "lease renewal failed");
@@ -396,23 +408,30 @@ impl Session {
                     healthy = false;
                 }
             }
-            let handed_over = desired.as_ref().is_some_and(|d| !d.contains(shard));
-            if handed_over && !o.ctx.cancel.is_cancelled() {
+            let handed_over = desired.as_ref().is_some_and(|d| !d.contains(&shard));
+            if handed_over && !ctx.cancel.is_cancelled() {
                 tracing::info!(shard, "handing shard over");
-                o.ctx.cancel.cancel();
+                ctx.cancel.cancel();
             }
         }
         let heard = desired.is_some();
-        for shard in desired.unwrap_or_default() {
-            if owned.contains_key(&shard) || !restarts.allows(shard) {
-                continue;
-            }
-            let acquiring = Asked::now(&self.store);
-            match self
+        // Acquired all at once too (one round trip), each counted from when it was asked.
+        let wanted: Vec<u16> = desired
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|shard| !owned.contains_key(shard) && restarts.allows(*shard))
+            .collect();
+        let acquiring = Asked::now(&self.store);
+        let acquired = futures_util::future::join_all(wanted.iter().map(|shard| async move {
+            let taken = self
                 .store
-                .lease_acquire(shard, &self.worker_id, self.cfg.lease_ms)
-                .await
-            {
+                .lease_acquire(*shard, &self.worker_id, self.cfg.lease_ms)
+                .await;
+            (*shard, taken)
+        }))
+        .await;
+        for (shard, taken) in acquired {
+            match taken {
                 Ok(Some(taken)) => {
                     tracing::info!(
                         shard,

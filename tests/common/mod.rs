@@ -415,6 +415,12 @@ struct ProxyState {
 
 impl Proxy {
     pub async fn start(target: &'static str) -> Proxy {
+        Proxy::delayed(target.to_string(), Duration::ZERO).await
+    }
+
+    /// Each byte reaches the other side `delay` after it arrived, in order, in both directions,
+    /// however many are on the way (a slow link, not a narrow one).
+    pub async fn delayed(target: String, delay: Duration) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind proxy");
@@ -426,10 +432,21 @@ impl Proxy {
                 if st.cut.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: the client sees the connection closed at once
                 }
+                let target = target.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    if delay.is_zero() {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
                     }
+                    let (in_r, in_w) = inbound.into_split();
+                    let (out_r, out_w) = outbound.into_split();
+                    tokio::join!(
+                        delayed_copy(in_r, out_w, delay),
+                        delayed_copy(out_r, in_w, delay)
+                    );
                 });
                 st.conns.lock().unwrap().push(task.abort_handle());
             }
@@ -451,6 +468,35 @@ impl Proxy {
             .cut
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// Copies `from` to `to`, each chunk written `delay` after it was read; reading never waits
+/// for writing, so the delay adds latency, never a throughput cap.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 || tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((at, chunk)) = rx.recv().await {
+            tokio::time::sleep_until((at + delay).into()).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// A worker process that is killed if the test ends (or fails) while it still runs.
