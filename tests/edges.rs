@@ -569,6 +569,7 @@ async fn valid_traffic_passes_a_broken_route(env: &Env, name: &str) -> Value {
         || async {
             let text = metrics.render();
             metric_sum(&text, "relay_events_rejected_total") == 1.0
+                && metric_sum(&text, "relay_dead_letters_held") == 1.0
                 && text
                     .lines()
                     .any(|l| l.starts_with("relay_amqp_errors_total{op=\"dead_letter\"}"))
@@ -662,6 +663,129 @@ async fn a_shard_that_keeps_failing_is_restarted_with_backoff() {
     )
     .await;
     assert!(consume_errors() - first >= 2.0, "the shard was not retried");
+    env.cleanup().await;
+}
+
+/// What the broker does when a message reaches a shard queue's delivery limit (queues as the
+/// worker declares them): it dead-letters the message itself, to `.dead`, without the relay's
+/// reason header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+    let env = Env::new("edge-delivery-limit", 1).await;
+    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test limit")
+        .await
+        .expect("amqp");
+    ecs_state_relay::relay::amqp::declare(&c, &env.exchange, 1)
+        .await
+        .expect("topology");
+    let event = task(&arn("limit"), "RUNNING");
+    env.publish(std::slice::from_ref(&event)).await;
+    let ch = c.create_channel().await.expect("channel");
+    ch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            ecs_state_relay::relay::amqp::shard_queue(&env.exchange, 0)
+                .as_str()
+                .into(),
+            "test-nacker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
+    {
+        deliveries += 1;
+        assert!(deliveries <= 100, "the broker never gave up on the message");
+        ch.basic_nack(
+            d.delivery_tag,
+            BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("nack");
+    }
+    assert_eq!(
+        deliveries,
+        ecs_state_relay::relay::amqp::DELIVERY_LIMIT + 1,
+        "delivered once, then once per allowed redelivery"
+    );
+    let dead = dead_letters_after_heal(&env, 1).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, event.to_string().as_bytes());
+    assert_eq!(
+        dead[0].1, "",
+        "the broker's dead letter has no relay reason"
+    );
+    let _ = c.close(200, "done".into()).await;
+    env.cleanup().await;
+}
+
+/// The hold is bounded: with the route broken, a rejected message that does not fit stays
+/// unacknowledged (counted) while valid traffic flows; it is not lost, and reaches `.dead` once
+/// the shard has restarted after the route is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_message_past_a_full_hold_stays_unacked_and_is_not_lost() {
+    let metrics = ecs_state_relay::relay::metrics::handle();
+    let mut env = Env::new("edge-hold-full", 1).await;
+    let mut cfg = env.config();
+    cfg.dead_letter_hold_bytes = 512 * 1024;
+    let first = env.start_worker(cfg).await;
+    dead_letter_binding(&env, false).await;
+    // Three bad messages of 250 KiB: two fit in 512 KiB, the third does not.
+    let pad = "x".repeat(250 * 1024);
+    let bad: Vec<Value> = (0..3)
+        .map(|i| {
+            let mut b = task(&arn(&format!("hold-bad-{i}")), "RUNNING");
+            b["schemaVersion"] = 2.into();
+            b["padding"] = pad.clone().into();
+            b
+        })
+        .collect();
+    let tasks: Vec<String> = (0..20).map(|i| arn(&format!("hold-ok-{i:02}"))).collect();
+    let mut events = bad.clone();
+    events.extend(tasks.iter().map(|t| task(t, "RUNNING")));
+    env.publish(&events).await;
+    eventually(
+        Duration::from_secs(30),
+        "valid events sent and one rejected message past the hold",
+        || async {
+            all_sent(&env, &tasks)
+                && metric_sum(&metrics.render(), "relay_dead_letter_hold_full_total") == 1.0
+        },
+    )
+    .await;
+    let conn = env.conn();
+    assert_eq!(dlq::held(&conn, 1, 10).await.expect("held").len(), 2);
+    dead_letter_binding(&env, true).await;
+    // The unacknowledged one comes back when its shard's channel closes.
+    env.take_worker(&first)
+        .expect("worker")
+        .stop()
+        .await
+        .expect("stops");
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let dead = dead_letters_after_heal(&env, 3).await;
+    // Compared by event id: the bodies are 250 KiB each.
+    let id = |body: &[u8]| -> String {
+        serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v["eventId"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "(not an event)".into())
+    };
+    let mut got: Vec<String> = dead.iter().map(|(b, _)| id(b)).collect();
+    got.sort();
+    let mut expected: Vec<String> = bad.iter().map(|b| id(b.to_string().as_bytes())).collect();
+    expected.sort();
+    assert_eq!(got, expected);
     env.cleanup().await;
 }
 

@@ -27,6 +27,9 @@ const FAULT_ONLY: &[&str] = &[
     // Shown moving by tests/redis_ha.rs.
     m::REDIS_FAILOVERS,
     m::REDIS_WAIT_SHORTFALLS,
+    // Shown moving by tests/edges.rs (a broken dead-letter route).
+    m::DEAD_LETTERS_HELD,
+    m::DEAD_LETTER_HOLD_FULL,
 ];
 
 fn promtool() -> &'static str {

@@ -46,6 +46,14 @@ pub struct BenchArgs {
     /// Distinct tasks (one event and one call each) for the memory-over-time scenario; 0 skips it.
     #[arg(long, default_value_t = 1_000_000)]
     pub distinct: usize,
+    /// Container events of ~250 KiB each (padded with a field the relay ignores) for the
+    /// large-message memory scenario; 0 skips it.
+    #[arg(long, default_value_t = 4_000)]
+    pub large: usize,
+    /// RELAY_INTAKE_MAX_BYTES for the worker under test (default: the worker's own), e.g. a
+    /// huge value to measure the old, count-only prefetch.
+    #[arg(long)]
+    pub intake_max_bytes: Option<u64>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -211,7 +219,56 @@ impl Bench {
         }
         self.redis_memory().await?;
         self.distinct_tasks().await?;
-        self.throttling().await
+        self.throttling().await?;
+        self.large_messages().await
+    }
+
+    /// Scenario 7: `--large` container events of ~250 KiB each, preloaded over every shard,
+    /// then drained by a fresh worker: its peak RSS shows the intake's byte bound.
+    async fn large_messages(&mut self) -> anyhow::Result<()> {
+        let n = self.args.large;
+        if n == 0 {
+            return Ok(());
+        }
+        eprintln!("bench: large messages — {n} container events of ~250 KiB, preloaded");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.worker.id().to_string())
+            .status();
+        let _ = self.worker.wait();
+        let pad = "x".repeat(250 * 1024);
+        let lines = (0..n).map(|i| {
+            json!({"schemaVersion":1,"eventId":format!("{}-big{i}", self.run),
+                "type":"container","cluster":"bench","taskArn":task_arn(&self.run, "big", i),
+                "containerName":"app","occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING",
+                "padding":pad})
+            .to_string()
+        });
+        let lines: Vec<String> = lines.collect();
+        self.publish(lines).await?;
+        self.restart_worker(&[]).await?;
+        let started = Instant::now();
+        while self.taken().await < n as u64 {
+            self.ensure_time(3000, "large messages")?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        self.rows.push(row(
+            "cost",
+            &format!(
+                "events/s draining {n} events of 250 KiB over {} shards",
+                self.args.shards
+            ),
+            n as f64 / secs,
+            "",
+        ));
+        self.rows.push(row(
+            "cost",
+            "worker peak RSS MB (those large events)",
+            memory_mb(self.worker.id(), "VmHWM")?,
+            "<= 256",
+        ));
+        Ok(())
     }
 
     /// Scenario 6: ECS throttles every call beyond [`THROTTLE_K`] in flight (ecs-sim capacity
@@ -873,8 +930,12 @@ fn spawn_worker(
     metrics_port: u16,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<Child> {
+    let intake = args
+        .intake_max_bytes
+        .map(|b| ("RELAY_INTAKE_MAX_BYTES", b.to_string()));
     Ok(Command::new(std::env::current_exe()?)
         .arg("worker")
+        .envs(intake)
         .envs(extra.iter().copied())
         .env("RELAY_AMQP_URL", &conn.amqp_url)
         .env("RELAY_REDIS_URL", &conn.redis_url)

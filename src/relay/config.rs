@@ -58,9 +58,15 @@ pub struct WorkerConfig {
     /// permit and its shard lease cover it.
     #[arg(long, env = "RELAY_CALL_TIMEOUT_MS", default_value_t = 5_000)]
     pub call_timeout_ms: u64,
-    /// Unacknowledged deliveries per shard consumer (also the largest intake batch).
+    /// Unacknowledged deliveries per shard consumer (also the largest intake batch), at most;
+    /// RELAY_INTAKE_MAX_BYTES may lower it.
     #[arg(long, env = "RELAY_PREFETCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+    /// Bytes of message bodies a worker may hold unacknowledged across all shards. RabbitMQ's
+    /// prefetch counts messages, not bytes, so each shard's prefetch is this divided by
+    /// RELAY_SHARDS × the largest message (256 KiB): 128 MiB and 16 shards give 32.
+    #[arg(long, env = "RELAY_INTAKE_MAX_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub intake_max_bytes: u64,
     /// Bytes of rejected messages a shard keeps in Redis while the dead-letter queue does not
     /// take them (unbound, full, broker alarm); past it a rejected message stays unacknowledged.
     #[arg(long, env = "RELAY_DEAD_LETTER_HOLD_BYTES", default_value_t = 16 * 1024 * 1024)]
@@ -262,6 +268,7 @@ impl Default for WorkerConfig {
             permit_lease_ms: 8_000,
             call_timeout_ms: 5_000,
             prefetch: 256,
+            intake_max_bytes: 128 * 1024 * 1024,
             dead_letter_hold_bytes: 16 * 1024 * 1024,
             metrics_addr: "0.0.0.0:9464".into(),
             worker_id: None,
@@ -337,6 +344,16 @@ impl WorkerConfig {
     fn call_window(&self) -> Duration {
         let lease = self.lease();
         (lease.mul_f64(0.8) - lease / 3).saturating_sub(CALL_MARGIN)
+    }
+
+    /// Each shard consumer's prefetch: RELAY_PREFETCH, lowered so that every shard's window
+    /// of the largest messages fits in RELAY_INTAKE_MAX_BYTES (a worker may own every shard).
+    pub fn shard_prefetch(&self) -> u16 {
+        let per_shard = self.intake_max_bytes
+            / (u64::from(self.shards) * crate::relay::wire::MAX_MESSAGE_BYTES as u64);
+        u16::try_from(per_shard)
+            .unwrap_or(u16::MAX)
+            .clamp(1, self.prefetch)
     }
 
     pub fn call_timeout(&self) -> Duration {
@@ -476,6 +493,7 @@ mod tests {
             (d.adaptive, d.concurrency_min, d.adaptive_window_ms)
         );
         assert_eq!(parsed.dead_letter_hold_bytes, d.dead_letter_hold_bytes);
+        assert_eq!(parsed.intake_max_bytes, d.intake_max_bytes);
         assert_eq!(parsed.metrics_addr, d.metrics_addr);
         assert_eq!(parsed.worker_id, d.worker_id);
     }
@@ -536,6 +554,23 @@ mod tests {
         };
         let err = c.validate().unwrap_err();
         assert!(err.contains("RELAY_TASK_RETENTION_S"), "{err}");
+    }
+
+    #[test]
+    fn the_prefetch_fits_the_intake_budget() {
+        let mut c = WorkerConfig::default();
+        assert_eq!(
+            c.shard_prefetch(),
+            32,
+            "128 MiB over 16 shards of 256 KiB messages"
+        );
+        c.shards = 1;
+        assert_eq!(c.shard_prefetch(), 256, "never above RELAY_PREFETCH");
+        c.shards = 1024;
+        assert_eq!(c.shard_prefetch(), 1, "never below one");
+        c.shards = 16;
+        c.intake_max_bytes = u64::MAX;
+        assert_eq!(c.shard_prefetch(), 256);
     }
 
     #[test]

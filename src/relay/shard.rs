@@ -34,6 +34,9 @@ pub enum ShardEnd {
 /// delivery is left unacknowledged-but-stored (unacked ones return to the queue).
 pub async fn run(ctx: Arc<ShardCtx>, conn: &Connection) -> ShardEnd {
     tokio::spawn(lease_watchdog(ctx.clone()));
+    // Joined before the shard ends: a letter it is publishing is also forgotten before the
+    // lease goes to the next owner, whose mover would otherwise publish it again.
+    let mover = tokio::spawn(dead_letter::mover(ctx.clone()));
     let senders = Senders::new(ctx.clone());
     let end = match consume(&ctx, conn, &senders).await {
         Ok(end) => end,
@@ -44,6 +47,7 @@ pub async fn run(ctx: Arc<ShardCtx>, conn: &Connection) -> ShardEnd {
     };
     ctx.cancel.cancel();
     senders.wait().await;
+    let _ = mover.await;
     end
 }
 
@@ -54,7 +58,7 @@ async fn consume(
 ) -> Result<ShardEnd, lapin::Error> {
     let queue = amqp::shard_queue(ctx.store.namespace(), ctx.shard);
     let ch = amqp::confirm_channel(conn).await?;
-    ch.basic_qos(ctx.cfg.prefetch, BasicQosOptions::default())
+    ch.basic_qos(ctx.cfg.shard_prefetch(), BasicQosOptions::default())
         .await?;
 
     // Resume what earlier owners left in Redis before taking new deliveries.
@@ -78,9 +82,11 @@ async fn consume(
     tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(resume_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(retention_sweeper(ctx.clone()));
-    tokio::spawn(dead_letter::mover(ctx.clone()));
 
-    let max_batch = usize::from(ctx.cfg.prefetch);
+    let max_batch = usize::from(ctx.cfg.shard_prefetch());
+    // Once a delivery is left unacknowledged (its dead letter did not fit in the hold), no ack
+    // on this channel may be a multiple one: it would ack that delivery too.
+    let mut left_unacked = false;
     let end = loop {
         let first = tokio::select! {
             _ = ctx.cancel.cancelled() => break ShardEnd::Stopped,
@@ -105,7 +111,8 @@ async fn consume(
                 _ => break,
             }
         }
-        if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders).await? {
+        if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut left_unacked).await?
+        {
             break end;
         }
     };
@@ -123,6 +130,7 @@ async fn intake_batch(
     queue: &str,
     batch: Vec<Delivery>,
     senders: &Senders,
+    left_unacked: &mut bool,
 ) -> Result<Option<ShardEnd>, lapin::Error> {
     let received = Instant::now();
     let now = wire::now_ms();
@@ -212,7 +220,8 @@ async fn intake_batch(
         ctx.held.notify_one();
     }
 
-    if unacked.is_empty() {
+    *left_unacked |= !unacked.is_empty();
+    if !*left_unacked {
         if let Some(last) = batch.last() {
             ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
