@@ -730,14 +730,14 @@ async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
 
 /// The hold is bounded: with the route broken, a rejected message that does not fit stays
 /// unacknowledged (counted) while valid traffic flows; it is not lost, and reaches `.dead` once
-/// the shard has restarted after the route is back.
+/// the route is back and the hold has room, without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_message_past_a_full_hold_stays_unacked_and_is_not_lost() {
     let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("edge-hold-full", 1).await;
     let mut cfg = env.config();
     cfg.dead_letter_hold_bytes = 512 * 1024;
-    let first = env.start_worker(cfg).await;
+    env.start_worker(cfg).await;
     dead_letter_binding(&env, false).await;
     // Three bad messages of 250 KiB: two fit in 512 KiB, the third does not.
     let pad = "x".repeat(250 * 1024);
@@ -765,14 +765,7 @@ async fn a_rejected_message_past_a_full_hold_stays_unacked_and_is_not_lost() {
     let conn = env.conn();
     assert_eq!(dlq::held(&conn, 1, 10).await.expect("held").len(), 2);
     dead_letter_binding(&env, true).await;
-    // The unacknowledged one comes back when its shard's channel closes.
-    env.take_worker(&first)
-        .expect("worker")
-        .stop()
-        .await
-        .expect("stops");
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    // Once the first two moved, the third is held (and acked) without a restart.
     let dead = dead_letters_after_heal(&env, 3).await;
     // Compared by event id: the bodies are 250 KiB each.
     let id = |body: &[u8]| -> String {
@@ -786,6 +779,41 @@ async fn a_rejected_message_past_a_full_hold_stays_unacked_and_is_not_lost() {
     let mut expected: Vec<String> = bad.iter().map(|b| id(b.to_string().as_bytes())).collect();
     expected.sort();
     assert_eq!(got, expected);
+    env.cleanup().await;
+}
+
+/// A hold retried after its answer was lost (or its write was not confirmed by replicas) adds
+/// nothing twice; two identical messages of one batch are two letters (their delivery tags).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_hold_adds_no_letter_twice() {
+    use ecs_state_relay::relay::dead_letter::Letter;
+    let env = Env::new("edge-hold-retry", 1).await;
+    let store = &env.store;
+    let fence = store
+        .lease_acquire(0, "holder", 30_000)
+        .await
+        .expect("redis")
+        .expect("free lease")
+        .fence;
+    let letter = |tag| Letter {
+        delivery_tag: tag,
+        routing_key: arn("retried"),
+        reason: "not_json: test".into(),
+        source_queue: "q".into(),
+        held_at_ms: 1,
+        properties: Default::default(),
+        body: b"{".to_vec(),
+    };
+    let batch = vec![letter(1).encode(), letter(2).encode()];
+    for _ in 0..3 {
+        let held = store.hold(0, &fence, &batch, 1 << 20).await.expect("hold");
+        assert_eq!(held, [true, true]);
+    }
+    let (count, bytes) = store.held_count(0).await.expect("count");
+    assert_eq!(count, 2);
+    assert_eq!(bytes as usize, batch[0].len() + batch[1].len());
+    assert!(store.unhold(0, &fence, &batch[0]).await.expect("unhold"));
+    assert_eq!(store.held_count(0).await.expect("count").0, 1);
     env.cleanup().await;
 }
 

@@ -223,19 +223,19 @@ impl Bench {
         self.large_messages().await
     }
 
-    /// Scenario 7: `--large` container events of ~250 KiB each, preloaded over every shard,
-    /// then drained by a fresh worker: its peak RSS shows the intake's byte bound.
+    /// Scenario 7: `--large` container events of ~250 KiB each over every shard, published to a
+    /// fresh worker while Redis refuses writes for a few seconds (`CLIENT PAUSE … WRITE`), so
+    /// intake stalls and every shard's prefetch window fills, as in a Redis outage: the
+    /// worker's peak RSS shows the intake's byte bound.
     async fn large_messages(&mut self) -> anyhow::Result<()> {
         let n = self.args.large;
         if n == 0 {
             return Ok(());
         }
-        eprintln!("bench: large messages — {n} container events of ~250 KiB, preloaded");
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.worker.id().to_string())
-            .status();
-        let _ = self.worker.wait();
+        eprintln!(
+            "bench: large messages — {n} container events of ~250 KiB while Redis pauses writes"
+        );
+        self.restart_worker(&[]).await?;
         let pad = "x".repeat(250 * 1024);
         let lines = (0..n).map(|i| {
             json!({"schemaVersion":1,"eventId":format!("{}-big{i}", self.run),
@@ -245,26 +245,25 @@ impl Bench {
             .to_string()
         });
         let lines: Vec<String> = lines.collect();
+        let redis = Store::connect(&self.conn.redis_url, &self.conn.redis_tls(), "bench").await?;
+        let mut rconn = redis.conn().await?;
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(LARGE_PAUSE_MS)
+            .arg("WRITE")
+            .query_async(&mut rconn)
+            .await?;
         self.publish(lines).await?;
-        self.restart_worker(&[]).await?;
-        let started = Instant::now();
         while self.taken().await < n as u64 {
             self.ensure_time(3000, "large messages")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let secs = started.elapsed().as_secs_f64();
         self.rows.push(row(
             "cost",
             &format!(
-                "events/s draining {n} events of 250 KiB over {} shards",
-                self.args.shards
+                "worker peak RSS MB ({n} events of 250 KiB, Redis paused {} s)",
+                LARGE_PAUSE_MS / 1000
             ),
-            n as f64 / secs,
-            "",
-        ));
-        self.rows.push(row(
-            "cost",
-            "worker peak RSS MB (those large events)",
             memory_mb(self.worker.id(), "VmHWM")?,
             "<= 256",
         ));
@@ -752,6 +751,9 @@ async fn used_memory(conn: &mut crate::relay::store::Conn) -> anyhow::Result<f64
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0))
 }
+
+/// How long the large-message scenario keeps Redis from taking writes.
+const LARGE_PAUSE_MS: u64 = 8_000;
 
 /// The throttling scenario's ECS: capacity and latency per call.
 const THROTTLE_K: u64 = 4;

@@ -62,9 +62,9 @@ pub struct WorkerConfig {
     /// RELAY_INTAKE_MAX_BYTES may lower it.
     #[arg(long, env = "RELAY_PREFETCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
-    /// Bytes of message bodies a worker may hold unacknowledged across all shards. RabbitMQ's
-    /// prefetch counts messages, not bytes, so each shard's prefetch is this divided by
-    /// RELAY_SHARDS × the largest message (256 KiB): 128 MiB and 16 shards give 32.
+    /// Bytes of message bodies a worker may hold unacknowledged across all shards, a share of
+    /// RELAY_SHARDS each. RabbitMQ's prefetch counts messages, not bytes, so a shard's prefetch
+    /// follows the sizes it sees (see `shard::Window`), from what fits the largest messages.
     #[arg(long, env = "RELAY_INTAKE_MAX_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub intake_max_bytes: u64,
     /// Bytes of rejected messages a shard keeps in Redis while the dead-letter queue does not
@@ -346,8 +346,9 @@ impl WorkerConfig {
         (lease.mul_f64(0.8) - lease / 3).saturating_sub(CALL_MARGIN)
     }
 
-    /// Each shard consumer's prefetch: RELAY_PREFETCH, lowered so that every shard's window
-    /// of the largest messages fits in RELAY_INTAKE_MAX_BYTES (a worker may own every shard).
+    /// A shard consumer's first prefetch: RELAY_PREFETCH, lowered so that a window of the
+    /// largest messages fits in the shard's share of RELAY_INTAKE_MAX_BYTES (a worker may own
+    /// every shard).
     pub fn shard_prefetch(&self) -> u16 {
         let per_shard = self.intake_max_bytes
             / (u64::from(self.shards) * crate::relay::wire::MAX_MESSAGE_BYTES as u64);

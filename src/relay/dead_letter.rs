@@ -25,6 +25,9 @@ use crate::relay::store::StoreError;
 /// A rejected message as held in Redis: a JSON header line, then the body as received.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Letter {
+    /// The delivery's tag on its shard channel: makes two identical messages of one intake
+    /// batch two letters (the hold drops a letter it already has).
+    pub delivery_tag: u64,
     pub routing_key: String,
     /// The `x-relay-reject-reason` header: `code: detail`.
     pub reason: String,
@@ -56,6 +59,7 @@ impl Letter {
                 letter
             }
             _ => Letter {
+                delivery_tag: 0,
                 routing_key: String::new(),
                 reason: "unreadable_held_letter: the relay could not read this held entry".into(),
                 source_queue: source_queue.to_string(),
@@ -134,8 +138,8 @@ impl Publisher {
     }
 }
 
-/// Letters one mover pass reads from Redis at a time.
-const MOVE_PAGE: usize = 16;
+/// Letters one mover pass reads from Redis at a time (up to 256 KiB each, per shard).
+const MOVE_PAGE: usize = 4;
 /// How often a mover looks at its shard's hold when nothing woke it.
 const MOVE_IDLE: Duration = Duration::from_secs(5);
 /// Retry delays after a failed move: from the first, doubling to the last.
@@ -201,7 +205,14 @@ async fn move_held(ctx: &ShardCtx) -> Moved {
         };
         for raw in page {
             let letter = Letter::decode(&raw, &source);
-            if let Err(e) = ctx.dead_letters.publish(&letter).await {
+            // A stopping shard does not wait for the broker (an alarm holds a publish for
+            // 10 s, and other shards' movers queue for the one connection): a letter whose
+            // publish is abandoned stays held, for the next owner.
+            let published = tokio::select! {
+                _ = ctx.cancel.cancelled() => return Moved::All,
+                p = ctx.dead_letters.publish(&letter) => p,
+            };
+            if let Err(e) = published {
                 return Moved::Failed(e);
             }
             match ctx.store.unhold(ctx.shard, &ctx.fence, &raw).await {
@@ -256,6 +267,7 @@ mod tests {
     #[test]
     fn a_letter_survives_its_encoding_and_a_foreign_entry_is_kept_whole() {
         let letter = Letter {
+            delivery_tag: 3,
             routing_key: "arn:aws:ecs:us-east-1:1:task/c/t".into(),
             reason: "not_json: line 1\ncolumn 2".into(),
             source_queue: "x.shard-3".into(),

@@ -362,9 +362,10 @@ impl Link {
         self.failovers.load(Ordering::SeqCst)
     }
 
-    /// Resolves when the next failover is seen.
-    pub async fn failed_over(&self) {
-        self.failed_over.notified().await
+    /// Resolves when the next failover is seen; `enable` it before looking at the state it
+    /// guards, so that a failover in between is not missed.
+    pub fn failed_over(&self) -> tokio::sync::futures::Notified<'_> {
+        self.failed_over.notified()
     }
 
     /// Runs a script whose writes the relay acts on. With replicas required, the script goes
@@ -444,7 +445,16 @@ impl Link {
             Some(Value::Int(n)) => u32::try_from(n).unwrap_or(0),
             _ => 0,
         };
-        *conn = Some((c, failovers));
+        // A node that turned replica (a failover behind a fixed address) answers READONLY:
+        // the next commit connects afresh, to the current primary.
+        let demoted = values
+            .iter()
+            .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY"));
+        if demoted {
+            m::redis_reconnect();
+        } else {
+            *conn = Some((c, failovers));
+        }
         Ok((values, got))
     }
 

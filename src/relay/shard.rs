@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::{Channel, Connection, Consumer};
 use rand::Rng;
 
 use crate::relay::amqp;
+use crate::relay::config::WorkerConfig;
 use crate::relay::dead_letter::{self, Letter};
 use crate::relay::metrics as m;
 use crate::relay::sender::{Senders, ShardCtx};
@@ -57,9 +58,7 @@ async fn consume(
     senders: &Senders,
 ) -> Result<ShardEnd, lapin::Error> {
     let queue = amqp::shard_queue(ctx.store.namespace(), ctx.shard);
-    let ch = amqp::confirm_channel(conn).await?;
-    ch.basic_qos(ctx.cfg.shard_prefetch(), BasicQosOptions::default())
-        .await?;
+    let ch = conn.create_channel().await?;
 
     // Resume what earlier owners left in Redis before taking new deliveries.
     match ctx.store.pending_keys(ctx.shard).await {
@@ -71,26 +70,26 @@ async fn consume(
         }
     }
     let tag = format!("{}#{}", ctx.fence.owner, ctx.shard);
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut window = Window::new(&ctx.cfg);
+    let mut consumer = start_consumer(&ch, &queue, &tag, window.size).await?;
     tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(resume_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(retention_sweeper(ctx.clone()));
 
-    let max_batch = usize::from(ctx.cfg.shard_prefetch());
-    // Once a delivery is left unacknowledged (its dead letter did not fit in the hold), no ack
-    // on this channel may be a multiple one: it would ack that delivery too.
-    let mut left_unacked = false;
+    // Rejected deliveries whose letter did not fit in the shard's hold: unacknowledged, and
+    // held (then acked) as soon as the hold has room again.
+    let mut refused: Vec<Refused> = Vec::new();
     let end = loop {
         let first = tokio::select! {
             _ = ctx.cancel.cancelled() => break ShardEnd::Stopped,
             d = consumer.next() => d,
+            // Refused ones may fill the prefetch window: they are retried on a timer too.
+            _ = tokio::time::sleep(REFUSED_RETRY), if !refused.is_empty() => {
+                if let Some(end) = hold_refused(ctx, &ch, &mut refused).await? {
+                    break end;
+                }
+                continue;
+            }
         };
         let first = match first {
             Some(Ok(d)) => d,
@@ -105,20 +104,106 @@ async fn consume(
         };
         // Take whatever else is already here: one pipelined Redis round trip and one ack for all.
         let mut batch = vec![first];
-        while batch.len() < max_batch {
+        while batch.len() < usize::from(window.size) {
             match consumer.next().now_or_never() {
                 Some(Some(Ok(d))) => batch.push(d),
                 _ => break,
             }
         }
-        if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut left_unacked).await?
-        {
+        if let Some(end) = hold_refused(ctx, &ch, &mut refused).await? {
             break end;
+        }
+        let resize = window.after_batch(batch.iter().map(|d| d.data.len()));
+        if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut refused).await? {
+            break end;
+        }
+        if let Some(size) = resize {
+            // A consumer's prefetch is fixed when it starts: cancel it, take in what the
+            // broker had already sent it (that comes before the cancel's answer), start anew.
+            ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await?;
+            let mut rest = Vec::new();
+            while let Some(d) = consumer.next().await {
+                rest.push(d?);
+            }
+            if !rest.is_empty() {
+                if let Some(end) =
+                    intake_batch(ctx, &ch, &queue, rest, senders, &mut refused).await?
+                {
+                    break end;
+                }
+            }
+            consumer = start_consumer(&ch, &queue, &tag, size).await?;
         }
     };
     // Closing the channel returns unacknowledged deliveries to the queue for the next owner.
     amqp::close_channel(&ch, "shard released").await;
     Ok(end)
+}
+
+/// Starts consuming the shard queue with `prefetch` unacknowledged deliveries at most.
+async fn start_consumer(
+    ch: &Channel,
+    queue: &str,
+    tag: &str,
+    prefetch: u16,
+) -> Result<Consumer, lapin::Error> {
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    ch.basic_consume(
+        queue.into(),
+        tag.into(),
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// The shard consumer's prefetch, sized by the bytes it sees. RabbitMQ counts prefetch in
+/// messages, and RELAY_INTAKE_MAX_BYTES ÷ RELAY_SHARDS bounds each shard's unacknowledged
+/// bytes: a shard starts with the prefetch that bounds even messages of the largest size
+/// (`WorkerConfig::shard_prefetch`), doubles it (up to RELAY_PREFETCH) after a whole window of
+/// messages small enough for twice as many, and shrinks it at once when larger ones come. The
+/// bound holds at every size but for the window in which messages grow, which may hold up to
+/// RELAY_PREFETCH of them (a shard of small messages that suddenly gets large ones).
+struct Window {
+    size: u16,
+    most: u16,
+    budget: u64,
+    /// Deliveries and the largest body seen since the last resize.
+    seen: u64,
+    largest: u64,
+}
+
+impl Window {
+    fn new(cfg: &WorkerConfig) -> Window {
+        Window {
+            size: cfg.shard_prefetch(),
+            most: cfg.prefetch,
+            budget: cfg.intake_max_bytes / u64::from(cfg.shards),
+            seen: 0,
+            largest: 0,
+        }
+    }
+
+    /// Counts a batch (its bodies' sizes); the new prefetch when it must change.
+    fn after_batch(&mut self, sizes: impl Iterator<Item = usize>) -> Option<u16> {
+        for size in sizes {
+            self.seen += 1;
+            self.largest = self.largest.max(size as u64);
+        }
+        let fitting = (self.budget / self.largest.max(1)).clamp(1, u64::from(self.most)) as u16;
+        let next = if fitting < self.size {
+            fitting
+        } else if self.seen >= u64::from(self.size) && fitting >= self.size.saturating_mul(2) {
+            self.size.saturating_mul(2).min(self.most)
+        } else {
+            return None;
+        };
+        self.size = next;
+        self.seen = 0;
+        self.largest = 0;
+        Some(next)
+    }
 }
 
 /// Stores a batch of deliveries in order, holds the rejected ones for the dead-letter queue
@@ -130,7 +215,7 @@ async fn intake_batch(
     queue: &str,
     batch: Vec<Delivery>,
     senders: &Senders,
-    left_unacked: &mut bool,
+    refused: &mut Vec<Refused>,
 ) -> Result<Option<ShardEnd>, lapin::Error> {
     let received = Instant::now();
     let now = wire::now_ms();
@@ -206,22 +291,26 @@ async fn intake_batch(
             Ok(h) => h,
             Err(end) => return Ok(Some(end)),
         };
-        for ((d, reject), held) in rejected.iter().zip(held) {
+        for (((d, reject), held), letter) in rejected.iter().zip(held).zip(letters) {
             m::event_rejected(reject.code);
             if held {
                 tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
             } else {
                 m::dead_letter_hold_full();
                 tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject,
-                    "message rejected, but the shard's held dead letters are at RELAY_DEAD_LETTER_HOLD_BYTES: left unacknowledged until the dead-letter route works again");
+                    "message rejected, but the shard's held dead letters are at RELAY_DEAD_LETTER_HOLD_BYTES: left unacknowledged until the hold has room");
                 unacked.insert(d.delivery_tag);
+                refused.push(Refused {
+                    tag: d.delivery_tag,
+                    letter,
+                });
             }
         }
         ctx.held.notify_one();
     }
 
-    *left_unacked |= !unacked.is_empty();
-    if !*left_unacked {
+    // A multiple ack would also ack a refused delivery still waiting below this batch.
+    if refused.is_empty() {
         if let Some(last) = batch.last() {
             ch.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
@@ -235,9 +324,55 @@ async fn intake_batch(
     Ok(None)
 }
 
+/// A rejected delivery left unacknowledged because its letter did not fit in the hold.
+struct Refused {
+    tag: u64,
+    letter: Vec<u8>,
+}
+
+/// How often refused letters are offered to the hold again while no delivery comes.
+const REFUSED_RETRY: Duration = Duration::from_secs(1);
+
+/// Offers the refused letters to the hold again; acks each one it takes.
+async fn hold_refused(
+    ctx: &ShardCtx,
+    ch: &Channel,
+    refused: &mut Vec<Refused>,
+) -> Result<Option<ShardEnd>, lapin::Error> {
+    if refused.is_empty() {
+        return Ok(None);
+    }
+    let letters: Vec<&[u8]> = refused.iter().map(|r| r.letter.as_slice()).collect();
+    let max = ctx.cfg.dead_letter_hold_bytes;
+    let held = match retry_store(ctx, "hold", || {
+        ctx.store.hold(ctx.shard, &ctx.fence, &letters, max)
+    })
+    .await
+    {
+        Ok(h) => h,
+        Err(end) => return Ok(Some(end)),
+    };
+    let mut still = Vec::new();
+    let mut any = false;
+    for (r, held) in std::mem::take(refused).into_iter().zip(held) {
+        if held {
+            ch.basic_ack(r.tag, BasicAckOptions::default()).await?;
+            any = true;
+        } else {
+            still.push(r);
+        }
+    }
+    *refused = still;
+    if any {
+        ctx.held.notify_one();
+    }
+    Ok(None)
+}
+
 /// The held form of a rejected delivery.
 fn letter(d: &Delivery, reject: &wire::Reject, queue: &str, now_ms: i64) -> Letter {
     Letter {
+        delivery_tag: d.delivery_tag,
         routing_key: d.routing_key.to_string(),
         reason: reject.header(),
         source_queue: queue.to_string(),
@@ -398,5 +533,37 @@ async fn retention_sweeper(ctx: Arc<ShardCtx>) {
                 m::redis_error("sweep");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefetch_grows_on_small_messages_and_shrinks_at_once_on_large_ones() {
+        // 128 MiB over 16 shards: 8 MiB a shard, 32 messages of the largest size.
+        let mut w = Window::new(&WorkerConfig::default());
+        assert_eq!(w.size, 32);
+        let small = |n| std::iter::repeat_n(1_000, n);
+        assert_eq!(
+            w.after_batch(small(31)),
+            None,
+            "not a whole window seen yet"
+        );
+        assert_eq!(w.after_batch(small(1)), Some(64));
+        assert_eq!(w.after_batch(small(64)), Some(128));
+        assert_eq!(w.after_batch(small(128)), Some(256));
+        assert_eq!(
+            w.after_batch(small(256)),
+            None,
+            "never above RELAY_PREFETCH"
+        );
+        assert_eq!(w.after_batch(std::iter::once(250 * 1024)), Some(32));
+        // 100 KiB messages: 8 MiB holds 81 of them: 64, never 128.
+        let mid = |n| std::iter::repeat_n(100 * 1024, n);
+        assert_eq!(w.after_batch(mid(32)), Some(64));
+        assert_eq!(w.after_batch(mid(200)), None);
+        assert_eq!(w.size, 64);
     }
 }

@@ -243,15 +243,14 @@ impl Session {
             let woken = self.rebalance.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let failovers = self.store.link().failovers();
+            // Likewise a failover seen during the pass: leases are renewed on the new primary
+            // at once (calls wait for that).
+            let failed_over = self.store.link().failed_over();
+            tokio::pin!(failed_over);
+            failed_over.as_mut().enable();
             let pass = Instant::now();
             let healthy = self.balance(&conn, &mut owned, &mut restarts, ready).await;
             ready.pulse();
-            // A failover seen during the pass: renew on the new primary at once (its wake-up
-            // came before anyone waited for it).
-            if self.store.link().failovers() != failovers {
-                continue;
-            }
             // While Redis fails, look again soon: readiness and work resume right after it is back.
             let mut next = if healthy {
                 tick
@@ -266,8 +265,7 @@ impl Session {
                 _ = cancel.cancelled() => break Ok(()),
                 _ = tokio::time::sleep(next) => {}
                 _ = woken => {}
-                // Leases are renewed on the new primary at once: calls wait for that.
-                _ = self.store.link().failed_over() => {}
+                _ = failed_over => {}
             }
         };
         ready.set_amqp(false);

@@ -220,6 +220,15 @@ impl Env {
                 "RELAY_REDIS_MIN_REPLICAS".into(),
                 cfg.conn.redis_min_replicas.to_string(),
             ),
+            ("RELAY_PREFETCH".into(), cfg.prefetch.to_string()),
+            (
+                "RELAY_INTAKE_MAX_BYTES".into(),
+                cfg.intake_max_bytes.to_string(),
+            ),
+            (
+                "RELAY_DEAD_LETTER_HOLD_BYTES".into(),
+                cfg.dead_letter_hold_bytes.to_string(),
+            ),
             ("AWS_ENDPOINT_URL_ECS".into(), self.sim_url.clone()),
             ("AWS_REGION".into(), "us-east-1".into()),
             ("AWS_ACCESS_KEY_ID".into(), "test".into()),

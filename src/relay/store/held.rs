@@ -7,11 +7,11 @@ impl Store {
     /// Keeps encoded letters (in order) within `max_bytes` per shard; one flag per letter,
     /// false when the shard's hold is full. Confirmed by replicas like intake: the original
     /// is acked on it.
-    pub async fn hold(
+    pub async fn hold<L: AsRef<[u8]>>(
         &self,
         shard: u16,
         fence: &Fence,
-        letters: &[Vec<u8>],
+        letters: &[L],
         max_bytes: u64,
     ) -> StoreResult<Vec<bool>> {
         if letters.is_empty() {
@@ -23,11 +23,12 @@ impl Store {
             .key(keys.held())
             .key(keys.held_bytes())
             .key(keys.seq())
+            .key(keys.held_ids())
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(max_bytes);
         for letter in letters {
-            inv.arg(letter.as_slice());
+            inv.arg(letter.as_ref());
         }
         let codes: Vec<i64> = self.link.run_durable(Lane::Shard(shard), &inv).await?;
         Ok(codes.into_iter().map(|c| c == 1).collect())
@@ -54,6 +55,7 @@ impl Store {
             .key(keys.lease())
             .key(keys.held())
             .key(keys.held_bytes())
+            .key(keys.held_ids())
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(letter)

@@ -50,6 +50,10 @@ impl ShardKeys {
     pub(super) fn held_bytes(&self) -> String {
         self.k("held-bytes")
     }
+    /// SHA-1s of the held letters: a retried hold adds nothing twice.
+    pub(super) fn held_ids(&self) -> String {
+        self.k("held-ids")
+    }
     pub fn state(&self, key: &str) -> String {
         self.per("t", key)
     }

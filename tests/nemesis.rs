@@ -1,0 +1,497 @@
+//! The nemesis: every fault at once, from a seeded schedule, checked on what ECS received.
+//!
+//! As Jepsen's combined nemesis does, faults are drawn on a stagger (one every 1–3 s) and may
+//! overlap: SIGKILL a worker (back 1–3 s later), SIGTERM one (back at once), SIGSTOP one for
+//! 2–6 s, cut one worker's Redis or RabbitMQ (each worker reaches both through a proxy of its
+//! own) for 2–6 s, ECS answering ServerException or throttling every call for 2–6 s. Then
+//! everything heals, the relay drains, and the checker reads only the sim's record: every
+//! lifecycle arrived in order with its containers, no two calls for one task were in flight at
+//! once, never more than the limit in flight, duplicates only at the allowed edges and within
+//! their bound, every call well-formed.
+//!
+//! The test command runs three fixed seeds. `scripts/nemesis.sh` runs a long one:
+//! `RELAY_NEMESIS_SEED` replays a schedule exactly, `RELAY_NEMESIS_SECONDS` sets its length.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ecs_state_relay::relay::config::WorkerConfig;
+use ecs_state_relay::sim::{Action, CallRecord, Rule};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+const WORKERS: usize = 3;
+const LIMIT: u64 = 10;
+const SIM_LATENCY: Duration = Duration::from_millis(20);
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Kill { worker: usize, down: Duration },
+    Term { worker: usize },
+    Pause { worker: usize, span: Duration },
+    CutRedis { worker: usize, span: Duration },
+    CutAmqp { worker: usize, span: Duration },
+    EcsErrors { span: Duration },
+    EcsThrottle { span: Duration },
+}
+
+impl Fault {
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::Kill { .. } => "SIGKILL",
+            Fault::Term { .. } => "SIGTERM",
+            Fault::Pause { .. } => "SIGSTOP",
+            Fault::CutRedis { .. } => "Redis cut",
+            Fault::CutAmqp { .. } => "RabbitMQ cut",
+            Fault::EcsErrors { .. } => "ECS ServerException",
+            Fault::EcsThrottle { .. } => "ECS throttling",
+        }
+    }
+}
+
+/// The faults of `seed`: (offset from the start, fault), one every 1–3 s.
+fn schedule(seed: u64, length: Duration) -> Vec<(Duration, Fault)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut at = Duration::ZERO;
+    let mut out = Vec::new();
+    loop {
+        at += Duration::from_millis(rng.random_range(1_000..=3_000));
+        if at >= length {
+            return out;
+        }
+        let worker = rng.random_range(0..WORKERS);
+        let span = Duration::from_millis(rng.random_range(2_000..=6_000));
+        let fault = match rng.random_range(0..7) {
+            0 => Fault::Kill {
+                worker,
+                down: Duration::from_millis(rng.random_range(1_000..=3_000)),
+            },
+            1 => Fault::Term { worker },
+            2 => Fault::Pause { worker, span },
+            3 => Fault::CutRedis { worker, span },
+            4 => Fault::CutAmqp { worker, span },
+            5 => Fault::EcsErrors { span },
+            _ => Fault::EcsThrottle { span },
+        };
+        out.push((at, fault));
+    }
+}
+
+/// What ends a fault.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Heal {
+    Restart(usize),
+    Resume(usize),
+    RestoreRedis(usize),
+    RestoreAmqp(usize),
+    EcsErrorsOff,
+    EcsThrottleOff,
+}
+
+enum State {
+    Up(Proc),
+    Paused(Proc),
+    Down,
+}
+
+/// The workers and their proxies, and what the nemesis did to them.
+struct Cluster {
+    configs: Vec<WorkerConfig>,
+    workers: Vec<State>,
+    redis: Vec<Proxy>,
+    amqp: Vec<Proxy>,
+    /// What was done, with its time from the start (faults skipped for a worker's state are
+    /// not listed).
+    log: Vec<(Duration, String)>,
+    /// Faults after which a duplicate call is allowed: a worker killed, paused, or cut off
+    /// from Redis may leave a call whose outcome was not recorded.
+    edges: usize,
+    applied: BTreeMap<&'static str, usize>,
+}
+
+impl Cluster {
+    async fn start(env: &mut Env) -> Cluster {
+        let mut cluster = Cluster {
+            configs: Vec::new(),
+            workers: Vec::new(),
+            redis: Vec::new(),
+            amqp: Vec::new(),
+            log: Vec::new(),
+            edges: 0,
+            applied: BTreeMap::new(),
+        };
+        for _ in 0..WORKERS {
+            let redis = Proxy::start("127.0.0.1:6379").await;
+            let amqp = Proxy::start("127.0.0.1:5672").await;
+            let mut cfg = env.config();
+            cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", redis.port);
+            cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", amqp.port);
+            cluster.workers.push(State::Up(env.spawn_process(&cfg)));
+            cluster.configs.push(cfg);
+            cluster.redis.push(redis);
+            cluster.amqp.push(amqp);
+        }
+        cluster
+    }
+
+    fn note(&mut self, at: Duration, what: String) {
+        self.log.push((at, what));
+    }
+
+    /// Applies a fault; returns what will heal it and when (None: nothing to heal, or the
+    /// worker's state made the fault moot, e.g. pausing a worker that is down).
+    async fn apply(&mut self, env: &Env, at: Duration, fault: Fault) -> Option<(Duration, Heal)> {
+        let heal = match fault {
+            Fault::Kill { worker, down } => {
+                let state = std::mem::replace(&mut self.workers[worker], State::Down);
+                let (State::Up(p) | State::Paused(p)) = state else {
+                    return None;
+                };
+                send(&p, "KILL");
+                drop(p);
+                self.edges += 1;
+                Some((at + down, Heal::Restart(worker)))
+            }
+            Fault::Term { worker } => {
+                let State::Up(mut p) = std::mem::replace(&mut self.workers[worker], State::Down)
+                else {
+                    return None;
+                };
+                send(&p, "TERM");
+                let status = wait_exit(&mut p, Duration::from_secs(20)).await;
+                assert!(
+                    status.success(),
+                    "worker {worker} exited {status} on SIGTERM"
+                );
+                self.workers[worker] = State::Up(env.spawn_process(&self.configs[worker]));
+                None
+            }
+            Fault::Pause { worker, span } => {
+                let State::Up(p) = std::mem::replace(&mut self.workers[worker], State::Down) else {
+                    return None;
+                };
+                send(&p, "STOP");
+                self.workers[worker] = State::Paused(p);
+                self.edges += 1;
+                Some((at + span, Heal::Resume(worker)))
+            }
+            Fault::CutRedis { worker, span } => {
+                self.redis[worker].cut();
+                self.edges += 1;
+                Some((at + span, Heal::RestoreRedis(worker)))
+            }
+            Fault::CutAmqp { worker, span } => {
+                self.amqp[worker].cut();
+                Some((at + span, Heal::RestoreAmqp(worker)))
+            }
+            Fault::EcsErrors { span } => {
+                env.sim.add_rule(Rule {
+                    key: "*".into(),
+                    action: Action::ServerError,
+                    times: u32::MAX,
+                });
+                Some((at + span, Heal::EcsErrorsOff))
+            }
+            Fault::EcsThrottle { span } => {
+                env.sim.set_capacity(Some(0));
+                Some((at + span, Heal::EcsThrottleOff))
+            }
+        };
+        *self.applied.entry(fault.kind()).or_default() += 1;
+        self.note(at, format!("{fault:?}"));
+        heal
+    }
+
+    fn heal(&mut self, env: &Env, at: Duration, heal: Heal) {
+        match heal {
+            Heal::Restart(w) => {
+                if matches!(self.workers[w], State::Down) {
+                    self.workers[w] = State::Up(env.spawn_process(&self.configs[w]));
+                }
+            }
+            Heal::Resume(w) => {
+                if let State::Paused(p) = std::mem::replace(&mut self.workers[w], State::Down) {
+                    send(&p, "CONT");
+                    self.workers[w] = State::Up(p);
+                }
+            }
+            Heal::RestoreRedis(w) => self.redis[w].restore(),
+            Heal::RestoreAmqp(w) => self.amqp[w].restore(),
+            Heal::EcsErrorsOff => env.sim.clear_rules(),
+            Heal::EcsThrottleOff => env.sim.set_capacity(None),
+        }
+        self.note(at, format!("heal {heal:?}"));
+    }
+}
+
+/// Sends a signal; a process that is already gone is fine (the nemesis races itself).
+fn send(p: &Proc, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(p.0.id().to_string())
+        .status();
+}
+
+/// One nemesis run's figures, from the sim's record only.
+struct Checked {
+    events: usize,
+    lost: usize,
+    disorder: usize,
+    missing_containers: usize,
+    duplicates: usize,
+    overlaps: usize,
+    malformed: usize,
+    max_in_flight: u64,
+    drained_after: Option<Duration>,
+    first_offender: Option<String>,
+}
+
+const CONTAINERS: [(&str, &str); 4] = [
+    ("web", "RUNNING"),
+    ("log", "RUNNING"),
+    ("web", "STOPPED"),
+    ("log", "STOPPED"),
+];
+
+fn check(calls: &[CallRecord], tasks: &[String], max_in_flight: u64) -> Checked {
+    let (lost, disorder, duplicates) = audit(calls, tasks);
+    let mut by_task: BTreeMap<&str, Vec<&CallRecord>> = BTreeMap::new();
+    for c in calls {
+        by_task.entry(c.key.as_str()).or_default().push(c);
+    }
+    let mut missing_containers = 0;
+    let mut overlaps = 0;
+    let mut offenders = BTreeSet::new();
+    for t in tasks {
+        let Some(mine) = by_task.get(t.as_str()) else {
+            offenders.insert(t.clone());
+            continue;
+        };
+        let reported: BTreeSet<(String, String)> = mine
+            .iter()
+            .filter(|c| c.outcome.as_deref() == Some("ok"))
+            .flat_map(|c| c.body["containers"].as_array().cloned().unwrap_or_default())
+            .filter_map(|c| {
+                Some((
+                    c["containerName"].as_str()?.to_string(),
+                    c["status"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let complete = CONTAINERS
+            .iter()
+            .all(|(n, s)| reported.contains(&(n.to_string(), s.to_string())));
+        if !complete {
+            missing_containers += 1;
+            offenders.insert(t.clone());
+        }
+        // Calls for one task, by arrival: the next must not arrive before the last answered.
+        let mut by_arrival = mine.clone();
+        by_arrival.sort_by_key(|c| c.seq);
+        for pair in by_arrival.windows(2) {
+            let busy_until = pair[0].finished_at_ms.unwrap_or(u64::MAX);
+            if pair[1].received_at_ms < busy_until {
+                overlaps += 1;
+                offenders.insert(t.clone());
+            }
+        }
+    }
+    // Well-formed: the sim answered every call with success or a fault we injected.
+    let malformed = calls
+        .iter()
+        .filter(|c| {
+            !matches!(
+                c.outcome.as_deref(),
+                Some("ok") | Some("ServerException") | Some("ThrottlingException")
+            ) || c.body.get("cluster").and_then(Value::as_str).is_none()
+                || c.body.get("status").and_then(Value::as_str).is_none()
+        })
+        .count();
+    Checked {
+        events: tasks.len() * 6,
+        lost,
+        disorder,
+        missing_containers,
+        duplicates,
+        overlaps,
+        malformed,
+        max_in_flight,
+        drained_after: None,
+        first_offender: offenders.into_iter().next(),
+    }
+}
+
+impl fmt::Display for Checked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "events {} | lost {} | out of order {} | containers missing {} | duplicates {} | overlaps {} | malformed {} | max in flight {} | drained {}",
+            self.events,
+            self.lost,
+            self.disorder,
+            self.missing_containers,
+            self.duplicates,
+            self.overlaps,
+            self.malformed,
+            self.max_in_flight,
+            self.drained_after
+                .map(|d| format!("{:.1}s after the heal", d.as_secs_f64()))
+                .unwrap_or_else(|| "never".into())
+        )
+    }
+}
+
+/// Runs the nemesis for `seed` over `length` of faults; panics with the schedule and the first
+/// offending task's calls when a guarantee broke.
+async fn nemesis(seed: u64, length: Duration) {
+    let mut env = Env::new(&format!("nemesis-{seed}"), 8).await;
+    env.sim.set_latency(SIM_LATENCY);
+    let mut cluster = Cluster::start(&mut env).await;
+    env.wait_all_shards_owned().await;
+
+    // A steady stream: 6 lifecycles start and 6 stop every 300 ms, for the faults' length.
+    let rounds = (length.as_millis() / 300) as usize;
+    let tasks: Vec<String> = (0..rounds * 6)
+        .map(|i| arn(&format!("nemesis-{seed}-{i:05}")))
+        .collect();
+    let publisher = stream(
+        env.conn(),
+        lifecycle_rounds(&tasks, 6),
+        Duration::from_millis(300),
+    );
+
+    let plan = schedule(seed, length);
+    let started = Instant::now();
+    let mut heals: Vec<(Duration, Heal)> = Vec::new();
+    let mut next = 0;
+    while next < plan.len() || !heals.is_empty() {
+        heals.sort_by_key(|(at, _)| *at);
+        let fault_at = plan.get(next).map(|(at, _)| *at);
+        let heal_at = heals.first().map(|(at, _)| *at);
+        let (at, is_fault) = match (fault_at, heal_at) {
+            (Some(f), Some(h)) if h <= f => (h, false),
+            (Some(f), _) => (f, true),
+            (None, Some(h)) => (h, false),
+            (None, None) => break,
+        };
+        tokio::time::sleep_until((started + at).into()).await;
+        if is_fault {
+            let (at, fault) = plan[next];
+            next += 1;
+            if let Some(h) = cluster.apply(&env, at, fault).await {
+                heals.push(h);
+            }
+        } else {
+            let (at, heal) = heals.remove(0);
+            cluster.heal(&env, at, heal);
+        }
+    }
+    publisher.await.expect("publisher");
+    let healed = Instant::now();
+
+    let mut drained_after = None;
+    let deadline = healed + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if audit(&env.sim.calls(), &tasks).0 == 0 {
+            drained_after = Some(healed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let calls = env.sim.calls();
+    let mut result = check(&calls, &tasks, env.sim.stats().max_in_flight);
+    result.drained_after = drained_after;
+    let faults: Vec<String> = cluster
+        .applied
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!(
+        "nemesis seed {seed} | {:.0}s of faults: {} | duplicate edges {} | {result}",
+        length.as_secs_f64(),
+        faults.join(", "),
+        cluster.edges
+    );
+    let allowed_duplicates = cluster.edges * LIMIT as usize;
+    let broken = result.lost > 0
+        || result.disorder > 0
+        || result.missing_containers > 0
+        || result.overlaps > 0
+        || result.malformed > 0
+        || result.max_in_flight > LIMIT
+        || result.duplicates > allowed_duplicates;
+    if broken {
+        let schedule: Vec<String> = cluster
+            .log
+            .iter()
+            .map(|(at, what)| format!("  {:>6.2}s {what}", at.as_secs_f64()))
+            .collect();
+        let offender = result.first_offender.clone().unwrap_or_default();
+        let offending: Vec<String> = calls
+            .iter()
+            .filter(|c| c.key == offender)
+            .map(|c| {
+                format!(
+                    "  #{} {} from {} received {} finished {:?} -> {:?}: status {} containers {}",
+                    c.seq,
+                    c.operation,
+                    c.client,
+                    c.received_at_ms,
+                    c.finished_at_ms,
+                    c.outcome,
+                    c.body["status"],
+                    c.body["containers"]
+                )
+            })
+            .collect();
+        panic!(
+            "nemesis seed {seed} broke a guarantee (allowed duplicates {allowed_duplicates}):\n{result}\nschedule:\n{}\nfirst offending task {offender}:\n{}",
+            schedule.join("\n"),
+            offending.join("\n")
+        );
+    }
+    drop(cluster);
+    env.cleanup().await;
+}
+
+fn seconds_from_env(default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var("RELAY_NEMESIS_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nemesis_seed_1() {
+    nemesis(1, seconds_from_env(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nemesis_seed_2() {
+    nemesis(2, seconds_from_env(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nemesis_seed_3() {
+    nemesis(3, seconds_from_env(30)).await;
+}
+
+/// The long run (`scripts/nemesis.sh`): `RELAY_NEMESIS_SEED` (else a random seed, printed) and
+/// `RELAY_NEMESIS_SECONDS` (default 600).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run by scripts/nemesis.sh"]
+async fn nemesis_long() {
+    let seed = std::env::var("RELAY_NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    println!("nemesis seed {seed} (replay with RELAY_NEMESIS_SEED={seed})");
+    nemesis(seed, seconds_from_env(600)).await;
+}
