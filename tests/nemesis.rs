@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use ecs_state_relay::relay::config::WorkerConfig;
-use ecs_state_relay::sim::{Action, CallRecord, Rule};
+use ecs_state_relay::sim::{Action, CallRecord, Rule, OUTCOME_CANCELLED, OUTCOME_OK};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -301,17 +301,24 @@ fn check(calls: &[CallRecord], tasks: &[String], max_in_flight: u64) -> Checked 
             }
         }
     }
-    // Well-formed: the sim answered every call with success or a fault we injected.
-    let malformed = calls
-        .iter()
-        .filter(|c| {
-            !matches!(
-                c.outcome.as_deref(),
-                Some("ok") | Some("ServerException") | Some("ThrottlingException")
-            ) || c.body.get("cluster").and_then(Value::as_str).is_none()
-                || c.body.get("status").and_then(Value::as_str).is_none()
-        })
-        .count();
+    // Well-formed: the sim answered every call with success or a fault we injected (or the
+    // caller was gone: a killed worker), and every call names its cluster and status.
+    let mut malformed = 0;
+    for c in calls {
+        let answered = matches!(
+            c.outcome.as_deref(),
+            Some(OUTCOME_OK)
+                | Some(OUTCOME_CANCELLED)
+                | Some("ServerException")
+                | Some("ThrottlingException")
+        );
+        let complete = c.body.get("cluster").and_then(Value::as_str).is_some()
+            && c.body.get("status").and_then(Value::as_str).is_some();
+        if !answered || !complete {
+            malformed += 1;
+            offenders.insert(c.key.clone());
+        }
+    }
     Checked {
         events: tasks.len() * 6,
         lost,
