@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use rand::Rng;
@@ -58,7 +58,7 @@ async fn consume(
     senders: &Senders,
 ) -> Result<ShardEnd, lapin::Error> {
     let queue = amqp::shard_queue(ctx.store.namespace(), ctx.shard);
-    let ch = conn.create_channel().await?;
+    let mut ch = conn.create_channel().await?;
 
     // Resume what earlier owners left in Redis before taking new deliveries.
     match ctx.store.pending_keys(ctx.shard).await {
@@ -117,22 +117,15 @@ async fn consume(
         if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut refused).await? {
             break end;
         }
-        if let Some(size) = resize {
-            // A consumer's prefetch is fixed when it starts: cancel it, take in what the
-            // broker had already sent it (that comes before the cancel's answer), start anew.
-            ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await?;
-            let mut rest = Vec::new();
-            while let Some(d) = consumer.next().await {
-                rest.push(d?);
-            }
-            if !rest.is_empty() {
-                if let Some(end) =
-                    intake_batch(ctx, &ch, &queue, rest, senders, &mut refused).await?
-                {
-                    break end;
-                }
-            }
+        // Not while refused deliveries wait for the hold: their tags belong to this channel.
+        if let Some(size) = resize.filter(|_| refused.is_empty()) {
+            // A consumer's prefetch is fixed when it starts. Cancelling this single active
+            // consumer of a quorum queue and consuming again on the same channel delivered a
+            // task's messages out of order under load (seen: a STOPPED before its containers),
+            // so the shard takes a new channel, as a restart does: what the broker had sent and
+            // intake had not taken yet goes back to the queue, in order, unacknowledged.
+            amqp::close_channel(&ch, "prefetch resized").await;
+            ch = conn.create_channel().await?;
             consumer = start_consumer(&ch, &queue, &tag, size).await?;
         }
     };
