@@ -574,13 +574,17 @@ impl Senders {
     async fn call(&self, entry: &OutboxEntry) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
         loop {
-            tracing::debug!(shard = ctx.shard, "DBG waiting for call window");
             if !ctx.wait_for_call_window().await {
                 return None;
             }
-            tracing::debug!(shard = ctx.shard, "DBG window ok; acquiring permit");
             let permit = ctx.permits.acquire(&ctx.cancel).await?;
-            tracing::debug!(shard = ctx.shard, "DBG permit acquired");
+            // Waiting for the permit may have used up the lease's cover (renewals wait on a
+            // slow replica): wait for the next renewal rather than build a request that the
+            // send-time guard would refuse.
+            if !ctx.may_call(permit.valid_until()) {
+                ctx.permits.release(permit).await;
+                continue;
+            }
             let started = Instant::now();
             // Checked by the SDK right before the request goes on the wire: a long permit wait
             // or a paused process must not send a call that could outlive lease or permit.
