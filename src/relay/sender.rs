@@ -229,9 +229,15 @@ impl ShardCtx {
     /// lapse, so no change of a task is ever in flight from two workers, and the fleet-wide
     /// limit holds even if the call runs its full time.
     pub fn may_call(&self, permit_until: Instant) -> bool {
+        self.may_call_within(permit_until, Duration::ZERO)
+    }
+
+    /// [`Self::may_call`] with `slack` to spare: what a sender checks before it builds a
+    /// request, so that the send-time check (without slack) a moment later does not refuse it.
+    fn may_call_within(&self, permit_until: Instant, slack: Duration) -> bool {
         !self.cancel.is_cancelled()
-            && self.lease_covers_a_call()
-            && self.call_ends_by() < permit_until
+            && self.lease_covers_a_call(slack)
+            && self.call_ends_by() + slack < permit_until
     }
 
     /// When a call starting now ends at the latest (its timeout), with the margin.
@@ -239,13 +245,13 @@ impl ShardCtx {
         Instant::now() + self.cfg.call_timeout() + CALL_MARGIN
     }
 
-    fn lease_covers_a_call(&self) -> bool {
+    fn lease_covers_a_call(&self, slack: Duration) -> bool {
         let (valid_until, failovers) = *self
             .lease_valid_until
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         Instant::now() >= self.calls_from
-            && self.call_ends_by() < valid_until
+            && self.call_ends_by() + slack < valid_until
             && failovers == self.store.link().failovers()
     }
 
@@ -259,7 +265,7 @@ impl ShardCtx {
             if self.cancel.is_cancelled() {
                 return false;
             }
-            if self.lease_covers_a_call() {
+            if self.lease_covers_a_call(PREPARE_SLACK) {
                 return true;
             }
             let until = self
@@ -273,6 +279,10 @@ impl ShardCtx {
         }
     }
 }
+
+/// Cover a sender wants beyond a whole call before it takes a permit and builds the request:
+/// room for building, signing and connecting, so that the send-time check passes.
+const PREPARE_SLACK: Duration = Duration::from_millis(200);
 
 /// How many keys of one shard are worked on at once. A key waiting for a runner costs a queue
 /// entry, not a task, so worker memory follows this bound and not the number of pending
@@ -581,7 +591,7 @@ impl Senders {
             // Waiting for the permit may have used up the lease's cover (renewals wait on a
             // slow replica): wait for the next renewal rather than build a request that the
             // send-time guard would refuse.
-            if !ctx.may_call(permit.valid_until()) {
+            if !ctx.may_call_within(permit.valid_until(), PREPARE_SLACK) {
                 ctx.permits.release(permit).await;
                 continue;
             }
