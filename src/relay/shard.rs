@@ -275,12 +275,7 @@ async fn intake_batch(
             .iter()
             .map(|(d, reject)| letter(d, reject, queue, now).encode())
             .collect();
-        let max = ctx.cfg.dead_letter_hold_bytes;
-        let held = match retry_store(ctx, "hold", || {
-            ctx.store.hold(ctx.shard, &ctx.fence, &letters, max)
-        })
-        .await
-        {
+        let held = match hold(ctx, &letters).await {
             Ok(h) => h,
             Err(end) => return Ok(Some(end)),
         };
@@ -336,12 +331,7 @@ async fn hold_refused(
         return Ok(None);
     }
     let letters: Vec<&[u8]> = refused.iter().map(|r| r.letter.as_slice()).collect();
-    let max = ctx.cfg.dead_letter_hold_bytes;
-    let held = match retry_store(ctx, "hold", || {
-        ctx.store.hold(ctx.shard, &ctx.fence, &letters, max)
-    })
-    .await
-    {
+    let held = match hold(ctx, &letters).await {
         Ok(h) => h,
         Err(end) => return Ok(Some(end)),
     };
@@ -360,6 +350,16 @@ async fn hold_refused(
         ctx.held.notify_one();
     }
     Ok(None)
+}
+
+/// Holds encoded letters in the shard's hold until Redis has them; one flag per letter (false:
+/// the hold is full).
+async fn hold<L: AsRef<[u8]>>(ctx: &ShardCtx, letters: &[L]) -> Result<Vec<bool>, ShardEnd> {
+    let max = ctx.cfg.dead_letter_hold_bytes;
+    retry_store(ctx, "hold", || {
+        ctx.store.hold(ctx.shard, &ctx.fence, letters, max)
+    })
+    .await
 }
 
 /// The held form of a rejected delivery.
