@@ -154,8 +154,8 @@ async fn start_consumer(
 /// The shard consumer's prefetch, sized by the bytes it sees. RabbitMQ counts prefetch in
 /// messages, and RELAY_INTAKE_MAX_BYTES ÷ RELAY_SHARDS bounds each shard's unacknowledged
 /// bytes: a shard starts with the prefetch that bounds even messages of the largest size
-/// (`WorkerConfig::shard_prefetch`), doubles it (up to RELAY_PREFETCH) after a whole window of
-/// messages small enough for twice as many, and shrinks it at once when larger ones come. The
+/// (`WorkerConfig::shard_prefetch`), raises it to what the largest message seen fits (up to
+/// RELAY_PREFETCH) after a whole window of messages, and shrinks it at once when larger ones come. The
 /// bound holds at every size but for the window in which messages grow, which may hold up to
 /// RELAY_PREFETCH of them (a shard of small messages that suddenly gets large ones).
 struct Window {
@@ -187,8 +187,9 @@ impl Window {
         let fitting = (self.budget / self.largest.max(1)).clamp(1, u64::from(self.most)) as u16;
         let next = if fitting < self.size {
             fitting
-        } else if self.seen >= u64::from(self.size) && fitting >= self.size.saturating_mul(2) {
-            self.size.saturating_mul(2).min(self.most)
+        } else if self.seen >= u64::from(self.size) && fitting > self.size {
+            // One step: every resize costs a new channel and a redelivery of what was sent.
+            fitting
         } else {
             return None;
         };
@@ -534,7 +535,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_prefetch_grows_on_small_messages_and_shrinks_at_once_on_large_ones() {
+    fn the_prefetch_follows_the_sizes_seen_and_shrinks_at_once_on_large_ones() {
         // 128 MiB over 16 shards: 8 MiB a shard, 32 messages of the largest size.
         let mut w = Window::new(&WorkerConfig::default());
         assert_eq!(w.size, 32);
@@ -544,19 +545,17 @@ mod tests {
             None,
             "not a whole window seen yet"
         );
-        assert_eq!(w.after_batch(small(1)), Some(64));
-        assert_eq!(w.after_batch(small(64)), Some(128));
-        assert_eq!(w.after_batch(small(128)), Some(256));
         assert_eq!(
-            w.after_batch(small(256)),
-            None,
-            "never above RELAY_PREFETCH"
+            w.after_batch(small(1)),
+            Some(256),
+            "what they fit, never above RELAY_PREFETCH"
         );
+        assert_eq!(w.after_batch(small(256)), None);
         assert_eq!(w.after_batch(std::iter::once(250 * 1024)), Some(32));
-        // 100 KiB messages: 8 MiB holds 81 of them: 64, never 128.
+        // 100 KiB messages: 8 MiB holds 81 of them.
         let mid = |n| std::iter::repeat_n(100 * 1024, n);
-        assert_eq!(w.after_batch(mid(32)), Some(64));
+        assert_eq!(w.after_batch(mid(32)), Some(81));
         assert_eq!(w.after_batch(mid(200)), None);
-        assert_eq!(w.size, 64);
+        assert_eq!(w.size, 81);
     }
 }
