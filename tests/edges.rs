@@ -817,6 +817,35 @@ async fn a_retried_hold_adds_no_letter_twice() {
     env.cleanup().await;
 }
 
+/// A worker started while Redis does not answer (a restart during an outage) waits for it, as
+/// it would for RabbitMQ, instead of exiting; it takes its shards once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_redis_is_unreachable_waits_for_it() {
+    let mut env = Env::new("edge-start-no-redis", 1).await;
+    let proxy = Proxy::start("127.0.0.1:6379").await;
+    proxy.cut();
+    let mut cfg = env.config();
+    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let worker = std::sync::Mutex::new(env.spawn_process(&cfg));
+    never(
+        Duration::from_secs(3),
+        "the worker exited while Redis was unreachable",
+        || {
+            let exited = worker.lock().unwrap().0.try_wait().ok().flatten().is_some();
+            async move { exited }
+        },
+    )
+    .await;
+    proxy.restore();
+    env.wait_all_shards_owned().await;
+    let mut worker = worker.into_inner().unwrap();
+    signal(&worker, "TERM");
+    assert!(wait_exit(&mut worker, Duration::from_secs(15))
+        .await
+        .success());
+    env.cleanup().await;
+}
+
 fn rabbitmqctl(args: &[&str]) {
     let out = std::process::Command::new("rabbitmqctl")
         .args(args)

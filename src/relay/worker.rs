@@ -94,7 +94,20 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let cfg = Arc::new(cfg);
     let worker_id = cfg.worker_id();
-    let store = Store::open(&cfg.conn).await?;
+    // A Redis that does not answer yet (a restart during an outage) is waited for, not fatal:
+    // only configuration errors stop the worker.
+    let store = Store::configure(&cfg.conn)?;
+    let mut retry = Duration::from_millis(500);
+    while let Err(e) = store.ping().await {
+        tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "Redis does not answer; retrying");
+        m::redis_error("start");
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(Duration::from_secs(10));
+    }
+    store.check_replicas(cfg.conn.redis_min_replicas).await;
     let permits = Semaphore::with_limit(
         store.clone(),
         &worker_id,

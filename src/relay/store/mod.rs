@@ -111,6 +111,15 @@ impl Store {
     /// Connects as the configuration says: through Sentinel when `RELAY_REDIS_SENTINELS` is
     /// set, with `RELAY_REDIS_MIN_REPLICAS` confirming every write the relay acts on.
     pub async fn open(conn: &ConnConfig) -> anyhow::Result<Store> {
+        let store = Store::configure(conn)?;
+        store.ping().await?;
+        store.check_replicas(conn.redis_min_replicas).await;
+        Ok(store)
+    }
+
+    /// The store as configured, not yet reached: errors here are configuration errors (a URL
+    /// that does not parse, a Sentinel address that is not host:port, unreadable TLS files).
+    pub fn configure(conn: &ConnConfig) -> anyhow::Result<Store> {
         let tls = conn.redis_tls();
         let sentinels = conn.sentinels();
         let link = if sentinels.is_empty() {
@@ -124,39 +133,52 @@ impl Store {
                 conn.redis_min_replicas,
             )?
         };
-        let store = Store::on(link, &conn.exchange).await?;
-        if conn.redis_min_replicas > 0 {
-            let online = store
-                .link
-                .replication()
-                .await
-                .map(|r| r.replicas.iter().filter(|r| r.state == "online").count())
-                .unwrap_or(0);
-            if online < conn.redis_min_replicas as usize {
-                tracing::warn!(
-                    online,
-                    wanted = conn.redis_min_replicas,
-                    "fewer Redis replicas online than RELAY_REDIS_MIN_REPLICAS: writes are not confirmed, so nothing is acked or sent until enough replicas are back"
-                );
-            }
-        }
-        Ok(store)
+        Ok(Store::with_link(link, &conn.exchange))
     }
 
-    async fn on(link: Link, namespace: &str) -> anyhow::Result<Store> {
-        let store = Store {
+    /// Logs when fewer replicas are online than writes must be confirmed by.
+    pub async fn check_replicas(&self, wanted: u32) {
+        if wanted == 0 {
+            return;
+        }
+        let online = self
+            .link
+            .replication()
+            .await
+            .map(|r| r.replicas.iter().filter(|r| r.state == "online").count())
+            .unwrap_or(0);
+        if online < wanted as usize {
+            tracing::warn!(
+                online,
+                wanted,
+                "fewer Redis replicas online than RELAY_REDIS_MIN_REPLICAS: writes are not confirmed, so nothing is acked or sent until enough replicas are back"
+            );
+        }
+    }
+
+    fn with_link(link: Link, namespace: &str) -> Store {
+        Store {
             link: Arc::new(link),
             namespace: namespace.to_string(),
             scripts: std::sync::Arc::new(Scripts::new()),
-        };
-        let fail =
-            |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {}: {e}", store.link.target());
-        let mut conn = store.conn().await.map_err(|e| fail(&e))?;
+        }
+    }
+
+    async fn on(link: Link, namespace: &str) -> anyhow::Result<Store> {
+        let store = Store::with_link(link, namespace);
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// Whether Redis answers (PING), with the target named in the error.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("redis {}: {e}", self.link.target());
+        let mut conn = self.conn().await.map_err(|e| fail(&e))?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
             .map_err(|e| fail(&e))?;
-        Ok(store)
+        Ok(())
     }
 
     /// A shared connection for one step (see [`Link::conn`]).
