@@ -95,10 +95,18 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let worker_id = cfg.worker_id();
     // A Redis that does not answer yet (a restart during an outage) is waited for, not fatal:
-    // only configuration errors stop the worker.
+    // only configuration errors (and refused credentials) stop the worker.
     let store = Store::configure(&cfg.conn)?;
     let mut retry = Duration::from_millis(500);
     while let Err(e) = store.ping().await {
+        // Refused credentials are a configuration error: no retry will fix them.
+        let text = e.to_string().to_ascii_uppercase();
+        if ["WRONGPASS", "NOAUTH", "AUTHENTICATION"]
+            .iter()
+            .any(|code| text.contains(code))
+        {
+            return Err(e);
+        }
         tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "Redis does not answer; retrying");
         m::redis_error("start");
         tokio::select! {
