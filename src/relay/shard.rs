@@ -27,8 +27,11 @@ pub enum ShardEnd {
     Stopped,
     /// The store fenced us: another worker owns the shard now.
     Fenced,
-    /// The AMQP channel or connection failed.
+    /// The AMQP channel or connection failed: taken again after a growing delay.
     Amqp(String),
+    /// Redis did not answer when the shard started: taken again at the next pass (Redis
+    /// trouble is paced by the pass itself, and must not grow the AMQP restart delay).
+    Redis(String),
 }
 
 /// Runs the shard until cancelled or broken; on return every sender has finished and no
@@ -66,7 +69,7 @@ async fn consume(
         Err(StoreError::Fenced) => return Ok(ShardEnd::Fenced),
         Err(e) => {
             tracing::warn!(shard = ctx.shard, error = %e, "cannot list pending tasks");
-            return Ok(ShardEnd::Amqp(format!("redis: {e}")));
+            return Ok(ShardEnd::Redis(e.to_string()));
         }
     }
     let tag = format!("{}#{}", ctx.fence.owner, ctx.shard);
