@@ -13,7 +13,6 @@ use lapin::{Channel, Connection, Consumer};
 use rand::Rng;
 
 use crate::relay::amqp;
-use crate::relay::config::WorkerConfig;
 use crate::relay::dead_letter::{self, Letter};
 use crate::relay::metrics as m;
 use crate::relay::sender::{Senders, ShardCtx};
@@ -61,7 +60,7 @@ async fn consume(
     senders: &Senders,
 ) -> Result<ShardEnd, lapin::Error> {
     let queue = amqp::shard_queue(ctx.store.namespace(), ctx.shard);
-    let mut ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await?;
 
     // Resume what earlier owners left in Redis before taking new deliveries.
     match ctx.store.pending_keys(ctx.shard).await {
@@ -73,8 +72,8 @@ async fn consume(
         }
     }
     let tag = format!("{}#{}", ctx.fence.owner, ctx.shard);
-    let mut window = Window::new(&ctx.cfg);
-    let mut consumer = start_consumer(&ch, &queue, &tag, window.size).await?;
+    let prefetch = ctx.cfg.shard_prefetch();
+    let mut consumer = start_consumer(&ch, &queue, &tag, prefetch).await?;
     tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(resume_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(retention_sweeper(ctx.clone()));
@@ -107,7 +106,7 @@ async fn consume(
         };
         // Take whatever else is already here: one pipelined Redis round trip and one ack for all.
         let mut batch = vec![first];
-        while batch.len() < usize::from(window.size) {
+        while batch.len() < usize::from(prefetch) {
             match consumer.next().now_or_never() {
                 Some(Some(Ok(d))) => batch.push(d),
                 _ => break,
@@ -116,20 +115,8 @@ async fn consume(
         if let Some(end) = hold_refused(ctx, &ch, &mut refused).await? {
             break end;
         }
-        let resize = window.after_batch(batch.iter().map(|d| d.data.len()));
         if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut refused).await? {
             break end;
-        }
-        // Not while refused deliveries wait for the hold: their tags belong to this channel.
-        if let Some(size) = resize.filter(|_| refused.is_empty()) {
-            // A consumer's prefetch is fixed when it starts. Cancelling this single active
-            // consumer of a quorum queue and consuming again on the same channel delivered a
-            // task's messages out of order under load (seen: a STOPPED before its containers),
-            // so the shard takes a new channel, as a restart does: what the broker had sent and
-            // intake had not taken yet goes back to the queue, in order, unacknowledged.
-            amqp::close_channel(&ch, "prefetch resized").await;
-            ch = conn.create_channel().await?;
-            consumer = start_consumer(&ch, &queue, &tag, size).await?;
         }
     };
     // Closing the channel returns unacknowledged deliveries to the queue for the next owner.
@@ -152,55 +139,6 @@ async fn start_consumer(
         FieldTable::default(),
     )
     .await
-}
-
-/// The shard consumer's prefetch, sized by the bytes it sees. RabbitMQ counts prefetch in
-/// messages, and RELAY_INTAKE_MAX_BYTES ÷ RELAY_SHARDS bounds each shard's unacknowledged
-/// bytes: a shard starts with the prefetch that bounds even messages of the largest size
-/// (`WorkerConfig::shard_prefetch`), raises it to what the largest message seen fits (up to
-/// RELAY_PREFETCH) after a whole window of messages, and shrinks it at once when larger ones come. The
-/// bound holds at every size but for the window in which messages grow, which may hold up to
-/// RELAY_PREFETCH of them (a shard of small messages that suddenly gets large ones).
-struct Window {
-    size: u16,
-    most: u16,
-    budget: u64,
-    /// Deliveries and the largest body seen since the last resize.
-    seen: u64,
-    largest: u64,
-}
-
-impl Window {
-    fn new(cfg: &WorkerConfig) -> Window {
-        Window {
-            size: cfg.shard_prefetch(),
-            most: cfg.prefetch,
-            budget: cfg.intake_max_bytes / u64::from(cfg.shards),
-            seen: 0,
-            largest: 0,
-        }
-    }
-
-    /// Counts a batch (its bodies' sizes); the new prefetch when it must change.
-    fn after_batch(&mut self, sizes: impl Iterator<Item = usize>) -> Option<u16> {
-        for size in sizes {
-            self.seen += 1;
-            self.largest = self.largest.max(size as u64);
-        }
-        let fitting = (self.budget / self.largest.max(1)).clamp(1, u64::from(self.most)) as u16;
-        let next = if fitting < self.size {
-            fitting
-        } else if self.seen >= u64::from(self.size) && fitting > self.size {
-            // One step: every resize costs a new channel and a redelivery of what was sent.
-            fitting
-        } else {
-            return None;
-        };
-        self.size = next;
-        self.seen = 0;
-        self.largest = 0;
-        Some(next)
-    }
 }
 
 /// Stores a batch of deliveries in order, holds the rejected ones for the dead-letter queue
@@ -530,35 +468,5 @@ async fn retention_sweeper(ctx: Arc<ShardCtx>) {
                 m::redis_error("sweep");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_prefetch_follows_the_sizes_seen_and_shrinks_at_once_on_large_ones() {
-        // 128 MiB over 16 shards: 8 MiB a shard, 32 messages of the largest size.
-        let mut w = Window::new(&WorkerConfig::default());
-        assert_eq!(w.size, 32);
-        let small = |n| std::iter::repeat_n(1_000, n);
-        assert_eq!(
-            w.after_batch(small(31)),
-            None,
-            "not a whole window seen yet"
-        );
-        assert_eq!(
-            w.after_batch(small(1)),
-            Some(256),
-            "what they fit, never above RELAY_PREFETCH"
-        );
-        assert_eq!(w.after_batch(small(256)), None);
-        assert_eq!(w.after_batch(std::iter::once(250 * 1024)), Some(32));
-        // 100 KiB messages: 8 MiB holds 81 of them.
-        let mid = |n| std::iter::repeat_n(100 * 1024, n);
-        assert_eq!(w.after_batch(mid(32)), Some(81));
-        assert_eq!(w.after_batch(mid(200)), None);
-        assert_eq!(w.size, 81);
     }
 }
