@@ -246,6 +246,8 @@ struct Checked {
     duplicates: usize,
     overlaps: usize,
     malformed: usize,
+    /// Valid events the relay or the broker dead-lettered (the stream has no bad ones).
+    dead_lettered: usize,
     max_in_flight: u64,
     drained_after: Option<Duration>,
     first_offender: Option<String>,
@@ -327,6 +329,7 @@ fn check(calls: &[CallRecord], tasks: &[String], max_in_flight: u64) -> Checked 
         duplicates,
         overlaps,
         malformed,
+        dead_lettered: 0,
         max_in_flight,
         drained_after: None,
         first_offender: offenders.into_iter().next(),
@@ -337,7 +340,7 @@ impl fmt::Display for Checked {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "events {} | lost {} | out of order {} | containers missing {} | duplicates {} | overlaps {} | malformed {} | max in flight {} | drained {}",
+            "events {} | lost {} | out of order {} | containers missing {} | duplicates {} | overlaps {} | malformed {} | dead-lettered {} | max in flight {} | drained {}",
             self.events,
             self.lost,
             self.disorder,
@@ -345,6 +348,7 @@ impl fmt::Display for Checked {
             self.duplicates,
             self.overlaps,
             self.malformed,
+            self.dead_lettered,
             self.max_in_flight,
             self.drained_after
                 .map(|d| format!("{:.1}s after the heal", d.as_secs_f64()))
@@ -413,6 +417,8 @@ async fn nemesis(seed: u64, length: Duration) {
     let calls = env.sim.calls();
     let mut result = check(&calls, &tasks, env.sim.stats().max_in_flight);
     result.drained_after = drained_after;
+    let dead = env.dead_letters().await;
+    result.dead_lettered = dead.len();
     let faults: Vec<String> = cluster
         .applied
         .iter()
@@ -430,6 +436,7 @@ async fn nemesis(seed: u64, length: Duration) {
         || result.missing_containers > 0
         || result.overlaps > 0
         || result.malformed > 0
+        || result.dead_lettered > 0
         || result.max_in_flight > LIMIT
         || result.duplicates > allowed_duplicates;
     if broken {
@@ -456,10 +463,19 @@ async fn nemesis(seed: u64, length: Duration) {
                 )
             })
             .collect();
+        let dead: Vec<String> = dead
+            .iter()
+            .take(5)
+            .map(|(body, reason)| format!("  {reason:?}: {}", String::from_utf8_lossy(body)))
+            .collect();
+        // What the relay itself holds for that task: stored and stuck, or never stored.
+        let state = env.store.find_state(env.shards, &offender).await;
+        let queued = env.store.queued(env.shards, &offender).await;
         panic!(
-            "nemesis seed {seed} broke a guarantee (allowed duplicates {allowed_duplicates}):\n{result}\nschedule:\n{}\nfirst offending task {offender}:\n{}",
+            "nemesis seed {seed} broke a guarantee (allowed duplicates {allowed_duplicates}):\n{result}\nschedule:\n{}\nfirst offending task {offender}:\n{}\nits state in Redis: {state:?}; (batch, outbox) lengths: {queued:?}\ndead letters:\n{}",
             schedule.join("\n"),
-            offending.join("\n")
+            offending.join("\n"),
+            dead.join("\n")
         );
     }
     drop(cluster);
