@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The long nemesis run: every fault at once for --seconds (default 600) from --seed (default: a
 # random seed, printed, so the schedule can be replayed), then heal, drain and check what ECS
-# received. The test command runs the same nemesis for 30 s on three fixed seeds.
+# received. It runs against a private HA setup that the test starts on free loopback ports (a
+# Redis primary with two replicas under three Sentinels, RELAY_REDIS_MIN_REPLICAS=1, and a
+# three-node RabbitMQ cluster) and adds Redis primary kills (Sentinel failover) and RabbitMQ node
+# kills to the faults. The test command runs the nemesis for 30 s on three fixed seeds against
+# the shared local Redis and RabbitMQ.
 #   scripts/nemesis.sh [--seconds 600] [--seed N]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,7 +21,10 @@ async fn the_ha_fixture_fails_over_and_takes_the_old_primary_back_as_a_replica()
     let t = Instant::now();
     let mut ha = RedisHa::start("relay-ha").await;
     let startup = t.elapsed();
-    let [first, second] = ha.data_ports();
+    let [first, second] = ha.data_ports() else {
+        panic!("one primary and one replica");
+    };
+    let (first, second) = (*first, *second);
     assert_eq!(ha.primary_port().await, first);
     assert_eq!(ha.sentinels().split(',').count(), 3);
 

@@ -9,7 +9,13 @@
 //! once, never more than the limit in flight, duplicates only at the allowed edges and within
 //! their bound, every call well-formed.
 //!
-//! The test command runs three fixed seeds. `scripts/nemesis.sh` runs a long one:
+//! The test command runs three fixed seeds against the shared local Redis and RabbitMQ.
+//! `scripts/nemesis.sh` runs a long one against a private HA setup (a Redis primary with two
+//! replicas under three Sentinels, `RELAY_REDIS_MIN_REPLICAS=1`, and a three-node RabbitMQ
+//! cluster) and adds two faults: a SIGKILL of the Redis primary (Sentinel fails over; the old
+//! primary comes back as a replica 8–15 s later) and a SIGKILL of a RabbitMQ node (back 5–15 s
+//! later); one of each at a time. There the workers find the primary through Sentinel, so
+//! there is no per-worker Redis proxy to cut and Redis cuts are not drawn.
 //! `RELAY_NEMESIS_SEED` replays a schedule exactly, `RELAY_NEMESIS_SECONDS` sets its length.
 
 mod common;
@@ -18,8 +24,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use common::ha::RedisHa;
+use common::rabbit_cluster::RabbitCluster;
 use common::*;
-use ecs_state_relay::relay::config::WorkerConfig;
+use ecs_state_relay::cli::publish::publish_lines;
+use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
+use ecs_state_relay::relay::store::Store;
 use ecs_state_relay::sim::{Action, CallRecord, Rule, OUTCOME_CANCELLED, OUTCOME_OK};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -31,13 +41,40 @@ const SIM_LATENCY: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Copy, Debug)]
 enum Fault {
-    Kill { worker: usize, down: Duration },
-    Term { worker: usize },
-    Pause { worker: usize, span: Duration },
-    CutRedis { worker: usize, span: Duration },
-    CutAmqp { worker: usize, span: Duration },
-    EcsErrors { span: Duration },
-    EcsThrottle { span: Duration },
+    Kill {
+        worker: usize,
+        down: Duration,
+    },
+    Term {
+        worker: usize,
+    },
+    Pause {
+        worker: usize,
+        span: Duration,
+    },
+    CutRedis {
+        worker: usize,
+        span: Duration,
+    },
+    CutAmqp {
+        worker: usize,
+        span: Duration,
+    },
+    EcsErrors {
+        span: Duration,
+    },
+    EcsThrottle {
+        span: Duration,
+    },
+    /// HA only: SIGKILL of the Redis primary, restarted (as a replica) after `down`.
+    RedisFailover {
+        down: Duration,
+    },
+    /// HA only: SIGKILL of one RabbitMQ node, restarted after `down`.
+    NodeLoss {
+        node: usize,
+        down: Duration,
+    },
 }
 
 impl Fault {
@@ -50,12 +87,15 @@ impl Fault {
             Fault::CutAmqp { .. } => "RabbitMQ cut",
             Fault::EcsErrors { .. } => "ECS ServerException",
             Fault::EcsThrottle { .. } => "ECS throttling",
+            Fault::RedisFailover { .. } => "Redis failover",
+            Fault::NodeLoss { .. } => "RabbitMQ node loss",
         }
     }
 }
 
-/// The faults of `seed`: (offset from the start, fault), one every 1–3 s.
-fn schedule(seed: u64, length: Duration) -> Vec<(Duration, Fault)> {
+/// The faults of `seed`: (offset from the start, fault), one every 1–3 s. `ha` adds the HA
+/// faults to the draw (without it, a seed's schedule is what it always was).
+fn schedule(seed: u64, length: Duration, ha: bool) -> Vec<(Duration, Fault)> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut at = Duration::ZERO;
     let mut out = Vec::new();
@@ -66,7 +106,7 @@ fn schedule(seed: u64, length: Duration) -> Vec<(Duration, Fault)> {
         }
         let worker = rng.random_range(0..WORKERS);
         let span = Duration::from_millis(rng.random_range(2_000..=6_000));
-        let fault = match rng.random_range(0..7) {
+        let fault = match rng.random_range(0..if ha { 9 } else { 7 }) {
             0 => Fault::Kill {
                 worker,
                 down: Duration::from_millis(rng.random_range(1_000..=3_000)),
@@ -76,7 +116,14 @@ fn schedule(seed: u64, length: Duration) -> Vec<(Duration, Fault)> {
             3 => Fault::CutRedis { worker, span },
             4 => Fault::CutAmqp { worker, span },
             5 => Fault::EcsErrors { span },
-            _ => Fault::EcsThrottle { span },
+            6 => Fault::EcsThrottle { span },
+            7 => Fault::RedisFailover {
+                down: Duration::from_millis(rng.random_range(8_000..=15_000)),
+            },
+            _ => Fault::NodeLoss {
+                node: rng.random_range(0..3),
+                down: Duration::from_millis(rng.random_range(5_000..=15_000)),
+            },
         };
         out.push((at, fault));
     }
@@ -91,6 +138,17 @@ enum Heal {
     RestoreAmqp(usize),
     EcsErrorsOff,
     EcsThrottleOff,
+    RestartRedis(u16),
+    RestartNode(usize),
+}
+
+/// The private HA setup of the long run.
+struct Ha {
+    redis: RedisHa,
+    rabbit: RabbitCluster,
+    /// The Redis data node and the RabbitMQ node that are down, if any.
+    redis_down: Option<u16>,
+    node_down: Option<usize>,
 }
 
 enum State {
@@ -103,8 +161,11 @@ enum State {
 struct Cluster {
     configs: Vec<WorkerConfig>,
     workers: Vec<State>,
+    /// Each worker's Redis proxy (none with HA: Sentinel names the primary's own address).
     redis: Vec<Proxy>,
-    amqp: Vec<Proxy>,
+    /// Each worker's proxies, one per RabbitMQ node.
+    amqp: Vec<Vec<Proxy>>,
+    ha: Option<Ha>,
     /// What was done, with its time from the start (faults skipped for a worker's state are
     /// not listed).
     log: Vec<(Duration, String)>,
@@ -115,25 +176,50 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(env: &mut Env) -> Cluster {
+    async fn start(env: &mut Env, ha: Option<Ha>) -> Cluster {
         let mut cluster = Cluster {
             configs: Vec::new(),
             workers: Vec::new(),
             redis: Vec::new(),
             amqp: Vec::new(),
+            ha,
             log: Vec::new(),
             edges: 0,
             applied: BTreeMap::new(),
         };
+        let nodes: Vec<String> = match &cluster.ha {
+            Some(ha) => (0..3)
+                .map(|i| format!("127.0.0.1:{}", ha.rabbit.amqp_port(i)))
+                .collect(),
+            None => vec!["127.0.0.1:5672".into()],
+        };
         for _ in 0..WORKERS {
-            let redis = Proxy::start("127.0.0.1:6379").await;
-            let amqp = Proxy::start("127.0.0.1:5672").await;
             let mut cfg = env.config();
-            cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", redis.port);
-            cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", amqp.port);
+            let mut amqp = Vec::new();
+            for node in &nodes {
+                amqp.push(Proxy::delayed(node.clone(), Duration::ZERO).await);
+            }
+            cfg.conn.amqp_url = amqp
+                .iter()
+                .map(|p| format!("amqp://guest:guest@127.0.0.1:{}/%2f", p.port))
+                .collect::<Vec<_>>()
+                .join(",");
+            match &cluster.ha {
+                Some(ha) => {
+                    // Only credentials and db come from the URL; Sentinel names the host.
+                    cfg.conn.redis_url = "redis://sentinel-named-primary/0".into();
+                    cfg.conn.redis_sentinels = ha.redis.sentinels();
+                    cfg.conn.redis_sentinel_master = ha.redis.master_name.clone();
+                    cfg.conn.redis_min_replicas = 1;
+                }
+                None => {
+                    let redis = Proxy::start("127.0.0.1:6379").await;
+                    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", redis.port);
+                    cluster.redis.push(redis);
+                }
+            }
             cluster.workers.push(State::Up(env.spawn_process(&cfg)));
             cluster.configs.push(cfg);
-            cluster.redis.push(redis);
             cluster.amqp.push(amqp);
         }
         cluster
@@ -181,13 +267,36 @@ impl Cluster {
                 Some((at + span, Heal::Resume(worker)))
             }
             Fault::CutRedis { worker, span } => {
-                self.redis[worker].cut();
+                self.redis.get(worker)?.cut();
                 self.edges += 1;
                 Some((at + span, Heal::RestoreRedis(worker)))
             }
             Fault::CutAmqp { worker, span } => {
-                self.amqp[worker].cut();
+                self.amqp[worker].iter().for_each(Proxy::cut);
                 Some((at + span, Heal::RestoreAmqp(worker)))
+            }
+            Fault::RedisFailover { down } => {
+                let ha = self.ha.as_mut()?;
+                if ha.redis_down.is_some() {
+                    return None;
+                }
+                let primary = ha.redis.primary_port().await;
+                ha.redis.kill(primary);
+                ha.redis_down = Some(primary);
+                // Writes acknowledged by the primary alone may be lost: a call may repeat.
+                self.edges += 1;
+                Some((at + down, Heal::RestartRedis(primary)))
+            }
+            Fault::NodeLoss { node, down } => {
+                let ha = self.ha.as_mut()?;
+                if ha.node_down.is_some() {
+                    return None;
+                }
+                ha.rabbit.kill(node);
+                ha.node_down = Some(node);
+                // Shards on that node's connections stop while their calls may be in flight.
+                self.edges += 1;
+                Some((at + down, Heal::RestartNode(node)))
             }
             Fault::EcsErrors { span } => {
                 env.sim.add_rule(Rule {
@@ -207,7 +316,7 @@ impl Cluster {
         heal
     }
 
-    fn heal(&mut self, env: &Env, at: Duration, heal: Heal) {
+    async fn heal(&mut self, env: &Env, at: Duration, heal: Heal) {
         match heal {
             Heal::Restart(w) => {
                 if matches!(self.workers[w], State::Down) {
@@ -221,12 +330,46 @@ impl Cluster {
                 }
             }
             Heal::RestoreRedis(w) => self.redis[w].restore(),
-            Heal::RestoreAmqp(w) => self.amqp[w].restore(),
+            Heal::RestoreAmqp(w) => self.amqp[w].iter().for_each(Proxy::restore),
             Heal::EcsErrorsOff => env.sim.clear_rules(),
             Heal::EcsThrottleOff => env.sim.set_capacity(None),
+            Heal::RestartRedis(port) => {
+                if let Some(ha) = self.ha.as_mut() {
+                    ha.redis.restart(port).await;
+                    ha.redis_down = None;
+                }
+            }
+            Heal::RestartNode(node) => {
+                if let Some(ha) = self.ha.as_mut() {
+                    ha.rabbit.restart(node).await;
+                    ha.node_down = None;
+                }
+            }
         }
         self.note(at, format!("heal {heal:?}"));
     }
+}
+
+/// Publishes a round every `every`, in the background. A round the broker did not confirm (a
+/// node lost mid-publish) is published again before the next: the relay drops the repeats by
+/// event id.
+fn retrying_stream(
+    conn: ConnConfig,
+    rounds: Vec<Vec<Value>>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for events in rounds {
+            let lines: Vec<String> = events.iter().map(Value::to_string).collect();
+            let body = lines.join("\n");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while let Err(e) = publish_lines(&conn, body.as_bytes()).await {
+                assert!(Instant::now() < deadline, "publishing failed for 60 s: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(every).await;
+        }
+    })
 }
 
 /// Sends a signal; a process that is already gone is fine (the nemesis races itself).
@@ -359,24 +502,54 @@ impl fmt::Display for Checked {
 
 /// Runs the nemesis for `seed` over `length` of faults; panics with the schedule and the first
 /// offending task's calls when a guarantee broke.
-async fn nemesis(seed: u64, length: Duration) {
+async fn nemesis(seed: u64, length: Duration, ha: bool) {
     let mut env = Env::new(&format!("nemesis-{seed}"), 8).await;
     env.sim.set_latency(SIM_LATENCY);
-    let mut cluster = Cluster::start(&mut env).await;
-    env.wait_all_shards_owned().await;
+    let ha = match ha {
+        true => Some(Ha {
+            redis: RedisHa::start_with(&format!("relay-nemesis-{seed}"), 2).await,
+            rabbit: RabbitCluster::start(3).await,
+            redis_down: None,
+            node_down: None,
+        }),
+        false => None,
+    };
+    // The test's own view of the broker and Redis: never through a worker's proxy.
+    let (publish_to, store) = match &ha {
+        Some(h) => {
+            let mut conn = env.conn();
+            conn.amqp_url = h.rabbit.urls();
+            conn.redis_url = "redis://sentinel-named-primary/0".into();
+            conn.redis_sentinels = h.redis.sentinels();
+            conn.redis_sentinel_master = h.redis.master_name.clone();
+            let store = Store::open(&conn).await.expect("the HA Redis answers");
+            (conn, store)
+        }
+        None => (env.conn(), env.store.clone()),
+    };
+    let mut cluster = Cluster::start(&mut env, ha).await;
+    eventually(Duration::from_secs(60), "every shard owned", || async {
+        for s in 0..env.shards {
+            if store.lease_owner(s).await.ok().flatten().is_none() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
 
     // A steady stream: 6 lifecycles start and 6 stop every 300 ms, for the faults' length.
     let rounds = (length.as_millis() / 300) as usize;
     let tasks: Vec<String> = (0..rounds * 6)
         .map(|i| arn(&format!("nemesis-{seed}-{i:05}")))
         .collect();
-    let publisher = stream(
-        env.conn(),
+    let publisher = retrying_stream(
+        publish_to.clone(),
         lifecycle_rounds(&tasks, 6),
         Duration::from_millis(300),
     );
 
-    let plan = schedule(seed, length);
+    let plan = schedule(seed, length, cluster.ha.is_some());
     let started = Instant::now();
     let mut heals: Vec<(Duration, Heal)> = Vec::new();
     let mut next = 0;
@@ -399,7 +572,7 @@ async fn nemesis(seed: u64, length: Duration) {
             }
         } else {
             let (at, heal) = heals.remove(0);
-            cluster.heal(&env, at, heal);
+            cluster.heal(&env, at, heal).await;
         }
     }
     publisher.await.expect("publisher");
@@ -417,7 +590,7 @@ async fn nemesis(seed: u64, length: Duration) {
     let calls = env.sim.calls();
     let mut result = check(&calls, &tasks, env.sim.stats().max_in_flight);
     result.drained_after = drained_after;
-    let dead = env.dead_letters().await;
+    let dead = env.dead_letters_at(&publish_to.amqp_url).await;
     result.dead_lettered = dead.len();
     let faults: Vec<String> = cluster
         .applied
@@ -469,8 +642,8 @@ async fn nemesis(seed: u64, length: Duration) {
             .map(|(body, reason)| format!("  {reason:?}: {}", String::from_utf8_lossy(body)))
             .collect();
         // What the relay itself holds for that task: stored and stuck, or never stored.
-        let state = env.store.find_state(env.shards, &offender).await;
-        let queued = env.store.queued(env.shards, &offender).await;
+        let state = store.find_state(env.shards, &offender).await;
+        let queued = store.queued(env.shards, &offender).await;
         panic!(
             "nemesis seed {seed} broke a guarantee (allowed duplicates {allowed_duplicates}):\n{result}\nschedule:\n{}\nfirst offending task {offender}:\n{}\nits state in Redis: {state:?}; (batch, outbox) lengths: {queued:?}\ndead letters:\n{}",
             schedule.join("\n"),
@@ -493,17 +666,17 @@ fn seconds_from_env(default: u64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nemesis_seed_1() {
-    nemesis(1, seconds_from_env(30)).await;
+    nemesis(1, seconds_from_env(30), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nemesis_seed_2() {
-    nemesis(2, seconds_from_env(30)).await;
+    nemesis(2, seconds_from_env(30), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nemesis_seed_3() {
-    nemesis(3, seconds_from_env(30)).await;
+    nemesis(3, seconds_from_env(30), false).await;
 }
 
 /// The long run (`scripts/nemesis.sh`): `RELAY_NEMESIS_SEED` (else a random seed, printed) and
@@ -516,5 +689,5 @@ async fn nemesis_long() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random::<u64>);
     println!("nemesis seed {seed} (replay with RELAY_NEMESIS_SEED={seed})");
-    nemesis(seed, seconds_from_env(600)).await;
+    nemesis(seed, seconds_from_env(600), true).await;
 }

@@ -33,42 +33,54 @@ pub struct RedisHa {
     pub sentinel_ports: Vec<u16>,
     dir: PathBuf,
     children: HashMap<u16, Child>,
-    data: [u16; 2],
+    /// Data node ports, the primary at start first.
+    data: Vec<u16>,
 }
 
 impl RedisHa {
     /// Primary + replica + 3 Sentinels. Returns once the replica is in sync and every Sentinel
     /// names the primary and knows the replica and the two other Sentinels.
     pub async fn start(master_name: &str) -> RedisHa {
+        RedisHa::start_with(master_name, 1).await
+    }
+
+    /// Primary + `replicas` replicas + 3 Sentinels, ready as with [`RedisHa::start`].
+    pub async fn start_with(master_name: &str, replicas: usize) -> RedisHa {
         let dir = std::env::temp_dir().join(format!(
             "redis-ha-{}-{:08x}",
             std::process::id(),
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).expect("create the HA temp dir");
-        let ports = super::free_ports(5);
+        let ports = super::free_ports(replicas + 4);
         let mut ha = RedisHa {
             master_name: master_name.to_string(),
-            sentinel_ports: ports[2..].to_vec(),
+            sentinel_ports: ports[replicas + 1..].to_vec(),
             dir,
             children: HashMap::new(),
-            data: [ports[0], ports[1]],
+            data: ports[..=replicas].to_vec(),
         };
-        let [primary, replica] = ha.data;
+        let primary = ha.data[0];
+        let replica_ports = ha.data[1..].to_vec();
 
         ha.spawn_data(primary, None);
         ha.wait_ping(primary).await;
-        ha.spawn_data(replica, Some(primary));
-        ha.wait_ping(replica).await;
-        eventually(
-            START_WITHIN,
-            "the replica in sync with the primary",
-            || async {
-                info_field(replica, "replication", "master_link_status").await == Some("up".into())
-                    && online_replicas(primary).await >= 1
-            },
-        )
-        .await;
+        for &replica in &replica_ports {
+            ha.spawn_data(replica, Some(primary));
+            ha.wait_ping(replica).await;
+        }
+        for &replica in &replica_ports {
+            eventually(
+                START_WITHIN,
+                "the replicas in sync with the primary",
+                || async {
+                    info_field(replica, "replication", "master_link_status").await
+                        == Some("up".into())
+                        && online_replicas(primary).await >= replica_ports.len()
+                },
+            )
+            .await;
+        }
 
         for p in ha.sentinel_ports.clone() {
             ha.spawn_sentinel(p, primary);
@@ -80,19 +92,22 @@ impl RedisHa {
         let sentinels = ha.sentinel_ports.clone();
         eventually(
             START_WITHIN,
-            "every sentinel knows the primary, the replica and the other sentinels",
+            "every sentinel knows the primary, the replicas and the other sentinels",
             || {
                 let (name, sentinels) = (name.clone(), sentinels.clone());
+                let replica_ports = replica_ports.clone();
                 async move {
                     for &s in &sentinels {
                         if master_addr(s, &name).await != Some(primary) {
                             return false;
                         }
                         let replicas = sentinel_list(s, "REPLICAS", &name).await;
-                        if !replicas
-                            .iter()
-                            .any(|r| port_of(r) == Some(replica) && healthy(r))
-                        {
+                        let known = |port| {
+                            replicas
+                                .iter()
+                                .any(|r| port_of(r) == Some(port) && healthy(r))
+                        };
+                        if !replica_ports.iter().all(|&p| known(p)) {
                             return false;
                         }
                         let others = sentinel_list(s, "SENTINELS", &name).await;
@@ -117,9 +132,9 @@ impl RedisHa {
             .join(",")
     }
 
-    /// The two data node ports, primary first at start.
-    pub fn data_ports(&self) -> [u16; 2] {
-        self.data
+    /// The data node ports, primary first at start.
+    pub fn data_ports(&self) -> &[u16] {
+        &self.data
     }
 
     /// The primary's port as the Sentinels report it, asking each in turn until one answers.

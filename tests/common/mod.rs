@@ -331,7 +331,12 @@ impl Env {
 
     /// Messages in the dead-letter queue: (body, x-relay-reject-reason).
     pub async fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
-        let c = amqp::connect(AMQP_URL, &Default::default(), "test dead reader")
+        self.dead_letters_at(AMQP_URL).await
+    }
+
+    /// [`Env::dead_letters`] on the broker(s) at `urls`.
+    pub async fn dead_letters_at(&self, urls: &str) -> Vec<(Vec<u8>, String)> {
+        let c = amqp::connect(urls, &Default::default(), "test dead reader")
             .await
             .expect("amqp");
         let ch = c.create_channel().await.expect("channel");
