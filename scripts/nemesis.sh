@@ -6,7 +6,9 @@
 # three-node RabbitMQ cluster) and adds Redis primary kills (Sentinel failover) and RabbitMQ node
 # kills to the faults. The test command runs the nemesis for 30 s on three fixed seeds against
 # the shared local Redis and RabbitMQ.
-#   scripts/nemesis.sh [--seconds 600] [--seed N]
+# --local runs against the shared local Redis and RabbitMQ instead, as the test command's seeds do
+# (a seed then draws the same schedule as there: replay a test-command failure with it).
+#   scripts/nemesis.sh [--seconds 600] [--seed N] [--local]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +18,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
-    *) echo "usage: $0 [--seconds N] [--seed N]" >&2; exit 2 ;;
+    --local) export RELAY_NEMESIS_LOCAL=1; shift ;;
+    *) echo "usage: $0 [--seconds N] [--seed N] [--local]" >&2; exit 2 ;;
   esac
 done
 

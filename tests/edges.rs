@@ -970,3 +970,63 @@ async fn the_pending_index_is_read_in_pages_and_every_task_comes_back_once_in_or
     assert_eq!(store.pending_keys(0).await.expect("pending"), tasks);
     env.cleanup().await;
 }
+
+/// RELAY_INTAKE_MAX_BYTES bounds a window of large messages by lowering the shard consumer's
+/// prefetch, and small messages raise it again. Each resize restarts the consumer only when
+/// everything it holds is stored: nothing unstored goes back to the queue (no redelivery, so no
+/// duplicate), and every task keeps its order, also when sizes alternate all the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefetch_follows_message_sizes_without_redelivery_or_disorder() {
+    let mut env = Env::new("edge-prefetch", 1).await;
+    let metrics = ecs_state_relay::relay::metrics::handle();
+    let mut cfg = env.config();
+    // One shard: a window of 4 messages of ~40 KB, or of RELAY_PREFETCH small ones.
+    cfg.intake_max_bytes = 160 * 1024;
+    env.start_worker(cfg).await;
+    let prefetch = || metric_sum(&metrics.render(), "relay_intake_prefetch");
+    assert_eq!(
+        prefetch(),
+        1.0,
+        "starts with what fits the largest messages"
+    );
+
+    let phase = |name: &str, pad: fn(usize) -> bool| {
+        let tasks: Vec<String> = (0..40).map(|i| arn(&format!("{name}-{i:02}"))).collect();
+        let mut events: Vec<Value> = lifecycle_rounds(&tasks, 5).concat();
+        for e in &mut events {
+            let i = tasks.iter().position(|t| e["taskArn"] == t.as_str());
+            if i.is_some_and(pad) {
+                e["padding"] = "x".repeat(40_000).into();
+            }
+        }
+        (tasks, events)
+    };
+    let mut all = Vec::new();
+    for (name, pad, want) in [
+        ("large", (|_| true) as fn(usize) -> bool, Some(4.0)),
+        ("small", |_| false, Some(256.0)),
+        // Sizes alternate by task within each round: the prefetch keeps changing.
+        ("mixed", |i| i % 2 == 0, None),
+    ] {
+        let (tasks, events) = phase(name, pad);
+        env.publish(&events).await;
+        eventually(
+            Duration::from_secs(60),
+            &format!("the {name} phase reached ECS"),
+            || async { audit(&env.sim.calls(), &tasks).0 == 0 },
+        )
+        .await;
+        if let Some(want) = want {
+            assert_eq!(prefetch(), want, "prefetch after the {name} phase");
+        }
+        all.extend(tasks);
+    }
+    let (lost, disorder, duplicates) = audit(&env.sim.calls(), &all);
+    assert_eq!((lost, disorder, duplicates), (0, 0, 0));
+    assert_eq!(
+        metric_sum(&metrics.render(), "relay_events_duplicate_total"),
+        0.0,
+        "a message came back from the queue"
+    );
+    env.cleanup().await;
+}

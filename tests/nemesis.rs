@@ -679,8 +679,9 @@ async fn nemesis_seed_3() {
     nemesis(3, seconds_from_env(30), false).await;
 }
 
-/// The long run (`scripts/nemesis.sh`): `RELAY_NEMESIS_SEED` (else a random seed, printed) and
-/// `RELAY_NEMESIS_SECONDS` (default 600).
+/// The long run (`scripts/nemesis.sh`): `RELAY_NEMESIS_SEED` (else a random seed, printed),
+/// `RELAY_NEMESIS_SECONDS` (default 600), and `RELAY_NEMESIS_LOCAL=1` to run against the shared
+/// local Redis and RabbitMQ, as the test command's seeds do (same schedule for a seed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run by scripts/nemesis.sh"]
 async fn nemesis_long() {
@@ -689,5 +690,6 @@ async fn nemesis_long() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random::<u64>);
     println!("nemesis seed {seed} (replay with RELAY_NEMESIS_SEED={seed})");
-    nemesis(seed, seconds_from_env(600), true).await;
+    let local = std::env::var("RELAY_NEMESIS_LOCAL").is_ok_and(|v| v == "1");
+    nemesis(seed, seconds_from_env(600), !local).await;
 }

@@ -49,6 +49,8 @@ pub const ECS_THROTTLED: &str = "relay_ecs_throttled_total";
 pub const DEAD_LETTERS_HELD: &str = "relay_dead_letters_held";
 /// Rejected messages left unacknowledged because their shard's hold was full.
 pub const DEAD_LETTER_HOLD_FULL: &str = "relay_dead_letter_hold_full_total";
+/// A shard consumer's prefetch: RELAY_PREFETCH, or fewer while its messages are large.
+pub const INTAKE_PREFETCH: &str = "relay_intake_prefetch";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -86,6 +88,7 @@ pub const ALL: &[&str] = &[
     ECS_THROTTLED,
     DEAD_LETTERS_HELD,
     DEAD_LETTER_HOLD_FULL,
+    INTAKE_PREFETCH,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -219,6 +222,10 @@ pub fn shard_state(shard: u16, pending: usize, batched: usize, retry: RetryState
 /// Dead letters a shard holds; zeroed when the shard is released, like [`shard_state`].
 pub fn dead_letters_held(shard: u16, n: u64) {
     gauge!(DEAD_LETTERS_HELD, "shard" => shard.to_string()).set(n as f64);
+}
+/// Zeroed when the shard is released.
+pub fn intake_prefetch(shard: u16, prefetch: u16) {
+    gauge!(INTAKE_PREFETCH, "shard" => shard.to_string()).set(f64::from(prefetch));
 }
 pub fn dead_letter_hold_full() {
     counter!(DEAD_LETTER_HOLD_FULL).increment(1);

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use rand::Rng;
 
 use crate::relay::amqp;
+use crate::relay::config::WorkerConfig;
 use crate::relay::dead_letter::{self, Letter};
 use crate::relay::metrics as m;
 use crate::relay::sender::{Senders, ShardCtx};
@@ -48,6 +49,7 @@ pub async fn run(ctx: Arc<ShardCtx>, conn: &Connection) -> ShardEnd {
             ShardEnd::Amqp(e.to_string())
         }
     };
+    m::intake_prefetch(ctx.shard, 0);
     ctx.cancel.cancel();
     senders.wait().await;
     let _ = mover.await;
@@ -72,8 +74,14 @@ async fn consume(
         }
     }
     let tag = format!("{}#{}", ctx.fence.owner, ctx.shard);
-    let prefetch = ctx.cfg.shard_prefetch();
+    let mut window = Window::new(&ctx.cfg);
+    let mut prefetch = ctx.cfg.shard_prefetch();
     let mut consumer = start_consumer(&ch, &queue, &tag, prefetch).await?;
+    m::intake_prefetch(ctx.shard, prefetch);
+    // A prefetch change under way (see `restart_consumer`): the new size, and the stored
+    // deliveries whose acks are withheld until the window is full.
+    let mut resize: Option<u16> = None;
+    let mut withheld: Vec<u64> = Vec::new();
     tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(resume_ticker(ctx.clone(), senders.clone()));
     tokio::spawn(retention_sweeper(ctx.clone()));
@@ -90,6 +98,16 @@ async fn consume(
                 if let Some(end) = hold_refused(ctx, &ch, &mut refused).await? {
                     break end;
                 }
+                continue;
+            }
+            // The queue ran dry before the window filled: no prefetch matters then. The
+            // withheld acks go out, and the window sizes itself again when messages come.
+            _ = tokio::time::sleep(RESIZE_IDLE), if resize.is_some() => {
+                if let Some(last) = withheld.iter().max() {
+                    ch.basic_ack(*last, BasicAckOptions { multiple: true }).await?;
+                }
+                withheld.clear();
+                resize = None;
                 continue;
             }
         };
@@ -112,16 +130,138 @@ async fn consume(
                 _ => break,
             }
         }
+        window.observe(batch.iter().map(|d| d.data.len()));
         if let Some(end) = hold_refused(ctx, &ch, &mut refused).await? {
             break end;
         }
-        if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut refused).await? {
+        let tags: Vec<u64> = batch.iter().map(|d| d.delivery_tag).collect();
+        let ack = resize.is_none();
+        if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut refused, ack).await?
+        {
             break end;
+        }
+        if !ack {
+            withheld.extend(tags);
+        }
+        if !refused.is_empty() {
+            // A refused delivery is not stored, so the consumer must not be cancelled while it
+            // holds one: this resize is given up, and what it withheld is acked.
+            if resize.take().is_some() {
+                for tag in withheld.drain(..) {
+                    if refused.iter().all(|r| r.tag != tag) {
+                        ch.basic_ack(tag, BasicAckOptions::default()).await?;
+                    }
+                }
+            }
+            continue;
+        }
+        // Sizes seen while a resize waits count against its target: large messages arriving
+        // then must not be let in by the larger window it was going to open.
+        match window.resize(resize.unwrap_or(prefetch)) {
+            Some(size) if size == prefetch => {
+                if let Some(last) = withheld.iter().max() {
+                    ch.basic_ack(*last, BasicAckOptions { multiple: true })
+                        .await?;
+                }
+                withheld.clear();
+                resize = None;
+            }
+            Some(size) => resize = Some(size),
+            None => {}
+        }
+        if let Some(size) = resize {
+            if withheld.len() >= usize::from(prefetch) {
+                match restart_consumer(
+                    ctx,
+                    &ch,
+                    &queue,
+                    &tag,
+                    consumer,
+                    &mut withheld,
+                    size,
+                    senders,
+                    &mut refused,
+                )
+                .await?
+                {
+                    Ok(c) => consumer = c,
+                    Err(end) => break end,
+                }
+                prefetch = size;
+                resize = None;
+                m::intake_prefetch(ctx.shard, prefetch);
+                tracing::debug!(shard = ctx.shard, prefetch, "prefetch resized");
+            }
         }
     };
     // Closing the channel returns unacknowledged deliveries to the queue for the next owner.
     amqp::close_channel(&ch, "shard released").await;
     Ok(end)
+}
+
+/// Starts the shard's consumer again with a new prefetch (a consumer's prefetch is fixed when it
+/// starts). The caller withheld the acks of stored deliveries until the window was full, so the
+/// broker has nothing more on the way and every delivery this consumer holds is in Redis. Only
+/// then is it cancelled: RabbitMQ 3.10 activates the queue's next consumer at a cancel and gives
+/// the cancelled one's unacknowledged messages back only later, behind what that consumer took
+/// first. Messages that are already stored come back as duplicates, which intake drops, so no
+/// task's order can change whatever happens next. The acks go out after the cancel, and the new
+/// consumer starts once they are sent (they settle before it, on the same channel).
+#[allow(clippy::too_many_arguments)]
+async fn restart_consumer(
+    ctx: &ShardCtx,
+    ch: &Channel,
+    queue: &str,
+    tag: &str,
+    mut old: Consumer,
+    withheld: &mut Vec<u64>,
+    prefetch: u16,
+    senders: &Senders,
+    refused: &mut Vec<Refused>,
+) -> Result<Result<Consumer, ShardEnd>, lapin::Error> {
+    let cancelled = async {
+        ch.basic_cancel(tag.into(), BasicCancelOptions::default())
+            .await?;
+        // The stream ends at the cancel-ok. Nothing should come before it (the window was
+        // full); whatever does is stored like any delivery, its ack withheld with the others.
+        let mut late = Vec::new();
+        while let Some(d) = old.next().await {
+            late.push(d?);
+        }
+        Ok::<_, lapin::Error>(late)
+    };
+    let late = match tokio::time::timeout(CANCEL_WAIT, cancelled).await {
+        Ok(late) => late?,
+        Err(_) => {
+            m::amqp_error("consume");
+            return Ok(Err(ShardEnd::Amqp(
+                "no cancel-ok from the broker in time".into(),
+            )));
+        }
+    };
+    if !late.is_empty() {
+        let tags: Vec<u64> = late.iter().map(|d| d.delivery_tag).collect();
+        if let Some(end) = intake_batch(ctx, ch, queue, late, senders, refused, false).await? {
+            return Ok(Err(end));
+        }
+        withheld.extend(tags);
+    }
+    // A multiple ack would also ack a refused delivery (unstored, its letter not held).
+    if refused.is_empty() {
+        if let Some(last) = withheld.iter().max() {
+            ch.basic_ack(*last, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    } else {
+        for &t in withheld
+            .iter()
+            .filter(|t| refused.iter().all(|r| r.tag != **t))
+        {
+            ch.basic_ack(t, BasicAckOptions::default()).await?;
+        }
+    }
+    withheld.clear();
+    Ok(Ok(start_consumer(ch, queue, tag, prefetch).await?))
 }
 
 /// Starts consuming the shard queue with `prefetch` unacknowledged deliveries at most.
@@ -141,9 +281,56 @@ async fn start_consumer(
     .await
 }
 
+/// The shard consumer's prefetch, sized by the bytes it sees. RabbitMQ counts prefetch in
+/// messages, and each shard's share of RELAY_INTAKE_MAX_BYTES bounds its unacknowledged bytes.
+/// A consumer starts with the prefetch that bounds even messages of the largest size
+/// (`WorkerConfig::shard_prefetch`); it shrinks as soon as a batch holds larger messages than
+/// its window fits, and grows to what the largest message seen fits (at most RELAY_PREFETCH)
+/// after a whole window of smaller ones. The bound holds at every size but while messages grow:
+/// a window of the current prefetch may then hold large ones.
+struct Window {
+    most: u16,
+    budget: u64,
+    /// Deliveries and the largest body seen since counting last started.
+    seen: u64,
+    largest: u64,
+}
+
+impl Window {
+    fn new(cfg: &WorkerConfig) -> Window {
+        Window {
+            most: cfg.prefetch,
+            budget: cfg.intake_max_bytes / u64::from(cfg.shards),
+            seen: 0,
+            largest: 0,
+        }
+    }
+
+    /// Counts a batch by its bodies' sizes.
+    fn observe(&mut self, sizes: impl Iterator<Item = usize>) {
+        for size in sizes {
+            self.seen += 1;
+            self.largest = self.largest.max(size as u64);
+        }
+    }
+
+    /// The prefetch to change to from `current`, if any. Counting starts again after a change
+    /// and after each whole window, so that growth follows the sizes of recent messages only.
+    fn resize(&mut self, current: u16) -> Option<u16> {
+        let fitting = (self.budget / self.largest.max(1)).clamp(1, u64::from(self.most)) as u16;
+        let whole = self.seen >= u64::from(current);
+        let next = (fitting < current || (whole && fitting > current)).then_some(fitting);
+        if next.is_some() || whole {
+            self.seen = 0;
+            self.largest = 0;
+        }
+        next
+    }
+}
+
 /// Stores a batch of deliveries in order, holds the rejected ones for the dead-letter queue
-/// (see `dead_letter`), then acks. Returns Some(end) when the shard must stop (nothing of the
-/// batch is acked then).
+/// (see `dead_letter`), then acks (unless `ack` is false: the caller acks later). Returns
+/// Some(end) when the shard must stop (nothing of the batch is acked then).
 async fn intake_batch(
     ctx: &ShardCtx,
     ch: &Channel,
@@ -151,6 +338,7 @@ async fn intake_batch(
     batch: Vec<Delivery>,
     senders: &Senders,
     refused: &mut Vec<Refused>,
+    ack: bool,
 ) -> Result<Option<ShardEnd>, lapin::Error> {
     let received = Instant::now();
     let now = wire::now_ms();
@@ -239,6 +427,9 @@ async fn intake_batch(
         ctx.held.notify_one();
     }
 
+    if !ack {
+        return Ok(None);
+    }
     // A multiple ack would also ack a refused delivery still waiting below this batch.
     if refused.is_empty() {
         if let Some(last) = batch.last() {
@@ -259,6 +450,11 @@ struct Refused {
     tag: u64,
     letter: Vec<u8>,
 }
+
+/// How long a resize waits for its window to fill before it gives up (see `restart_consumer`).
+const RESIZE_IDLE: Duration = Duration::from_millis(100);
+/// How long a consumer restart waits for the broker's cancel-ok.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
 /// How often refused letters are offered to the hold again while no delivery comes.
 const REFUSED_RETRY: Duration = Duration::from_secs(1);
@@ -468,5 +664,39 @@ async fn retention_sweeper(ctx: Arc<ShardCtx>) {
                 m::redis_error("sweep");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefetch_follows_the_sizes_seen_and_shrinks_at_once_on_large_ones() {
+        // 128 MiB over 16 shards: 8 MiB a shard, 32 messages of the largest size.
+        let cfg = WorkerConfig::default();
+        assert_eq!(cfg.shard_prefetch(), 32);
+        let mut w = Window::new(&cfg);
+        let mut after = |current: u16, n: usize, size: usize| {
+            w.observe(std::iter::repeat_n(size, n));
+            w.resize(current)
+        };
+        assert_eq!(after(32, 31, 1_000), None, "not a whole window seen yet");
+        assert_eq!(after(32, 1, 1_000), Some(256), "never above RELAY_PREFETCH");
+        assert_eq!(after(256, 256, 1_000), None);
+        assert_eq!(after(256, 1, 250 * 1024), Some(32), "at once");
+        // 100 KiB messages: 8 MiB holds 81 of them.
+        assert_eq!(after(32, 32, 100 * 1024), Some(81));
+        assert_eq!(after(81, 200, 100 * 1024), None);
+        assert_eq!(
+            after(81, 80, 1_000),
+            None,
+            "not a whole window of small ones yet"
+        );
+        assert_eq!(
+            after(81, 1, 1_000),
+            Some(256),
+            "earlier windows' sizes forgotten"
+        );
     }
 }
