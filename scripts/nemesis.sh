@@ -4,7 +4,7 @@
 # received. It runs against a private HA setup that the test starts on free loopback ports (a
 # Redis primary with two replicas under three Sentinels, RELAY_REDIS_MIN_REPLICAS=1, and a
 # three-node RabbitMQ cluster) and adds Redis primary kills (Sentinel failover) and RabbitMQ node
-# kills to the faults. The test command runs the nemesis for 30 s on three fixed seeds against
+# kills to the faults. The test command runs the nemesis for 30 s on four fixed seeds against
 # the shared local Redis and RabbitMQ.
 # --local runs against the shared local Redis and RabbitMQ instead, as the test command's seeds do
 # (a seed then draws the same schedule as there: replay a test-command failure with it).

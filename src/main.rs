@@ -3,12 +3,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ecs_state_relay::cli::{bench, demo, dlq, publish, status};
 use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::relay::ecs::Ecs;
 use ecs_state_relay::relay::metrics::{self, Readiness};
 use ecs_state_relay::relay::worker;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -91,11 +93,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run_worker(mut cfg: WorkerConfig) -> anyhow::Result<()> {
+    // Installed before anything slow (the AWS configuration takes milliseconds): until then a
+    // SIGTERM ends the process by the signal, not by a clean shutdown.
+    let cancel = CancellationToken::new();
+    tokio::spawn(stop_on_signal(signals()?, cancel.clone()));
     cfg.worker_id = Some(cfg.worker_id());
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let ecs = Ecs::from_env(Duration::from_millis(cfg.call_timeout_ms), &cfg.worker_id()).await?;
-    let cancel = CancellationToken::new();
     let ready = Readiness::default();
     if !cfg.metrics_addr.is_empty() {
         let listener = tokio::net::TcpListener::bind(&cfg.metrics_addr)
@@ -112,20 +117,20 @@ async fn run_worker(mut cfg: WorkerConfig) -> anyhow::Result<()> {
         metrics::handle();
         tokio::spawn(metrics::serve(listener, ready.clone(), cancel.clone()));
     }
-    tokio::spawn(stop_on_signal(cancel.clone()));
     worker::run(cfg, ecs, ready, cancel).await
 }
 
+/// SIGTERM and SIGINT, handled from the moment this returns.
+fn signals() -> anyhow::Result<(Signal, Signal)> {
+    let handler = |kind| signal(kind).context("cannot install signal handlers");
+    Ok((
+        handler(SignalKind::terminate())?,
+        handler(SignalKind::interrupt())?,
+    ))
+}
+
 /// SIGTERM or SIGINT starts a clean shutdown; a second one exits at once.
-async fn stop_on_signal(cancel: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn stop_on_signal((mut term, mut int): (Signal, Signal), cancel: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tracing::info!("shutdown requested: stopping intake, finishing calls in flight");
     cancel.cancel();
