@@ -494,7 +494,20 @@ fn check(calls: &[CallRecord], tasks: &[String], max_in_flight: u64) -> Checked 
         dead_lettered: 0,
         max_in_flight,
         drained_after: None,
-        first_offender: offenders.into_iter().next(),
+        // Else the first task with a repeated call, for the duplicate bound.
+        first_offender: offenders.into_iter().next().or_else(|| {
+            tasks
+                .iter()
+                .find(|t| {
+                    let ok = by_task.get(t.as_str()).map(|cs| {
+                        cs.iter()
+                            .filter(|c| c.outcome.as_deref() == Some(OUTCOME_OK))
+                            .count()
+                    });
+                    ok.unwrap_or(0) > 2
+                })
+                .cloned()
+        }),
     }
 }
 
