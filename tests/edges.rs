@@ -984,11 +984,13 @@ async fn the_prefetch_follows_message_sizes_without_redelivery_or_disorder() {
     cfg.intake_max_bytes = 160 * 1024;
     env.start_worker(cfg).await;
     let prefetch = || metric_sum(&metrics.render(), "relay_intake_prefetch");
-    assert_eq!(
-        prefetch(),
-        1.0,
-        "starts with what fits the largest messages"
-    );
+    // Set once the shard's consumer runs, a moment after its lease is taken.
+    eventually(
+        Duration::from_secs(10),
+        "the shard starts with what fits the largest messages (1)",
+        || async { prefetch() == 1.0 },
+    )
+    .await;
 
     let phase = |name: &str, pad: fn(usize) -> bool| {
         let tasks: Vec<String> = (0..40).map(|i| arn(&format!("{name}-{i:02}"))).collect();

@@ -560,15 +560,7 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
         None => (env.conn(), env.store.clone()),
     };
     let mut cluster = Cluster::start(&mut env, ha).await;
-    eventually(Duration::from_secs(60), "every shard owned", || async {
-        for s in 0..env.shards {
-            if store.lease_owner(s).await.ok().flatten().is_none() {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    wait_shards_owned(&store, env.shards, Duration::from_secs(60)).await;
 
     // A steady stream: 6 lifecycles start and 6 stop every 300 ms, for the faults' length.
     let rounds = (length.as_millis() / 300) as usize;

@@ -24,18 +24,6 @@ fn ha_config(env: &mut Env, ha: &RedisHa, min_replicas: u32) -> WorkerConfig {
     cfg
 }
 
-async fn wait_owned(store: &Store, shards: u16) {
-    eventually(Duration::from_secs(30), "every shard owned", || async {
-        for s in 0..shards {
-            if store.lease_owner(s).await.ok().flatten().is_none() {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-}
-
 /// Per shard, the time intervals of each worker's calls must not overlap another worker's:
 /// a shard is never sent from by two workers at once. Returns the pairs that did.
 fn two_senders(calls: &[CallRecord], shard_of: &BTreeMap<String, u16>) -> usize {
@@ -96,7 +84,7 @@ async fn failover_run(name: &str, min_replicas: u32, rejoin: bool, within: Durat
     let store = Store::open(&c1.conn).await.expect("HA group reachable");
     let _w1 = env.spawn_process(&c1);
     let _w2 = env.spawn_process(&c2);
-    wait_owned(&store, env.shards).await;
+    wait_shards_owned(&store, env.shards, Duration::from_secs(30)).await;
 
     let tasks: Vec<String> = (0..160).map(|i| arn(&format!("{name}-{i:03}"))).collect();
     let publisher = flowing_stream(&env, env.conn(), &tasks, Duration::from_millis(200)).await;

@@ -103,10 +103,7 @@ async fn consume(
             // The queue ran dry before the window filled: no prefetch matters then. The
             // withheld acks go out, and the window sizes itself again when messages come.
             _ = tokio::time::sleep(RESIZE_IDLE), if resize.is_some() => {
-                if let Some(last) = withheld.iter().max() {
-                    ch.basic_ack(*last, BasicAckOptions { multiple: true }).await?;
-                }
-                withheld.clear();
+                ack_withheld(&ch, &mut withheld, &refused).await?;
                 resize = None;
                 continue;
             }
@@ -134,24 +131,19 @@ async fn consume(
         if let Some(end) = hold_refused(ctx, &ch, &mut refused).await? {
             break end;
         }
-        let tags: Vec<u64> = batch.iter().map(|d| d.delivery_tag).collect();
         let ack = resize.is_none();
+        if !ack {
+            withheld.extend(batch.iter().map(|d| d.delivery_tag));
+        }
         if let Some(end) = intake_batch(ctx, &ch, &queue, batch, senders, &mut refused, ack).await?
         {
             break end;
-        }
-        if !ack {
-            withheld.extend(tags);
         }
         if !refused.is_empty() {
             // A refused delivery is not stored, so the consumer must not be cancelled while it
             // holds one: this resize is given up, and what it withheld is acked.
             if resize.take().is_some() {
-                for tag in withheld.drain(..) {
-                    if refused.iter().all(|r| r.tag != tag) {
-                        ch.basic_ack(tag, BasicAckOptions::default()).await?;
-                    }
-                }
+                ack_withheld(&ch, &mut withheld, &refused).await?;
             }
             continue;
         }
@@ -159,11 +151,7 @@ async fn consume(
         // then must not be let in by the larger window it was going to open.
         match window.resize(resize.unwrap_or(prefetch)) {
             Some(size) if size == prefetch => {
-                if let Some(last) = withheld.iter().max() {
-                    ch.basic_ack(*last, BasicAckOptions { multiple: true })
-                        .await?;
-                }
-                withheld.clear();
+                ack_withheld(&ch, &mut withheld, &refused).await?;
                 resize = None;
             }
             Some(size) => resize = Some(size),
@@ -240,28 +228,37 @@ async fn restart_consumer(
         }
     };
     if !late.is_empty() {
-        let tags: Vec<u64> = late.iter().map(|d| d.delivery_tag).collect();
+        withheld.extend(late.iter().map(|d| d.delivery_tag));
         if let Some(end) = intake_batch(ctx, ch, queue, late, senders, refused, false).await? {
             return Ok(Err(end));
         }
-        withheld.extend(tags);
     }
-    // A multiple ack would also ack a refused delivery (unstored, its letter not held).
+    ack_withheld(ch, withheld, refused).await?;
+    Ok(Ok(start_consumer(ch, queue, tag, prefetch).await?))
+}
+
+/// Acks the withheld deliveries and forgets them: all at once, or one by one past the refused
+/// ones (a multiple ack would also ack a refused delivery, unstored and its letter not held).
+async fn ack_withheld(
+    ch: &Channel,
+    withheld: &mut Vec<u64>,
+    refused: &[Refused],
+) -> Result<(), lapin::Error> {
     if refused.is_empty() {
-        if let Some(last) = withheld.iter().max() {
-            ch.basic_ack(*last, BasicAckOptions { multiple: true })
+        if let Some(&last) = withheld.iter().max() {
+            ch.basic_ack(last, BasicAckOptions { multiple: true })
                 .await?;
         }
     } else {
         for &t in withheld
             .iter()
-            .filter(|t| refused.iter().all(|r| r.tag != **t))
+            .filter(|&&t| refused.iter().all(|r| r.tag != t))
         {
             ch.basic_ack(t, BasicAckOptions::default()).await?;
         }
     }
     withheld.clear();
-    Ok(Ok(start_consumer(ch, queue, tag, prefetch).await?))
+    Ok(())
 }
 
 /// Starts consuming the shard queue with `prefetch` unacknowledged deliveries at most.

@@ -157,20 +157,7 @@ impl Env {
 
     /// Every shard has a lease holder.
     pub async fn wait_all_shards_owned(&self) {
-        let store = self.store.clone();
-        let shards = self.shards;
-        eventually(Duration::from_secs(20), "all shards owned", || {
-            let store = store.clone();
-            async move {
-                for s in 0..shards {
-                    if store.lease_owner(s).await.ok().flatten().is_none() {
-                        return false;
-                    }
-                }
-                true
-            }
-        })
-        .await;
+        wait_shards_owned(&self.store, self.shards, Duration::from_secs(20)).await;
     }
 
     /// Environment for a worker process (the real binary) against this test's services.
@@ -523,6 +510,19 @@ impl Drop for Proc {
             let _ = self.0.wait();
         }
     }
+}
+
+/// Waits until each of `shards` has a lease holder in `store`.
+pub async fn wait_shards_owned(store: &Store, shards: u16, within: Duration) {
+    eventually(within, "every shard owned", || async {
+        for s in 0..shards {
+            if store.lease_owner(s).await.ok().flatten().is_none() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
 }
 
 /// Polls `cond` until it holds or the deadline passes (then panics with `what`).
