@@ -3,7 +3,7 @@
 //! connections; and, when replicas must confirm writes, `WAIT` after each write the relay acts on.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -87,6 +87,9 @@ pub struct Link {
     target: String,
     /// Durable writes' committers, one per lane (see [`Link::run_durable`]).
     lanes: Mutex<HashMap<Lane, Committer>>,
+    /// False from a failed round trip (or an unconfirmed write) until the next good one; see
+    /// [`Link::reachable`].
+    reachable: AtomicBool,
 }
 
 /// Which durable writes share a connection and a `WAIT`: each shard's intake and completions,
@@ -256,7 +259,20 @@ impl Link {
             failed_over: Notify::new(),
             target,
             lanes: Mutex::new(HashMap::new()),
+            reachable: AtomicBool::new(true),
         }
+    }
+
+    /// Whether the last round trip to Redis went through (and, with replicas required, the last
+    /// durable write was confirmed). Senders start no ECS call while it is false: a worker cut
+    /// off from Redis could not record the call's completion, so the change would be sent again
+    /// by the shard's next owner; every call started during a cut is one such duplicate.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::SeqCst)
+    }
+
+    fn mark_reachable(&self, ok: bool) {
+        self.reachable.store(ok, Ordering::SeqCst);
     }
 
     /// The Redis this link talks to, for messages (credentials masked).
@@ -292,7 +308,10 @@ impl Link {
                 index,
             });
         }
-        let inner = self.connect().await?;
+        let inner = self
+            .connect()
+            .await
+            .inspect_err(|_| self.mark_reachable(false))?;
         *self.slot(index) = Some(inner.clone());
         Ok(Conn {
             inner,
@@ -387,7 +406,11 @@ impl Link {
         let cmd = redis::Cmd::invoke_script(inv);
         let mut loaded = false;
         loop {
-            let (value, got) = self.committer(lane).commit(cmd.clone()).await?;
+            let (value, got) = self
+                .committer(lane)
+                .commit(cmd.clone())
+                .await
+                .inspect_err(|_| self.mark_reachable(false))?;
             // Pipelines do not load scripts by themselves (a new primary has none cached).
             if let Value::ServerError(e) = &value {
                 if !loaded && e.code() == "NOSCRIPT" {
@@ -397,6 +420,7 @@ impl Link {
                 }
             }
             let value = value.extract_error()?;
+            self.mark_reachable(got >= self.min_replicas);
             if got < self.min_replicas {
                 m::redis_wait_shortfall();
                 return Err(StoreError::NotReplicated {
@@ -560,18 +584,18 @@ pub struct Conn {
 
 impl Conn {
     fn check<T>(&self, result: &redis::RedisResult<T>) {
-        if let Err(e) = result {
-            if e.is_io_error()
+        let broken = result.as_ref().err().is_some_and(|e| {
+            e.is_io_error()
                 || e.is_timeout()
                 || e.is_connection_dropped()
                 || e.is_unrecoverable_error()
                 || e.to_string().to_ascii_uppercase().contains("READONLY")
-            {
-                // Counted once per broken connection, by whichever step saw it first.
-                if self.link.slot(self.index).take().is_some() {
-                    m::redis_reconnect();
-                }
-            }
+        });
+        // A script's own error (FENCED, NOSCRIPT) still came back: Redis is reachable.
+        self.link.mark_reachable(!broken);
+        // Counted once per broken connection, by whichever step saw it first.
+        if broken && self.link.slot(self.index).take().is_some() {
+            m::redis_reconnect();
         }
     }
 }

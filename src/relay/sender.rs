@@ -227,7 +227,8 @@ impl ShardCtx {
     /// Redis fences every write, but an ECS call is outside Redis: a call may go out only if
     /// it ends (by its timeout) before the shard lease and its permit (`permit_until`) can
     /// lapse, so no change of a task is ever in flight from two workers, and the fleet-wide
-    /// limit holds even if the call runs its full time.
+    /// limit holds even if the call runs its full time. Nor while Redis is unreachable
+    /// ([`crate::relay::redis_link::Link::reachable`]): the completion could not be recorded.
     pub fn may_call(&self, permit_until: Instant) -> bool {
         self.may_call_within(permit_until, Duration::ZERO)
     }
@@ -237,6 +238,7 @@ impl ShardCtx {
     fn may_call_within(&self, permit_until: Instant, slack: Duration) -> bool {
         !self.cancel.is_cancelled()
             && self.lease_covers_a_call(slack)
+            && self.store.link().reachable()
             && self.call_ends_by() + slack < permit_until
     }
 
@@ -256,7 +258,8 @@ impl ShardCtx {
     }
 
     /// Waits until the lease covers a whole call (after a renewal, or after the wait that
-    /// follows a lapsed takeover); false when the shard stops first.
+    /// follows a lapsed takeover) and Redis is reachable to record its completion; false when
+    /// the shard stops first.
     async fn wait_for_call_window(&self) -> bool {
         loop {
             let renewed = self.renewed.notified();
@@ -265,7 +268,7 @@ impl ShardCtx {
             if self.cancel.is_cancelled() {
                 return false;
             }
-            if self.lease_covers_a_call(PREPARE_SLACK) {
+            if self.lease_covers_a_call(PREPARE_SLACK) && self.store.link().reachable() {
                 return true;
             }
             let until = self
@@ -625,10 +628,11 @@ impl Senders {
             };
             if refused.load(Ordering::SeqCst) {
                 ctx.permits.release(permit).await;
-                // Nothing reached ECS: wait until a renewal covers a call (or the shard stops).
+                // Nothing reached ECS: wait until a renewal covers a call and Redis answers (or
+                // the shard stops).
                 tracing::debug!(
                     shard = ctx.shard,
-                    "lease or permit too short for a call; waiting"
+                    "lease or permit too short for a call, or Redis unreachable; waiting"
                 );
                 m::fenced("call");
                 continue;
