@@ -30,4 +30,4 @@ export RELAY_NEMESIS_SECONDS="$seconds"
 if [ -n "$seed" ]; then
   export RELAY_NEMESIS_SEED="$seed"
 fi
-exec cargo nextest run --test nemesis --run-ignored ignored-only --no-capture nemesis_long
+exec cargo nextest run --test it --run-ignored ignored-only --no-capture nemesis::nemesis_long

@@ -44,7 +44,7 @@ port_open() {
 # ---------------------------------------------------------------------------------------------
 # Tools only the tests use (`--with-test-tools`, given by scripts/test.sh; the demo needs none):
 # openssl makes the TLS tests' certificates; promtool checks the alert rules and dashboard
-# queries (tests/observability.rs) and comes with Debian's prometheus package, whose server we
+# queries (tests/it/observability.rs) and comes with Debian's prometheus package, whose server we
 # do not start.
 # ---------------------------------------------------------------------------------------------
 if [ "${1:-}" = "--with-test-tools" ]; then

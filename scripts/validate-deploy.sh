@@ -4,7 +4,7 @@
 #   deploy/prometheus/*.yml     promtool check config
 #   k8s/ base and overlays      rendered (resources, JSON 6902 patches, namespace) and checked
 #                               with kubernetes-validate --strict; PrometheusRule == alerts.yml
-# The validators live in virtualenvs under target/ (made on first use). tests/deploy.rs runs this.
+# The validators live in virtualenvs under target/ (made on first use). tests/it/deploy.rs runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { echo "validate-deploy: $*" >&2; }

@@ -8,11 +8,11 @@ use clap::{Parser, Subcommand};
 use ecs_state_relay::cli::{bench, demo, dlq, publish, status};
 use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::relay::ecs::Ecs;
+use ecs_state_relay::relay::logging;
 use ecs_state_relay::relay::metrics::{self, Readiness};
 use ecs_state_relay::relay::worker;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -49,22 +49,6 @@ enum Command {
     Dlq(dlq::DlqArgs),
 }
 
-fn init_logging(format: &str, default_level: &str) {
-    // lapin logs every channel the broker closes at ERROR, including the expected "no such
-    // queue" of the start-up shard probes; the relay reports real channel failures itself.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(default_level))
-        .add_directive("lapin::channel=off".parse().expect("static directive"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -74,7 +58,7 @@ async fn main() -> ExitCode {
     } else {
         "info"
     };
-    init_logging(&cli.log_format, level);
+    logging::init(cli.log_format == "json", level);
     let result = match cli.command {
         Command::Worker(cfg) => run_worker(cfg).await,
         Command::Publish { conn, file } => run_publish(conn, file).await,
@@ -98,8 +82,7 @@ async fn run_worker(mut cfg: WorkerConfig) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     tokio::spawn(stop_on_signal(signals()?, cancel.clone()));
     cfg.worker_id = Some(cfg.worker_id());
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let cfg = cfg.validate()?;
     let ecs = Ecs::from_env(Duration::from_millis(cfg.call_timeout_ms), &cfg.worker_id()).await?;
     let ready = Readiness::default();
     if !cfg.metrics_addr.is_empty() {

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::cli::publish::{publish_lines, Publisher};
 use crate::relay::amqp;
-use crate::relay::config::ConnConfig;
+use crate::relay::config::{ConnConfig, WorkerConfig};
 use crate::relay::store::Store;
 use crate::sim::{CallRecord, Sim, SimConfig};
 
@@ -932,25 +932,19 @@ fn spawn_worker(
     metrics_port: u16,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<Child> {
-    let intake = args
-        .intake_max_bytes
-        .map(|b| ("RELAY_INTAKE_MAX_BYTES", b.to_string()));
+    let defaults = WorkerConfig::default();
+    let cfg = WorkerConfig {
+        conn: conn.clone(),
+        shards: args.shards,
+        intake_max_bytes: args.intake_max_bytes.unwrap_or(defaults.intake_max_bytes),
+        metrics_addr: format!("127.0.0.1:{metrics_port}"),
+        worker_id: Some(format!("{}-bench", conn.exchange)),
+        ..defaults
+    };
     Ok(Command::new(std::env::current_exe()?)
         .arg("worker")
-        .envs(intake)
+        .envs(cfg.to_env())
         .envs(extra.iter().copied())
-        .env("RELAY_AMQP_URL", &conn.amqp_url)
-        .env("RELAY_REDIS_URL", &conn.redis_url)
-        .env("RELAY_REDIS_SENTINELS", &conn.redis_sentinels)
-        .env("RELAY_REDIS_SENTINEL_MASTER", &conn.redis_sentinel_master)
-        .env(
-            "RELAY_REDIS_MIN_REPLICAS",
-            conn.redis_min_replicas.to_string(),
-        )
-        .env("RELAY_EXCHANGE", &conn.exchange)
-        .env("RELAY_SHARDS", args.shards.to_string())
-        .env("RELAY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .env("RELAY_WORKER_ID", format!("{}-bench", conn.exchange))
         .env("AWS_ENDPOINT_URL_ECS", sim_url)
         .env("AWS_REGION", "us-east-1")
         .env("AWS_ACCESS_KEY_ID", "bench")

@@ -20,7 +20,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::config::WorkerConfig;
-use crate::relay::metrics as m;
+use crate::relay::events::RedisFailed;
+use crate::relay::metrics::{self as m, Op};
 use crate::relay::store::{Lane, Store, StoreResult};
 
 /// Error codes ECS (and AWS in general) answers when it sheds load; HTTP 429 maps to
@@ -229,8 +230,12 @@ impl Adaptive {
                 // Not reported again: the script may have run (answer lost, or written but not
                 // confirmed by replicas), and a throttle counted twice would halve the limit
                 // twice. A lost throttle costs nothing: an overload throttles the next call too.
-                tracing::warn!(error = %e, "cannot report ECS call outcomes for the adaptive limit");
-                m::redis_error("adaptive_limit");
+                RedisFailed {
+                    op: Op::AdaptiveLimit,
+                    what: "cannot report ECS call outcomes for the adaptive limit",
+                    error: &e,
+                }
+                .emit();
             }
         }
     }

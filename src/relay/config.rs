@@ -13,66 +13,94 @@ pub const CALL_MARGIN: Duration = Duration::from_millis(250);
 /// How much longer than the call timeout a permit lease must be at least.
 const PERMIT_SLACK_MS: u64 = 1_000;
 
-/// Settings of a worker. Tests build it with `WorkerConfig::default()` and override fields.
-#[derive(Clone, Args)]
+/// Every default, defined once: the flags (and so `--help`) and `Default` both read them.
+pub mod defaults {
+    pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+    pub const EXCHANGE: &str = "ecs.state-changes";
+    pub const REDIS_SENTINELS: &str = "";
+    pub const REDIS_SENTINEL_MASTER: &str = "mymaster";
+    pub const REDIS_MIN_REPLICAS: u32 = 0;
+    pub const SHARDS: u16 = 16;
+    pub const CONCURRENCY_LIMIT: u32 = 10;
+    pub const ADAPTIVE: bool = true;
+    pub const CONCURRENCY_MIN: u32 = 1;
+    pub const ADAPTIVE_WINDOW_MS: u64 = 1_000;
+    pub const DRAIN_MIN_MS: u64 = 10_000;
+    pub const DRAIN_MAX_MS: u64 = 30_000;
+    pub const BACKOFF_MIN_MS: u64 = 1_000;
+    pub const BACKOFF_MAX_MS: u64 = 30_000;
+    pub const TASK_RETENTION_S: u64 = 86_400;
+    pub const LEASE_MS: u64 = 15_000;
+    pub const PERMIT_LEASE_MS: u64 = 8_000;
+    pub const CALL_TIMEOUT_MS: u64 = 5_000;
+    pub const PREFETCH: u16 = 256;
+    pub const INTAKE_MAX_BYTES: u64 = 128 * 1024 * 1024;
+    pub const DEAD_LETTER_HOLD_BYTES: u64 = 16 * 1024 * 1024;
+    pub const METRICS_ADDR: &str = "0.0.0.0:9464";
+}
+
+/// Settings of a worker. Tests build it with `WorkerConfig::default()` and override fields;
+/// [`WorkerConfig::validate`] turns it into the [`Validated`] form a worker runs on.
+#[derive(Clone, PartialEq, Args)]
 pub struct WorkerConfig {
     #[command(flatten)]
     pub conn: ConnConfig,
     /// Number of shard queues; fixed for a deployment (changing it reorders task keys).
-    #[arg(long, env = "RELAY_SHARDS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "RELAY_SHARDS", default_value_t = defaults::SHARDS, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub shards: u16,
     /// Fleet-wide limit of ECS calls in flight.
-    #[arg(long, env = "RELAY_CONCURRENCY_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "RELAY_CONCURRENCY_LIMIT", default_value_t = defaults::CONCURRENCY_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency_limit: u32,
     /// Adaptive concurrency: `on` lowers the fleet's effective limit while ECS throttles (down
     /// to RELAY_CONCURRENCY_MIN) and raises it back to RELAY_CONCURRENCY_LIMIT; `off` keeps
     /// the fixed limit.
-    #[arg(long, env = "RELAY_ADAPTIVE", default_value = "on", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    #[arg(long, env = "RELAY_ADAPTIVE", default_value = on_off(defaults::ADAPTIVE), value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub adaptive: bool,
     /// The lowest the adaptive limit goes.
-    #[arg(long, env = "RELAY_CONCURRENCY_MIN", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "RELAY_CONCURRENCY_MIN", default_value_t = defaults::CONCURRENCY_MIN, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency_min: u32,
     /// The adaptive limit halves at most once per window and grows by one per window of
     /// healthy calls.
-    #[arg(long, env = "RELAY_ADAPTIVE_WINDOW_MS", default_value_t = 1_000)]
+    #[arg(long, env = "RELAY_ADAPTIVE_WINDOW_MS", default_value_t = defaults::ADAPTIVE_WINDOW_MS)]
     pub adaptive_window_ms: u64,
-    #[arg(long, env = "RELAY_DRAIN_MIN_MS", default_value_t = 10_000)]
+    #[arg(long, env = "RELAY_DRAIN_MIN_MS", default_value_t = defaults::DRAIN_MIN_MS)]
     pub drain_min_ms: u64,
-    #[arg(long, env = "RELAY_DRAIN_MAX_MS", default_value_t = 30_000)]
+    #[arg(long, env = "RELAY_DRAIN_MAX_MS", default_value_t = defaults::DRAIN_MAX_MS)]
     pub drain_max_ms: u64,
-    #[arg(long, env = "RELAY_BACKOFF_MIN_MS", default_value_t = 1_000)]
+    #[arg(long, env = "RELAY_BACKOFF_MIN_MS", default_value_t = defaults::BACKOFF_MIN_MS)]
     pub backoff_min_ms: u64,
-    #[arg(long, env = "RELAY_BACKOFF_MAX_MS", default_value_t = 30_000)]
+    #[arg(long, env = "RELAY_BACKOFF_MAX_MS", default_value_t = defaults::BACKOFF_MAX_MS)]
     pub backoff_max_ms: u64,
     /// Per-task state expires after this long without activity.
-    #[arg(long, env = "RELAY_TASK_RETENTION_S", default_value_t = 86_400)]
+    #[arg(long, env = "RELAY_TASK_RETENTION_S", default_value_t = defaults::TASK_RETENTION_S)]
     pub task_retention_s: u64,
     /// Shard lease time; a dead worker's shards move after this long.
-    #[arg(long, env = "RELAY_LEASE_MS", default_value_t = 15_000)]
+    #[arg(long, env = "RELAY_LEASE_MS", default_value_t = defaults::LEASE_MS)]
     pub lease_ms: u64,
     /// Lease of one ECS-call permit; a crashed or frozen worker's permits come back after this
     /// long. At least the call timeout + 1 s.
-    #[arg(long, env = "RELAY_PERMIT_LEASE_MS", default_value_t = 8_000)]
+    #[arg(long, env = "RELAY_PERMIT_LEASE_MS", default_value_t = defaults::PERMIT_LEASE_MS)]
     pub permit_lease_ms: u64,
     /// Timeout of one ECS call (connect, send, answer); a call starts only while both its
     /// permit and its shard lease cover it.
-    #[arg(long, env = "RELAY_CALL_TIMEOUT_MS", default_value_t = 5_000)]
+    #[arg(long, env = "RELAY_CALL_TIMEOUT_MS", default_value_t = defaults::CALL_TIMEOUT_MS)]
     pub call_timeout_ms: u64,
     /// Unacknowledged deliveries per shard consumer (also the largest intake batch), at most;
     /// RELAY_INTAKE_MAX_BYTES may lower it.
-    #[arg(long, env = "RELAY_PREFETCH", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "RELAY_PREFETCH", default_value_t = defaults::PREFETCH, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
     /// Bytes of message bodies a worker may hold unacknowledged across all shards, a share of
     /// RELAY_SHARDS each. RabbitMQ's prefetch counts messages, not bytes, so a shard's prefetch
     /// follows the sizes it sees (see `shard::Window`), from what fits the largest messages.
-    #[arg(long, env = "RELAY_INTAKE_MAX_BYTES", default_value_t = 128 * 1024 * 1024)]
+    #[arg(long, env = "RELAY_INTAKE_MAX_BYTES", default_value_t = defaults::INTAKE_MAX_BYTES)]
     pub intake_max_bytes: u64,
     /// Bytes of rejected messages a shard keeps in Redis while the dead-letter queue does not
     /// take them (unbound, full, broker alarm); past it a rejected message stays unacknowledged.
-    #[arg(long, env = "RELAY_DEAD_LETTER_HOLD_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "RELAY_DEAD_LETTER_HOLD_BYTES", default_value_t = defaults::DEAD_LETTER_HOLD_BYTES)]
     pub dead_letter_hold_bytes: u64,
     /// `/metrics`, `/healthz`, `/readyz`; empty disables the listener.
-    #[arg(long, env = "RELAY_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    #[arg(long, env = "RELAY_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
     pub metrics_addr: String,
     /// Unique name of this worker in leases and permits (default: host name + pid).
     #[arg(long, env = "RELAY_WORKER_ID")]
@@ -80,34 +108,34 @@ pub struct WorkerConfig {
 }
 
 /// Where the broker and the store are; shared by every subcommand.
-#[derive(Clone, Args)]
+#[derive(Clone, PartialEq, Args)]
 pub struct ConnConfig {
     #[arg(
         long,
         env = "RELAY_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        default_value = defaults::AMQP_URL,
         hide_env_values = true
     )]
     pub amqp_url: String,
     #[arg(
         long,
         env = "RELAY_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0",
+        default_value = defaults::REDIS_URL,
         hide_env_values = true
     )]
     pub redis_url: String,
     /// Exchange agents publish to; queues, Redis keys and permits are named after it.
-    #[arg(long, env = "RELAY_EXCHANGE", default_value = "ecs.state-changes")]
+    #[arg(long, env = "RELAY_EXCHANGE", default_value = defaults::EXCHANGE)]
     pub exchange: String,
     /// Sentinels (`host:port`, comma-separated) that name the Redis primary; when set, the
     /// relay follows failovers and RELAY_REDIS_URL only supplies credentials, TLS and db.
-    #[arg(long, env = "RELAY_REDIS_SENTINELS", default_value = "")]
+    #[arg(long, env = "RELAY_REDIS_SENTINELS", default_value = defaults::REDIS_SENTINELS)]
     pub redis_sentinels: String,
     /// The Sentinel master name of the relay's Redis.
-    #[arg(long, env = "RELAY_REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    #[arg(long, env = "RELAY_REDIS_SENTINEL_MASTER", default_value = defaults::REDIS_SENTINEL_MASTER)]
     pub redis_sentinel_master: String,
     /// Replicas that must confirm (WAIT) each write the relay acts on before it acks or sends.
-    #[arg(long, env = "RELAY_REDIS_MIN_REPLICAS", default_value_t = 0)]
+    #[arg(long, env = "RELAY_REDIS_MIN_REPLICAS", default_value_t = defaults::REDIS_MIN_REPLICAS)]
     pub redis_min_replicas: u32,
     /// File holding the RabbitMQ password (a mounted secret); replaces the URL's password.
     #[arg(long, env = "RELAY_AMQP_PASSWORD_FILE")]
@@ -232,12 +260,12 @@ fn url_with_password(raw: &str, secret: &str) -> anyhow::Result<String> {
 impl Default for ConnConfig {
     fn default() -> Self {
         Self {
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            redis_url: "redis://127.0.0.1:6379/0".into(),
-            exchange: "ecs.state-changes".into(),
-            redis_sentinels: String::new(),
-            redis_sentinel_master: "mymaster".into(),
-            redis_min_replicas: 0,
+            amqp_url: defaults::AMQP_URL.into(),
+            redis_url: defaults::REDIS_URL.into(),
+            exchange: defaults::EXCHANGE.into(),
+            redis_sentinels: defaults::REDIS_SENTINELS.into(),
+            redis_sentinel_master: defaults::REDIS_SENTINEL_MASTER.into(),
+            redis_min_replicas: defaults::REDIS_MIN_REPLICAS,
             amqp_password_file: None,
             redis_password_file: None,
             amqp_ca_file: None,
@@ -254,65 +282,189 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             conn: ConnConfig::default(),
-            shards: 16,
-            concurrency_limit: 10,
-            adaptive: true,
-            concurrency_min: 1,
-            adaptive_window_ms: 1_000,
-            drain_min_ms: 10_000,
-            drain_max_ms: 30_000,
-            backoff_min_ms: 1_000,
-            backoff_max_ms: 30_000,
-            task_retention_s: 86_400,
-            lease_ms: 15_000,
-            permit_lease_ms: 8_000,
-            call_timeout_ms: 5_000,
-            prefetch: 256,
-            intake_max_bytes: 128 * 1024 * 1024,
-            dead_letter_hold_bytes: 16 * 1024 * 1024,
-            metrics_addr: "0.0.0.0:9464".into(),
+            shards: defaults::SHARDS,
+            concurrency_limit: defaults::CONCURRENCY_LIMIT,
+            adaptive: defaults::ADAPTIVE,
+            concurrency_min: defaults::CONCURRENCY_MIN,
+            adaptive_window_ms: defaults::ADAPTIVE_WINDOW_MS,
+            drain_min_ms: defaults::DRAIN_MIN_MS,
+            drain_max_ms: defaults::DRAIN_MAX_MS,
+            backoff_min_ms: defaults::BACKOFF_MIN_MS,
+            backoff_max_ms: defaults::BACKOFF_MAX_MS,
+            task_retention_s: defaults::TASK_RETENTION_S,
+            lease_ms: defaults::LEASE_MS,
+            permit_lease_ms: defaults::PERMIT_LEASE_MS,
+            call_timeout_ms: defaults::CALL_TIMEOUT_MS,
+            prefetch: defaults::PREFETCH,
+            intake_max_bytes: defaults::INTAKE_MAX_BYTES,
+            dead_letter_hold_bytes: defaults::DEAD_LETTER_HOLD_BYTES,
+            metrics_addr: defaults::METRICS_ADDR.into(),
             worker_id: None,
         }
     }
 }
 
+/// How `RELAY_ADAPTIVE` is written.
+const fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+impl ConnConfig {
+    /// Every setting as the environment variable a worker reads it from (files and TLS only
+    /// when set). The one way tests, the bench and the demo hand a configuration to a process.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("RELAY_AMQP_URL", self.amqp_url.clone()),
+            ("RELAY_REDIS_URL", self.redis_url.clone()),
+            ("RELAY_EXCHANGE", self.exchange.clone()),
+            ("RELAY_REDIS_SENTINELS", self.redis_sentinels.clone()),
+            (
+                "RELAY_REDIS_SENTINEL_MASTER",
+                self.redis_sentinel_master.clone(),
+            ),
+            (
+                "RELAY_REDIS_MIN_REPLICAS",
+                self.redis_min_replicas.to_string(),
+            ),
+        ];
+        let files = [
+            ("RELAY_AMQP_PASSWORD_FILE", &self.amqp_password_file),
+            ("RELAY_REDIS_PASSWORD_FILE", &self.redis_password_file),
+            ("RELAY_AMQP_CA_FILE", &self.amqp_ca_file),
+            ("RELAY_AMQP_CERT_FILE", &self.amqp_cert_file),
+            ("RELAY_AMQP_KEY_FILE", &self.amqp_key_file),
+            ("RELAY_REDIS_CA_FILE", &self.redis_ca_file),
+            ("RELAY_REDIS_CERT_FILE", &self.redis_cert_file),
+            ("RELAY_REDIS_KEY_FILE", &self.redis_key_file),
+        ];
+        for (name, file) in files {
+            if let Some(path) = file {
+                env.push((name, path.display().to_string()));
+            }
+        }
+        env
+    }
+}
+
+/// A configuration that passed [`WorkerConfig::validate`]: the only kind a worker runs on.
+#[derive(Clone)]
+pub struct Validated(WorkerConfig);
+
+impl Validated {
+    /// Puts the password files' secrets into the URLs (read once, at start): they change no
+    /// other setting, so the configuration stays valid.
+    pub fn with_secrets(mut self) -> anyhow::Result<Validated> {
+        self.0.conn.resolve_secrets()?;
+        Ok(self)
+    }
+
+    pub fn into_inner(self) -> WorkerConfig {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Validated {
+    type Target = WorkerConfig;
+    fn deref(&self) -> &WorkerConfig {
+        &self.0
+    }
+}
+
+/// Every problem of a configuration, one per line of the message.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigErrors(pub Vec<String>);
+
 impl WorkerConfig {
-    /// Rejects combinations that would break a guarantee, with a message naming the settings.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Every setting as the environment variable a worker reads it from; the worker id only
+    /// when set. `to_env` then parsing gives the same configuration (tested).
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.conn.to_env();
+        env.extend([
+            ("RELAY_SHARDS", self.shards.to_string()),
+            (
+                "RELAY_CONCURRENCY_LIMIT",
+                self.concurrency_limit.to_string(),
+            ),
+            ("RELAY_ADAPTIVE", on_off(self.adaptive).to_string()),
+            ("RELAY_CONCURRENCY_MIN", self.concurrency_min.to_string()),
+            (
+                "RELAY_ADAPTIVE_WINDOW_MS",
+                self.adaptive_window_ms.to_string(),
+            ),
+            ("RELAY_DRAIN_MIN_MS", self.drain_min_ms.to_string()),
+            ("RELAY_DRAIN_MAX_MS", self.drain_max_ms.to_string()),
+            ("RELAY_BACKOFF_MIN_MS", self.backoff_min_ms.to_string()),
+            ("RELAY_BACKOFF_MAX_MS", self.backoff_max_ms.to_string()),
+            ("RELAY_TASK_RETENTION_S", self.task_retention_s.to_string()),
+            ("RELAY_LEASE_MS", self.lease_ms.to_string()),
+            ("RELAY_PERMIT_LEASE_MS", self.permit_lease_ms.to_string()),
+            ("RELAY_CALL_TIMEOUT_MS", self.call_timeout_ms.to_string()),
+            ("RELAY_PREFETCH", self.prefetch.to_string()),
+            ("RELAY_INTAKE_MAX_BYTES", self.intake_max_bytes.to_string()),
+            (
+                "RELAY_DEAD_LETTER_HOLD_BYTES",
+                self.dead_letter_hold_bytes.to_string(),
+            ),
+            ("RELAY_METRICS_ADDR", self.metrics_addr.clone()),
+        ]);
+        if let Some(id) = &self.worker_id {
+            env.push(("RELAY_WORKER_ID", id.clone()));
+        }
+        env
+    }
+
+    /// Checks the combinations that would break a guarantee and reports every one at once,
+    /// each naming its settings; the [`Validated`] configuration is what a worker runs on.
+    pub fn validate(self) -> Result<Validated, ConfigErrors> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(Validated(self))
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if self.drain_min_ms == 0 || self.drain_min_ms > self.drain_max_ms {
-            return Err("RELAY_DRAIN_MIN_MS must be > 0 and <= RELAY_DRAIN_MAX_MS".into());
+            problems.push("RELAY_DRAIN_MIN_MS must be > 0 and <= RELAY_DRAIN_MAX_MS".into());
         }
         if self.concurrency_min > self.concurrency_limit {
-            return Err("RELAY_CONCURRENCY_MIN must be <= RELAY_CONCURRENCY_LIMIT".into());
+            problems.push("RELAY_CONCURRENCY_MIN must be <= RELAY_CONCURRENCY_LIMIT".into());
         }
         // Shorter than a call, one overload would be halved many times over; the upper bound
         // keeps the hash's expiry (60 windows) in range.
         if !(50..=600_000).contains(&self.adaptive_window_ms) {
-            return Err("RELAY_ADAPTIVE_WINDOW_MS must be between 50 and 600000".into());
+            problems.push("RELAY_ADAPTIVE_WINDOW_MS must be between 50 and 600000".into());
         }
         if self.backoff_min_ms == 0 || self.backoff_min_ms > self.backoff_max_ms {
-            return Err("RELAY_BACKOFF_MIN_MS must be > 0 and <= RELAY_BACKOFF_MAX_MS".into());
+            problems.push("RELAY_BACKOFF_MIN_MS must be > 0 and <= RELAY_BACKOFF_MAX_MS".into());
         }
         if self.call_timeout_ms == 0 {
-            return Err("RELAY_CALL_TIMEOUT_MS must be > 0".into());
+            problems.push("RELAY_CALL_TIMEOUT_MS must be > 0".into());
         }
         // A call that outlived its permit could run beside a call that took the expired permit;
         // the extra second lets a permit be handed to the next call of the same worker.
-        let permit_min = self.call_timeout_ms + PERMIT_SLACK_MS;
+        let permit_min = self.call_timeout_ms.saturating_add(PERMIT_SLACK_MS);
         if self.permit_lease_ms < permit_min {
-            return Err(format!(
+            problems.push(format!(
                 "RELAY_PERMIT_LEASE_MS ({}) must be at least RELAY_CALL_TIMEOUT_MS + {PERMIT_SLACK_MS} ({permit_min})",
                 self.permit_lease_ms
             ));
         }
         if self.lease_ms < 300 {
-            return Err("RELAY_LEASE_MS must be at least 300".into());
+            problems.push("RELAY_LEASE_MS must be at least 300".into());
         }
         // A call starts only while the shard lease surely covers it, and the lease is renewed
         // every third of its time: a whole call must fit in what is left just before a renewal.
         let call_max = self.call_window().as_millis() as u64;
         if self.call_timeout_ms > call_max {
-            return Err(format!(
+            problems.push(format!(
                 "RELAY_CALL_TIMEOUT_MS ({}) must fit in the shard lease: at most 7/15 of RELAY_LEASE_MS less {} ms ({call_max} with RELAY_LEASE_MS={})",
                 self.call_timeout_ms,
                 CALL_MARGIN.as_millis(),
@@ -321,22 +473,22 @@ impl WorkerConfig {
         }
         // The largest message with its held header must fit, or a hold would refuse it always.
         if self.dead_letter_hold_bytes < 2 * crate::relay::wire::MAX_MESSAGE_BYTES as u64 {
-            return Err(format!(
+            problems.push(format!(
                 "RELAY_DEAD_LETTER_HOLD_BYTES must be at least {} (two of the largest messages)",
                 2 * crate::relay::wire::MAX_MESSAGE_BYTES
             ));
         }
         if self.task_retention_s == 0 {
-            return Err("RELAY_TASK_RETENTION_S must be > 0".into());
+            problems.push("RELAY_TASK_RETENTION_S must be > 0".into());
         }
         // A failing task is marked active at each retry; its longest sleep must not look idle.
-        if self.task_retention_s.saturating_mul(1000) < 2 * self.backoff_max_ms {
-            return Err(format!(
+        if self.task_retention_s.saturating_mul(1000) < self.backoff_max_ms.saturating_mul(2) {
+            problems.push(format!(
                 "RELAY_TASK_RETENTION_S ({} s) must be at least twice RELAY_BACKOFF_MAX_MS ({} ms)",
                 self.task_retention_s, self.backoff_max_ms
             ));
         }
-        Ok(())
+        problems
     }
 
     /// The longest call the shard lease can cover between two renewals: a lease is counted on
@@ -432,71 +584,138 @@ mod tests {
         assert!(!mask_url("amqp://u:p@ss@[bad").contains("p@ss"));
     }
 
-    /// The flags' defaults and `Default` are written twice; they must agree.
-    #[test]
-    fn cli_defaults_match_default() {
+    /// The messages of a configuration `validate` refuses.
+    fn refused(c: WorkerConfig) -> String {
+        match c.validate() {
+            Ok(_) => panic!("the configuration was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cfg: WorkerConfig,
+    }
+
+    /// Parses `env` as the flags of the same names (`RELAY_SHARDS` = `--shards`): what the
+    /// worker reads from its environment, without touching this process's environment.
+    fn parse_env(env: &[(&'static str, String)]) -> WorkerConfig {
         use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            cfg: WorkerConfig,
+        let mut args = vec!["worker".to_string()];
+        for (name, value) in env {
+            let flag = name
+                .trim_start_matches("RELAY_")
+                .to_ascii_lowercase()
+                .replace('_', "-");
+            args.push(format!("--{flag}={value}"));
         }
-        if std::env::vars().any(|(k, _)| k.starts_with("RELAY_")) {
-            return; // an operator's environment would change the parsed values
+        Cli::try_parse_from(&args)
+            .map(|c| c.cfg)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Every flag of the CLI by its environment variable.
+    fn every_env_name() -> std::collections::BTreeSet<String> {
+        use clap::CommandFactory;
+        Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// An operator's RELAY_* settings would fill what the parsed flags leave out.
+    fn operator_env() -> bool {
+        let names = every_env_name();
+        std::env::vars().any(|(k, _)| names.contains(&k))
+    }
+
+    /// Every setting off its default, every optional one set.
+    fn changed() -> WorkerConfig {
+        let dir = PathBuf::from("/etc/relay");
+        WorkerConfig {
+            conn: ConnConfig {
+                amqp_url: "amqp://u:p@rabbit:5672/%2f".into(),
+                redis_url: "redis://redis:6380/2".into(),
+                exchange: "x.test".into(),
+                redis_sentinels: "s1:26379,s2:26379".into(),
+                redis_sentinel_master: "relay".into(),
+                redis_min_replicas: 1,
+                amqp_password_file: Some(dir.join("amqp-pw")),
+                redis_password_file: Some(dir.join("redis-pw")),
+                amqp_ca_file: Some(dir.join("amqp-ca")),
+                amqp_cert_file: Some(dir.join("amqp-cert")),
+                amqp_key_file: Some(dir.join("amqp-key")),
+                redis_ca_file: Some(dir.join("redis-ca")),
+                redis_cert_file: Some(dir.join("redis-cert")),
+                redis_key_file: Some(dir.join("redis-key")),
+            },
+            shards: 8,
+            concurrency_limit: 20,
+            adaptive: false,
+            concurrency_min: 2,
+            adaptive_window_ms: 2_000,
+            drain_min_ms: 11_000,
+            drain_max_ms: 31_000,
+            backoff_min_ms: 900,
+            backoff_max_ms: 20_000,
+            task_retention_s: 3_600,
+            lease_ms: 20_000,
+            permit_lease_ms: 9_000,
+            call_timeout_ms: 4_000,
+            prefetch: 100,
+            intake_max_bytes: 64 * 1024 * 1024,
+            dead_letter_hold_bytes: 8 * 1024 * 1024,
+            metrics_addr: "127.0.0.1:9000".into(),
+            worker_id: Some("w-1".into()),
         }
-        let parsed = Cli::parse_from(["worker"]).cfg;
-        let d = WorkerConfig::default();
-        assert_eq!(parsed.conn.amqp_url, d.conn.amqp_url);
-        assert_eq!(parsed.conn.redis_url, d.conn.redis_url);
-        assert_eq!(parsed.conn.exchange, d.conn.exchange);
-        assert_eq!(
-            (
-                parsed.shards,
-                parsed.concurrency_limit,
-                parsed.drain_min_ms,
-                parsed.drain_max_ms
-            ),
-            (
-                d.shards,
-                d.concurrency_limit,
-                d.drain_min_ms,
-                d.drain_max_ms
-            )
-        );
-        assert_eq!(
-            (
-                parsed.backoff_min_ms,
-                parsed.backoff_max_ms,
-                parsed.task_retention_s,
-                parsed.lease_ms
-            ),
-            (
-                d.backoff_min_ms,
-                d.backoff_max_ms,
-                d.task_retention_s,
-                d.lease_ms
-            )
-        );
-        assert_eq!(
-            (
-                parsed.permit_lease_ms,
-                parsed.call_timeout_ms,
-                parsed.prefetch
-            ),
-            (d.permit_lease_ms, d.call_timeout_ms, d.prefetch)
-        );
-        assert_eq!(
-            (
-                parsed.adaptive,
-                parsed.concurrency_min,
-                parsed.adaptive_window_ms
-            ),
-            (d.adaptive, d.concurrency_min, d.adaptive_window_ms)
-        );
-        assert_eq!(parsed.dead_letter_hold_bytes, d.dead_letter_hold_bytes);
-        assert_eq!(parsed.intake_max_bytes, d.intake_max_bytes);
-        assert_eq!(parsed.metrics_addr, d.metrics_addr);
-        assert_eq!(parsed.worker_id, d.worker_id);
+    }
+
+    #[test]
+    fn to_env_round_trips_every_setting_and_names_every_one() {
+        if operator_env() {
+            return;
+        }
+        for cfg in [WorkerConfig::default(), changed()] {
+            let env = cfg.to_env();
+            assert!(
+                parse_env(&env) == cfg,
+                "to_env did not round-trip: {:?}",
+                env.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+            );
+        }
+        let named: std::collections::BTreeSet<String> = changed()
+            .to_env()
+            .into_iter()
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(named, every_env_name(), "to_env must name every setting");
+    }
+
+    #[test]
+    fn the_flags_default_to_default() {
+        if operator_env() {
+            return;
+        }
+        assert!(parse_env(&[]) == WorkerConfig::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let err = refused(WorkerConfig {
+            drain_min_ms: 0,
+            concurrency_min: 11,
+            task_retention_s: 0,
+            ..Default::default()
+        });
+        for setting in [
+            "RELAY_DRAIN_MIN_MS",
+            "RELAY_CONCURRENCY_MIN",
+            "RELAY_TASK_RETENTION_S",
+        ] {
+            assert!(err.contains(setting), "{setting} missing: {err}");
+        }
     }
 
     #[test]
@@ -539,7 +758,7 @@ mod tests {
             call_timeout_ms: 7_500,
             ..Default::default()
         };
-        let err = c.validate().unwrap_err();
+        let err = refused(c);
         assert!(err.contains("RELAY_PERMIT_LEASE_MS (8000)"), "{err}");
         let c = WorkerConfig {
             call_timeout_ms: 6_000,
@@ -547,13 +766,13 @@ mod tests {
             lease_ms: 10_000,
             ..Default::default()
         };
-        let err = c.validate().unwrap_err();
+        let err = refused(c);
         assert!(err.contains("must fit in the shard lease"), "{err}");
         let c = WorkerConfig {
             task_retention_s: 30,
             ..Default::default()
         };
-        let err = c.validate().unwrap_err();
+        let err = refused(c);
         assert!(err.contains("RELAY_TASK_RETENTION_S"), "{err}");
     }
 
@@ -581,14 +800,14 @@ mod tests {
                 adaptive_window_ms: window,
                 ..Default::default()
             };
-            let err = c.validate().unwrap_err();
+            let err = refused(c);
             assert!(err.contains("RELAY_ADAPTIVE_WINDOW_MS"), "{window}: {err}");
         }
         let c = WorkerConfig {
             concurrency_min: 11,
             ..Default::default()
         };
-        let err = c.validate().unwrap_err();
+        let err = refused(c);
         assert!(err.contains("RELAY_CONCURRENCY_MIN"), "{err}");
     }
 }

@@ -11,14 +11,15 @@
 //! Redis only after the broker has it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::{BasicProperties, Channel, Connection};
 use serde::{Deserialize, Serialize};
 
 use crate::relay::amqp::{self, DeadLetterError};
 use crate::relay::config::ConnConfig;
-use crate::relay::metrics as m;
+use crate::relay::events::{self, RedisFailed};
+use crate::relay::metrics::{self as m, Op};
 use crate::relay::sender::ShardCtx;
 use crate::relay::store::StoreError;
 
@@ -144,8 +145,6 @@ const MOVE_PAGE: usize = 4;
 const MOVE_IDLE: Duration = Duration::from_secs(5);
 /// Retry delays after a failed move: from the first, doubling to the last.
 const MOVE_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
-/// At most one log line per shard this often while the route stays broken.
-const LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// Moves the shard's held letters to the dead-letter queue until the shard stops: woken by
 /// intake after it holds some, else every few seconds; backs off while the broker refuses.
@@ -160,7 +159,7 @@ pub async fn mover(ctx: Arc<ShardCtx>) {
                 MOVE_IDLE
             }
             Moved::Failed(e) => {
-                m::amqp_error("dead_letter");
+                m::amqp_error(Op::DeadLetter);
                 failures.failed(ctx.shard, &e);
                 let wait = retry;
                 retry = (retry * 2).min(MOVE_RETRY.1);
@@ -168,7 +167,7 @@ pub async fn mover(ctx: Arc<ShardCtx>) {
             }
             Moved::RedisFailed => MOVE_RETRY.0,
             Moved::Fenced => {
-                m::fenced("dead_letter");
+                m::fenced(Op::DeadLetter);
                 ctx.cancel.cancel();
                 return;
             }
@@ -198,8 +197,12 @@ async fn move_held(ctx: &ShardCtx) -> Moved {
             Ok(page) if page.is_empty() => return Moved::All,
             Ok(page) => page,
             Err(e) => {
-                tracing::warn!(shard = ctx.shard, error = %e, "cannot read held dead letters");
-                m::redis_error("dead_letter");
+                RedisFailed {
+                    op: Op::DeadLetter,
+                    what: "cannot read held dead letters",
+                    error: &e,
+                }
+                .emit();
                 return Moved::RedisFailed;
             }
         };
@@ -221,8 +224,12 @@ async fn move_held(ctx: &ShardCtx) -> Moved {
                 Err(e) => {
                     // Published but still held: the next pass publishes it again (a duplicate
                     // in the dead-letter queue, never a loss).
-                    tracing::warn!(shard = ctx.shard, error = %e, "cannot forget a moved dead letter");
-                    m::redis_error("dead_letter");
+                    RedisFailed {
+                        op: Op::DeadLetter,
+                        what: "cannot forget a moved dead letter",
+                        error: &e,
+                    }
+                    .emit();
                     return Moved::RedisFailed;
                 }
             }
@@ -230,32 +237,29 @@ async fn move_held(ctx: &ShardCtx) -> Moved {
     }
 }
 
-/// Failed moves of one shard, logged at most every [`LOG_EVERY`] with the broker's reason.
+/// Failed moves of one shard: each logged with the broker's reason, at most every
+/// [`events::LOG_EVERY`] for all shards, and the recovery once.
 #[derive(Default)]
 struct Failures {
-    since_log: u64,
-    last_log: Option<Instant>,
+    failing: bool,
 }
 
 impl Failures {
     fn failed(&mut self, shard: u16, e: &DeadLetterError) {
-        self.since_log += 1;
-        if self.last_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+        self.failing = true;
+        if let Some(held_back) = events::admit(std::panic::Location::caller()) {
             tracing::warn!(
                 shard,
                 error = %e,
-                failed_tries = self.since_log,
+                held_back,
                 "dead letters held in Redis: the broker does not take them; retrying"
             );
-            self.since_log = 0;
-            self.last_log = Some(Instant::now());
         }
     }
 
     fn healed(&mut self, shard: u16) {
-        if self.last_log.take().is_some() {
+        if std::mem::take(&mut self.failing) {
             tracing::info!(shard, "held dead letters moved to the dead-letter queue");
-            self.since_log = 0;
         }
     }
 }

@@ -4,6 +4,7 @@
 --       decrease, throttled = ms of the last throttled call}
 -- ARGV: 1 ceiling, 2 minimum, 3 window ms, 4 throttled calls, 5 healthy calls
 -- Returns the effective limit. Times are Redis TIME, so worker clocks do not matter.
+if #KEYS ~= 1 or #ARGV ~= 5 then return redis.error_reply('ERR limit_update.lua: wants 1 keys, 5 arguments') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ceiling, minimum, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -254,15 +254,71 @@ pub fn sender_started() {
 pub fn sender_stopped() {
     gauge!(SENDERS_ACTIVE).decrement(1.0);
 }
+/// The step that met a failure: the `op` label of `relay_redis_errors_total`,
+/// `relay_amqp_errors_total` and `relay_fenced_total` (dashboards and alerts use the values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Start,
+    Heartbeat,
+    LeaseAcquire,
+    LeaseRenew,
+    LeaseLapse,
+    Intake,
+    Hold,
+    Drain,
+    Pending,
+    Sweep,
+    Peek,
+    Touch,
+    Complete,
+    Call,
+    PermitAcquire,
+    PermitRelease,
+    AdaptiveLimit,
+    DeadLetter,
+    Consume,
+    ConsumerCancelled,
+    Pubsub,
+}
+
+impl Op {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Op::Start => "start",
+            Op::Heartbeat => "heartbeat",
+            Op::LeaseAcquire => "lease_acquire",
+            Op::LeaseRenew => "lease_renew",
+            Op::LeaseLapse => "lease_lapse",
+            Op::Intake => "intake",
+            Op::Hold => "hold",
+            Op::Drain => "drain",
+            Op::Pending => "pending",
+            Op::Sweep => "sweep",
+            Op::Peek => "peek",
+            Op::Touch => "touch",
+            Op::Complete => "complete",
+            Op::Call => "call",
+            Op::PermitAcquire => "permit_acquire",
+            Op::PermitRelease => "permit_release",
+            Op::AdaptiveLimit => "adaptive_limit",
+            Op::DeadLetter => "dead_letter",
+            Op::Consume => "consume",
+            Op::ConsumerCancelled => "consumer_cancelled",
+            Op::Pubsub => "pubsub",
+        }
+    }
+}
+
 /// A write (or ECS call) refused because this worker no longer holds the shard's lease.
-pub fn fenced(op: &'static str) {
-    counter!(FENCED, "op" => op).increment(1);
+pub fn fenced(op: Op) {
+    counter!(FENCED, "op" => op.label()).increment(1);
 }
-pub fn redis_error(op: &'static str) {
-    counter!(REDIS_ERRORS, "op" => op).increment(1);
+/// Counted by [`crate::relay::events::RedisFailed`], with its log line.
+pub(crate) fn redis_error(op: Op) {
+    counter!(REDIS_ERRORS, "op" => op.label()).increment(1);
 }
-pub fn amqp_error(op: &'static str) {
-    counter!(AMQP_ERRORS, "op" => op).increment(1);
+pub fn amqp_error(op: Op) {
+    counter!(AMQP_ERRORS, "op" => op.label()).increment(1);
 }
 
 /// Installs the Prometheus recorder once per process (tests run several workers in one).

@@ -11,6 +11,8 @@ pub mod amqp;
 pub mod config;
 pub mod dead_letter;
 pub mod ecs;
+pub mod events;
+pub mod logging;
 pub mod metrics;
 pub mod redis_link;
 pub mod semaphore;

@@ -3,6 +3,7 @@
 -- KEYS: 1 permits zset, 2 adaptive limit hash (read only when adaptive)
 -- ARGV: 1 permit id, 2 ceiling, 3 lease ms, 4 '1' when adaptive
 -- Returns {1, 0} when granted, else {0, ms until the earliest permit expires}.
+if #KEYS ~= 2 or #ARGV ~= 4 then return redis.error_reply('ERR permit_acquire.lua: wants 2 keys, 4 arguments') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[2])

@@ -2,10 +2,10 @@
 //! new connection, so a failover is followed without a restart); a few long-lived shared
 //! connections; and, when replicas must confirm writes, `WAIT` after each write the relay acts on.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::{Pool, Runtime};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -18,13 +18,26 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::relay::config::{mask_url, TlsFiles};
 use crate::relay::metrics as m;
 
-/// Why a store call failed: the lease was lost (stop writing this shard), or Redis failed (retry).
-#[derive(Debug, thiserror::Error)]
+/// Why a store call failed: the lease was lost (stop writing this shard), or Redis failed
+/// (retry). Each variant keeps its cause as the error's source.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("shard lease lost (fenced)")]
     Fenced,
     #[error("redis: {0}")]
-    Redis(String),
+    Redis(#[source] redis::RedisError),
+    #[error("redis connection pool: {0}")]
+    Pool(#[source] Arc<deadpool_redis::PoolError>),
+    #[error("redis: unexpected reply: {0}")]
+    Reply(#[source] redis::ParsingError),
+    #[error("redis: {target}: no answer within {within:?}")]
+    NoAnswer { target: String, within: Duration },
+    #[error("redis: the link is closed")]
+    Closed,
+    /// A script answered outside its contract (a count or code it cannot give): a bug or a
+    /// version skew between the binary and the scripts it sent; nothing is acked on it.
+    #[error("redis: script contract broken: {0}")]
+    Contract(String),
     /// Written on the primary but not confirmed by enough replicas: a failover could lose it,
     /// so it counts as not stored (retry; never ack or send on it).
     #[error("redis: write confirmed by {got} of {wanted} replicas")]
@@ -38,14 +51,20 @@ impl From<redis::RedisError> for StoreError {
         if e.code() == Some("FENCED") || e.to_string().contains("\"FENCED\"") {
             StoreError::Fenced
         } else {
-            StoreError::Redis(e.to_string())
+            StoreError::Redis(e)
         }
     }
 }
 
 impl From<deadpool_redis::PoolError> for StoreError {
     fn from(e: deadpool_redis::PoolError) -> Self {
-        StoreError::Redis(e.to_string())
+        StoreError::Pool(Arc::new(e))
+    }
+}
+
+impl From<redis::ParsingError> for StoreError {
+    fn from(e: redis::ParsingError) -> Self {
+        StoreError::Reply(e)
     }
 }
 
@@ -87,9 +106,91 @@ pub struct Link {
     target: String,
     /// Durable writes' committers, one per lane (see [`Link::run_durable`]).
     lanes: Mutex<HashMap<Lane, Committer>>,
-    /// False from a failed round trip (or an unconfirmed write) until the next good one; see
-    /// [`Link::reachable`].
-    reachable: AtomicBool,
+    /// What this worker's round trips say about Redis (see [`Link::reachable`]).
+    reach: Reach,
+}
+
+/// How long a reply on a shared connection may be overdue before Redis counts as unreachable:
+/// a stalled link (packets dropped, Redis paused) fails no request until its 5 s bound, and
+/// calls started meanwhile could not be recorded either.
+const STALLED: Duration = Duration::from_millis(300);
+
+/// Whether Redis answers, from this worker's round trips. Each round trip is numbered when it
+/// starts, so an old answer cannot overrule a newer one: a reply that was already on its way
+/// when a cut began does not make Redis reachable again, and a request sent before a cut
+/// healed does not make it unreachable when it times out afterwards.
+#[derive(Default)]
+struct Reach {
+    started: AtomicU64,
+    /// The latest-started round trip that went through, and that failed.
+    last_ok: AtomicU64,
+    last_failed: AtomicU64,
+    /// Likewise for the relay's writes alone: a Redis that answers reads but refuses writes
+    /// (a replica, `NOREPLICAS`) cannot record a completion either.
+    last_write_ok: AtomicU64,
+    last_write_refused: AtomicU64,
+    /// Shared-connection requests waiting for their reply, by number: when each left.
+    waiting: Mutex<BTreeMap<u64, Instant>>,
+}
+
+impl Reach {
+    /// Numbers a round trip; `watched` ones count as a stall when overdue (not the group
+    /// commits, whose `WAIT` for a slow replica may take a second by design).
+    fn start(&self, watched: bool) -> u64 {
+        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        if watched {
+            self.waiting().insert(n, Instant::now());
+        }
+        n
+    }
+
+    fn end(&self, n: u64, ok: bool) {
+        self.waiting().remove(&n);
+        let last = if ok { &self.last_ok } else { &self.last_failed };
+        last.fetch_max(n, Ordering::SeqCst);
+    }
+
+    fn write_ended(&self, n: u64, ok: bool) {
+        let last = if ok {
+            &self.last_write_ok
+        } else {
+            &self.last_write_refused
+        };
+        last.fetch_max(n, Ordering::SeqCst);
+    }
+
+    /// A failure outside a round trip (no connection could be made).
+    fn failed(&self) {
+        let n = self.start(false);
+        self.end(n, false);
+    }
+
+    fn reachable(&self) -> bool {
+        self.last_ok.load(Ordering::SeqCst) >= self.last_failed.load(Ordering::SeqCst)
+            && self.last_write_ok.load(Ordering::SeqCst)
+                >= self.last_write_refused.load(Ordering::SeqCst)
+            && self
+                .waiting()
+                .first_key_value()
+                .is_none_or(|(_, since)| since.elapsed() < STALLED)
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Instant>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A reply that says this Redis cannot take the relay's writes now (a replica, loading its
+/// data, its replicas gone): as good as unreachable, though the connection answers.
+fn refuses_writes(value: &Value) -> bool {
+    matches!(value, Value::ServerError(e) if write_refusal(e.code()))
+}
+
+fn write_refusal(code: &str) -> bool {
+    matches!(
+        code,
+        "READONLY" | "LOADING" | "MASTERDOWN" | "NOREPLICAS" | "MISCONF"
+    )
 }
 
 /// Which durable writes share a connection and a `WAIT`: each shard's intake and completions,
@@ -130,10 +231,8 @@ impl Committer {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { cmd, reply })
-            .map_err(|_| StoreError::Redis("the Redis link is closed".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Redis("the Redis link is closed".into()))?
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn run(link: Weak<Link>, mut rx: mpsc::UnboundedReceiver<Job>) {
@@ -159,7 +258,7 @@ impl Committer {
                 Err(e) => {
                     m::redis_reconnect();
                     for job in jobs {
-                        let _ = job.reply.send(Err(StoreError::Redis(e.clone())));
+                        let _ = job.reply.send(Err(e.clone()));
                     }
                 }
             }
@@ -259,20 +358,18 @@ impl Link {
             failed_over: Notify::new(),
             target,
             lanes: Mutex::new(HashMap::new()),
-            reachable: AtomicBool::new(true),
+            reach: Reach::default(),
         }
     }
 
-    /// Whether the last round trip to Redis went through (and, with replicas required, the last
-    /// durable write was confirmed). Senders start no ECS call while it is false: a worker cut
-    /// off from Redis could not record the call's completion, so the change would be sent again
-    /// by the shard's next owner; every call started during a cut is one such duplicate.
+    /// Whether Redis answers: the latest-started round trip that ended went through, so did
+    /// the latest-started write (a Redis may answer reads and refuse writes), and no reply on
+    /// a shared connection is overdue by [`STALLED`]. Senders start no ECS call
+    /// otherwise: a worker cut off from Redis could not record the call's completion, so the
+    /// change would be sent again by the shard's next owner; every call started during a cut
+    /// is one such duplicate.
     pub fn reachable(&self) -> bool {
-        self.reachable.load(Ordering::SeqCst)
-    }
-
-    fn mark_reachable(&self, ok: bool) {
-        self.reachable.store(ok, Ordering::SeqCst);
+        self.reach.reachable()
     }
 
     /// The Redis this link talks to, for messages (credentials masked).
@@ -308,10 +405,7 @@ impl Link {
                 index,
             });
         }
-        let inner = self
-            .connect()
-            .await
-            .inspect_err(|_| self.mark_reachable(false))?;
+        let inner = self.connect().await.inspect_err(|_| self.reach.failed())?;
         *self.slot(index) = Some(inner.clone());
         Ok(Conn {
             inner,
@@ -356,7 +450,10 @@ impl Link {
             sentinel.lock().await.async_get_client().await
         })
         .await
-        .map_err(|_| StoreError::Redis(format!("{}: no answer within 5 s", self.target)))??;
+        .map_err(|_| StoreError::NoAnswer {
+            target: self.target.clone(),
+            within: BOUND,
+        })??;
         let addr = client.get_connection_info().addr().to_string();
         let mut last = primary.lock().unwrap_or_else(|e| e.into_inner());
         if last.as_deref().is_some_and(|a| a != addr) {
@@ -399,6 +496,24 @@ impl Link {
         lane: Lane,
         inv: &ScriptInvocation<'_>,
     ) -> StoreResult<T> {
+        let n = self.reach.start(false);
+        let result = self.write(lane, inv).await;
+        match &result {
+            Ok(_) => self.reach.write_ended(n, true),
+            Err(StoreError::Redis(e)) if e.code().is_some_and(write_refusal) => {
+                self.reach.write_ended(n, false)
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// [`Link::run_durable`] without the bookkeeping of whether writes go through.
+    async fn write<T: FromRedisValue>(
+        self: &Arc<Self>,
+        lane: Lane,
+        inv: &ScriptInvocation<'_>,
+    ) -> StoreResult<T> {
         if self.min_replicas == 0 {
             let mut conn = self.conn().await?;
             return Ok(inv.invoke_async(&mut conn).await?);
@@ -406,11 +521,7 @@ impl Link {
         let cmd = redis::Cmd::invoke_script(inv);
         let mut loaded = false;
         loop {
-            let (value, got) = self
-                .committer(lane)
-                .commit(cmd.clone())
-                .await
-                .inspect_err(|_| self.mark_reachable(false))?;
+            let (value, got) = self.committer(lane).commit(cmd.clone()).await?;
             // Pipelines do not load scripts by themselves (a new primary has none cached).
             if let Value::ServerError(e) = &value {
                 if !loaded && e.code() == "NOSCRIPT" {
@@ -420,7 +531,6 @@ impl Link {
                 }
             }
             let value = value.extract_error()?;
-            self.mark_reachable(got >= self.min_replicas);
             if got < self.min_replicas {
                 m::redis_wait_shortfall();
                 return Err(StoreError::NotReplicated {
@@ -428,8 +538,7 @@ impl Link {
                     got,
                 });
             }
-            return redis::from_redis_value(value)
-                .map_err(|e| StoreError::Redis(format!("unexpected reply: {e}")));
+            return Ok(redis::from_redis_value(value)?);
         }
     }
 
@@ -448,11 +557,11 @@ impl Link {
         &self,
         conn: &mut Option<(MultiplexedConnection, u64)>,
         jobs: &[Job],
-    ) -> Result<(Vec<Value>, u32), String> {
+    ) -> StoreResult<(Vec<Value>, u32)> {
         let failovers = self.failovers();
         let mut c = match conn.take() {
             Some((c, seen)) if seen == failovers => c,
-            _ => self.connect().await.map_err(|e| e.to_string())?,
+            _ => self.connect().await.inspect_err(|_| self.reach.failed())?,
         };
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -461,10 +570,12 @@ impl Link {
         }
         pipe.cmd("WAIT").arg(self.min_replicas).arg(WAIT_MS);
         // A failed round trip drops the connection (the next commit makes a new one).
+        let n = self.reach.start(false);
         let mut values: Vec<Value> = pipe
             .query_async(&mut c)
             .await
-            .map_err(|e| format!("redis: {e}"))?;
+            .inspect_err(|_| self.reach.end(n, false))?;
+        self.reach.end(n, !values.iter().any(refuses_writes));
         let got = match values.pop() {
             Some(Value::Int(n)) => u32::try_from(n).unwrap_or(0),
             _ => 0,
@@ -583,18 +694,28 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn check<T>(&self, result: &redis::RedisResult<T>) {
-        let broken = result.as_ref().err().is_some_and(|e| {
-            e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_unrecoverable_error()
-                || e.to_string().to_ascii_uppercase().contains("READONLY")
-        });
+    /// Records how round trip `n` ended (see [`Reach`]); a connection-level error, or a primary
+    /// that turned replica, also empties the connection's slot.
+    fn check(&self, n: u64, result: Result<&[Value], &redis::RedisError>) {
+        let (failed, demoted) = match result {
+            Ok(values) => (
+                values.iter().any(refuses_writes),
+                values
+                    .iter()
+                    .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY")),
+            ),
+            Err(e) => (
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_unrecoverable_error(),
+                e.code() == Some("READONLY"),
+            ),
+        };
         // A script's own error (FENCED, NOSCRIPT) still came back: Redis is reachable.
-        self.link.mark_reachable(!broken);
+        self.link.reach.end(n, !failed && !demoted);
         // Counted once per broken connection, by whichever step saw it first.
-        if broken && self.link.slot(self.index).take().is_some() {
+        if (failed || demoted) && self.link.slot(self.index).take().is_some() {
             m::redis_reconnect();
         }
     }
@@ -606,8 +727,9 @@ impl ConnectionLike for Conn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         Box::pin(async move {
+            let n = self.link.reach.start(true);
             let result = self.inner.req_packed_command(cmd).await;
-            self.check(&result);
+            self.check(n, result.as_ref().map(std::slice::from_ref));
             result
         })
     }
@@ -619,14 +741,46 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         Box::pin(async move {
+            let n = self.link.reach.start(true);
             let result = self.inner.req_packed_commands(cmd, offset, count).await;
-            self.check(&result);
+            self.check(n, result.as_deref());
             result
         })
     }
 
     fn get_db(&self) -> i64 {
         self.inner.get_db()
+    }
+}
+
+/// The shared test Redis (`RELAY_TEST_REDIS_ADDR`, default 127.0.0.1:6379), for unit tests of
+/// the scripts' contracts; `scripts/test.sh` makes sure it runs.
+#[cfg(test)]
+pub(crate) async fn test_connection() -> MultiplexedConnection {
+    let addr = std::env::var("RELAY_TEST_REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    Client::open(format!("redis://{addr}/0"))
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the test Redis answers")
+}
+
+/// Runs `script` with `keys` keys and `args` arguments (placeholders); the error it answers.
+#[cfg(test)]
+pub(crate) async fn refusal(script: &redis::Script, keys: usize, args: usize) -> String {
+    let mut inv = script.prepare_invoke();
+    for i in 0..keys {
+        inv.key(format!("test.contract.{i}"));
+    }
+    for i in 0..args {
+        inv.arg(i);
+    }
+    match inv
+        .invoke_async::<Value>(&mut test_connection().await)
+        .await
+    {
+        Ok(v) => panic!("the script ran with {keys} keys and {args} arguments: {v:?}"),
+        Err(e) => e.to_string(),
     }
 }
 

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::relay::adaptive::Adaptive;
 use crate::relay::config::CALL_MARGIN;
-use crate::relay::metrics as m;
+use crate::relay::events::RedisFailed;
+use crate::relay::metrics::{self as m, Op};
 use crate::relay::store::{wake_on_publish, Lane, Store, StoreError, StoreResult};
 
 /// How often releases that failed are tried again.
@@ -233,8 +234,12 @@ impl Semaphore {
                 }
                 Ok(Some(wait_ms)) => Duration::from_millis(wait_ms).min(FALLBACK_WAIT),
                 Err(e) => {
-                    tracing::warn!(error = %e, "permit acquire failed; retrying");
-                    m::redis_error("permit_acquire");
+                    RedisFailed {
+                        op: Op::PermitAcquire,
+                        what: "permit acquire failed; retrying",
+                        error: &e,
+                    }
+                    .emit();
                     // The script may have run with its answer lost: give that id back.
                     if !matches!(e, StoreError::NotReplicated { .. }) {
                         let lease = self.new_lease(id, asked, epoch);
@@ -342,9 +347,12 @@ impl Semaphore {
     /// Gives a permit back to Redis; on a Redis error it is retried in the background.
     async fn release_lease(&self, lease: Lease) {
         if let Err(e) = self.try_release(&lease).await {
-            tracing::warn!(error = %e, permit = %lease.id,
-                "permit release failed; retrying until Redis answers or the lease expires");
-            m::redis_error("permit_release");
+            RedisFailed {
+                op: Op::PermitRelease,
+                what: "permit release failed; retrying until Redis answers or the lease expires",
+                error: &e,
+            }
+            .emit();
             self.unreleased().push(lease);
         }
     }
@@ -420,5 +428,37 @@ impl Semaphore {
 
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.inner.lease_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::relay::redis_link::refusal;
+    use redis::Script;
+
+    #[tokio::test]
+    async fn the_permit_scripts_refuse_another_layout() {
+        let scripts = [
+            (
+                "permit_acquire.lua",
+                include_str!("permit_acquire.lua"),
+                2,
+                4,
+            ),
+            (
+                "permit_release.lua",
+                include_str!("permit_release.lua"),
+                1,
+                2,
+            ),
+            ("limit_update.lua", include_str!("limit_update.lua"), 1, 5),
+        ];
+        for (name, text, keys, args) in scripts {
+            let script = Script::new(text);
+            for (k, a) in [(keys, args - 1), (keys, args + 1), (keys - 1, args)] {
+                let err = refusal(&script, k, a).await;
+                assert!(err.contains(name), "{name} with {k} keys, {a} args: {err}");
+            }
+        }
     }
 }

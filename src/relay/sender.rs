@@ -13,12 +13,14 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::relay::adaptive;
 use crate::relay::config::{WorkerConfig, CALL_MARGIN};
 use crate::relay::dead_letter;
 use crate::relay::ecs::{CallError, CallGuard, Ecs};
-use crate::relay::metrics as m;
+use crate::relay::events::RedisFailed;
+use crate::relay::metrics::{self as m, Op};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
 use crate::relay::wire::{
@@ -171,8 +173,15 @@ pub struct ShardCtx {
 
 impl ShardCtx {
     /// A shard just taken at `taken_at` (when the acquire request left); `lapsed` when the
-    /// previous owner did not release it.
-    pub fn new(shard: u16, taken: Taken, asked: Asked, shared: Shared) -> ShardCtx {
+    /// previous owner did not release it. Its token is a child of `parent` (the worker's
+    /// session): stopping the session stops the shard, whatever else is going on.
+    pub fn new(
+        shard: u16,
+        taken: Taken,
+        asked: Asked,
+        shared: Shared,
+        parent: &CancellationToken,
+    ) -> ShardCtx {
         let Shared {
             store,
             ecs,
@@ -193,7 +202,7 @@ impl ShardCtx {
             store,
             ecs,
             permits,
-            cancel: CancellationToken::new(),
+            cancel: parent.child_token(),
             lease_valid_until: Mutex::new((taken_at, 0)),
             renewed: Notify::new(),
             calls_from,
@@ -329,14 +338,18 @@ pub struct Senders {
     ctx: Arc<ShardCtx>,
     board: Arc<Mutex<Board>>,
     tasks: TaskTracker,
+    /// The shard's span (made in `shard::run`), for the runners whoever wakes them.
+    span: tracing::Span,
 }
 
 impl Senders {
+    /// Senders for the shard whose span is the current one.
     pub fn new(ctx: Arc<ShardCtx>) -> Self {
         Self {
             ctx,
             board: Arc::default(),
             tasks: TaskTracker::new(),
+            span: tracing::Span::current(),
         }
     }
 
@@ -364,11 +377,15 @@ impl Senders {
         }
         board.runners += 1;
         let this = self.clone();
-        self.tasks.spawn(async move {
-            m::sender_started();
-            this.runner().await;
-            m::sender_stopped();
-        });
+        let span = self.span.clone();
+        self.tasks.spawn(
+            async move {
+                m::sender_started();
+                this.runner().await;
+                m::sender_stopped();
+            }
+            .instrument(span),
+        );
     }
 
     /// The longest failure streak of a task waiting to retry and the longest current backoff
@@ -416,7 +433,11 @@ impl Senders {
                     (Backoff::new(min, max), 0, None)
                 }
             };
-            match self.turn(&key, &mut backoff, &mut attempt).await {
+            // Every line of the turn names its task (see `relay::logging`).
+            let turn = self
+                .turn(&key, &mut backoff, &mut attempt)
+                .instrument(tracing::error_span!("turn", key = %key));
+            match turn.await {
                 Turn::Done => {}
                 Turn::Retry(delay) => {
                     // A streak restarts when the failing call is the first since a success.
@@ -477,8 +498,12 @@ impl Senders {
                     match ctx.store.peek(ctx.shard, key).await {
                         Ok(x) => x,
                         Err(e) => {
-                            tracing::warn!(shard = ctx.shard, key, error = %e, "cannot read outbox; retrying");
-                            m::redis_error("peek");
+                            RedisFailed {
+                                op: Op::Peek,
+                                what: "cannot read outbox; retrying",
+                                error: &e,
+                            }
+                            .emit();
                             return Turn::Retry(Duration::from_millis(500));
                         }
                     }
@@ -495,7 +520,7 @@ impl Senders {
                 Err(e) => {
                     // Written by this program, so this means manual edits or a version skew:
                     // drop it (counted, logged whole) rather than block the task forever.
-                    tracing::error!(shard = ctx.shard, key, error = %e, entry = %raw, "unreadable outbox entry dropped");
+                    tracing::error!(error = %e, entry = %raw, "unreadable outbox entry dropped");
                     m::events_dropped("unreadable", 1);
                     match self.complete(key, &raw, &[]).await {
                         Some(next) => read = Some(next),
@@ -507,7 +532,7 @@ impl Senders {
             let id_prefix = entry.head_prefix();
             let advances = match plan(&entry, &state, wire::now_ms()) {
                 Plan::Redundant => {
-                    tracing::debug!(shard = ctx.shard, key, id = %entry.id, "redundant change removed");
+                    tracing::debug!(id = %entry.id, "redundant change removed");
                     m::events_dropped("redundant", 1);
                     match self.complete(key, &id_prefix, &[]).await {
                         Some(next) => read = Some(next),
@@ -522,7 +547,7 @@ impl Senders {
                 return Turn::Stop;
             };
             *attempt += 1;
-            tracing::debug!(shard = ctx.shard, key, id = %entry.id, status = entry.e.status(),
+            tracing::debug!(id = %entry.id, status = entry.e.status(),
                 attempt = *attempt, outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok"),
                 "ECS submission");
             let record: &[(String, u8)] = match result {
@@ -535,7 +560,7 @@ impl Senders {
                     &advances
                 }
                 Err(CallError::InvalidParameter(msg)) => {
-                    tracing::warn!(shard = ctx.shard, key, id = %entry.id, error = %msg, request = %raw,
+                    tracing::warn!(id = %entry.id, error = %msg, request = %raw,
                         "ECS rejected the change as invalid; dropped");
                     m::events_dropped("invalid_parameter", 1 + entry.b.len() as u64);
                     &[]
@@ -551,20 +576,24 @@ impl Senders {
                     {
                         Ok(()) => {}
                         Err(StoreError::Fenced) => {
-                            m::fenced("touch");
+                            m::fenced(Op::Touch);
                             ctx.cancel.cancel();
                             return Turn::Stop;
                         }
                         Err(e) => {
-                            tracing::warn!(shard = ctx.shard, key, error = %e, "cannot mark a retrying task active");
-                            m::redis_error("touch");
+                            RedisFailed {
+                                op: Op::Touch,
+                                what: "cannot mark a retrying task active",
+                                error: &e,
+                            }
+                            .emit();
                         }
                     }
                     // First failure and then every tenth: a long outage must not flood the log.
                     // A first throttle is counted in the adaptive limit's log line instead.
                     let first = *attempt == 1 && !adaptive::is_throttle(e.code());
                     if first || attempt.is_multiple_of(10) {
-                        tracing::warn!(shard = ctx.shard, key, id = %entry.id, attempt = *attempt, error = %e,
+                        tracing::warn!(id = %entry.id, attempt = *attempt, error = %e,
                             retry_in_ms = delay.as_millis() as u64, "ECS call failed; retrying");
                     }
                     return Turn::Retry(delay);
@@ -631,10 +660,13 @@ impl Senders {
                 // Nothing reached ECS: wait until a renewal covers a call and Redis answers (or
                 // the shard stops).
                 tracing::debug!(
-                    shard = ctx.shard,
                     "lease or permit too short for a call, or Redis unreachable; waiting"
                 );
-                m::fenced("call");
+                // Counted only when the lease or permit was short: Redis being unreachable is
+                // counted (and logged) by the step that found it.
+                if ctx.store.link().reachable() {
+                    m::fenced(Op::Call);
+                }
                 continue;
             }
             let error_code = result.as_ref().err().map(CallError::code);
@@ -680,21 +712,28 @@ impl Senders {
             {
                 Ok(done) => return Some((done.head, done.state)),
                 Err(StoreError::Fenced) => {
-                    tracing::warn!(shard = ctx.shard, key, "shard lease lost; sender stops");
-                    m::fenced("complete");
+                    tracing::warn!("shard lease lost; sender stops");
+                    m::fenced(Op::Complete);
                     ctx.cancel.cancel();
                     return None;
                 }
                 Err(e) => {
-                    m::redis_error("complete");
-                    if ctx.cancel.is_cancelled() {
-                        // Shutdown or a lost lease must not wait for Redis: the entry stays at
-                        // the head and its next owner sends it again (the one allowed duplicate).
-                        tracing::warn!(shard = ctx.shard, key, error = %e,
-                            "shard stopping with a completion not recorded; the change will be sent again");
+                    // Shutdown or a lost lease must not wait for Redis: the entry stays at the
+                    // head and its next owner sends it again (the one allowed duplicate).
+                    let stopping = ctx.cancel.is_cancelled();
+                    RedisFailed {
+                        op: Op::Complete,
+                        what: if stopping {
+                            "shard stopping with a completion not recorded; the change will be sent again"
+                        } else {
+                            "cannot record completion; retrying"
+                        },
+                        error: &e,
+                    }
+                    .emit();
+                    if stopping {
                         return None;
                     }
-                    tracing::warn!(shard = ctx.shard, key, error = %e, "cannot record completion; retrying");
                     tokio::select! {
                         _ = ctx.cancel.cancelled() => {}
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}

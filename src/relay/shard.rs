@@ -11,48 +11,75 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use rand::Rng;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::relay::amqp;
 use crate::relay::config::WorkerConfig;
 use crate::relay::dead_letter::{self, Letter};
-use crate::relay::metrics as m;
+use crate::relay::events::RedisFailed;
+use crate::relay::metrics::{self as m, Op};
 use crate::relay::sender::{Senders, ShardCtx};
 use crate::relay::store::{Intake, StoreError};
 use crate::relay::wire::{self, Event, Kind};
 
-/// Why a shard stopped running.
-#[derive(Debug)]
+/// Why a shard stopped running; a failure keeps its cause as the error's source.
+#[derive(Debug, thiserror::Error)]
 pub enum ShardEnd {
     /// Cancelled: handover, shutdown or a sender saw the lease lost.
+    #[error("stopped")]
     Stopped,
     /// The store fenced us: another worker owns the shard now.
+    #[error("fenced: another worker owns the shard")]
     Fenced,
     /// The AMQP channel or connection failed: taken again after a growing delay.
-    Amqp(String),
+    #[error("amqp: {0}")]
+    Amqp(#[source] lapin::Error),
+    /// The broker ended the consumer (queue deleted, node lost): like [`ShardEnd::Amqp`].
+    #[error("amqp: the broker cancelled the consumer")]
+    ConsumerCancelled,
+    /// A consumer restart got no cancel-ok in time: like [`ShardEnd::Amqp`].
+    #[error("amqp: no cancel-ok from the broker within {0:?}")]
+    NoCancelOk(Duration),
     /// Redis did not answer when the shard started: taken again at the next pass (Redis
     /// trouble is paced by the pass itself, and must not grow the AMQP restart delay).
-    Redis(String),
+    #[error("{0}")]
+    Redis(#[source] StoreError),
 }
 
-/// Runs the shard until cancelled or broken; on return every sender has finished and no
-/// delivery is left unacknowledged-but-stored (unacked ones return to the queue).
+impl ShardEnd {
+    /// Whether the broker side failed: such a shard is taken again after a growing delay.
+    pub fn is_broker_failure(&self) -> bool {
+        matches!(
+            self,
+            ShardEnd::Amqp(_) | ShardEnd::ConsumerCancelled | ShardEnd::NoCancelOk(_)
+        )
+    }
+}
+
+/// Runs the shard until cancelled or broken, inside the shard's span (every line it and its
+/// tasks log names the shard); on return every sender has finished and no
+/// delivery is left unacknowledged-but-stored (unacked ones return to the queue). Everything
+/// the shard starts runs on its tracker and stops with its token: joined before it returns.
 pub async fn run(ctx: Arc<ShardCtx>, conn: &Connection) -> ShardEnd {
-    tokio::spawn(lease_watchdog(ctx.clone()));
+    let tasks = TaskTracker::new();
+    tasks.spawn(lease_watchdog(ctx.clone()).in_current_span());
     // Joined before the shard ends: a letter it is publishing is also forgotten before the
     // lease goes to the next owner, whose mover would otherwise publish it again.
-    let mover = tokio::spawn(dead_letter::mover(ctx.clone()));
+    tasks.spawn(dead_letter::mover(ctx.clone()).in_current_span());
     let senders = Senders::new(ctx.clone());
-    let end = match consume(&ctx, conn, &senders).await {
+    let end = match consume(&ctx, conn, &senders, &tasks).await {
         Ok(end) => end,
         Err(e) => {
-            m::amqp_error("consume");
-            ShardEnd::Amqp(e.to_string())
+            m::amqp_error(Op::Consume);
+            ShardEnd::Amqp(e)
         }
     };
     m::intake_prefetch(ctx.shard, 0);
     ctx.cancel.cancel();
     senders.wait().await;
-    let _ = mover.await;
+    tasks.close();
+    tasks.wait().await;
     end
 }
 
@@ -60,6 +87,7 @@ async fn consume(
     ctx: &Arc<ShardCtx>,
     conn: &Connection,
     senders: &Senders,
+    tasks: &TaskTracker,
 ) -> Result<ShardEnd, lapin::Error> {
     let queue = amqp::shard_queue(ctx.store.namespace(), ctx.shard);
     let ch = conn.create_channel().await?;
@@ -69,8 +97,8 @@ async fn consume(
         Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
         Err(StoreError::Fenced) => return Ok(ShardEnd::Fenced),
         Err(e) => {
-            tracing::warn!(shard = ctx.shard, error = %e, "cannot list pending tasks");
-            return Ok(ShardEnd::Redis(e.to_string()));
+            tracing::warn!(error = %e, "cannot list pending tasks");
+            return Ok(ShardEnd::Redis(e));
         }
     }
     let tag = format!("{}#{}", ctx.fence.owner, ctx.shard);
@@ -82,9 +110,9 @@ async fn consume(
     // deliveries whose acks are withheld until the window is full.
     let mut resize: Option<u16> = None;
     let mut withheld: Vec<u64> = Vec::new();
-    tokio::spawn(drain_ticker(ctx.clone(), senders.clone()));
-    tokio::spawn(resume_ticker(ctx.clone(), senders.clone()));
-    tokio::spawn(retention_sweeper(ctx.clone()));
+    tasks.spawn(drain_ticker(ctx.clone(), senders.clone()).in_current_span());
+    tasks.spawn(resume_ticker(ctx.clone(), senders.clone()).in_current_span());
+    tasks.spawn(retention_sweeper(ctx.clone()).in_current_span());
 
     // Rejected deliveries whose letter did not fit in the shard's hold: unacknowledged, and
     // held (then acked) as soon as the hold has room again.
@@ -111,12 +139,12 @@ async fn consume(
         let first = match first {
             Some(Ok(d)) => d,
             Some(Err(e)) => {
-                m::amqp_error("consume");
-                break ShardEnd::Amqp(e.to_string());
+                m::amqp_error(Op::Consume);
+                break ShardEnd::Amqp(e);
             }
             None => {
-                m::amqp_error("consumer_cancelled");
-                break ShardEnd::Amqp("consumer cancelled by the broker".into());
+                m::amqp_error(Op::ConsumerCancelled);
+                break ShardEnd::ConsumerCancelled;
             }
         };
         // Take whatever else is already here: one pipelined Redis round trip and one ack for all.
@@ -178,7 +206,7 @@ async fn consume(
                 prefetch = size;
                 resize = None;
                 m::intake_prefetch(ctx.shard, prefetch);
-                tracing::debug!(shard = ctx.shard, prefetch, "prefetch resized");
+                tracing::debug!(prefetch, "prefetch resized");
             }
         }
     };
@@ -221,10 +249,8 @@ async fn restart_consumer(
     let late = match tokio::time::timeout(CANCEL_WAIT, cancelled).await {
         Ok(late) => late?,
         Err(_) => {
-            m::amqp_error("consume");
-            return Ok(Err(ShardEnd::Amqp(
-                "no cancel-ok from the broker in time".into(),
-            )));
+            m::amqp_error(Op::Consume);
+            return Ok(Err(ShardEnd::NoCancelOk(CANCEL_WAIT)));
         }
     };
     if !late.is_empty() {
@@ -359,7 +385,7 @@ async fn intake_batch(
         }
     }
 
-    let outcomes = match retry_store(ctx, "intake", || {
+    let outcomes = match retry_store(ctx, Op::Intake, || {
         ctx.store
             .intake(ctx.shard, &ctx.fence, &events, ctx.cfg.task_retention_s)
     })
@@ -409,10 +435,10 @@ async fn intake_batch(
         for (((d, reject), held), letter) in rejected.iter().zip(held).zip(letters) {
             m::event_rejected(reject.code);
             if held {
-                tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
+                tracing::warn!(routing_key = %d.routing_key, reason = %reject, "message rejected to the dead-letter queue");
             } else {
                 m::dead_letter_hold_full();
-                tracing::warn!(shard = ctx.shard, routing_key = %d.routing_key, reason = %reject,
+                tracing::warn!(routing_key = %d.routing_key, reason = %reject,
                     "message rejected, but the shard's held dead letters are at RELAY_DEAD_LETTER_HOLD_BYTES: left unacknowledged until the hold has room");
                 unacked.insert(d.delivery_tag);
                 refused.push(Refused {
@@ -491,7 +517,7 @@ async fn hold_refused(
 /// the hold is full).
 async fn hold<L: AsRef<[u8]>>(ctx: &ShardCtx, letters: &[L]) -> Result<Vec<bool>, ShardEnd> {
     let max = ctx.cfg.dead_letter_hold_bytes;
-    retry_store(ctx, "hold", || {
+    retry_store(ctx, Op::Hold, || {
         ctx.store.hold(ctx.shard, &ctx.fence, letters, max)
     })
     .await
@@ -512,11 +538,7 @@ fn letter(d: &Delivery, reject: &wire::Reject, queue: &str, now_ms: i64) -> Lett
 
 /// Runs a shard write until Redis has it: a Redis error is retried with backoff (never ack
 /// what Redis does not have); Err(end) when the shard must stop (fenced or cancelled).
-async fn retry_store<T, F, Fut>(
-    ctx: &ShardCtx,
-    op: &'static str,
-    mut step: F,
-) -> Result<T, ShardEnd>
+async fn retry_store<T, F, Fut>(ctx: &ShardCtx, op: Op, mut step: F) -> Result<T, ShardEnd>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -530,8 +552,12 @@ where
                 return Err(ShardEnd::Fenced);
             }
             Err(e) => {
-                tracing::warn!(shard = ctx.shard, error = %e, op, "cannot write to Redis; retrying");
-                m::redis_error(op);
+                RedisFailed {
+                    op,
+                    what: "cannot write to Redis; retrying",
+                    error: &e,
+                }
+                .emit();
                 tokio::select! {
                     _ = ctx.cancel.cancelled() => return Err(ShardEnd::Stopped),
                     _ = tokio::time::sleep(delay) => {}
@@ -554,11 +580,8 @@ async fn lease_watchdog(ctx: Arc<ShardCtx>) {
             _ = tokio::time::sleep_until(until.into()) => {}
         }
         if Instant::now() >= ctx.lease_valid_until() {
-            tracing::warn!(
-                shard = ctx.shard,
-                "shard lease not renewed in time; stopping the shard"
-            );
-            m::fenced("lease_lapse");
+            tracing::warn!("shard lease not renewed in time; stopping the shard");
+            m::fenced(Op::LeaseLapse);
             ctx.cancel.cancel();
             return;
         }
@@ -581,13 +604,17 @@ async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
         {
             Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
             Err(StoreError::Fenced) => {
-                m::fenced("drain");
+                m::fenced(Op::Drain);
                 ctx.cancel.cancel();
                 return;
             }
             Err(e) => {
-                tracing::warn!(shard = ctx.shard, error = %e, "drain tick failed");
-                m::redis_error("drain");
+                RedisFailed {
+                    op: Op::Drain,
+                    what: "drain tick failed",
+                    error: &e,
+                }
+                .emit();
             }
         }
     }
@@ -619,8 +646,12 @@ async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
                 m::dead_letters_held(ctx.shard, held);
             }
             Err(e) => {
-                tracing::warn!(shard = ctx.shard, error = %e, "cannot list pending tasks");
-                m::redis_error("pending");
+                RedisFailed {
+                    op: Op::Pending,
+                    what: "cannot list pending tasks",
+                    error: &e,
+                }
+                .emit();
             }
         }
     }
@@ -642,23 +673,22 @@ async fn retention_sweeper(ctx: Arc<ShardCtx>) {
             .await
         {
             Ok((tasks, events)) if tasks > 0 => {
-                tracing::info!(
-                    shard = ctx.shard,
-                    tasks,
-                    events,
-                    "dropped state of idle tasks (retention)"
-                );
+                tracing::info!(tasks, events, "dropped state of idle tasks (retention)");
                 m::events_dropped("retention", events);
             }
             Ok(_) => {}
             Err(StoreError::Fenced) => {
-                m::fenced("sweep");
+                m::fenced(Op::Sweep);
                 ctx.cancel.cancel();
                 return;
             }
             Err(e) => {
-                tracing::warn!(shard = ctx.shard, error = %e, "retention sweep failed");
-                m::redis_error("sweep");
+                RedisFailed {
+                    op: Op::Sweep,
+                    what: "retention sweep failed",
+                    error: &e,
+                }
+                .emit();
             }
         }
     }

@@ -15,13 +15,16 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::relay::adaptive::Adaptive;
 use crate::relay::amqp::{self, TopologyError};
-use crate::relay::config::WorkerConfig;
+use crate::relay::config::{Validated, WorkerConfig};
 use crate::relay::dead_letter;
 use crate::relay::ecs::Ecs;
-use crate::relay::metrics::{self as m, Readiness};
+use crate::relay::events::RedisFailed;
+use crate::relay::metrics::{self as m, Op, Readiness};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::sender::{Asked, ShardCtx, Shared};
 use crate::relay::shard::{self, ShardEnd};
@@ -84,15 +87,12 @@ fn restart_delay(streak: u32) -> Duration {
 /// Runs a worker until `cancel`, then shuts down cleanly (G7). Errors only for what a restart
 /// cannot fix: bad configuration or a topology that disagrees with the configuration.
 pub async fn run(
-    mut cfg: WorkerConfig,
+    cfg: Validated,
     ecs: Ecs,
     ready: Readiness,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    cfg.conn.resolve_secrets()?;
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
-    let cfg = Arc::new(cfg);
+    let cfg = Arc::new(cfg.with_secrets()?.into_inner());
     let worker_id = cfg.worker_id();
     // A Redis that does not answer yet (a restart during an outage) is waited for, not fatal:
     // only configuration errors (and refused credentials) stop the worker.
@@ -107,8 +107,12 @@ pub async fn run(
         {
             return Err(e);
         }
-        tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "Redis does not answer; retrying");
-        m::redis_error("start");
+        RedisFailed {
+            op: Op::Start,
+            what: "Redis does not answer; retrying",
+            error: &e,
+        }
+        .emit();
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(retry) => {}
@@ -123,11 +127,14 @@ pub async fn run(
         cfg.permit_lease_ms,
         cfg.call_timeout(),
     );
+    // The worker's own background work outlives `cancel` on purpose: the goodbye below still
+    // releases permits through it. It stops after that, and is joined.
     let background = CancellationToken::new();
-    tokio::spawn(permits.clone().run_background(background.clone()));
-    tokio::spawn(report_permits(permits.clone(), background.clone()));
+    let background_tasks = TaskTracker::new();
+    background_tasks.spawn(permits.clone().run_background(background.clone()));
+    background_tasks.spawn(report_permits(permits.clone(), background.clone()));
     let rebalance = Arc::new(Notify::new());
-    tokio::spawn(wake_on_publish(
+    background_tasks.spawn(wake_on_publish(
         store.clone(),
         store.membership_channel(),
         rebalance.clone(),
@@ -191,6 +198,9 @@ pub async fn run(
         );
     }
     background.cancel();
+    background_tasks.close();
+    // Each ends at its next wait; one inside a Redis call with Redis gone takes up to its bound.
+    let _ = tokio::time::timeout(SHUTDOWN_REDIS_WAIT, background_tasks.wait()).await;
     tracing::info!(worker = %worker_id, "worker stopped");
     result
 }
@@ -244,6 +254,8 @@ impl Session {
         }
         ready.set_amqp(true);
         let conn = Arc::new(conn);
+        // The parent of this session's shards: cancelled with the worker, or when the session ends.
+        let shards = cancel.child_token();
         let mut owned: BTreeMap<u16, Owned> = BTreeMap::new();
         let mut restarts = Restarts::default();
         // A pass starts every tenth of the lease time (or as soon as the last one ended, if it
@@ -270,7 +282,9 @@ impl Session {
             tokio::pin!(failed_over);
             failed_over.as_mut().enable();
             let pass = Instant::now();
-            let healthy = self.balance(&conn, &mut owned, &mut restarts, ready).await;
+            let healthy = self
+                .balance(&conn, &shards, &mut owned, &mut restarts, ready)
+                .await;
             ready.pulse();
             // While Redis fails, look again soon: readiness and work resume right after it is back.
             let mut next = if healthy {
@@ -291,9 +305,7 @@ impl Session {
         };
         ready.set_amqp(false);
         // Hand every shard back: stop intake, let senders finish, release the lease.
-        for o in owned.values() {
-            o.ctx.cancel.cancel();
-        }
+        shards.cancel();
         let mut stopped = Vec::new();
         for (shard, o) in owned {
             let _ = o.handle.await;
@@ -349,6 +361,7 @@ impl Session {
     async fn balance(
         &self,
         conn: &Arc<Connection>,
+        shards: &CancellationToken,
         owned: &mut BTreeMap<u16, Owned>,
         restarts: &mut Restarts,
         ready: &Readiness,
@@ -369,8 +382,12 @@ impl Session {
                     .collect(),
             ),
             Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed");
-                m::redis_error("heartbeat");
+                RedisFailed {
+                    op: Op::Heartbeat,
+                    what: "heartbeat failed",
+                    error: &e,
+                }
+                .emit();
                 healthy = false;
                 None
             }
@@ -385,8 +402,8 @@ impl Session {
             if let Some(o) = owned.remove(&shard) {
                 match o.handle.await {
                     Ok(end) => {
-                        tracing::info!(shard, ?end, "shard stopped");
-                        if matches!(end, ShardEnd::Amqp(_)) {
+                        tracing::info!(shard, end = %end, "shard stopped");
+                        if end.is_broker_failure() {
                             restarts.failed(shard, o.started.elapsed());
                         }
                         let _ = self.store.lease_release(shard, &o.ctx.fence).await;
@@ -422,8 +439,14 @@ impl Session {
                     ctx.cancel.cancel();
                 }
                 Err(e) => {
-                    tracing::warn!(shard, error = %e, "lease renewal failed");
-                    m::redis_error("lease_renew");
+                    tracing::error_span!("shard", shard).in_scope(|| {
+                        RedisFailed {
+                            op: Op::LeaseRenew,
+                            what: "lease renewal failed",
+                            error: &e,
+                        }
+                        .emit()
+                    });
                     healthy = false;
                 }
             }
@@ -469,15 +492,22 @@ impl Session {
                             dead_letters: self.dead_letters.clone(),
                             cfg: self.cfg.clone(),
                         },
+                        shards,
                     ));
                     let conn = conn.clone();
                     let run_ctx = ctx.clone();
                     let rebalance = self.rebalance.clone();
-                    let handle = tokio::spawn(async move {
-                        let end = shard::run(run_ctx, &conn).await;
-                        rebalance.notify_waiters();
-                        end
-                    });
+                    // An ERROR-level span, so that its field is on every line whatever the
+                    // log level (a span below the level is not recorded at all).
+                    let span = tracing::error_span!("shard", shard);
+                    let handle = tokio::spawn(
+                        async move {
+                            let end = shard::run(run_ctx, &conn).await;
+                            rebalance.notify_waiters();
+                            end
+                        }
+                        .instrument(span),
+                    );
                     owned.insert(
                         shard,
                         Owned {
@@ -489,8 +519,14 @@ impl Session {
                 }
                 Ok(None) => {} // still held by its previous owner: taken once released or lapsed
                 Err(e) => {
-                    tracing::warn!(shard, error = %e, "lease acquire failed");
-                    m::redis_error("lease_acquire");
+                    tracing::error_span!("shard", shard).in_scope(|| {
+                        RedisFailed {
+                            op: Op::LeaseAcquire,
+                            what: "lease acquire failed",
+                            error: &e,
+                        }
+                        .emit()
+                    });
                     healthy = false;
                 }
             }

@@ -9,6 +9,12 @@
 --       executionStoppedAt (RFC 3339 or '')
 -- Returns one code per event: 0 = duplicate (already taken), 1 = batched, 2 = appended to the
 -- outbox, 3 = refused: the batch is full (nothing written; the caller dead-letters it).
+-- A call laid out otherwise would be misread event by event: refuse it whole.
+local events = (#ARGV - 5) / 9
+if events < 0 or events ~= math.floor(events) or #KEYS ~= 5 + 4 * events then
+  return redis.error_reply(string.format(
+    'ERR intake.lua: %d keys and %d arguments are not 5 + 4 and 5 + 9 per event', #KEYS, #ARGV))
+end
 local err = fenced(KEYS[1], ARGV[1], ARGV[2])
 if err then return err end
 
@@ -23,7 +29,7 @@ local results = {}
 local touched = {}
 local times = { 'ps', 'pt', 'es' }
 
-for e = 0, (#ARGV - 5) / 9 - 1 do
+for e = 0, events - 1 do
   local k, a = 5 + e * 4, 5 + e * 9
   local ids, state, batch, outbox = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local id, kind, key = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]

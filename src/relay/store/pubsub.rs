@@ -1,6 +1,8 @@
 //! Wake-ups through Redis pub/sub (permit releases, membership changes).
 
 use super::Store;
+use crate::relay::events::RedisFailed;
+use crate::relay::metrics::Op;
 
 /// Wakes every waiter on `notify` whenever something is published on `channel`, until
 /// `cancel`; reconnects by itself, and wakes everyone when the subscription drops and again
@@ -39,8 +41,14 @@ pub async fn wake_on_publish(
         }
         .await;
         if let Err(e) = listened {
-            tracing::warn!(channel = %channel, error = %e, "pub/sub connection lost; reconnecting");
-            crate::relay::metrics::redis_error("pubsub");
+            tracing::error_span!("pubsub", channel = %channel).in_scope(|| {
+                RedisFailed {
+                    op: Op::Pubsub,
+                    what: "pub/sub connection lost; reconnecting",
+                    error: &e,
+                }
+                .emit()
+            });
         }
         notify.notify_waiters();
         tokio::select! {

@@ -2,11 +2,9 @@
 //! over to the replica with its acknowledged writes, and comes back as a replica of the new one.
 //! Prints one line of timings.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::ha::RedisHa;
+use crate::common::ha::RedisHa;
 
 async fn conn(port: u16) -> redis::aio::MultiplexedConnection {
     redis::Client::open(RedisHa::url(port))

@@ -1,12 +1,10 @@
 //! Credentials: RabbitMQ and Redis ACL users with passwords from files (Kubernetes secrets),
 //! and no secret in any log line or error.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 struct Users {
     name: String,
@@ -32,7 +30,7 @@ impl Users {
         assert!(ok(&["add_user", &name, password]));
         assert!(ok(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]));
         let store =
-            ecs_state_relay::relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
+            ecs_state_relay::relay::store::Store::connect(&redis_url(), &Default::default(), "acl")
                 .await
                 .unwrap();
         let mut conn = store.conn().await.unwrap();
@@ -56,7 +54,7 @@ impl Users {
             .stdout(Stdio::null())
             .status();
         let store =
-            ecs_state_relay::relay::store::Store::connect(REDIS_URL, &Default::default(), "acl")
+            ecs_state_relay::relay::store::Store::connect(&redis_url(), &Default::default(), "acl")
                 .await
                 .unwrap();
         let mut conn = store.conn().await.unwrap();
@@ -75,8 +73,8 @@ async fn passwords_from_files_work_and_never_show_in_logs_or_errors() {
     let users = Users::create(secret).await;
     let mut env = Env::new("credentials", 2).await;
     let mut cfg = env.config();
-    cfg.conn.amqp_url = format!("amqp://{}@127.0.0.1:5672/%2f", users.name);
-    cfg.conn.redis_url = format!("redis://{}@127.0.0.1:6379/0", users.name);
+    cfg.conn.amqp_url = format!("amqp://{}@{}/%2f", users.name, amqp_addr());
+    cfg.conn.redis_url = format!("redis://{}@{}/0", users.name, redis_addr());
     cfg.conn.amqp_password_file = Some(users.dir.join("password"));
     cfg.conn.redis_password_file = Some(users.dir.join("password"));
     let good = cfg.clone();
@@ -195,7 +193,7 @@ fn every_password_of_a_broker_url_list_is_masked_in_errors() {
         let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
             .arg(command)
             .env("RELAY_AMQP_URL", urls.join(","))
-            .env("RELAY_REDIS_URL", REDIS_URL)
+            .env("RELAY_REDIS_URL", redis_url())
             .stdin(Stdio::null())
             .output()
             .expect("runs");

@@ -3,13 +3,11 @@
 //! SIGKILLed mid-stream. Nothing is lost or reordered, the workers keep running, and the node
 //! rejoins its queues when it comes back.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::rabbit_cluster::RabbitCluster;
-use common::*;
+use crate::common::rabbit_cluster::RabbitCluster;
+use crate::common::*;
 use ecs_state_relay::cli::publish::publish_lines;
 use ecs_state_relay::relay::amqp;
 use ecs_state_relay::relay::config::ConnConfig;

@@ -1,13 +1,11 @@
 //! `amqps://` and `rediss://` with a private CA and client certificates, against a TLS listener
 //! the test opens on the local RabbitMQ and a Redis it starts with TLS only.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::relay::config::TlsFiles;
 use ecs_state_relay::relay::store::Store;
 

@@ -3,11 +3,9 @@
 //! observed at ecs-sim through the real aws-sdk-ecs client. Each test is named after its
 //! upstream test; where the port deliberately differs (a documented fix) the test says so.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::sim::{Action, CallRecord, Rule};
 use serde_json::Value;
 

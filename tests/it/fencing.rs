@@ -2,11 +2,9 @@
 //! the former owner (intake, completion, drain, sweep) is refused and changes nothing. Also
 //! the drain's paging, which runs under the same lease checks.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::relay::store::{Intake, StoreError};
 use ecs_state_relay::relay::wire;
 

@@ -3,12 +3,10 @@
 //! ECS must receive exactly the calls a small reference model of the behaviour rules predicts,
 //! in the same order per task.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::Value;

@@ -1,11 +1,9 @@
 //! Whole-worker behaviour: crashes, two workers sharing the fleet-wide limit, isolation of a
 //! failing task, a shard count that disagrees with the broker, and clean shutdown.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::relay::metrics::Readiness;
 use ecs_state_relay::relay::worker;
 use ecs_state_relay::sim::{Action, Rule};
@@ -265,7 +263,7 @@ async fn a_worker_waits_for_another_workers_topology_declaration_instead_of_refu
     // another checks them. The checker must wait, not take the half-declared topology for a
     // deployment with fewer shards.
     let mut env = Env::new("start-together", 4).await;
-    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test")
+    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test")
         .await
         .unwrap();
     let ch = c.create_channel().await.unwrap();
@@ -294,7 +292,7 @@ async fn a_worker_waits_for_another_workers_topology_declaration_instead_of_refu
     declare_shard(1).await;
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(worker::run(
-        cfg,
+        cfg.validate().expect("valid"),
         env.ecs().await,
         Readiness::default(),
         cancel.clone(),
@@ -325,7 +323,7 @@ async fn a_worker_refuses_a_shard_count_that_disagrees_with_the_broker() {
         let mut c = env.config();
         c.shards = wrong;
         let err = worker::run(
-            c,
+            c.validate().expect("valid"),
             env.ecs().await,
             Readiness::default(),
             CancellationToken::new(),

@@ -26,8 +26,23 @@ use tokio_util::sync::CancellationToken;
 pub mod ha;
 pub mod rabbit_cluster;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// The shared RabbitMQ (`host:port`, guest/guest): `RELAY_TEST_AMQP_ADDR`, else the local one.
+pub fn amqp_addr() -> String {
+    std::env::var("RELAY_TEST_AMQP_ADDR").unwrap_or_else(|_| "127.0.0.1:5672".into())
+}
+
+/// The shared Redis (`host:port`, db 0): `RELAY_TEST_REDIS_ADDR`, else the local one.
+pub fn redis_addr() -> String {
+    std::env::var("RELAY_TEST_REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into())
+}
+
+pub fn amqp_url() -> String {
+    format!("amqp://guest:guest@{}/%2f", amqp_addr())
+}
+
+pub fn redis_url() -> String {
+    format!("redis://{}/0", redis_addr())
+}
 pub const CLUSTER: &str = "test-cluster";
 /// Test workers' ECS call timeout: fits their 3 s shard lease (see `WorkerConfig::validate`).
 pub const TEST_CALL_TIMEOUT_MS: u64 = 1_000;
@@ -44,6 +59,8 @@ pub struct Env {
     pub store: Store,
     workers: Vec<InProcess>,
     next_worker: usize,
+    /// Set by [`Env::cleanup`]; otherwise dropping the `Env` cleans up (see its `Drop`).
+    cleaned: bool,
 }
 
 pub struct InProcess {
@@ -73,7 +90,7 @@ impl Env {
             .try_init();
         let exchange = format!("test.{name}.{:08x}", rand::random::<u32>());
         let (sim, sim_url) = Sim::spawn_local().await.expect("sim starts");
-        let store = Store::connect(REDIS_URL, &Default::default(), &exchange)
+        let store = Store::connect(&redis_url(), &Default::default(), &exchange)
             .await
             .expect("redis reachable");
         Env {
@@ -84,13 +101,14 @@ impl Env {
             store,
             workers: Vec::new(),
             next_worker: 0,
+            cleaned: false,
         }
     }
 
     pub fn conn(&self) -> ConnConfig {
         ConnConfig {
-            amqp_url: AMQP_URL.into(),
-            redis_url: REDIS_URL.into(),
+            amqp_url: amqp_url(),
+            redis_url: redis_url(),
             exchange: self.exchange.clone(),
             ..ConnConfig::default()
         }
@@ -140,6 +158,7 @@ impl Env {
         let cancel = CancellationToken::new();
         // The worker's safety checks count on the client timing out at the configured time.
         let ecs = self.ecs_for(cfg.call_timeout_ms, &id).await;
+        let cfg = cfg.validate().expect("a valid test configuration");
         let handle = tokio::spawn(worker::run(cfg, ecs, Readiness::default(), cancel.clone()));
         self.workers.push(InProcess {
             id: id.clone(),
@@ -160,68 +179,37 @@ impl Env {
         wait_shards_owned(&self.store, self.shards, Duration::from_secs(20)).await;
     }
 
-    /// Environment for a worker process (the real binary) against this test's services.
+    /// Runs an operator command of the real binary (`status`, `dlq`, …) against this test's
+    /// services; its standard output, or a panic with its standard error when it failed.
+    pub fn run_cli(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+            .args(args)
+            .envs(self.conn().to_env())
+            .stdin(Stdio::null())
+            .output()
+            .expect("the relay binary runs");
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Environment for a worker process (the real binary) against this test's services:
+    /// every setting of `cfg` (the relay's own `to_env`) and the way to ecs-sim.
     pub fn process_env(&self, cfg: &WorkerConfig) -> Vec<(String, String)> {
-        vec![
-            ("RELAY_AMQP_URL".into(), cfg.conn.amqp_url.clone()),
-            ("RELAY_REDIS_URL".into(), cfg.conn.redis_url.clone()),
-            ("RELAY_EXCHANGE".into(), cfg.conn.exchange.clone()),
-            ("RELAY_SHARDS".into(), cfg.shards.to_string()),
-            (
-                "RELAY_CONCURRENCY_LIMIT".into(),
-                cfg.concurrency_limit.to_string(),
-            ),
-            ("RELAY_DRAIN_MIN_MS".into(), cfg.drain_min_ms.to_string()),
-            ("RELAY_DRAIN_MAX_MS".into(), cfg.drain_max_ms.to_string()),
-            (
-                "RELAY_BACKOFF_MIN_MS".into(),
-                cfg.backoff_min_ms.to_string(),
-            ),
-            (
-                "RELAY_BACKOFF_MAX_MS".into(),
-                cfg.backoff_max_ms.to_string(),
-            ),
-            ("RELAY_LEASE_MS".into(), cfg.lease_ms.to_string()),
-            (
-                "RELAY_PERMIT_LEASE_MS".into(),
-                cfg.permit_lease_ms.to_string(),
-            ),
-            (
-                "RELAY_CALL_TIMEOUT_MS".into(),
-                cfg.call_timeout_ms.to_string(),
-            ),
-            ("RELAY_METRICS_ADDR".into(), cfg.metrics_addr.clone()),
-            (
-                "RELAY_WORKER_ID".into(),
-                cfg.worker_id.clone().unwrap_or_default(),
-            ),
-            (
-                "RELAY_REDIS_SENTINELS".into(),
-                cfg.conn.redis_sentinels.clone(),
-            ),
-            (
-                "RELAY_REDIS_SENTINEL_MASTER".into(),
-                cfg.conn.redis_sentinel_master.clone(),
-            ),
-            (
-                "RELAY_REDIS_MIN_REPLICAS".into(),
-                cfg.conn.redis_min_replicas.to_string(),
-            ),
-            ("RELAY_PREFETCH".into(), cfg.prefetch.to_string()),
-            (
-                "RELAY_INTAKE_MAX_BYTES".into(),
-                cfg.intake_max_bytes.to_string(),
-            ),
-            (
-                "RELAY_DEAD_LETTER_HOLD_BYTES".into(),
-                cfg.dead_letter_hold_bytes.to_string(),
-            ),
-            ("AWS_ENDPOINT_URL_ECS".into(), self.sim_url.clone()),
-            ("AWS_REGION".into(), "us-east-1".into()),
-            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
-            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-        ]
+        cfg.to_env()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .chain([
+                ("AWS_ENDPOINT_URL_ECS".into(), self.sim_url.clone()),
+                ("AWS_REGION".into(), "us-east-1".into()),
+                ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+                ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+            ])
+            .collect()
     }
 
     /// Starts a worker process serving /metrics on a free local port; waits until it owns
@@ -262,7 +250,7 @@ impl Env {
 
     /// Publishes raw bytes with any routing key (for malformed input).
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
-        let c = amqp::connect(AMQP_URL, &Default::default(), "test raw publish")
+        let c = amqp::connect(&amqp_url(), &Default::default(), "test raw publish")
             .await
             .expect("amqp");
         let ch = amqp::confirm_channel(&c).await.expect("channel");
@@ -318,7 +306,7 @@ impl Env {
 
     /// Messages in the dead-letter queue: (body, x-relay-reject-reason).
     pub async fn dead_letters(&self) -> Vec<(Vec<u8>, String)> {
-        self.dead_letters_at(AMQP_URL).await
+        self.dead_letters_at(&amqp_url()).await
     }
 
     /// [`Env::dead_letters`] on the broker(s) at `urls`.
@@ -357,52 +345,101 @@ impl Env {
         for w in self.workers.drain(..) {
             let _ = w.stop().await;
         }
-        if let Ok(c) = amqp::connect(AMQP_URL, &Default::default(), "test cleanup").await {
-            if let Ok(ch) = c.create_channel().await {
-                for s in 0..=self.shards {
-                    let _ = ch
-                        .queue_delete(
-                            amqp::shard_queue(&self.exchange, s).as_str().into(),
-                            QueueDeleteOptions::default(),
-                        )
-                        .await;
-                }
+        remove_resources(&self.exchange, self.shards).await;
+        self.cleaned = true;
+    }
+}
+
+/// A test that panicked before [`Env::cleanup`] still leaves nothing behind: its in-process
+/// workers are cancelled and its queues, exchanges and keys deleted, on a runtime of its own
+/// (the test's may be unwinding).
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        for w in &self.workers {
+            w.cancel.cancel();
+        }
+        let (exchange, shards) = (self.exchange.clone(), self.shards);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the cleanup");
+            rt.block_on(async {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    remove_resources(&exchange, shards),
+                )
+                .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Deletes a test's shard and dead-letter queues, its exchanges, and every Redis key of its
+/// namespace (found with `SCAN`, which never blocks the shared Redis as `KEYS` does).
+async fn remove_resources(exchange: &str, shards: u16) {
+    if let Ok(c) = amqp::connect(&amqp_url(), &Default::default(), "test cleanup").await {
+        if let Ok(ch) = c.create_channel().await {
+            let queues = (0..=shards)
+                .map(|s| amqp::shard_queue(exchange, s))
+                .chain([amqp::dead_queue(exchange)]);
+            for q in queues {
                 let _ = ch
-                    .queue_delete(
-                        amqp::dead_queue(&self.exchange).as_str().into(),
-                        QueueDeleteOptions::default(),
-                    )
-                    .await;
-                let _ = ch
-                    .exchange_delete(
-                        self.exchange.as_str().into(),
-                        ExchangeDeleteOptions::default(),
-                    )
-                    .await;
-                let _ = ch
-                    .exchange_delete(
-                        amqp::dlx(&self.exchange).as_str().into(),
-                        ExchangeDeleteOptions::default(),
-                    )
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                     .await;
             }
-            let _ = c.close(200, "done".into()).await;
-        }
-        if let Ok(mut conn) = self.store.conn().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("relay:{{{}*", self.exchange))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+            for x in [exchange.to_string(), amqp::dlx(exchange)] {
+                let _ = ch
+                    .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
             }
         }
+        let _ = c.close(200, "done".into()).await;
+    }
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys = scan_keys(&mut conn, &format!("relay:{{{exchange}*")).await;
+    for chunk in keys.chunks(1000) {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+    }
+}
+
+/// The keys matching `pattern`, found with `SCAN` (which, unlike `KEYS`, never blocks the
+/// shared Redis for the other tests); empty if Redis fails.
+pub async fn scan_keys(conn: &mut impl redis::aio::ConnectionLike, pattern: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+        else {
+            return found;
+        };
+        found.extend(keys);
+        if next == 0 {
+            return found;
+        }
+        cursor = next;
     }
 }
 
 /// A TCP proxy the test controls, to cut a worker off RabbitMQ or Redis: `cut` closes every
-/// proxied connection and refuses new ones until `restore`.
+/// proxied connection and refuses new ones until `restore`; `stall` keeps every connection
+/// open but forwards nothing (packets dropped, a peer paused) until `restore`.
 pub struct Proxy {
     pub port: u16,
     state: std::sync::Arc<ProxyState>,
@@ -411,12 +448,19 @@ pub struct Proxy {
 #[derive(Default)]
 struct ProxyState {
     cut: std::sync::atomic::AtomicBool,
+    stalled: std::sync::atomic::AtomicBool,
     conns: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
+impl ProxyState {
+    fn stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 impl Proxy {
-    pub async fn start(target: &'static str) -> Proxy {
-        Proxy::delayed(target.to_string(), Duration::ZERO).await
+    pub async fn start(target: String) -> Proxy {
+        Proxy::delayed(target, Duration::ZERO).await
     }
 
     /// Each byte reaches the other side `delay` after it arrived, in order, in both directions,
@@ -429,24 +473,21 @@ impl Proxy {
         let state = std::sync::Arc::new(ProxyState::default());
         let st = state.clone();
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if st.cut.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: the client sees the connection closed at once
                 }
                 let target = target.clone();
+                let gate = st.clone();
                 let task = tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    if delay.is_zero() {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        return;
-                    }
                     let (in_r, in_w) = inbound.into_split();
                     let (out_r, out_w) = outbound.into_split();
                     tokio::join!(
-                        delayed_copy(in_r, out_w, delay),
-                        delayed_copy(out_r, in_w, delay)
+                        delayed_copy(in_r, out_w, delay, gate.clone()),
+                        delayed_copy(out_r, in_w, delay, gate)
                     );
                 });
                 st.conns.lock().unwrap().push(task.abort_handle());
@@ -464,19 +505,30 @@ impl Proxy {
         }
     }
 
+    pub fn stall(&self) {
+        self.state
+            .stalled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.state
             .cut
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .stalled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
-/// Copies `from` to `to`, each chunk written `delay` after it was read; reading never waits
-/// for writing, so the delay adds latency, never a throughput cap.
+/// Copies `from` to `to`, each chunk written `delay` after it was read and held while the
+/// proxy is stalled; reading never waits for writing, so the delay adds latency, never a
+/// throughput cap.
 async fn delayed_copy(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     delay: Duration,
+    gate: std::sync::Arc<ProxyState>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
@@ -491,6 +543,9 @@ async fn delayed_copy(
     let write = async move {
         while let Some((at, chunk)) = rx.recv().await {
             tokio::time::sleep_until((at + delay).into()).await;
+            while gate.stalled() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             if to.write_all(&chunk).await.is_err() {
                 break;
             }

@@ -1,13 +1,10 @@
 //! Several worker processes sharing the shards: balance, `status`, and churn (join, SIGKILL,
 //! SIGTERM, SIGSTOP past the lease) under a steady stream, without loss or reordering.
 
-mod common;
-
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 async fn owners(env: &Env) -> Vec<Option<String>> {
@@ -42,19 +39,9 @@ async fn three_workers_twelve_shards_each_own_four_and_status_agrees_with_the_br
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
-            .args(["status", "--json", "--shards", "12"])
-            .env("RELAY_EXCHANGE", &env.exchange)
-            .env("RELAY_AMQP_URL", AMQP_URL)
-            .env("RELAY_REDIS_URL", REDIS_URL)
-            .output()
-            .expect("status runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let status: Value =
+            serde_json::from_str(&env.run_cli(&["status", "--json", "--shards", "12"]))
+                .expect("status JSON");
         let mut agree = status["live_workers"].as_array().map(Vec::len) == Some(3);
         for shard in status["shards"].as_array().expect("shards") {
             let owner = shard["owner"].as_str().unwrap_or_default().to_string();

@@ -2,14 +2,12 @@
 //! moves; the alert rules pass their promtool unit tests; every query in the dashboards and
 //! rules parses and names only metrics that exist (ours, or the broker's rabbitmq_prometheus).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::relay::metrics as m;
 use ecs_state_relay::sim::{Action, Rule};
 

@@ -1,12 +1,11 @@
 //! Faults injected while agents publish and workers consume; after each: lost 0, out of order
 //! 0, the fleet-wide limit held. Every test prints one line of figures (see docs/reliability.md).
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use ecs_state_relay::relay::store::Store;
 use ecs_state_relay::sim::{Action, Rule};
 use serde_json::Value;
 
@@ -46,7 +45,7 @@ async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
     let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("fault-amqp", 4).await;
     env.sim.set_latency(Duration::from_millis(5));
-    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let proxy = Proxy::start(amqp_addr()).await;
     let mut cfg = env.config();
     cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     env.start_worker(cfg).await;
@@ -80,7 +79,7 @@ async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everyth
     let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("fault-redis", 4).await;
     env.sim.set_latency(Duration::from_millis(5));
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let proxy = Proxy::start(redis_addr()).await;
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
     env.start_worker(cfg).await;
@@ -116,19 +115,36 @@ async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everyth
     env.cleanup().await;
 }
 
-/// A call whose completion cannot be recorded is sent again by the shard's next owner. So a
-/// worker that loses Redis must stop starting calls at once, not go on with the permits it
-/// holds: nemesis seed 11 counted up to 64 duplicates from such calls against 40 allowed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_cut_off_from_redis_starts_no_call_it_could_not_record() {
-    let mut env = Env::new("fault-redis-calls", 4).await;
+/// A backlog of 300 tasks against ECS answering in 100 ms; `lose` takes Redis from the worker
+/// (the shared one, or `private`), `heal` gives it back. Returns how many calls started more
+/// than 20 ms after the loss (later than any call already on its way), watched over 3 s (long
+/// past the 1 s a permit is handed from call to call), once everything arrived after the heal.
+async fn calls_started_without_redis<L, H>(
+    name: &str,
+    private: Option<&RedisServer>,
+    lose: L,
+    heal: H,
+) -> usize
+where
+    L: AsyncFnOnce(&Proxy),
+    H: AsyncFnOnce(&Proxy),
+{
+    let mut env = Env::new(name, 4).await;
     env.sim.set_latency(Duration::from_millis(100));
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let target = match private {
+        Some(redis) => {
+            env.store = Store::connect(&redis.url(), &Default::default(), &env.exchange)
+                .await
+                .expect("the private Redis answers");
+            format!("127.0.0.1:{}", redis.port)
+        }
+        None => redis_addr(),
+    };
+    let proxy = Proxy::start(target).await;
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
     env.start_worker(cfg).await;
-    // A backlog: hundreds of tasks wait for one of the 10 permits when Redis goes.
-    let tasks = arns("redis-calls", 300);
+    let tasks = arns(name, 300);
     let events: Vec<Value> = tasks
         .iter()
         .flat_map(|t| [container(t, "web", "RUNNING"), task(t, "RUNNING")])
@@ -138,24 +154,22 @@ async fn a_worker_cut_off_from_redis_starts_no_call_it_could_not_record() {
         env.sim.stats().ok >= 30
     })
     .await;
-    proxy.cut();
-    let cut_ms = ecs_state_relay::relay::wire::now_ms() as u64;
-    // Those in flight at the cut may land a few ms later; nothing else may start, also not
-    // once the permits taken before the cut would have run out of hand-offs (1 s).
+    lose(&proxy).await;
+    let lost_ms = ecs_state_relay::relay::wire::now_ms() as u64;
     let started_after = || {
         env.sim
             .calls()
             .iter()
-            .filter(|c| c.received_at_ms > cut_ms + 20)
+            .filter(|c| c.received_at_ms > lost_ms + 20)
             .count()
     };
-    never(
-        Duration::from_secs(3),
-        "more than 10 calls started after the worker lost Redis",
-        || async { started_after() > 10 },
-    )
-    .await;
-    proxy.restore();
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    let mut started = started_after();
+    while Instant::now() < watch_until {
+        started = started_after();
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    heal(&proxy).await;
     eventually(Duration::from_secs(60), "every RUNNING arrived", || async {
         let calls = env.sim.calls();
         tasks.iter().all(|t| {
@@ -165,7 +179,74 @@ async fn a_worker_cut_off_from_redis_starts_no_call_it_could_not_record() {
         })
     })
     .await;
+    println!("{name}: {started} calls started without Redis");
     env.cleanup().await;
+    started
+}
+
+/// A call whose completion cannot be recorded is sent again by the shard's next owner. So a
+/// worker that loses Redis must stop starting calls at once, not go on with the permits it
+/// holds: nemesis seed 11 counted up to 64 duplicates from such calls against 40 allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_redis_starts_no_call_it_could_not_record() {
+    let started = calls_started_without_redis(
+        "redis-calls-cut",
+        None,
+        async |p: &Proxy| p.cut(),
+        async |p: &Proxy| p.restore(),
+    )
+    .await;
+    assert!(
+        started <= 10,
+        "{started} calls started after the worker lost Redis"
+    );
+}
+
+/// A stalled link fails nothing until a reply's 5 s bound: the worker counts Redis as gone
+/// once a reply is 300 ms overdue, so only calls started in that time cannot be recorded
+/// (10 permits × 100 ms calls: at most 30 more than those already on their way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_redis_stalls_soon_starts_no_call() {
+    let started = calls_started_without_redis(
+        "redis-calls-stall",
+        None,
+        async |p: &Proxy| p.stall(),
+        async |p: &Proxy| p.restore(),
+    )
+    .await;
+    assert!(started <= 40, "{started} calls started after Redis stalled");
+}
+
+/// A Redis that answers reads but refuses writes (here `NOREPLICAS`: it wants a replica it
+/// lacks; a demoted primary answers `READONLY` alike) cannot record a completion either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_redis_refuses_writes_starts_no_call() {
+    let private = RedisServer::start().await;
+    let replicas = async |wanted: u32| {
+        let mut conn = redis::Client::open(private.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the private Redis answers");
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(wanted)
+            .query_async(&mut conn)
+            .await
+            .expect("CONFIG SET");
+    };
+    let started = calls_started_without_redis(
+        "redis-calls-refused",
+        Some(&private),
+        async |_: &Proxy| replicas(1).await,
+        async |_: &Proxy| replicas(0).await,
+    )
+    .await;
+    assert!(
+        started <= 10,
+        "{started} calls started after Redis refused writes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

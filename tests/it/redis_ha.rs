@@ -2,13 +2,11 @@
 //! under load, and with `RELAY_REDIS_MIN_REPLICAS=1` lose nothing. The Redis group (primary,
 //! replica, three Sentinels) runs as child processes of the test on free loopback ports.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::ha::RedisHa;
-use common::*;
+use crate::common::ha::RedisHa;
+use crate::common::*;
 use ecs_state_relay::relay::config::WorkerConfig;
 use ecs_state_relay::relay::store::Store;
 use ecs_state_relay::sim::CallRecord;

@@ -2,11 +2,9 @@
 //! resume at once after Redis is back, and a frozen worker blocks the fleet for at most one
 //! permit lease. Each test prints its figures.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::relay::config::WorkerConfig;
 use ecs_state_relay::sim::{Action, Rule};
 
@@ -22,7 +20,7 @@ async fn readyz(port: u16) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_not_ready_while_redis_is_cut_off_and_ready_again_right_after() {
     let mut env = Env::new("ready-redis", 2).await;
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let proxy = Proxy::start(redis_addr()).await;
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
     let port = free_port();
@@ -70,7 +68,7 @@ async fn readyz_is_not_ready_while_redis_is_cut_off_and_ready_again_right_after(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ecs_calls_resume_within_two_seconds_of_redis_coming_back() {
     let mut env = Env::new("resume-redis", 2).await;
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let proxy = Proxy::start(redis_addr()).await;
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
     // Leases long enough to outlast the 3 s outage: what is measured is the permits.
@@ -239,7 +237,7 @@ async fn a_frozen_worker_holding_every_permit_blocks_the_fleet_for_at_most_one_p
 async fn every_connection_to_redis_has_nagle_off() {
     use std::os::fd::{AsRawFd, BorrowedFd};
     let store = ecs_state_relay::relay::store::Store::connect(
-        REDIS_URL,
+        &redis_url(),
         &Default::default(),
         &format!("test.nodelay.{:08x}", rand::random::<u32>()),
     )
@@ -250,12 +248,11 @@ async fn every_connection_to_redis_has_nagle_off() {
     for read in futures_util::future::join_all(reads).await {
         read.expect("redis answers");
     }
-    let port = REDIS_URL
+    let port = redis_addr()
         .rsplit(':')
         .next()
-        .and_then(|p| p.split('/').next())
         .and_then(|p| p.parse::<u16>().ok())
-        .expect("port in REDIS_URL");
+        .expect("port in the Redis address");
     let mut checked = 0;
     for entry in std::fs::read_dir("/proc/self/fd").expect("fd list") {
         let Ok(fd) = entry

@@ -18,16 +18,14 @@
 //! there is no per-worker Redis proxy to cut and Redis cuts are not drawn.
 //! `RELAY_NEMESIS_SEED` replays a schedule exactly, `RELAY_NEMESIS_SECONDS` sets its length.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use common::ha::RedisHa;
-use common::rabbit_cluster::RabbitCluster;
-use common::*;
+use crate::common::ha::RedisHa;
+use crate::common::rabbit_cluster::RabbitCluster;
+use crate::common::*;
 use ecs_state_relay::cli::publish::publish_lines;
 use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::relay::store::Store;
@@ -197,7 +195,7 @@ impl Cluster {
             Some(ha) => (0..3)
                 .map(|i| format!("127.0.0.1:{}", ha.rabbit.amqp_port(i)))
                 .collect(),
-            None => vec!["127.0.0.1:5672".into()],
+            None => vec![amqp_addr()],
         };
         for _ in 0..WORKERS {
             let mut cfg = env.config();
@@ -219,7 +217,7 @@ impl Cluster {
                     cfg.conn.redis_min_replicas = 1;
                 }
                 None => {
-                    let redis = Proxy::start("127.0.0.1:6379").await;
+                    let redis = Proxy::start(redis_addr()).await;
                     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", redis.port);
                     cluster.redis.push(redis);
                 }

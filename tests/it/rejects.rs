@@ -1,12 +1,10 @@
 //! Every rejection rule of the wire contract: the message lands in `<exchange>.dead` with
 //! `x-relay-reject-reason`, is acked (the queue does not block), and later valid events flow.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn valid_container(a: &str) -> Value {
@@ -131,7 +129,7 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
         );
     }
     // Everything was acked: nothing is left in the shard queues.
-    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test")
+    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test")
         .await
         .unwrap();
     let ch = c.create_channel().await.unwrap();

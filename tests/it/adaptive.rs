@@ -2,11 +2,9 @@
 //! effective limit comes down until throttling all but stops, and returns to the ceiling once
 //! ECS has room again. Each test prints its figures.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::cli::status;
 use ecs_state_relay::relay::adaptive::effective_limit;
 use ecs_state_relay::relay::config::WorkerConfig;

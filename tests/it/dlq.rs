@@ -1,12 +1,9 @@
 //! `dlq list|replay`: listing leaves the dead-letter queue as it was; replay sends messages
 //! back through the exchange (by reason, if asked) and removes only what the broker took.
 
-mod common;
-
-use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::cli::dlq;
 use ecs_state_relay::relay::amqp;
 use lapin::options::BasicPublishOptions;
@@ -15,7 +12,7 @@ use lapin::BasicProperties;
 
 /// A valid event dead-lettered as if its task's batch had been full at the time.
 async fn dead_letter_valid_event(env: &Env, arn: &str) {
-    let c = amqp::connect(AMQP_URL, &Default::default(), "test dlq")
+    let c = amqp::connect(&amqp_url(), &Default::default(), "test dlq")
         .await
         .expect("amqp");
     let ch = amqp::confirm_channel(&c).await.expect("channel");
@@ -75,18 +72,8 @@ async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
     .await;
 
     // The CLI prints the same as JSON lines.
-    let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
-        .args(["dlq", "list", "--json"])
-        .env("RELAY_AMQP_URL", AMQP_URL)
-        .env("RELAY_EXCHANGE", &env.exchange)
-        .output()
-        .expect("dlq list runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let lines: Vec<serde_json::Value> = env
+        .run_cli(&["dlq", "list", "--json"])
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();

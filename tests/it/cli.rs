@@ -1,17 +1,15 @@
 //! The binary's operator-facing surface: `publish` exit codes and the worker's metrics listener.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn publish_cmd(env: &Env, input: &str) -> std::process::Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
         .arg("publish")
-        .env("RELAY_AMQP_URL", AMQP_URL)
+        .env("RELAY_AMQP_URL", amqp_url())
         .env("RELAY_EXCHANGE", &env.exchange)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

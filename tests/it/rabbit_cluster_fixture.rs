@@ -2,11 +2,9 @@
 //! confirmed message when its leader's node is killed, a new leader takes over, and the killed
 //! node rejoins as a member when restarted. Prints one line of timings.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::rabbit_cluster::{QueueStatus, RabbitCluster};
+use crate::common::rabbit_cluster::{QueueStatus, RabbitCluster};
 use ecs_state_relay::relay::amqp;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};

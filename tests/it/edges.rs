@@ -2,11 +2,9 @@
 //! from Redis, shutdown during an outage, retention of a task that keeps failing, permits that
 //! are handed on or left over, lost pub/sub messages, and what identifies an outbox entry.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use ecs_state_relay::cli::dlq;
 use ecs_state_relay::relay::config::CALL_MARGIN;
 use ecs_state_relay::relay::semaphore::Semaphore;
@@ -56,7 +54,7 @@ async fn wait_owner(env: &Env, shards: u16, owner: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_in_flight_when_the_lease_lapses_never_overlaps_the_next_owners_calls() {
     let mut env = Env::new("edge-lapse", 1).await;
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let proxy = Proxy::start(redis_addr()).await;
     worker_behind(&mut env, &proxy).await;
     let x = arn("lapse-x");
     hold(&env, &x);
@@ -111,7 +109,7 @@ async fn a_call_in_flight_when_the_lease_lapses_never_overlaps_the_next_owners_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_from_redis_lets_the_next_owner_receive_the_shards_messages() {
     let mut env = Env::new("edge-consumer", 2).await;
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let proxy = Proxy::start(redis_addr()).await;
     worker_behind(&mut env, &proxy).await;
     proxy.cut();
     let cb = env.config();
@@ -137,7 +135,7 @@ async fn a_worker_cut_off_from_redis_lets_the_next_owner_receive_the_shards_mess
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_redis_outage_exits_cleanly_in_bounded_time() {
     let mut env = Env::new("edge-term", 1).await;
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let proxy = Proxy::start(redis_addr()).await;
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
     let mut worker = env.spawn_process(&cfg);
@@ -421,11 +419,7 @@ async fn a_long_lived_task_remembers_a_bounded_number_of_event_ids_and_still_ded
     .await;
     // Whatever form the per-task id memory has, it holds at most the bound.
     let mut conn = env.store.conn().await.expect("conn");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("relay:{{{}#*}}:*:{x}", env.exchange))
-        .query_async(&mut conn)
-        .await
-        .expect("keys");
+    let keys = scan_keys(&mut conn, &format!("relay:{{{}#*}}:*:{x}", env.exchange)).await;
     let mut remembered = 0u64;
     for k in &keys {
         let kind: String = redis::cmd("TYPE")
@@ -514,7 +508,7 @@ async fn a_retried_completion_never_removes_a_later_entry_with_the_same_event_id
 /// cleaning up might.
 async fn dead_letter_binding(env: &Env, bound: bool) {
     let c =
-        ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test dlq binding")
+        ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test dlq binding")
             .await
             .expect("amqp");
     let ch = c.create_channel().await.expect("channel");
@@ -637,7 +631,7 @@ async fn a_shard_that_keeps_failing_is_restarted_with_backoff() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
-    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test delete")
+    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test delete")
         .await
         .expect("amqp");
     let ch = c.create_channel().await.expect("channel");
@@ -674,7 +668,7 @@ async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
     use futures_util::StreamExt;
     use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
     let env = Env::new("edge-delivery-limit", 1).await;
-    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test limit")
+    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test limit")
         .await
         .expect("amqp");
     ecs_state_relay::relay::amqp::declare(&c, &env.exchange, 1)
@@ -822,7 +816,7 @@ async fn a_retried_hold_adds_no_letter_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_while_redis_is_unreachable_waits_for_it() {
     let mut env = Env::new("edge-start-no-redis", 1).await;
-    let proxy = Proxy::start("127.0.0.1:6379").await;
+    let proxy = Proxy::start(redis_addr()).await;
     proxy.cut();
     let mut cfg = env.config();
     cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
@@ -860,7 +854,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 /// Publishes one filler message straight to the dead-letter exchange; whether it was taken.
 async fn fill_dead_queue(env: &Env) -> bool {
-    let c = ecs_state_relay::relay::amqp::connect(AMQP_URL, &Default::default(), "test filler")
+    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test filler")
         .await
         .expect("amqp");
     let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)

@@ -1,0 +1,77 @@
+//! Failures the relay recovers from, as typed events: one call writes the log line and
+//! counts the metric, so the two cannot drift apart, and a line repeated from one call site is
+//! written at most every [`LOG_EVERY`], with how many were held back (an outage of a minute
+//! must not write thousands of identical lines).
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::panic::Location;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::relay::metrics::{self as m, Op};
+
+/// How often one call site may write its line.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A step could not reach Redis (or Redis refused it) and will be tried again.
+pub struct RedisFailed<'a> {
+    pub op: Op,
+    /// What the step could not do, and what happens next ("cannot read outbox; retrying").
+    pub what: &'static str,
+    /// The shard and task come from the spans the step runs in (see `relay::logging`).
+    pub error: &'a dyn Display,
+}
+
+impl RedisFailed<'_> {
+    /// Counts `relay_redis_errors_total{op}` and logs, rate-limited per call site.
+    #[track_caller]
+    pub fn emit(self) {
+        m::redis_error(self.op);
+        if let Some(held_back) = admit(Location::caller()) {
+            tracing::warn!(
+                op = self.op.label(),
+                error = %self.error,
+                held_back,
+                "{}",
+                self.what
+            );
+        }
+    }
+}
+
+/// Whether a line from `site` may be written now; if so, how many were held back since the
+/// last one. Call sites are few and fixed, so the map stays small.
+pub fn admit(site: &'static Location<'static>) -> Option<u64> {
+    type Sites = HashMap<(&'static str, u32, u32), (Option<Instant>, u64)>;
+    static SITES: OnceLock<Mutex<Sites>> = OnceLock::new();
+    let mut sites = SITES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    let (last, held) = sites
+        .entry((site.file(), site.line(), site.column()))
+        .or_default();
+    if last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
+        *held += 1;
+        return None;
+    }
+    *last = Some(now);
+    Some(std::mem::take(held))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_call_site_writes_once_per_interval_and_counts_what_it_held_back() {
+        let site = || admit(Location::caller());
+        let other = || admit(Location::caller());
+        assert_eq!(site(), Some(0), "the first line is written");
+        assert_eq!(site(), None);
+        assert_eq!(site(), None);
+        assert_eq!(other(), Some(0), "another call site has its own allowance");
+    }
+}

@@ -1,0 +1,30 @@
+//! Every integration test in one binary (one link of the AWS SDK instead of one per file),
+//! a module per area. They talk to the real RabbitMQ and Redis (addresses from
+//! `RELAY_TEST_AMQP_ADDR` / `RELAY_TEST_REDIS_ADDR`, default 127.0.0.1:5672 / :6379) and to an
+//! in-process ecs-sim; `scripts/test.sh` makes sure the services are up.
+
+mod common;
+
+mod adaptive;
+mod cli;
+mod decoder_props;
+mod deploy;
+mod dlq;
+mod edges;
+mod faults;
+mod fencing;
+mod ha_fixture;
+mod model;
+mod nemesis;
+mod observability;
+mod rabbit_cluster_fixture;
+mod rabbit_ha;
+mod recovery;
+mod redis_ha;
+mod rejects;
+mod scaling;
+mod schema;
+mod security;
+mod tls;
+mod upstream;
+mod workers;
