@@ -247,12 +247,14 @@ struct Failures {
 impl Failures {
     fn failed(&mut self, shard: u16, e: &DeadLetterError) {
         self.failing = true;
-        if let Some(held_back) = events::admit(std::panic::Location::caller()) {
+        const WHAT: &str = "dead letters held in Redis: the broker does not take them; retrying";
+        if let Some(held_back) = events::admit(std::panic::Location::caller(), "dead_letter", WHAT)
+        {
             tracing::warn!(
                 shard,
                 error = %e,
                 held_back,
-                "dead letters held in Redis: the broker does not take them; retrying"
+                "{WHAT}"
             );
         }
     }

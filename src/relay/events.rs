@@ -28,7 +28,7 @@ impl RedisFailed<'_> {
     #[track_caller]
     pub fn emit(self) {
         m::redis_error(self.op);
-        if let Some(held_back) = admit(Location::caller()) {
+        if let Some(held_back) = admit(Location::caller(), self.op.label(), self.what) {
             tracing::warn!(
                 op = self.op.label(),
                 error = %self.error,
@@ -40,10 +40,16 @@ impl RedisFailed<'_> {
     }
 }
 
-/// Whether a line from `site` may be written now; if so, how many were held back since the
-/// last one. Call sites are few and fixed, so the map stays small.
-pub fn admit(site: &'static Location<'static>) -> Option<u64> {
-    type Sites = HashMap<(&'static str, u32, u32), (Option<Instant>, u64)>;
+/// Whether the line `what` about `op` from `site` may be written now; if so, how many were
+/// held back since the last one. Call sites and their lines are few and fixed, so the map
+/// stays small.
+pub fn admit(
+    site: &'static Location<'static>,
+    op: &'static str,
+    what: &'static str,
+) -> Option<u64> {
+    type Line = (&'static str, u32, u32, &'static str, &'static str);
+    type Sites = HashMap<Line, (Option<Instant>, u64)>;
     static SITES: OnceLock<Mutex<Sites>> = OnceLock::new();
     let mut sites = SITES
         .get_or_init(Default::default)
@@ -51,7 +57,7 @@ pub fn admit(site: &'static Location<'static>) -> Option<u64> {
         .unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();
     let (last, held) = sites
-        .entry((site.file(), site.line(), site.column()))
+        .entry((site.file(), site.line(), site.column(), op, what))
         .or_default();
     if last.is_some_and(|t| now.duration_since(t) < LOG_EVERY) {
         *held += 1;
@@ -67,11 +73,21 @@ mod tests {
 
     #[test]
     fn one_call_site_writes_once_per_interval_and_counts_what_it_held_back() {
-        let site = || admit(Location::caller());
-        let other = || admit(Location::caller());
-        assert_eq!(site(), Some(0), "the first line is written");
-        assert_eq!(site(), None);
-        assert_eq!(site(), None);
+        let site = |what| admit(Location::caller(), "op", what);
+        let other = || admit(Location::caller(), "op", "a line");
+        assert_eq!(site("a line"), Some(0), "the first line is written");
+        assert_eq!(site("a line"), None);
+        assert_eq!(site("a line"), None);
+        assert_eq!(
+            site("another line"),
+            Some(0),
+            "another line has its own allowance"
+        );
         assert_eq!(other(), Some(0), "another call site has its own allowance");
+        assert_eq!(
+            admit(Location::caller(), "another op", "a line"),
+            Some(0),
+            "another op has its own allowance"
+        );
     }
 }

@@ -133,19 +133,34 @@ struct Reach {
     waiting: Mutex<BTreeMap<u64, Instant>>,
 }
 
+/// A shared-connection request's place among the waiting ones, given up however the request
+/// ends: one dropped half-way (a timeout, a cancelled `select!`) must not look stalled for ever.
+struct Watched<'a> {
+    reach: &'a Reach,
+    n: u64,
+}
+
+impl Drop for Watched<'_> {
+    fn drop(&mut self) {
+        self.reach.waiting().remove(&self.n);
+    }
+}
+
 impl Reach {
-    /// Numbers a round trip; `watched` ones count as a stall when overdue (not the group
-    /// commits, whose `WAIT` for a slow replica may take a second by design).
-    fn start(&self, watched: bool) -> u64 {
-        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
-        if watched {
-            self.waiting().insert(n, Instant::now());
-        }
-        n
+    /// Numbers a round trip (not watched for stalls: the group commits, whose `WAIT` for a
+    /// slow replica may take a second by design).
+    fn start(&self) -> u64 {
+        self.started.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Numbers a shared-connection round trip and watches it for a stall while it waits.
+    fn watch(&self) -> Watched<'_> {
+        let n = self.start();
+        self.waiting().insert(n, Instant::now());
+        Watched { reach: self, n }
     }
 
     fn end(&self, n: u64, ok: bool) {
-        self.waiting().remove(&n);
         let last = if ok { &self.last_ok } else { &self.last_failed };
         last.fetch_max(n, Ordering::SeqCst);
     }
@@ -161,7 +176,7 @@ impl Reach {
 
     /// A failure outside a round trip (no connection could be made).
     fn failed(&self) {
-        let n = self.start(false);
+        let n = self.start();
         self.end(n, false);
     }
 
@@ -496,10 +511,13 @@ impl Link {
         lane: Lane,
         inv: &ScriptInvocation<'_>,
     ) -> StoreResult<T> {
-        let n = self.reach.start(false);
+        let n = self.reach.start();
         let result = self.write(lane, inv).await;
         match &result {
             Ok(_) => self.reach.write_ended(n, true),
+            // Not confirmed by the replicas is not stored either: a completion written so could
+            // be lost to a failover, and the change sent again.
+            Err(StoreError::NotReplicated { .. }) => self.reach.write_ended(n, false),
             Err(StoreError::Redis(e)) if e.code().is_some_and(write_refusal) => {
                 self.reach.write_ended(n, false)
             }
@@ -570,7 +588,7 @@ impl Link {
         }
         pipe.cmd("WAIT").arg(self.min_replicas).arg(WAIT_MS);
         // A failed round trip drops the connection (the next commit makes a new one).
-        let n = self.reach.start(false);
+        let n = self.reach.start();
         let mut values: Vec<Value> = pipe
             .query_async(&mut c)
             .await
@@ -697,12 +715,13 @@ impl Conn {
     /// Records how round trip `n` ended (see [`Reach`]); a connection-level error, or a primary
     /// that turned replica, also empties the connection's slot.
     fn check(&self, n: u64, result: Result<&[Value], &redis::RedisError>) {
-        let (failed, demoted) = match result {
+        let (broken, demoted, refused) = match result {
             Ok(values) => (
-                values.iter().any(refuses_writes),
+                false,
                 values
                     .iter()
                     .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY")),
+                values.iter().any(refuses_writes),
             ),
             Err(e) => (
                 e.is_io_error()
@@ -710,12 +729,13 @@ impl Conn {
                     || e.is_connection_dropped()
                     || e.is_unrecoverable_error(),
                 e.code() == Some("READONLY"),
+                e.code().is_some_and(write_refusal),
             ),
         };
         // A script's own error (FENCED, NOSCRIPT) still came back: Redis is reachable.
-        self.link.reach.end(n, !failed && !demoted);
+        self.link.reach.end(n, !(broken || demoted || refused));
         // Counted once per broken connection, by whichever step saw it first.
-        if (failed || demoted) && self.link.slot(self.index).take().is_some() {
+        if (broken || demoted) && self.link.slot(self.index).take().is_some() {
             m::redis_reconnect();
         }
     }
@@ -727,9 +747,11 @@ impl ConnectionLike for Conn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         Box::pin(async move {
-            let n = self.link.reach.start(true);
+            let watched = self.link.reach.watch();
             let result = self.inner.req_packed_command(cmd).await;
-            self.check(n, result.as_ref().map(std::slice::from_ref));
+            // The outcome first: Redis must not look reachable between the two.
+            self.check(watched.n, result.as_ref().map(std::slice::from_ref));
+            drop(watched);
             result
         })
     }
@@ -741,9 +763,10 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         Box::pin(async move {
-            let n = self.link.reach.start(true);
+            let watched = self.link.reach.watch();
             let result = self.inner.req_packed_commands(cmd, offset, count).await;
-            self.check(n, result.as_deref());
+            self.check(watched.n, result.as_deref());
+            drop(watched);
             result
         })
     }
@@ -787,6 +810,51 @@ pub(crate) async fn refusal(script: &redis::Script, keys: usize, args: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_answer_never_overrules_a_newer_one() {
+        let reach = Reach::default();
+        assert!(reach.reachable(), "nothing failed yet");
+        let (before_cut, failing) = (reach.start(), reach.start());
+        reach.end(failing, false);
+        reach.end(before_cut, true);
+        assert!(
+            !reach.reachable(),
+            "a reply already on its way when the cut began"
+        );
+        let (sent_before_heal, after_heal) = (reach.start(), reach.start());
+        reach.end(after_heal, true);
+        reach.end(sent_before_heal, false);
+        assert!(
+            reach.reachable(),
+            "a request from before the heal timing out later"
+        );
+    }
+
+    #[test]
+    fn a_refused_write_holds_until_a_later_write_goes_through() {
+        let reach = Reach::default();
+        let write = reach.start();
+        reach.write_ended(write, false);
+        let read = reach.start();
+        reach.end(read, true);
+        assert!(
+            !reach.reachable(),
+            "reads alone do not clear a refused write"
+        );
+        let write = reach.start();
+        reach.write_ended(write, true);
+        assert!(reach.reachable());
+    }
+
+    #[test]
+    fn a_request_dropped_half_way_is_no_longer_waited_for() {
+        let reach = Reach::default();
+        let watched = reach.watch();
+        assert_eq!(reach.waiting().len(), 1);
+        drop(watched); // a timeout or a cancelled select dropped the request's future
+        assert!(reach.waiting().is_empty());
+    }
 
     #[test]
     fn replication_info_gives_role_replicas_and_lag() {

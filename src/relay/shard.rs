@@ -639,7 +639,12 @@ async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
             let (held, _) = ctx.store.held_count(ctx.shard).await?;
             Ok::<_, StoreError>((keys, batched, held))
         };
-        match read.await {
+        // Three reads of up to 5 s each while Redis stalls: a stopping shard does not wait.
+        let read = tokio::select! {
+            _ = ctx.cancel.cancelled() => continue,
+            read = read => read,
+        };
+        match read {
             Ok((keys, batched, held)) => {
                 keys.iter().for_each(|k| senders.wake(k));
                 m::shard_state(ctx.shard, keys.len(), batched, senders.retry_state());

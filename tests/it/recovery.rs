@@ -280,3 +280,44 @@ async fn every_connection_to_redis_has_nagle_off() {
     assert!(checked > 0, "no connection to Redis found");
     drop(store);
 }
+
+/// A Redis request given up half-way (a timeout, a cancelled select) must not leave Redis
+/// looking stalled: the worker would then start no ECS call again, silently. A paused private
+/// Redis makes a PING outlast its 50 ms timeout; once Redis answers, calls may start again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_request_given_up_half_way_does_not_keep_calls_from_starting() {
+    let private = RedisServer::start().await;
+    let store = ecs_state_relay::relay::store::Store::connect(
+        &private.url(),
+        &Default::default(),
+        "test.given-up",
+    )
+    .await
+    .expect("the private Redis answers");
+    let mut admin = redis::Client::open(private.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("admin connection");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT PAUSE");
+    let mut conn = store.conn().await.expect("a shared connection");
+    let ping = redis::cmd("PING");
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(50),
+        ping.query_async::<String>(&mut conn),
+    )
+    .await;
+    assert!(given_up.is_err(), "the PING waits for the pause");
+    eventually(
+        Duration::from_secs(10),
+        "Redis counts as reachable once it answers",
+        || async { store.ping().await.is_ok() && store.link().reachable() },
+    )
+    .await;
+}
