@@ -26,7 +26,9 @@ trap cleanup EXIT
 
 ./target/debug/ecs-sim --listen "$SIM_ADDR" --latency-ms 20 >"$LOG_DIR/ecs-sim.log" 2>&1 &
 pids+=($!)
-./target/debug/ecs-state-relay worker >"$LOG_DIR/worker.log" 2>&1 &
+# The demo publishes as the broker's guest user, which may report for every demo cluster.
+echo '{"guest": ["*"]}' >"$LOG_DIR/producer-acl.json"
+RELAY_PRODUCER_ACL="$LOG_DIR/producer-acl.json" ./target/debug/ecs-state-relay worker >"$LOG_DIR/worker.log" 2>&1 &
 pids+=($!)
 echo "demo: ecs-sim and a worker started (logs in $LOG_DIR/)"
 

@@ -932,8 +932,15 @@ fn spawn_worker(
     metrics_port: u16,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<Child> {
+    // The bench's publisher may report for every cluster (the check runs as in production).
+    let acl = std::env::temp_dir().join(format!("{}.acl.json", conn.exchange));
+    std::fs::write(
+        &acl,
+        serde_json::json!({ crate::relay::amqp::url_user(&conn.amqp_url): ["*"] }).to_string(),
+    )?;
     let defaults = WorkerConfig::default();
     let cfg = WorkerConfig {
+        producer_acl: Some(acl),
         conn: conn.clone(),
         shards: args.shards,
         intake_max_bytes: args.intake_max_bytes.unwrap_or(defaults.intake_max_bytes),

@@ -19,7 +19,7 @@ use lapin::{Channel, Connection};
 use serde::Serialize;
 use std::time::Duration;
 
-use crate::relay::amqp::{self, REJECT_HEADER, SOURCE_QUEUE_HEADER};
+use crate::relay::amqp::{self, PRODUCER_HEADER, REJECT_HEADER, SOURCE_QUEUE_HEADER};
 use crate::relay::config::ConnConfig;
 use crate::relay::dead_letter::Letter;
 use crate::relay::store::Store;
@@ -67,6 +67,8 @@ pub struct DeadLetter {
     pub source_queue: String,
     pub routing_key: String,
     pub message_id: Option<String>,
+    /// Who published it: its AMQP `user_id` (kept in a header once dead-lettered).
+    pub producer: Option<String>,
     /// The body as text (lossy for non-UTF-8), cut at 2,000 bytes.
     pub body: String,
     /// Still held in Redis: the relay moves it to the dead-letter queue once the broker
@@ -92,12 +94,13 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(&m)?);
                 } else {
                     println!(
-                        "{}{}  {}  key={}  id={}\n  {}",
+                        "{}{}  {}  key={}  id={}  producer={}\n  {}",
                         if m.held { "(held in Redis) " } else { "" },
                         m.source_queue,
                         m.reason,
                         m.routing_key,
                         m.message_id.as_deref().unwrap_or("-"),
+                        m.producer.as_deref().unwrap_or("-"),
                         m.body
                     );
                 }
@@ -146,6 +149,7 @@ pub async fn held(conn: &ConnConfig, shards: u16, limit: usize) -> anyhow::Resul
                 source_queue: l.source_queue,
                 routing_key: l.routing_key,
                 message_id: l.properties.message_id().as_ref().map(|m| m.to_string()),
+                producer: l.properties.user_id().as_ref().map(|u| u.to_string()),
                 body: String::from_utf8_lossy(&l.body[..l.body.len().min(2000)]).into_owned(),
                 held: true,
             });
@@ -172,6 +176,11 @@ pub async fn replay(
         if reason.is_some_and(|r| r != code) {
             continue; // returned to the queue when the channel closes
         }
+        // An operator's broad rights must not launder a refused producer's changes: identity
+        // refusals go back only when asked for by name.
+        if reason.is_none() && crate::relay::wire::Reject::is_identity(&code) {
+            continue;
+        }
         let mut headers = FieldTable::default();
         if let Some(original) = d.properties.headers() {
             for (k, v) in original.inner() {
@@ -189,7 +198,10 @@ pub async fn replay(
                     ..Default::default()
                 },
                 &d.data,
-                d.properties.clone().with_headers(headers),
+                // Republished as the operator: the operator's ACL entry decides what it may
+                // replay (the producer stays visible in its header).
+                amqp::without_producer(&d.properties, headers)
+                    .with_user_id(amqp::url_user(&conn.amqp_url).as_str().into()),
             )
             .await?
             .await?;
@@ -282,6 +294,8 @@ fn describe(d: &Delivery) -> DeadLetter {
         source_queue: header(d, SOURCE_QUEUE_HEADER).unwrap_or_default(),
         routing_key: d.routing_key.as_str().to_string(),
         message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+        producer: header(d, PRODUCER_HEADER)
+            .or_else(|| d.properties.user_id().as_ref().map(|u| u.to_string())),
         body: String::from_utf8_lossy(body).into_owned(),
         held: false,
     }

@@ -39,6 +39,8 @@ const RECOVER_FOR: Duration = Duration::from_secs(60);
 /// holds only for a producer with one unconfirmed message per task at a time.
 pub struct Publisher {
     conn: ConnConfig,
+    /// The broker user it connects as: every message's `user_id`.
+    user: String,
     /// Index in RELAY_AMQP_URL of the node connected to.
     node: usize,
     connection: lapin::Connection,
@@ -65,6 +67,7 @@ impl Publisher {
         conn.resolve_secrets()?;
         let (connection, ch, node) = open(&conn, 0).await?;
         Ok(Publisher {
+            user: amqp::url_user(&conn.amqp_url),
             conn,
             node,
             connection,
@@ -85,6 +88,7 @@ impl Publisher {
         let published = publish(
             &self.ch,
             &self.conn.exchange,
+            &self.user,
             &routing_key,
             &message_id,
             text,
@@ -209,6 +213,7 @@ impl Publisher {
                 publish(
                     &ch,
                     &self.conn.exchange,
+                    &self.user,
                     &p.routing_key,
                     &p.message_id,
                     &p.text,
@@ -238,22 +243,23 @@ async fn open(
     .await?;
     // Bounded: a node that accepted the connection but stalls must not hold the publisher.
     let setup = async {
+        amqp::ensure_exchange(&connection, &conn.exchange).await?;
         let ch = connection.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        amqp::declare_exchange(&ch, &conn.exchange).await?;
-        Ok::<_, lapin::Error>(ch)
+        Ok::<_, anyhow::Error>(ch)
     };
     let ch = tokio::time::timeout(RECOVER_FOR, setup)
         .await
-        .map_err(|_| anyhow::anyhow!("RabbitMQ did not open a channel in time"))?
-        .map_err(anyhow::Error::from)?;
+        .map_err(|_| anyhow::anyhow!("RabbitMQ did not open a channel in time"))??;
     Ok((connection, ch, node))
 }
 
-/// Publishes one message: persistent, mandatory, JSON, message id = eventId.
+/// Publishes one message: persistent, mandatory, JSON, message id = eventId, and `user_id` =
+/// the connection's user (the broker checks it; the relay's producer check reads it).
 async fn publish(
     ch: &lapin::Channel,
     exchange: &str,
+    user: &str,
     routing_key: &str,
     message_id: &Option<String>,
     text: &str,
@@ -267,6 +273,7 @@ async fn publish(
     let mut props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
+        .with_user_id(user.into())
         .with_headers(headers);
     if let Some(id) = message_id {
         props = props.with_message_id(id.as_str().into());

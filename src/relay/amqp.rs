@@ -172,6 +172,40 @@ pub async fn declare_exchange(ch: &Channel, exchange: &str) -> Result<(), lapin:
     .await
 }
 
+/// Makes sure the exchange exists for a publisher: looks for it passively first, which needs no
+/// configure permission (a producer has none), and declares it only if it is missing (which a
+/// producer's user may not; the error then says to start a worker, which declares it).
+pub async fn ensure_exchange(conn: &Connection, exchange: &str) -> anyhow::Result<()> {
+    // A failed passive declare closes its channel: a throwaway one.
+    let probe = conn.create_channel().await?;
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = probe
+        .exchange_declare(
+            s(exchange),
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            passive,
+            FieldTable::default(),
+        )
+        .await;
+    if found.is_ok() {
+        let _ = probe.close(200, "found".into()).await;
+        return Ok(());
+    }
+    let ch = conn.create_channel().await?;
+    match declare_exchange(&ch, exchange).await {
+        Ok(()) => {
+            let _ = ch.close(200, "declared".into()).await;
+            Ok(())
+        }
+        Err(e) => anyhow::bail!(
+            "exchange {exchange:?} does not exist and this user may not declare it ({e}): start a worker, which declares the topology"
+        ),
+    }
+}
+
 /// Declares everything idempotently; refuses a shard count that disagrees with the broker.
 pub async fn declare(conn: &Connection, exchange: &str, shards: u16) -> Result<(), TopologyError> {
     check_shard_count(conn, exchange, shards).await?;
@@ -311,6 +345,61 @@ pub enum DeadLetterError {
     Broken(String),
 }
 
+/// The header that keeps a dead-lettered message's producer (its AMQP `user_id`) visible.
+pub const PRODUCER_HEADER: &str = "x-relay-producer";
+
+/// `props` with `headers` and without `user_id`: RabbitMQ refuses a publish whose `user_id` is
+/// not the connection's user unless that user has the `impersonator` tag, which neither the
+/// relay's user nor an operator's needs. The producer is kept in [`PRODUCER_HEADER`].
+pub fn without_producer(props: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut out = BasicProperties::default().with_headers(headers);
+    if let Some(v) = props.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.expiration() {
+        out = out.with_expiration(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    out
+}
+
+/// The user of the first URL of a RELAY_AMQP_URL list (`guest` when it names none, as the
+/// AMQP client assumes): the `user_id` a connection may publish under.
+pub fn url_user(urls: &str) -> String {
+    crate::relay::config::url_list(urls)
+        .first()
+        .and_then(|u| url::Url::parse(u).ok())
+        .map(|u| u.username().to_string())
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "guest".into())
+}
+
 /// Publishes a rejected message to the dead-letter exchange, unchanged but for the reason
 /// headers, and waits for the broker's confirm.
 pub async fn dead_letter(
@@ -328,7 +417,13 @@ pub async fn dead_letter(
         s(SOURCE_QUEUE_HEADER),
         AMQPValue::LongString(source_queue.into()),
     );
-    let props = props.clone().with_headers(headers).with_delivery_mode(2);
+    if let Some(user) = props.user_id() {
+        headers.insert(
+            s(PRODUCER_HEADER),
+            AMQPValue::LongString(user.as_str().into()),
+        );
+    }
+    let props = without_producer(props, headers).with_delivery_mode(2);
     // Mandatory: with nothing bound to the dead-letter exchange the broker would confirm and
     // drop the message, and the original would be forgotten: lost. A return is a failure.
     // Bounded: a broker in a memory or disk alarm blocks publishers.

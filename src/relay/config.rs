@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::relay::producers::AuthMode;
+
 /// Room a call needs beyond its timeout: the shard lease or permit must cover now + call
 /// timeout + this margin when the request goes out.
 pub const CALL_MARGIN: Duration = Duration::from_millis(250);
@@ -38,6 +40,9 @@ pub mod defaults {
     pub const INTAKE_MAX_BYTES: u64 = 128 * 1024 * 1024;
     pub const DEAD_LETTER_HOLD_BYTES: u64 = 16 * 1024 * 1024;
     pub const METRICS_ADDR: &str = "0.0.0.0:9464";
+    pub const PRODUCER_AUTH: crate::relay::producers::AuthMode =
+        crate::relay::producers::AuthMode::Acl;
+    pub const ECS_ACCOUNTS: &str = "";
 }
 
 /// Settings of a worker. Tests build it with `WorkerConfig::default()` and override fields;
@@ -102,6 +107,17 @@ pub struct WorkerConfig {
     /// `/metrics`, `/healthz`, `/readyz`; empty disables the listener.
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
     pub metrics_addr: String,
+    /// Producer identity: `acl` refuses what RELAY_PRODUCER_ACL does not allow, `audit` counts
+    /// and logs it but forwards it, `off` checks nothing (a warning at start).
+    #[arg(long, env = "RELAY_PRODUCER_AUTH", value_enum, default_value_t = defaults::PRODUCER_AUTH)]
+    pub producer_auth: AuthMode,
+    /// JSON file of broker users (or `{cluster}` templates of them) to the cluster patterns
+    /// they may publish for; read again when it changes. Required unless RELAY_PRODUCER_AUTH=off.
+    #[arg(long, env = "RELAY_PRODUCER_ACL")]
+    pub producer_acl: Option<PathBuf>,
+    /// Comma-separated 12-digit accounts the relay's ECS identity acts for; empty: not checked.
+    #[arg(long, env = "RELAY_ECS_ACCOUNTS", default_value = defaults::ECS_ACCOUNTS)]
+    pub ecs_accounts: String,
     /// Unique name of this worker in leases and permits (default: host name + pid).
     #[arg(long, env = "RELAY_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -299,6 +315,9 @@ impl Default for WorkerConfig {
             intake_max_bytes: defaults::INTAKE_MAX_BYTES,
             dead_letter_hold_bytes: defaults::DEAD_LETTER_HOLD_BYTES,
             metrics_addr: defaults::METRICS_ADDR.into(),
+            producer_auth: defaults::PRODUCER_AUTH,
+            producer_acl: None,
+            ecs_accounts: defaults::ECS_ACCOUNTS.into(),
             worker_id: None,
         }
     }
@@ -411,9 +430,14 @@ impl WorkerConfig {
                 self.dead_letter_hold_bytes.to_string(),
             ),
             ("RELAY_METRICS_ADDR", self.metrics_addr.clone()),
+            ("RELAY_PRODUCER_AUTH", self.producer_auth.as_str().into()),
+            ("RELAY_ECS_ACCOUNTS", self.ecs_accounts.clone()),
         ]);
         if let Some(id) = &self.worker_id {
             env.push(("RELAY_WORKER_ID", id.clone()));
+        }
+        if let Some(acl) = &self.producer_acl {
+            env.push(("RELAY_PRODUCER_ACL", acl.display().to_string()));
         }
         env
     }
@@ -488,7 +512,32 @@ impl WorkerConfig {
                 self.task_retention_s, self.backoff_max_ms
             ));
         }
+        if self.producer_auth != AuthMode::Off && self.producer_acl.is_none() {
+            problems.push(format!(
+                "RELAY_PRODUCER_AUTH={} needs RELAY_PRODUCER_ACL: a JSON file of broker users to the \
+                 clusters they may publish for (docs/security.md); RELAY_PRODUCER_AUTH=off turns the \
+                 check off",
+                self.producer_auth.as_str()
+            ));
+        }
+        if let Some(bad) = self
+            .ecs_accounts()
+            .into_iter()
+            .find(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()))
+        {
+            problems.push(format!(
+                "RELAY_ECS_ACCOUNTS: {bad:?} is not a 12-digit AWS account id"
+            ));
+        }
         problems
+    }
+
+    /// The accounts of RELAY_ECS_ACCOUNTS (empty: any).
+    pub fn ecs_accounts(&self) -> Vec<String> {
+        url_list(&self.ecs_accounts)
+            .into_iter()
+            .map(str::to_string)
+            .collect()
     }
 
     /// The longest call the shard lease can cover between two renewals: a lease is counted on
@@ -668,6 +717,9 @@ mod tests {
             intake_max_bytes: 64 * 1024 * 1024,
             dead_letter_hold_bytes: 8 * 1024 * 1024,
             metrics_addr: "127.0.0.1:9000".into(),
+            producer_auth: AuthMode::Audit,
+            producer_acl: Some(dir.join("acl.json")),
+            ecs_accounts: "123456789012,210987654321".into(),
             worker_id: Some("w-1".into()),
         }
     }
@@ -699,6 +751,26 @@ mod tests {
             return;
         }
         assert!(parse_env(&[]) == WorkerConfig::default());
+    }
+
+    #[test]
+    fn the_producer_check_needs_an_acl_unless_it_is_off() {
+        let err = refused(WorkerConfig::default());
+        assert!(
+            err.contains("RELAY_PRODUCER_AUTH=acl needs RELAY_PRODUCER_ACL"),
+            "{err}"
+        );
+        let off = WorkerConfig {
+            producer_auth: AuthMode::Off,
+            ..Default::default()
+        };
+        assert!(off.validate().is_ok());
+        let err = refused(WorkerConfig {
+            producer_auth: AuthMode::Off,
+            ecs_accounts: "123456789012,12345".into(),
+            ..Default::default()
+        });
+        assert!(err.contains("\"12345\" is not a 12-digit"), "{err}");
     }
 
     #[test]
@@ -753,7 +825,11 @@ mod tests {
 
     #[test]
     fn timings_that_would_let_a_call_outlive_its_permit_or_lease_are_refused() {
-        assert!(WorkerConfig::default().validate().is_ok());
+        let with_acl = WorkerConfig {
+            producer_acl: Some(PathBuf::from("/etc/relay/acl.json")),
+            ..Default::default()
+        };
+        assert!(with_acl.validate().is_ok());
         let c = WorkerConfig {
             call_timeout_ms: 7_500,
             ..Default::default()

@@ -141,6 +141,15 @@ impl Ecs {
         })
     }
 
+    /// The AWS Region the client calls: the only one whose ARNs it can act on.
+    pub fn region(&self) -> String {
+        self.client
+            .config()
+            .region()
+            .map(|r| r.to_string())
+            .unwrap_or_default()
+    }
+
     /// A client for a local stand-in endpoint (ecs-sim): fixed region and dummy credentials.
     pub async fn for_endpoint(endpoint: &str, call_timeout: Duration, app_name: &str) -> Ecs {
         let conf = base_loader(call_timeout, app_name)

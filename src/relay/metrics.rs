@@ -51,6 +51,13 @@ pub const DEAD_LETTERS_HELD: &str = "relay_dead_letters_held";
 pub const DEAD_LETTER_HOLD_FULL: &str = "relay_dead_letter_hold_full_total";
 /// A shard consumer's prefetch: RELAY_PREFETCH, or fewer while its messages are large.
 pub const INTAKE_PREFETCH: &str = "relay_intake_prefetch";
+/// Messages `RELAY_PRODUCER_AUTH=audit` forwarded that `acl` would refuse, by reason.
+pub const PRODUCER_WOULD_REFUSE: &str = "relay_producer_would_refuse_total";
+/// Reads of a changed `RELAY_PRODUCER_ACL` file, by result (`ok`, `failed`).
+pub const PRODUCER_ACL_RELOADS: &str = "relay_producer_acl_reloads_total";
+/// Which producer rules the worker runs: a hash of the ACL file in force (equal on every
+/// worker when all agree).
+pub const PRODUCER_ACL_HASH: &str = "relay_producer_acl_hash";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -89,6 +96,9 @@ pub const ALL: &[&str] = &[
     DEAD_LETTERS_HELD,
     DEAD_LETTER_HOLD_FULL,
     INTAKE_PREFETCH,
+    PRODUCER_WOULD_REFUSE,
+    PRODUCER_ACL_RELOADS,
+    PRODUCER_ACL_HASH,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -107,6 +117,15 @@ pub fn event_consumed(kind: &'static str) {
 }
 pub fn event_rejected(code: &'static str) {
     counter!(EVENTS_REJECTED, "reason" => code).increment(1);
+}
+pub fn producer_would_refuse(reason: &'static str) {
+    counter!(PRODUCER_WOULD_REFUSE, "reason" => reason).increment(1);
+}
+pub fn producer_acl_reload(result: &'static str) {
+    counter!(PRODUCER_ACL_RELOADS, "result" => result).increment(1);
+}
+pub fn producer_acl_hash(hash: u32) {
+    gauge!(PRODUCER_ACL_HASH).set(f64::from(hash));
 }
 pub fn event_duplicate() {
     counter!(EVENTS_DUPLICATE).increment(1);

@@ -14,6 +14,7 @@ pub mod ecs;
 pub mod events;
 pub mod logging;
 pub mod metrics;
+pub mod producers;
 pub mod redis_link;
 pub mod semaphore;
 pub mod sender;

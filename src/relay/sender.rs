@@ -21,6 +21,7 @@ use crate::relay::dead_letter;
 use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op};
+use crate::relay::producers::Producers;
 use crate::relay::semaphore::Semaphore;
 use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
 use crate::relay::wire::{
@@ -144,6 +145,7 @@ pub struct Shared {
     pub permits: Semaphore,
     pub dead_letters: dead_letter::Publisher,
     pub cfg: Arc<WorkerConfig>,
+    pub producers: Arc<Producers>,
 }
 
 /// Everything a shard's senders share.
@@ -156,6 +158,8 @@ pub struct ShardCtx {
     pub cfg: Arc<WorkerConfig>,
     /// The worker's dead-letter publisher, for the shard's held letters.
     pub dead_letters: dead_letter::Publisher,
+    /// The producer check intake runs on every decoded message.
+    pub producers: Arc<Producers>,
     /// Woken when intake holds new dead letters, so the mover moves them at once.
     pub held: Notify,
     /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
@@ -188,6 +192,7 @@ impl ShardCtx {
             permits,
             dead_letters,
             cfg,
+            producers,
         } = shared;
         let Taken { fence, lapsed } = taken;
         let taken_at = asked.at;
@@ -208,6 +213,7 @@ impl ShardCtx {
             calls_from,
             cfg,
             dead_letters,
+            producers,
             held: Notify::new(),
         };
         ctx.lease_renewed(asked);

@@ -376,7 +376,10 @@ async fn intake_batch(
     let mut origin: Vec<&Delivery> = Vec::with_capacity(batch.len());
     let mut rejected: Vec<(&Delivery, wire::Reject)> = Vec::new();
     for d in &batch {
-        match wire::decode(&d.data, d.routing_key.as_str()) {
+        let user = d.properties.user_id().as_ref().map(|u| u.as_str());
+        let checked = wire::decode(&d.data, d.routing_key.as_str())
+            .and_then(|ev| ctx.producers.check(user, &ev).map(|()| ev));
+        match checked {
             Ok(ev) => {
                 events.push(ev);
                 origin.push(d);

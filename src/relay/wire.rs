@@ -83,6 +83,16 @@ impl Kind {
 }
 
 /// Why a message was rejected: `code` is stable (metrics, alerts), `detail` is for people.
+/// The reasons of the producer check (contract v1.2).
+pub const IDENTITY_REASONS: [&str; 6] = [
+    "producer_missing",
+    "producer_unknown",
+    "producer_not_allowed",
+    "cluster_mismatch",
+    "region_mismatch",
+    "account_mismatch",
+];
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reject {
     pub code: &'static str,
@@ -95,6 +105,18 @@ impl Reject {
             code,
             detail: detail.into(),
         }
+    }
+
+    /// A refusal of the producer check (`relay::producers`): who sent it, or what the relay
+    /// could never deliver.
+    pub fn identity(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(code, detail)
+    }
+
+    /// Whether the reason is about the producer's identity or what the relay can deliver:
+    /// `dlq replay` leaves these alone unless asked for by reason.
+    pub fn is_identity(code: &str) -> bool {
+        IDENTITY_REASONS.contains(&code)
     }
     pub fn batch_full() -> Self {
         Self::new(

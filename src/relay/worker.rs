@@ -25,6 +25,7 @@ use crate::relay::dead_letter;
 use crate::relay::ecs::Ecs;
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op, Readiness};
+use crate::relay::producers::{self, AuthMode, Producers};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::sender::{Asked, ShardCtx, Shared};
 use crate::relay::shard::{self, ShardEnd};
@@ -93,6 +94,8 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg.with_secrets()?.into_inner());
+    // A missing or broken ACL stops the worker here, before it takes any shard.
+    let producers = Arc::new(producers::start(&cfg, &ecs.region())?);
     let worker_id = cfg.worker_id();
     // A Redis that does not answer yet (a restart during an outage) is waited for, not fatal:
     // only configuration errors (and refused credentials) stop the worker.
@@ -133,6 +136,15 @@ pub async fn run(
     let background_tasks = TaskTracker::new();
     background_tasks.spawn(permits.clone().run_background(background.clone()));
     background_tasks.spawn(report_permits(permits.clone(), background.clone()));
+    if let (AuthMode::Acl | AuthMode::Audit, Some(path)) =
+        (cfg.producer_auth, cfg.producer_acl.clone())
+    {
+        background_tasks.spawn(producers::reload(
+            producers.clone(),
+            path,
+            background.clone(),
+        ));
+    }
     let rebalance = Arc::new(Notify::new());
     background_tasks.spawn(wake_on_publish(
         store.clone(),
@@ -157,6 +169,7 @@ pub async fn run(
             ecs: ecs.clone(),
             permits: permits.clone(),
             dead_letters: dead_letters.clone(),
+            producers: producers.clone(),
             rebalance: rebalance.clone(),
             next_node: next_node.clone(),
         };
@@ -224,6 +237,7 @@ struct Session {
     ecs: Ecs,
     permits: Semaphore,
     dead_letters: dead_letter::Publisher,
+    producers: Arc<Producers>,
     /// Woken when membership changes or a shard stops, to rebalance before the next tick.
     rebalance: Arc<Notify>,
     /// Index in RELAY_AMQP_URL of the node to try first: the one after the node last lost.
@@ -491,6 +505,7 @@ impl Session {
                             permits: self.permits.clone(),
                             dead_letters: self.dead_letters.clone(),
                             cfg: self.cfg.clone(),
+                            producers: self.producers.clone(),
                         },
                         shards,
                     ));

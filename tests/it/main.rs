@@ -17,6 +17,7 @@ mod ha_fixture;
 mod model;
 mod nemesis;
 mod observability;
+mod producers;
 mod rabbit_cluster_fixture;
 mod rabbit_ha;
 mod recovery;

@@ -22,12 +22,15 @@ const FAULT_ONLY: &[&str] = &[
     m::AMQP_ERRORS,
     m::AMQP_RECONNECTS,
     m::REDIS_RECONNECTS,
-    // Shown moving by tests/redis_ha.rs.
+    // Shown moving by tests/it/redis_ha.rs.
     m::REDIS_FAILOVERS,
     m::REDIS_WAIT_SHORTFALLS,
-    // Shown moving by tests/edges.rs (a broken dead-letter route).
+    // Shown moving by tests/it/edges.rs (a broken dead-letter route).
     m::DEAD_LETTERS_HELD,
     m::DEAD_LETTER_HOLD_FULL,
+    // Shown moving by tests/it/producers.rs (audit mode, an edited ACL).
+    m::PRODUCER_WOULD_REFUSE,
+    m::PRODUCER_ACL_RELOADS,
 ];
 
 fn promtool() -> &'static str {

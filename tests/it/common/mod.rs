@@ -47,6 +47,9 @@ pub const CLUSTER: &str = "test-cluster";
 /// Test workers' ECS call timeout: fits their 3 s shard lease (see `WorkerConfig::validate`).
 pub const TEST_CALL_TIMEOUT_MS: u64 = 1_000;
 
+/// The tests' producer rules: their publishers connect as `guest`.
+pub const TEST_ACL: &str = r#"{"guest": ["*"]}"#;
+
 pub fn arn(name: &str) -> String {
     format!("arn:aws:ecs:us-east-1:123456789012:task/{CLUSTER}/{name}")
 }
@@ -61,6 +64,8 @@ pub struct Env {
     next_worker: usize,
     /// Set by [`Env::cleanup`]; otherwise dropping the `Env` cleans up (see its `Drop`).
     cleaned: bool,
+    /// This test's `RELAY_PRODUCER_ACL` file ([`TEST_ACL`], unless the test rewrites it).
+    pub acl: std::path::PathBuf,
 }
 
 pub struct InProcess {
@@ -89,6 +94,10 @@ impl Env {
             .with_test_writer()
             .try_init();
         let exchange = format!("test.{name}.{:08x}", rand::random::<u32>());
+        // The producer check stays on in the tests: the test producers (the broker's guest
+        // user) may publish for every cluster.
+        let acl = std::env::temp_dir().join(format!("{exchange}.acl.json"));
+        std::fs::write(&acl, TEST_ACL).expect("write the test ACL");
         let (sim, sim_url) = Sim::spawn_local().await.expect("sim starts");
         let store = Store::connect(&redis_url(), &Default::default(), &exchange)
             .await
@@ -102,6 +111,7 @@ impl Env {
             workers: Vec::new(),
             next_worker: 0,
             cleaned: false,
+            acl,
         }
     }
 
@@ -129,6 +139,7 @@ impl Env {
             call_timeout_ms: TEST_CALL_TIMEOUT_MS,
             metrics_addr: String::new(),
             worker_id: Some(format!("{}-w{}", self.exchange, self.next_worker)),
+            producer_acl: Some(self.acl.clone()),
             ..WorkerConfig::default()
         }
     }
@@ -263,7 +274,9 @@ impl Env {
                     ..Default::default()
                 },
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_user_id("guest".into()),
             )
             .await
             .expect("publish")
@@ -346,6 +359,7 @@ impl Env {
             let _ = w.stop().await;
         }
         remove_resources(&self.exchange, self.shards).await;
+        let _ = std::fs::remove_file(&self.acl);
         self.cleaned = true;
     }
 }
@@ -361,6 +375,7 @@ impl Drop for Env {
         for w in &self.workers {
             w.cancel.cancel();
         }
+        let _ = std::fs::remove_file(&self.acl);
         let (exchange, shards) = (self.exchange.clone(), self.shards);
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()

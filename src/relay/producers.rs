@@ -1,0 +1,668 @@
+//! Producer identity (contract v1.2): an agent may only report for its own clusters.
+//!
+//! Every message carries the AMQP `user_id`, which RabbitMQ checks against the publishing
+//! connection's user, so it proves who published. `RELAY_PRODUCER_ACL` maps broker users (or
+//! `{cluster}` templates of user names) to the cluster name patterns they may publish for. The
+//! check runs in memory at intake, before anything is stored; a refusal is dead-lettered with
+//! its reason and never reaches ECS.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::relay::config::WorkerConfig;
+use crate::relay::metrics as m;
+use crate::relay::wire::{Event, Reject};
+
+/// `RELAY_PRODUCER_AUTH`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Refuse what the ACL does not allow.
+    Acl,
+    /// Check, count and log what would be refused, but forward it (for rolling the check out).
+    Audit,
+    /// No identity check (a warning at start).
+    Off,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Acl => "acl",
+            AuthMode::Audit => "audit",
+            AuthMode::Off => "off",
+        }
+    }
+}
+
+/// The placeholder of user-name templates and cluster patterns.
+const CLUSTER: &str = "{cluster}";
+
+/// One allowed cluster pattern: `*` matches any run of characters, `{cluster}` the name bound
+/// by a template. With a `:` it is matched against the cluster's full ARN instead of its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pattern(String);
+
+impl Pattern {
+    fn allows(&self, bound: Option<&str>, cluster: &Cluster) -> bool {
+        let subject = if self.0.contains(':') {
+            cluster.arn.as_str()
+        } else {
+            cluster.name.as_str()
+        };
+        match bound {
+            // The bound name is literal: split the pattern around the placeholder and match
+            // the bound value as plain text between the parts.
+            Some(value) if self.0.contains(CLUSTER) => {
+                let literal = self.0.replace(CLUSTER, &escape(value));
+                glob(&literal, subject)
+            }
+            _ if self.0.contains(CLUSTER) => false,
+            _ => glob(&self.0, subject),
+        }
+    }
+}
+
+/// A bound value may hold `*`: it stands for itself, so it is kept apart from wildcards.
+const LITERAL_STAR: char = '\u{1}';
+
+fn escape(value: &str) -> String {
+    value.replace('*', &LITERAL_STAR.to_string())
+}
+
+/// `*` matches any run of characters (none included); [`LITERAL_STAR`] matches a `*`.
+fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    // Classic two-pointer wildcard match with backtracking to the last star.
+    let (mut i, mut j) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while j < t.len() {
+        if i < p.len() && p[i] == '*' {
+            star = Some((i, j));
+            i += 1;
+        } else if i < p.len() && (p[i] == t[j] || (p[i] == LITERAL_STAR && t[j] == '*')) {
+            i += 1;
+            j += 1;
+        } else if let Some((si, sj)) = star {
+            i = si + 1;
+            j = sj + 1;
+            star = Some((si, sj + 1));
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|c| *c == '*')
+}
+
+/// A user-name template: `<prefix>{cluster}<suffix>`.
+#[derive(Clone, Debug)]
+struct Template {
+    prefix: String,
+    suffix: String,
+    patterns: Vec<Pattern>,
+}
+
+impl Template {
+    /// The part of `user` the placeholder covers (never empty), if the user has this shape.
+    fn bind<'u>(&self, user: &'u str) -> Option<&'u str> {
+        let rest = user.strip_prefix(&self.prefix)?;
+        let bound = rest.strip_suffix(&self.suffix)?;
+        (!bound.is_empty()).then_some(bound)
+    }
+
+    fn literal_len(&self) -> usize {
+        self.prefix.len() + self.suffix.len()
+    }
+
+    /// Whether some user name has both shapes (equal literal lengths assumed).
+    fn overlaps(&self, other: &Template) -> bool {
+        (self.prefix.starts_with(&other.prefix) || other.prefix.starts_with(&self.prefix))
+            && (self.suffix.ends_with(&other.suffix) || other.suffix.ends_with(&self.suffix))
+    }
+}
+
+/// The rules of one ACL file.
+#[derive(Clone, Debug, Default)]
+pub struct Acl {
+    exact: HashMap<String, Vec<Pattern>>,
+    /// Longest literal part first: the most specific template wins.
+    templates: Vec<Template>,
+}
+
+/// The cluster a message is for: its name (matched by plain patterns) and full ARN (matched by
+/// patterns with a `:`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    pub arn: String,
+}
+
+/// What the ACL says of a user and a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// The user matches no key.
+    Unknown,
+    /// The user's patterns do not cover the cluster.
+    NotAllowed,
+}
+
+impl Acl {
+    /// Parses the JSON file's text: `{"user or template": ["pattern", …], …}`.
+    pub fn parse(text: &str) -> Result<Acl, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let Value::Object(entries) = value else {
+            return Err("not a JSON object of user names to lists of cluster patterns".into());
+        };
+        let mut acl = Acl::default();
+        for (key, list) in entries {
+            let Value::Array(items) = list else {
+                return Err(format!("{key:?}: not a list of cluster patterns"));
+            };
+            let mut patterns = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Value::String(p) if !p.is_empty() => patterns.push(Pattern(p)),
+                    other => return Err(format!("{key:?}: {other} is not a cluster pattern")),
+                }
+            }
+            match key.matches(CLUSTER).count() {
+                0 => {
+                    if patterns.iter().any(|p| p.0.contains(CLUSTER)) {
+                        return Err(format!(
+                            "{key:?}: {CLUSTER} in a pattern needs a template key that binds it"
+                        ));
+                    }
+                    acl.exact.insert(key, patterns);
+                }
+                1 => {
+                    let (prefix, suffix) = key.split_once(CLUSTER).unwrap_or_default();
+                    acl.templates.push(Template {
+                        prefix: prefix.into(),
+                        suffix: suffix.into(),
+                        patterns,
+                    });
+                }
+                _ => return Err(format!("{key:?}: a template has one {CLUSTER}")),
+            }
+        }
+        acl.templates
+            .sort_by_key(|t| std::cmp::Reverse(t.literal_len()));
+        for (i, a) in acl.templates.iter().enumerate() {
+            for b in &acl.templates[i + 1..] {
+                if a.literal_len() == b.literal_len() && a.overlaps(b) {
+                    return Err(format!(
+                        "templates {:?} and {:?} could match the same user with equally long literal parts",
+                        format!("{}{CLUSTER}{}", a.prefix, a.suffix),
+                        format!("{}{CLUSTER}{}", b.prefix, b.suffix)
+                    ));
+                }
+            }
+        }
+        Ok(acl)
+    }
+
+    /// An exact key wins; else the template with the longest literal part that fits.
+    pub fn verdict(&self, user: &str, cluster: &Cluster) -> Verdict {
+        let (patterns, bound) = match self.exact.get(user) {
+            Some(p) => (p, None),
+            None => match self
+                .templates
+                .iter()
+                .find_map(|t| t.bind(user).map(|b| (&t.patterns, Some(b))))
+            {
+                Some(found) => found,
+                None => return Verdict::Unknown,
+            },
+        };
+        if patterns.iter().any(|p| p.allows(bound, cluster)) {
+            Verdict::Allowed
+        } else {
+            Verdict::NotAllowed
+        }
+    }
+}
+
+/// The parts of an ARN: partition, Region, account and resource.
+struct ArnParts<'a> {
+    partition: &'a str,
+    region: &'a str,
+    account: &'a str,
+    resource: &'a str,
+}
+
+fn arn_parts(arn: &str) -> Option<ArnParts<'_>> {
+    let mut it = arn.splitn(6, ':');
+    (it.next()? == "arn").then_some(())?;
+    let partition = it.next()?;
+    let _service = it.next()?;
+    Some(ArnParts {
+        partition,
+        region: it.next()?,
+        account: it.next()?,
+        resource: it.next()?,
+    })
+}
+
+/// What the relay can deliver, and who may ask: the check run on every decoded event.
+pub struct Producers {
+    mode: AuthMode,
+    /// The relay's AWS Region: its ECS endpoint takes no other.
+    region: String,
+    /// `RELAY_ECS_ACCOUNTS`: the accounts the relay's ECS identity acts for (empty: any).
+    accounts: Vec<String>,
+    acl: RwLock<Arc<Acl>>,
+}
+
+impl Producers {
+    pub fn new(mode: AuthMode, acl: Acl, region: &str, accounts: Vec<String>) -> Producers {
+        Producers {
+            mode,
+            region: region.into(),
+            accounts,
+            acl: RwLock::new(Arc::new(acl)),
+        }
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    fn rules(&self) -> Arc<Acl> {
+        self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, acl: Acl) {
+        *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
+    }
+
+    /// Ok when the event may go on; the reject reason otherwise. In `audit` mode an identity
+    /// refusal is counted and logged, and the event goes on.
+    pub fn check(&self, user: Option<&str>, ev: &Event) -> Result<(), Reject> {
+        let Some(parts) = arn_parts(&ev.key) else {
+            return Ok(()); // decode checked the ARN's shape already
+        };
+        // What the relay can deliver: whatever the mode says.
+        if parts.region != self.region {
+            return Err(Reject::identity(
+                "region_mismatch",
+                format!(
+                    "{} is in {}, the relay sends to {}",
+                    ev.key, parts.region, self.region
+                ),
+            ));
+        }
+        if !self.accounts.is_empty() && !self.accounts.iter().any(|a| a == parts.account) {
+            return Err(Reject::identity(
+                "account_mismatch",
+                format!("account {} is not in RELAY_ECS_ACCOUNTS", parts.account),
+            ));
+        }
+        if self.mode == AuthMode::Off {
+            return Ok(());
+        }
+        match self.identity(user, ev, &parts) {
+            Ok(()) => Ok(()),
+            Err(reject) if self.mode == AuthMode::Audit => {
+                m::producer_would_refuse(reject.code);
+                tracing::warn!(reason = reject.code, detail = %reject.detail,
+                    "producer check would refuse this message (RELAY_PRODUCER_AUTH=audit: forwarded)");
+                Ok(())
+            }
+            Err(reject) => Err(reject),
+        }
+    }
+
+    fn identity(&self, user: Option<&str>, ev: &Event, task: &ArnParts<'_>) -> Result<(), Reject> {
+        let cluster = cluster_of(ev, task)?;
+        let Some(user) = user.filter(|u| !u.is_empty()) else {
+            return Err(Reject::identity(
+                "producer_missing",
+                "the message has no AMQP user_id",
+            ));
+        };
+        match self.rules().verdict(user, &cluster) {
+            Verdict::Allowed => Ok(()),
+            Verdict::Unknown => Err(Reject::identity(
+                "producer_unknown",
+                format!("user {user:?} matches no entry of RELAY_PRODUCER_ACL"),
+            )),
+            Verdict::NotAllowed => Err(Reject::identity(
+                "producer_not_allowed",
+                format!(
+                    "user {user:?} may not publish for cluster {:?}",
+                    cluster.name
+                ),
+            )),
+        }
+    }
+}
+
+/// The event's cluster, checked against the task ARN: a cluster ARN must name the task's
+/// partition, Region and account, and a task ARN's cluster segment must be the cluster's name.
+fn cluster_of(ev: &Event, task: &ArnParts<'_>) -> Result<Cluster, Reject> {
+    let mismatch = |detail: String| Err(Reject::identity("cluster_mismatch", detail));
+    let name = match arn_parts(&ev.cluster) {
+        Some(c) => {
+            let Some(name) = c.resource.strip_prefix("cluster/") else {
+                return mismatch(format!("cluster {:?} is not a cluster ARN", ev.cluster));
+            };
+            if (c.partition, c.region, c.account) != (task.partition, task.region, task.account) {
+                return mismatch(format!(
+                    "cluster {:?} is in another account or Region than {}",
+                    ev.cluster, ev.key
+                ));
+            }
+            name.to_string()
+        }
+        None => ev.cluster.clone(),
+    };
+    // `task/<cluster>/<id>` names its cluster; the old `task/<id>` form does not.
+    if let Some(segment) = task
+        .resource
+        .strip_prefix("task/")
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(cluster, _)| cluster)
+    {
+        if segment != name {
+            return mismatch(format!(
+                "cluster {name:?} but the task ARN names {segment:?}"
+            ));
+        }
+    }
+    let arn = format!(
+        "arn:{}:ecs:{}:{}:cluster/{name}",
+        task.partition, task.region, task.account
+    );
+    Ok(Cluster { name, arn })
+}
+
+/// The worker's producer check, from its configuration: the ACL read at start (a missing or
+/// broken file is an error), or none with `off` (a warning: anyone may report for anything).
+pub fn start(cfg: &WorkerConfig, region: &str) -> anyhow::Result<Producers> {
+    let acl = match (cfg.producer_auth, &cfg.producer_acl) {
+        (AuthMode::Off, _) => {
+            tracing::warn!("RELAY_PRODUCER_AUTH=off: any producer may report for any cluster");
+            Acl::default()
+        }
+        (_, Some(path)) => load(path)?,
+        (_, None) => anyhow::bail!("RELAY_PRODUCER_AUTH needs RELAY_PRODUCER_ACL"),
+    };
+    Ok(Producers::new(
+        cfg.producer_auth,
+        acl,
+        region,
+        cfg.ecs_accounts(),
+    ))
+}
+
+/// Reads the ACL file (at start: an error stops the worker).
+pub fn load(path: &Path) -> anyhow::Result<Acl> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read RELAY_PRODUCER_ACL {}: {e}", path.display()))?;
+    Acl::parse(&text).map_err(|e| anyhow::anyhow!("RELAY_PRODUCER_ACL {}: {e}", path.display()))
+}
+
+/// How often the file is looked at: a change takes effect within this (well under 10 s).
+const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads the ACL file again whenever it changes, until cancelled. A file that does not parse,
+/// or is gone, keeps the rules in force (logged and counted). The rules in force are exported
+/// as a hash, so operators can see that every worker runs the same.
+pub async fn reload(producers: Arc<Producers>, path: PathBuf, cancel: CancellationToken) {
+    let mut seen = std::fs::read(&path).ok();
+    if let Some(text) = &seen {
+        m::producer_acl_hash(hash(text));
+    }
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(RELOAD_EVERY) => {}
+        }
+        let now = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if seen.take().is_some() {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "RELAY_PRODUCER_ACL unreadable; the previous rules stay in force");
+                    m::producer_acl_reload("failed");
+                }
+                continue;
+            }
+        };
+        if seen.as_deref() == Some(now.as_slice()) {
+            continue;
+        }
+        let parsed = std::str::from_utf8(&now)
+            .map_err(|e| e.to_string())
+            .and_then(Acl::parse);
+        match parsed {
+            Ok(acl) => {
+                producers.replace(acl);
+                m::producer_acl_hash(hash(&now));
+                m::producer_acl_reload("ok");
+                tracing::info!(path = %path.display(), "RELAY_PRODUCER_ACL reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "RELAY_PRODUCER_ACL does not parse; the previous rules stay in force");
+                m::producer_acl_reload("failed");
+            }
+        }
+        seen = Some(now);
+    }
+}
+
+/// A short, stable fingerprint of the file (FNV-1a), for the rules-in-force gauge.
+fn hash(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bytes {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::wire::Kind;
+
+    const ACCOUNT: &str = "123456789012";
+
+    fn cluster(name: &str) -> Cluster {
+        Cluster {
+            name: name.into(),
+            arn: format!("arn:aws:ecs:us-east-1:{ACCOUNT}:cluster/{name}"),
+        }
+    }
+
+    fn event(task_cluster: &str, cluster: &str) -> Event {
+        Event {
+            event_id: "e-1".into(),
+            kind: Kind::Task,
+            key: format!("arn:aws:ecs:us-east-1:{ACCOUNT}:task/{task_cluster}/abc"),
+            cluster: cluster.into(),
+            known_task_status: None,
+            stored: String::new(),
+            task_times: [None, None, None],
+        }
+    }
+
+    fn producers(mode: AuthMode, acl: &str, accounts: &[&str]) -> Producers {
+        Producers::new(
+            mode,
+            Acl::parse(acl).expect("a valid ACL"),
+            "us-east-1",
+            accounts.iter().map(|a| a.to_string()).collect(),
+        )
+    }
+
+    fn reason(p: &Producers, user: Option<&str>, ev: &Event) -> &'static str {
+        p.check(user, ev).err().map_or("ok", |r| r.code)
+    }
+
+    #[test]
+    fn exact_keys_templates_and_globs() {
+        let acl = Acl::parse(
+            r#"{"ecs-agent-{cluster}": ["{cluster}"], "agent-batch": ["batch-*"], "ops": ["*"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            acl.verdict("ecs-agent-alpha", &cluster("alpha")),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            acl.verdict("ecs-agent-alpha", &cluster("beta-1")),
+            Verdict::NotAllowed
+        );
+        assert_eq!(
+            acl.verdict("agent-batch", &cluster("batch-7")),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            acl.verdict("agent-batch", &cluster("alpha")),
+            Verdict::NotAllowed
+        );
+        assert_eq!(acl.verdict("ops", &cluster("anything")), Verdict::Allowed);
+        assert_eq!(acl.verdict("nobody", &cluster("alpha")), Verdict::Unknown);
+        assert_eq!(
+            acl.verdict("ecs-agent-", &cluster("")),
+            Verdict::Unknown,
+            "binds nothing"
+        );
+    }
+
+    #[test]
+    fn the_longest_literal_template_wins_and_a_tie_is_a_load_error() {
+        let acl =
+            Acl::parse(r#"{"agent-{cluster}": ["*"], "agent-prod-{cluster}": ["prod-{cluster}"]}"#)
+                .unwrap();
+        assert_eq!(
+            acl.verdict("agent-prod-x", &cluster("prod-x")),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            acl.verdict("agent-prod-x", &cluster("other")),
+            Verdict::NotAllowed,
+            "the longer template decides, not the catch-all"
+        );
+        let err = Acl::parse(r#"{"a{cluster}bc": ["*"], "ab{cluster}c": ["*"]}"#).unwrap_err();
+        assert!(err.contains("could match the same user"), "{err}");
+    }
+
+    #[test]
+    fn an_exact_key_wins_over_a_template() {
+        let acl =
+            Acl::parse(r#"{"agent-{cluster}": ["{cluster}"], "agent-ops": ["ops-*"]}"#).unwrap();
+        assert_eq!(
+            acl.verdict("agent-ops", &cluster("ops-1")),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            acl.verdict("agent-ops", &cluster("ops")),
+            Verdict::NotAllowed
+        );
+    }
+
+    #[test]
+    fn a_star_in_a_user_name_is_bound_literally() {
+        let acl = Acl::parse(r#"{"agent-{cluster}": ["{cluster}"]}"#).unwrap();
+        assert_eq!(acl.verdict("agent-*", &cluster("*")), Verdict::Allowed);
+        assert_eq!(
+            acl.verdict("agent-*", &cluster("alpha")),
+            Verdict::NotAllowed
+        );
+        assert_eq!(
+            acl.verdict("agent-a*", &cluster("abc")),
+            Verdict::NotAllowed
+        );
+    }
+
+    #[test]
+    fn arn_patterns_tell_apart_same_named_clusters_of_two_accounts() {
+        let acl = Acl::parse(r#"{"agent": ["arn:aws:ecs:*:123456789012:cluster/prod"]}"#).unwrap();
+        assert_eq!(acl.verdict("agent", &cluster("prod")), Verdict::Allowed);
+        let other = Cluster {
+            name: "prod".into(),
+            arn: "arn:aws:ecs:us-east-1:210987654321:cluster/prod".into(),
+        };
+        assert_eq!(acl.verdict("agent", &other), Verdict::NotAllowed);
+    }
+
+    #[test]
+    fn broken_files_are_refused_with_a_reason() {
+        for (text, says) in [
+            ("not json", "not JSON"),
+            ("[]", "not a JSON object"),
+            (r#"{"a": "x"}"#, "not a list"),
+            (r#"{"a": [1]}"#, "not a cluster pattern"),
+            (r#"{"a": ["{cluster}"]}"#, "needs a template key"),
+            (r#"{"{cluster}-{cluster}": ["*"]}"#, "one {cluster}"),
+        ] {
+            let err = Acl::parse(text).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_reason_of_the_check() {
+        let acl = r#"{"ecs-agent-{cluster}": ["{cluster}"]}"#;
+        let p = producers(AuthMode::Acl, acl, &[ACCOUNT]);
+        let alpha = event("alpha", "alpha");
+        assert_eq!(reason(&p, Some("ecs-agent-alpha"), &alpha), "ok");
+        assert_eq!(reason(&p, None, &alpha), "producer_missing");
+        assert_eq!(reason(&p, Some(""), &alpha), "producer_missing");
+        assert_eq!(reason(&p, Some("stranger"), &alpha), "producer_unknown");
+        assert_eq!(
+            reason(&p, Some("ecs-agent-alpha"), &event("beta-1", "beta-1")),
+            "producer_not_allowed"
+        );
+        assert_eq!(
+            reason(&p, Some("ecs-agent-alpha"), &event("beta-1", "alpha")),
+            "cluster_mismatch"
+        );
+        let arn_cluster = format!("arn:aws:ecs:us-east-1:{ACCOUNT}:cluster/alpha");
+        assert_eq!(
+            reason(&p, Some("ecs-agent-alpha"), &event("alpha", &arn_cluster)),
+            "ok",
+            "a cluster ARN in `cluster`"
+        );
+        let foreign = "arn:aws:ecs:us-east-1:210987654321:cluster/alpha";
+        assert_eq!(
+            reason(&p, Some("ecs-agent-alpha"), &event("alpha", foreign)),
+            "cluster_mismatch"
+        );
+        let mut elsewhere = event("alpha", "alpha");
+        elsewhere.key = elsewhere.key.replace("us-east-1", "eu-west-1");
+        assert_eq!(
+            reason(&p, Some("ecs-agent-alpha"), &elsewhere),
+            "region_mismatch"
+        );
+        let mut other_account = event("alpha", "alpha");
+        other_account.key = other_account.key.replace(ACCOUNT, "210987654321");
+        assert_eq!(
+            reason(&p, Some("ecs-agent-alpha"), &other_account),
+            "account_mismatch"
+        );
+    }
+
+    #[test]
+    fn audit_forwards_and_off_checks_only_what_the_relay_can_deliver() {
+        let acl = r#"{"ecs-agent-{cluster}": ["{cluster}"]}"#;
+        let beta = event("beta-1", "beta-1");
+        let audit = producers(AuthMode::Audit, acl, &[]);
+        assert_eq!(reason(&audit, Some("ecs-agent-alpha"), &beta), "ok");
+        assert_eq!(reason(&audit, None, &beta), "ok");
+        let off = producers(AuthMode::Off, "{}", &[ACCOUNT]);
+        assert_eq!(reason(&off, None, &beta), "ok");
+        let mut elsewhere = beta.clone();
+        elsewhere.key = elsewhere.key.replace("us-east-1", "eu-west-1");
+        assert_eq!(reason(&off, None, &elsewhere), "region_mismatch");
+    }
+}

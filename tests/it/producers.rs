@@ -1,0 +1,293 @@
+//! Producer identity (contract v1.2) against the real broker, with broker users the tests
+//! create (a producer's permissions: configure `^$`, write `^<exchange>$`, read `^$`) and delete.
+//! The relay's own user (`guest`) has no `impersonator` tag.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use ecs_state_relay::cli::publish::Publisher;
+use ecs_state_relay::relay::config::ConnConfig;
+use ecs_state_relay::relay::producers::AuthMode;
+use serde_json::{json, Value};
+
+/// A broker user with a producer's permissions on `exchange`; deleted when dropped.
+struct Producer {
+    name: String,
+}
+
+impl Producer {
+    fn create(name: &str, exchange: &str) -> Producer {
+        let write = format!("^{}$", exchange.replace('.', "\\."));
+        rabbitmqctl(&["add_user", name, "producer-pw"]);
+        rabbitmqctl(&["set_permissions", "-p", "/", name, "^$", &write, "^$"]);
+        Producer { name: name.into() }
+    }
+
+    fn conn(&self, env: &Env) -> ConnConfig {
+        ConnConfig {
+            amqp_url: format!("amqp://{}:producer-pw@{}/%2f", self.name, amqp_addr()),
+            ..env.conn()
+        }
+    }
+
+    /// Publishes `events` as this user (its `user_id`), with confirms.
+    async fn publish(&self, env: &Env, events: &[Value]) {
+        let mut publisher = Publisher::connect(&self.conn(env))
+            .await
+            .expect("a producer may publish without configure rights");
+        for (i, ev) in events.iter().enumerate() {
+            publisher.send(i + 1, &ev.to_string()).await.expect("sent");
+        }
+        publisher.close().await.expect("confirmed");
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A task change for `task_cluster`'s task, naming `cluster` in the body.
+fn task_for(task_cluster: &str, cluster: &str, id: &str) -> Value {
+    let arn = format!("arn:aws:ecs:us-east-1:123456789012:task/{task_cluster}/{id}");
+    let mut ev = task(&arn, "RUNNING");
+    ev["cluster"] = cluster.into();
+    ev
+}
+
+fn arrived(env: &Env, ev: &Value) -> bool {
+    let key = ev["taskArn"].as_str().unwrap_or_default();
+    !env.calls_for(key).is_empty()
+}
+
+/// `dlq list --json`: (reason code, producer) of each dead letter, the queue left as it was.
+fn dead_letters(env: &Env) -> Vec<(String, String)> {
+    env.run_cli(&["dlq", "list", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a JSON line"))
+        .map(|l| {
+            let code = l["reason"].as_str().unwrap_or_default();
+            let code = code.split(':').next().unwrap_or_default().to_string();
+            (code, l["producer"].as_str().unwrap_or("-").to_string())
+        })
+        .collect()
+}
+
+fn write_acl(env: &Env, acl: Value) {
+    std::fs::write(&env.acl, acl.to_string()).expect("write the ACL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only_by_reason() {
+    let mut env = Env::new("producers", 2).await;
+    let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
+    write_acl(
+        &env,
+        json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]}),
+    );
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let agent = Producer::create(&format!("{prefix}-alpha"), &env.exchange);
+
+    let own = task_for("alpha", "alpha", "own");
+    let foreign = task_for("beta-1", "beta-1", "foreign");
+    let disguised = task_for("beta-1", "alpha", "disguised");
+    agent
+        .publish(&env, &[own.clone(), foreign.clone(), disguised.clone()])
+        .await;
+
+    eventually(
+        Duration::from_secs(20),
+        "its own cluster's change",
+        || async { arrived(&env, &own) },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "both refusals dead-lettered",
+        || async { dead_letters(&env).len() == 2 },
+    )
+    .await;
+    let mut letters = dead_letters(&env);
+    letters.sort();
+    assert_eq!(
+        letters,
+        vec![
+            ("cluster_mismatch".to_string(), agent.name.clone()),
+            ("producer_not_allowed".to_string(), agent.name.clone()),
+        ],
+        "dead-lettered by the relay's user (no impersonator tag), the producer kept visible"
+    );
+    assert!(!arrived(&env, &foreign) && !arrived(&env, &disguised));
+
+    // A plain replay leaves identity refusals alone; asked for by reason, the operator (guest,
+    // allowed every cluster) replays one under its own name, and it goes through.
+    let out = env.run_cli(&["dlq", "replay"]);
+    assert!(out.contains("replayed 0"), "{out}");
+    let out = env.run_cli(&["dlq", "replay", "--reason", "producer_not_allowed"]);
+    assert!(out.contains("replayed 1"), "{out}");
+    eventually(Duration::from_secs(20), "the replayed change", || async {
+        arrived(&env, &foreign)
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_user_id_is_refused_by_the_broker() {
+    let mut env = Env::new("producers-forged", 1).await;
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let agent = Producer::create(
+        &format!("relay-agent-{:08x}", rand::random::<u32>()),
+        &env.exchange,
+    );
+    let c = ecs_state_relay::relay::amqp::connect(
+        &agent.conn(&env).amqp_url,
+        &Default::default(),
+        "forger",
+    )
+    .await
+    .expect("the producer connects");
+    let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)
+        .await
+        .expect("channel");
+    let ev = task_for("alpha", "alpha", "forged");
+    let published = async {
+        ch.basic_publish(
+            env.exchange.as_str().into(),
+            ev["taskArn"].as_str().unwrap_or_default().into(),
+            Default::default(),
+            ev.to_string().as_bytes(),
+            lapin::BasicProperties::default().with_user_id("guest".into()),
+        )
+        .await?
+        .await
+    };
+    let answer = published.await;
+    assert!(
+        answer.is_err() || answer.as_ref().is_ok_and(|c| c.is_nack()),
+        "the broker took a message whose user_id is not its connection's user: {answer:?}"
+    );
+    let _ = c.close(200, "done".into()).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_rules() {
+    let metrics = ecs_state_relay::relay::metrics::handle();
+    let mut env = Env::new("producers-reload", 1).await;
+    let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let user = format!("{prefix}-alpha");
+    write_acl(&env, json!({"guest": ["*"], user.clone(): ["alpha"]}));
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let agent = Producer::create(&user, &env.exchange);
+
+    // A broken edit: the rules in force stay (beta-1 still refused, alpha still allowed).
+    std::fs::write(&env.acl, "{ not json").expect("write");
+    eventually(
+        Duration::from_secs(15),
+        "the broken file noticed",
+        || async {
+            metrics
+                .render()
+                .contains("relay_producer_acl_reloads_total{result=\"failed\"}")
+        },
+    )
+    .await;
+    let (alpha, beta) = (
+        task_for("alpha", "alpha", "a1"),
+        task_for("beta-1", "beta-1", "b1"),
+    );
+    agent.publish(&env, &[alpha.clone(), beta.clone()]).await;
+    eventually(
+        Duration::from_secs(20),
+        "alpha through, beta refused",
+        || async { arrived(&env, &alpha) && dead_letters(&env).len() == 1 },
+    )
+    .await;
+
+    // An edit that allows beta-1: within 10 s of the write, without a restart.
+    write_acl(
+        &env,
+        json!({"guest": ["*"], user.clone(): ["alpha", "beta-*"]}),
+    );
+    let written = Instant::now();
+    eventually(Duration::from_secs(15), "the new rules loaded", || async {
+        metrics
+            .render()
+            .contains("relay_producer_acl_reloads_total{result=\"ok\"}")
+    })
+    .await;
+    let took = written.elapsed();
+    assert!(took <= Duration::from_secs(10), "took {took:?}");
+    let beta_again = task_for("beta-1", "beta-1", "b2");
+    agent.publish(&env, std::slice::from_ref(&beta_again)).await;
+    eventually(Duration::from_secs(20), "beta-1 allowed now", || async {
+        arrived(&env, &beta_again)
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_forwards_what_acl_would_refuse_and_counts_it() {
+    let metrics = ecs_state_relay::relay::metrics::handle();
+    let mut env = Env::new("producers-audit", 1).await;
+    let user = format!("relay-agent-{:08x}-alpha", rand::random::<u32>());
+    write_acl(&env, json!({"guest": ["*"], user.clone(): ["alpha"]}));
+    let mut cfg = env.config();
+    cfg.producer_auth = AuthMode::Audit;
+    env.start_worker(cfg).await;
+    let agent = Producer::create(&user, &env.exchange);
+    let foreign = task_for("beta-1", "beta-1", "audited");
+    agent.publish(&env, std::slice::from_ref(&foreign)).await;
+    eventually(
+        Duration::from_secs(20),
+        "forwarded all the same",
+        || async { arrived(&env, &foreign) },
+    )
+    .await;
+    assert!(
+        metric_sum(&metrics.render(), "relay_producer_would_refuse_total") >= 1.0,
+        "not counted as a would-be refusal"
+    );
+    assert!(dead_letters(&env).is_empty());
+    env.cleanup().await;
+}
+
+#[test]
+fn a_worker_without_an_acl_refuses_to_start_and_says_what_to_set() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+        .arg("worker")
+        .env_remove("RELAY_PRODUCER_ACL")
+        .env("RELAY_PRODUCER_AUTH", "acl")
+        .env("RELAY_METRICS_ADDR", "")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the relay binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("RELAY_PRODUCER_AUTH=acl needs RELAY_PRODUCER_ACL"),
+        "{err}"
+    );
+}
