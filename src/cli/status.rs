@@ -53,6 +53,11 @@ pub struct Status {
     /// The fleet's effective limit: below `permits_limit` while ECS throttles (adaptive).
     pub effective_limit: u32,
     pub live_workers: Vec<String>,
+    /// The producer rules each live worker runs (`off`, or the mode and the ACL file's hash);
+    /// "?" for one that has not recorded them yet.
+    pub producer_rules: std::collections::BTreeMap<String, String>,
+    /// Whether every live worker runs the same producer rules.
+    pub producer_rules_agree: bool,
 }
 
 pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
@@ -110,6 +115,18 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
     }
     let _ = connection.close(200, "status".into()).await;
     let redis = store.link().replication().await?;
+    let live_workers = store.live_workers().await?;
+    let recorded = store.producer_rules().await?;
+    let producer_rules: std::collections::BTreeMap<String, String> = live_workers
+        .iter()
+        .map(|w| {
+            (
+                w.clone(),
+                recorded.get(w).cloned().unwrap_or_else(|| "?".into()),
+            )
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = producer_rules.values().collect();
     Ok(Status {
         exchange: args.conn.exchange.clone(),
         redis_primary: store.link().primary(),
@@ -120,7 +137,9 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         effective_limit: adaptive::effective_limit(&store)
             .await?
             .map_or(args.concurrency_limit, |l| l.min(args.concurrency_limit)),
-        live_workers: store.live_workers().await?,
+        producer_rules_agree: distinct.len() <= 1 && !distinct.iter().any(|r| *r == "?"),
+        producer_rules,
+        live_workers,
     })
 }
 
@@ -186,5 +205,22 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     println!("live workers: {}", status.live_workers.join(", "));
+    match status.producer_rules.values().next() {
+        Some(rules) if status.producer_rules_agree => {
+            println!("producer rules: {rules} on every live worker");
+        }
+        Some(_) => {
+            let each: Vec<String> = status
+                .producer_rules
+                .iter()
+                .map(|(w, r)| format!("{w} {r}"))
+                .collect();
+            println!(
+                "producer rules DIFFER between workers (an ACL edit not yet everywhere?): {}",
+                each.join(", ")
+            );
+        }
+        None => {}
+    }
     Ok(())
 }

@@ -298,6 +298,7 @@ pub enum Op {
     Consume,
     ConsumerCancelled,
     Pubsub,
+    ProducerRules,
 }
 
 impl Op {
@@ -324,6 +325,7 @@ impl Op {
             Op::Consume => "consume",
             Op::ConsumerCancelled => "consumer_cancelled",
             Op::Pubsub => "pubsub",
+            Op::ProducerRules => "producer_rules",
         }
     }
 }

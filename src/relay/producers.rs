@@ -15,7 +15,9 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::config::WorkerConfig;
-use crate::relay::metrics as m;
+use crate::relay::events::RedisFailed;
+use crate::relay::metrics::{self as m, Op};
+use crate::relay::store::Store;
 use crate::relay::wire::{Event, Reject};
 
 /// `RELAY_PRODUCER_AUTH`.
@@ -257,28 +259,45 @@ pub struct Producers {
     /// `RELAY_ECS_ACCOUNTS`: the accounts the relay's ECS identity acts for (empty: any).
     accounts: Vec<String>,
     acl: RwLock<Arc<Acl>>,
+    /// Which rules are in force (see [`Producers::rules`]).
+    rules: RwLock<String>,
 }
 
 impl Producers {
-    pub fn new(mode: AuthMode, acl: Acl, region: &str, accounts: Vec<String>) -> Producers {
+    /// `rules` names the ACL in force (see [`Producers::rules`]).
+    pub fn new(
+        mode: AuthMode,
+        acl: Acl,
+        rules: String,
+        region: &str,
+        accounts: Vec<String>,
+    ) -> Producers {
         Producers {
             mode,
             region: region.into(),
             accounts,
             acl: RwLock::new(Arc::new(acl)),
+            rules: RwLock::new(rules),
         }
+    }
+
+    /// Which rules this worker runs: `off`, or the mode and a hash of the ACL file
+    /// (`acl:1a2b3c4d`). Equal on every worker when all run the same rules.
+    pub fn rules(&self) -> String {
+        self.rules.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn mode(&self) -> AuthMode {
         self.mode
     }
 
-    fn rules(&self) -> Arc<Acl> {
+    fn acl(&self) -> Arc<Acl> {
         self.acl.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn replace(&self, acl: Acl) {
+    fn replace(&self, acl: Acl, rules: String) {
         *self.acl.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(acl);
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = rules;
     }
 
     /// Ok when the event may go on; the reject reason otherwise. In `audit` mode an identity
@@ -326,7 +345,7 @@ impl Producers {
                 "the message has no AMQP user_id",
             ));
         };
-        match self.rules().verdict(user, &cluster) {
+        match self.acl().verdict(user, &cluster) {
             Verdict::Allowed => Ok(()),
             Verdict::Unknown => Err(Reject::identity(
                 "producer_unknown",
@@ -385,77 +404,117 @@ fn cluster_of(ev: &Event, task: &ArnParts<'_>) -> Result<Cluster, Reject> {
 /// The worker's producer check, from its configuration: the ACL read at start (a missing or
 /// broken file is an error), or none with `off` (a warning: anyone may report for anything).
 pub fn start(cfg: &WorkerConfig, region: &str) -> anyhow::Result<Producers> {
-    let acl = match (cfg.producer_auth, &cfg.producer_acl) {
+    let (acl, rules) = match (cfg.producer_auth, &cfg.producer_acl) {
         (AuthMode::Off, _) => {
             tracing::warn!("RELAY_PRODUCER_AUTH=off: any producer may report for any cluster");
-            Acl::default()
+            (Acl::default(), "off".to_string())
         }
-        (_, Some(path)) => load(path)?,
+        (mode, Some(path)) => {
+            let (acl, bytes) = load(path)?;
+            (acl, rules_id(mode, &bytes))
+        }
         (_, None) => anyhow::bail!("RELAY_PRODUCER_AUTH needs RELAY_PRODUCER_ACL"),
     };
     Ok(Producers::new(
         cfg.producer_auth,
         acl,
+        rules,
         region,
         cfg.ecs_accounts(),
     ))
 }
 
-/// Reads the ACL file (at start: an error stops the worker).
-pub fn load(path: &Path) -> anyhow::Result<Acl> {
-    let text = std::fs::read_to_string(path)
+/// `acl:1a2b3c4d`: the mode and a hash of the file.
+fn rules_id(mode: AuthMode, bytes: &[u8]) -> String {
+    format!("{}:{:08x}", mode.as_str(), hash(bytes))
+}
+
+/// Reads the ACL file (at start an error stops the worker): the rules and the file's bytes.
+fn load(path: &Path) -> anyhow::Result<(Acl, Vec<u8>)> {
+    let bytes = std::fs::read(path)
         .map_err(|e| anyhow::anyhow!("cannot read RELAY_PRODUCER_ACL {}: {e}", path.display()))?;
-    Acl::parse(&text).map_err(|e| anyhow::anyhow!("RELAY_PRODUCER_ACL {}: {e}", path.display()))
+    let acl = std::str::from_utf8(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(Acl::parse)
+        .map_err(|e| anyhow::anyhow!("RELAY_PRODUCER_ACL {}: {e}", path.display()))?;
+    Ok((acl, bytes))
 }
 
 /// How often the file is looked at: a change takes effect within this (well under 10 s).
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
-/// Reads the ACL file again whenever it changes, until cancelled. A file that does not parse,
-/// or is gone, keeps the rules in force (logged and counted). The rules in force are exported
-/// as a hash, so operators can see that every worker runs the same.
-pub async fn reload(producers: Arc<Producers>, path: PathBuf, cancel: CancellationToken) {
-    let mut seen = std::fs::read(&path).ok();
-    if let Some(text) = &seen {
-        m::producer_acl_hash(hash(text));
+/// Until cancelled: reads `path` (the ACL, unless the check is off) again whenever it changes,
+/// and records the rules in force in Redis for `status` (`worker`'s entry) and in the
+/// `relay_producer_acl_hash` gauge. A file that does not parse, or is gone, keeps the rules in
+/// force (logged and counted).
+pub async fn maintain(
+    producers: Arc<Producers>,
+    path: Option<PathBuf>,
+    store: Store,
+    worker: String,
+    cancel: CancellationToken,
+) {
+    let mut seen = path.as_ref().and_then(|p| std::fs::read(p).ok());
+    if let Some(bytes) = &seen {
+        m::producer_acl_hash(hash(bytes));
     }
+    let mut recorded: Option<String> = None;
     loop {
+        let rules = producers.rules();
+        if recorded.as_ref() != Some(&rules) {
+            match store.set_producer_rules(&worker, &rules).await {
+                Ok(()) => recorded = Some(rules),
+                Err(e) => RedisFailed {
+                    op: Op::ProducerRules,
+                    what: "cannot record the producer rules in force; retrying",
+                    error: &e,
+                }
+                .emit(),
+            }
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(RELOAD_EVERY) => {}
         }
-        let now = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                if seen.take().is_some() {
-                    tracing::warn!(path = %path.display(), error = %e,
-                        "RELAY_PRODUCER_ACL unreadable; the previous rules stay in force");
-                    m::producer_acl_reload("failed");
-                }
-                continue;
-            }
-        };
-        if seen.as_deref() == Some(now.as_slice()) {
-            continue;
+        if let Some(path) = &path {
+            reload(&producers, path, &mut seen);
         }
-        let parsed = std::str::from_utf8(&now)
-            .map_err(|e| e.to_string())
-            .and_then(Acl::parse);
-        match parsed {
-            Ok(acl) => {
-                producers.replace(acl);
-                m::producer_acl_hash(hash(&now));
-                m::producer_acl_reload("ok");
-                tracing::info!(path = %path.display(), "RELAY_PRODUCER_ACL reloaded");
-            }
-            Err(e) => {
+    }
+}
+
+/// Reads the file again if it changed since `seen`.
+fn reload(producers: &Producers, path: &Path, seen: &mut Option<Vec<u8>>) {
+    let now = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            if seen.take().is_some() {
                 tracing::warn!(path = %path.display(), error = %e,
-                    "RELAY_PRODUCER_ACL does not parse; the previous rules stay in force");
+                    "RELAY_PRODUCER_ACL unreadable; the previous rules stay in force");
                 m::producer_acl_reload("failed");
             }
+            return;
         }
-        seen = Some(now);
+    };
+    if seen.as_deref() == Some(now.as_slice()) {
+        return;
     }
+    let parsed = std::str::from_utf8(&now)
+        .map_err(|e| e.to_string())
+        .and_then(Acl::parse);
+    match parsed {
+        Ok(acl) => {
+            producers.replace(acl, rules_id(producers.mode, &now));
+            m::producer_acl_hash(hash(&now));
+            m::producer_acl_reload("ok");
+            tracing::info!(path = %path.display(), "RELAY_PRODUCER_ACL reloaded");
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e,
+                "RELAY_PRODUCER_ACL does not parse; the previous rules stay in force");
+            m::producer_acl_reload("failed");
+        }
+    }
+    *seen = Some(now);
 }
 
 /// A short, stable fingerprint of the file (FNV-1a), for the rules-in-force gauge.
@@ -498,6 +557,7 @@ mod tests {
         Producers::new(
             mode,
             Acl::parse(acl).expect("a valid ACL"),
+            "test".into(),
             "us-east-1",
             accounts.iter().map(|a| a.to_string()).collect(),
         )

@@ -136,15 +136,16 @@ pub async fn run(
     let background_tasks = TaskTracker::new();
     background_tasks.spawn(permits.clone().run_background(background.clone()));
     background_tasks.spawn(report_permits(permits.clone(), background.clone()));
-    if let (AuthMode::Acl | AuthMode::Audit, Some(path)) =
-        (cfg.producer_auth, cfg.producer_acl.clone())
-    {
-        background_tasks.spawn(producers::reload(
-            producers.clone(),
-            path,
-            background.clone(),
-        ));
-    }
+    background_tasks.spawn(producers::maintain(
+        producers.clone(),
+        match cfg.producer_auth {
+            AuthMode::Off => None,
+            AuthMode::Acl | AuthMode::Audit => cfg.producer_acl.clone(),
+        },
+        store.clone(),
+        worker_id.clone(),
+        background.clone(),
+    ));
     let rebalance = Arc::new(Notify::new());
     background_tasks.spawn(wake_on_publish(
         store.clone(),

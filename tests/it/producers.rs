@@ -201,6 +201,24 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
     env.start_worker(cfg).await;
     let agent = Producer::create(&user, &env.exchange);
 
+    let status = |env: &Env| -> Value {
+        serde_json::from_str(&env.run_cli(&["status", "--json", "--shards", "1"]))
+            .expect("status JSON")
+    };
+    let rules_of = |s: &Value| -> String {
+        s["producer_rules"]
+            .as_object()
+            .and_then(|r| r.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    eventually(Duration::from_secs(10), "the rules recorded", || async {
+        let s = status(&env);
+        s["producer_rules_agree"] == true && rules_of(&s).starts_with("acl:")
+    })
+    .await;
+    let before = rules_of(&status(&env));
     // A broken edit: the rules in force stay (beta-1 still refused, alpha still allowed).
     std::fs::write(&env.acl, "{ not json").expect("write");
     eventually(
@@ -239,6 +257,16 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
     .await;
     let took = written.elapsed();
     assert!(took <= Duration::from_secs(10), "took {took:?}");
+    // `status` shows every live worker on the new rules.
+    eventually(
+        Duration::from_secs(10),
+        "status: all workers agree",
+        || async {
+            let s = status(&env);
+            s["producer_rules_agree"] == true && rules_of(&s) != before
+        },
+    )
+    .await;
     let beta_again = task_for("beta-1", "beta-1", "b2");
     agent.publish(&env, std::slice::from_ref(&beta_again)).await;
     eventually(Duration::from_secs(20), "beta-1 allowed now", || async {
@@ -290,4 +318,32 @@ fn a_worker_without_an_acl_refuses_to_start_and_says_what_to_set() {
         err.contains("RELAY_PRODUCER_AUTH=acl needs RELAY_PRODUCER_ACL"),
         "{err}"
     );
+}
+
+/// What the relay could never deliver is refused whatever the mode: another account than
+/// RELAY_ECS_ACCOUNTS (with the check off), and another Region than the relay's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_for_another_account_or_region_are_refused_even_with_the_check_off() {
+    let mut env = Env::new("producers-accounts", 1).await;
+    let mut cfg = env.config();
+    cfg.producer_auth = AuthMode::Off;
+    cfg.ecs_accounts = "210987654321".into();
+    env.start_worker(cfg).await;
+    let ours = task_for("alpha", "alpha", "ours");
+    let mut other_region = task_for("alpha", "alpha", "elsewhere");
+    other_region["taskArn"] = other_region["taskArn"]
+        .as_str()
+        .unwrap_or_default()
+        .replace("us-east-1", "eu-west-1")
+        .into();
+    env.publish(&[ours.clone(), other_region.clone()]).await;
+    eventually(Duration::from_secs(20), "both refused", || async {
+        dead_letters(&env).len() == 2
+    })
+    .await;
+    let mut codes: Vec<String> = dead_letters(&env).into_iter().map(|(c, _)| c).collect();
+    codes.sort();
+    assert_eq!(codes, ["account_mismatch", "region_mismatch"]);
+    assert!(!arrived(&env, &ours) && !arrived(&env, &other_region));
+    env.cleanup().await;
 }

@@ -102,12 +102,37 @@ impl Store {
             .cmd("ZREM")
             .arg(self.global_key("workers"))
             .arg(worker)
+            .cmd("HDEL")
+            .arg(self.global_key("producer-rules"))
+            .arg(worker)
             .cmd("PUBLISH")
             .arg(self.membership_channel())
             .arg("left")
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// Records which producer rules `worker` runs (`relay::producers::Producers::rules`), for
+    /// `status` to show whether every worker runs the same.
+    pub async fn set_producer_rules(&self, worker: &str, rules: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("HSET")
+            .arg(self.global_key("producer-rules"))
+            .arg(worker)
+            .arg(rules)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The producer rules each worker last recorded, by worker (dead ones included).
+    pub async fn producer_rules(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("HGETALL")
+            .arg(self.global_key("producer-rules"))
+            .query_async(&mut conn)
+            .await?)
     }
 
     /// Workers whose heartbeat has not lapsed.
