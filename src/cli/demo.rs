@@ -34,7 +34,14 @@ pub struct DemoArgs {
     /// Give up waiting for the run after this many seconds.
     #[arg(long, default_value_t = 180)]
     pub timeout_s: u64,
+    /// Publish as this broker user (its URL) instead of RELAY_AMQP_URL's: the demo cluster's
+    /// agent, which may report for its own cluster only.
+    #[arg(long, hide_env_values = true)]
+    pub producer_url: Option<String>,
 }
+
+/// Another team's cluster, which the demo agent may not report for.
+const SPOOFED_CLUSTER: &str = "payments";
 
 /// The generated fleet: JSON lines in publish order and what ECS should see.
 pub struct Fleet {
@@ -126,6 +133,11 @@ pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
     let invalid = json!({"schemaVersion":1,"eventId":format!("demo-{run:08x}-invalid"),"type":"container","cluster":cluster,
         "taskArn":arn(0),"occurredAt":at,"status":"CREATED","containerName":"web"});
     lines.insert(lines.len() / 2, invalid.to_string());
+    // One spoofed change: this cluster's agent reports another team's task STOPPED. The
+    // producer check dead-letters it (producer_not_allowed); it never reaches ECS.
+    let spoofed = json!({"schemaVersion":1,"eventId":format!("demo-{run:08x}-spoofed"),"type":"task","cluster":SPOOFED_CLUSTER,
+        "taskArn":format!("arn:aws:ecs:us-east-1:123456789012:task/{SPOOFED_CLUSTER}/{run:08x}"),"occurredAt":at,"status":"STOPPED"});
+    lines.insert(lines.len() / 3, spoofed.to_string());
     Fleet {
         lines,
         valid_events,
@@ -185,14 +197,21 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "demo: publishing {} events for {} tasks ({} failures injected, 1 invalid event)",
+        "demo: publishing {} events for {} tasks ({} failures injected, 1 invalid event, 1 spoofed)",
         fleet.lines.len(),
         args.tasks,
         fleet.rules.len()
     );
     let started = Instant::now();
     let input = fleet.lines.join("\n");
-    publish_lines(&args.conn, input.as_bytes()).await?;
+    let publisher = ConnConfig {
+        amqp_url: args
+            .producer_url
+            .clone()
+            .unwrap_or_else(|| args.conn.amqp_url.clone()),
+        ..args.conn.clone()
+    };
+    publish_lines(&publisher, input.as_bytes()).await?;
     println!(
         "demo: all {} events confirmed by RabbitMQ in {:.1}s",
         fleet.lines.len(),
@@ -255,6 +274,10 @@ pub async fn run(mut args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("  dead-lettered           {dead}");
     println!(
+        "  spoofed changes refused {} (another cluster's task, producer_not_allowed)",
+        rejected(&http, &args.worker_url, "producer_not_allowed").await
+    );
+    println!(
         "  elapsed                 {:.1}s",
         started.elapsed().as_secs_f64()
     );
@@ -285,6 +308,28 @@ async fn effective_limit(http: &reqwest::Client, worker_url: &str) -> String {
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
         .map_or_else(|| "?".into(), |v| v.trim().to_string())
+}
+
+/// `relay_events_rejected_total{reason}` as the worker exports it ("?" when it cannot be read).
+async fn rejected(http: &reqwest::Client, worker_url: &str, reason: &str) -> String {
+    let url = format!("{}/metrics", worker_url.trim_end_matches('/'));
+    let Ok(text) = http
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+    else {
+        return "?".into();
+    };
+    let series = format!("relay_events_rejected_total{{reason=\"{reason}\"}} ");
+    text.text()
+        .await
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix(&series).map(|v| v.trim().to_string()))
+        })
+        .unwrap_or_else(|| "0".into())
 }
 
 async fn dead_count(conn: &ConnConfig) -> anyhow::Result<i64> {
