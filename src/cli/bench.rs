@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::cli::publish::{publish_lines, Publisher};
 use crate::relay::amqp;
 use crate::relay::config::{ConnConfig, WorkerConfig};
+use crate::relay::producers::AuthMode;
 use crate::relay::store::Store;
 use crate::sim::{CallRecord, Sim, SimConfig};
 
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     /// huge value to measure the old, count-only prefetch.
     #[arg(long)]
     pub intake_max_bytes: Option<u64>,
+    /// The worker's producer check (RELAY_PRODUCER_AUTH): `acl` as in production (its ACL lets
+    /// the bench's publisher report for every cluster), or `off` to measure what the check costs.
+    #[arg(long, value_enum, default_value_t = AuthMode::Acl)]
+    pub producer_auth: AuthMode,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -941,6 +946,7 @@ fn spawn_worker(
     let defaults = WorkerConfig::default();
     let cfg = WorkerConfig {
         producer_acl: Some(acl),
+        producer_auth: args.producer_auth,
         conn: conn.clone(),
         shards: args.shards,
         intake_max_bytes: args.intake_max_bytes.unwrap_or(defaults.intake_max_bytes),
