@@ -190,16 +190,30 @@ async fn a_forged_user_id_is_refused_by_the_broker() {
     env.cleanup().await;
 }
 
+/// GET `path` on a worker's metrics port: (status, body).
+async fn scrape(port: u16, path: &str) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    match reqwest::get(url).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_rules() {
-    let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("producers-reload", 1).await;
     let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
     let user = format!("{prefix}-alpha");
     write_acl(&env, json!({"guest": ["*"], user.clone(): ["alpha"]}));
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    // A worker process, to watch its /metrics and /readyz.
+    let (_worker, port) = env.spawn_with_metrics().await;
     let agent = Producer::create(&user, &env.exchange);
+    let reloads = |result: &'static str| async move {
+        let (_, text) = scrape(port, "/metrics").await;
+        text.contains(&format!(
+            "relay_producer_acl_reloads_total{{result=\"{result}\"}}"
+        ))
+    };
 
     let status = |env: &Env| -> Value {
         serde_json::from_str(&env.run_cli(&["status", "--json", "--shards", "1"]))
@@ -219,18 +233,18 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
     })
     .await;
     let before = rules_of(&status(&env));
-    // A broken edit: the rules in force stay (beta-1 still refused, alpha still allowed).
+
+    // A broken edit, then the file gone: the rules in force stay (beta-1 still refused, alpha
+    // still allowed), and the worker stays ready.
     std::fs::write(&env.acl, "{ not json").expect("write");
     eventually(
         Duration::from_secs(15),
         "the broken file noticed",
-        || async {
-            metrics
-                .render()
-                .contains("relay_producer_acl_reloads_total{result=\"failed\"}")
-        },
+        || async { reloads("failed").await },
     )
     .await;
+    std::fs::remove_file(&env.acl).expect("remove");
+    assert_eq!(scrape(port, "/readyz").await.0, 200, "not ready any more");
     let (alpha, beta) = (
         task_for("alpha", "alpha", "a1"),
         task_for("beta-1", "beta-1", "b1"),
@@ -242,6 +256,7 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
         || async { arrived(&env, &alpha) && dead_letters(&env).len() == 1 },
     )
     .await;
+    assert_eq!(scrape(port, "/readyz").await.0, 200, "not ready any more");
 
     // An edit that allows beta-1: within 10 s of the write, without a restart.
     write_acl(
@@ -250,9 +265,7 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
     );
     let written = Instant::now();
     eventually(Duration::from_secs(15), "the new rules loaded", || async {
-        metrics
-            .render()
-            .contains("relay_producer_acl_reloads_total{result=\"ok\"}")
+        reloads("ok").await
     })
     .await;
     let took = written.elapsed();
@@ -273,6 +286,42 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
         arrived(&env, &beta_again)
     })
     .await;
+    env.cleanup().await;
+}
+
+/// An ARN pattern tells apart two accounts' clusters of the same name, and a cluster ARN in
+/// `cluster` is matched by its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arn_pattern_tells_apart_two_accounts_clusters_of_one_name() {
+    let mut env = Env::new("producers-arn", 1).await;
+    let user = format!("relay-agent-{:08x}", rand::random::<u32>());
+    write_acl(
+        &env,
+        json!({"guest": ["*"], user.clone(): ["arn:aws:ecs:us-east-1:123456789012:cluster/prod"]}),
+    );
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let agent = Producer::create(&user, &env.exchange);
+    let ours = task_for(
+        "prod",
+        "arn:aws:ecs:us-east-1:123456789012:cluster/prod",
+        "ours",
+    );
+    let mut theirs = task_for("prod", "prod", "theirs");
+    theirs["taskArn"] = theirs["taskArn"]
+        .as_str()
+        .unwrap_or_default()
+        .replace("123456789012", "210987654321")
+        .into();
+    agent.publish(&env, &[ours.clone(), theirs.clone()]).await;
+    eventually(
+        Duration::from_secs(20),
+        "ours through, theirs refused",
+        || async { arrived(&env, &ours) && dead_letters(&env).len() == 1 },
+    )
+    .await;
+    assert_eq!(dead_letters(&env)[0].0, "producer_not_allowed");
+    assert!(!arrived(&env, &theirs));
     env.cleanup().await;
 }
 
@@ -345,5 +394,142 @@ async fn changes_for_another_account_or_region_are_refused_even_with_the_check_o
     codes.sort();
     assert_eq!(codes, ["account_mismatch", "region_mismatch"]);
     assert!(!arrived(&env, &ours) && !arrived(&env, &other_region));
+    env.cleanup().await;
+}
+
+/// Every identity reason, from real publishes: no `user_id`, an unknown user, a cluster the
+/// user may not report for, a `cluster` that disagrees with its task ARN, another Region, and
+/// another account than RELAY_ECS_ACCOUNTS. Prints the table of reasons the dead-letter queue
+/// holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
+    let mut env = Env::new("producers-reasons", 2).await;
+    let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
+    write_acl(
+        &env,
+        json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]}),
+    );
+    let mut cfg = env.config();
+    cfg.ecs_accounts = "123456789012".into();
+    env.start_worker(cfg).await;
+    let agent = Producer::create(&format!("{prefix}-alpha"), &env.exchange);
+    let stranger = Producer::create(
+        &format!("relay-stranger-{:08x}", rand::random::<u32>()),
+        &env.exchange,
+    );
+
+    // No user_id at all: a raw publish without the property.
+    let anonymous = task_for("alpha", "alpha", "anonymous");
+    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "anonymous")
+        .await
+        .expect("amqp");
+    let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)
+        .await
+        .expect("channel");
+    let key = anonymous["taskArn"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let confirm = ch
+        .basic_publish(
+            env.exchange.as_str().into(),
+            key.as_str().into(),
+            Default::default(),
+            anonymous.to_string().as_bytes(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    let _ = c.close(200, "done".into()).await;
+
+    let unknown = task_for("alpha", "alpha", "unknown");
+    stranger.publish(&env, std::slice::from_ref(&unknown)).await;
+    let mut elsewhere = task_for("alpha", "alpha", "elsewhere");
+    elsewhere["taskArn"] = key
+        .replace("us-east-1", "eu-west-1")
+        .replace("anonymous", "elsewhere")
+        .into();
+    let mut other_account = task_for("alpha", "alpha", "other-account");
+    other_account["taskArn"] = key
+        .replace("123456789012", "210987654321")
+        .replace("anonymous", "other-account")
+        .into();
+    let refused = [
+        task_for("beta-1", "beta-1", "not-allowed"),
+        task_for("beta-1", "alpha", "mismatch"),
+        elsewhere,
+        other_account,
+    ];
+    agent.publish(&env, &refused).await;
+
+    eventually(
+        Duration::from_secs(20),
+        "six refusals dead-lettered",
+        || async { dead_letters(&env).len() == 6 },
+    )
+    .await;
+    let mut table = std::collections::BTreeMap::<String, usize>::new();
+    for (code, _) in dead_letters(&env) {
+        *table.entry(code).or_default() += 1;
+    }
+    println!("rejected reasons (dead-letter queue):");
+    for (code, n) in &table {
+        println!("  {code:<22} {n}");
+    }
+    let codes: Vec<&str> = table.keys().map(String::as_str).collect();
+    assert_eq!(
+        codes,
+        [
+            "account_mismatch",
+            "cluster_mismatch",
+            "producer_missing",
+            "producer_not_allowed",
+            "producer_unknown",
+            "region_mismatch"
+        ]
+    );
+    assert!(table.values().all(|n| *n == 1), "{table:?}");
+    assert!(env.sim.calls().is_empty(), "a refused change reached ECS");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_checks_no_producer_and_says_so_at_start() {
+    use std::io::BufRead;
+    let mut env = Env::new("producers-off", 1).await;
+    let mut cfg = env.config();
+    cfg.producer_auth = AuthMode::Off;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+        .arg("worker")
+        .envs(env.process_env(&cfg))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker binary starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let warned = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains("RELAY_PRODUCER_AUTH=off") => break true,
+            _ if Instant::now() > deadline => break false,
+            _ => {}
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned, "no warning about RELAY_PRODUCER_AUTH=off");
     env.cleanup().await;
 }
