@@ -533,3 +533,44 @@ async fn off_checks_no_producer_and_says_so_at_start() {
     assert!(warned, "no warning about RELAY_PRODUCER_AUTH=off");
     env.cleanup().await;
 }
+
+/// Of two templates that fit a user, the one with the longer literal part decides; a `*` in a
+/// user name is bound literally, never as a wildcard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_template_decides_and_a_star_in_a_user_name_is_literal() {
+    let mut env = Env::new("producers-templates", 1).await;
+    let tag = format!("{:08x}", rand::random::<u32>());
+    write_acl(
+        &env,
+        json!({
+            "guest": ["*"],
+            format!("relay-{tag}-{{cluster}}"): ["*"],
+            format!("relay-{tag}-prod-{{cluster}}"): ["prod-{cluster}"],
+        }),
+    );
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let prod = Producer::create(&format!("relay-{tag}-prod-a"), &env.exchange);
+    let star = Producer::create(&format!("relay-{tag}-prod-a*"), &env.exchange);
+    let own = task_for("prod-a", "prod-a", "own");
+    let other = task_for("other", "other", "other");
+    prod.publish(&env, &[own.clone(), other.clone()]).await;
+    // As a wildcard, `prod-a*` would allow `prod-abc`.
+    let wildcard = task_for("prod-abc", "prod-abc", "wildcard");
+    star.publish(&env, std::slice::from_ref(&wildcard)).await;
+    eventually(
+        Duration::from_secs(20),
+        "own through, two refused",
+        || async { arrived(&env, &own) && dead_letters(&env).len() == 2 },
+    )
+    .await;
+    let letters = dead_letters(&env);
+    assert!(
+        letters
+            .iter()
+            .all(|(code, _)| code == "producer_not_allowed"),
+        "{letters:?}"
+    );
+    assert!(!arrived(&env, &other) && !arrived(&env, &wildcard));
+    env.cleanup().await;
+}
