@@ -329,8 +329,12 @@ impl Producers {
             Ok(()) => Ok(()),
             Err(reject) if self.mode == AuthMode::Audit => {
                 m::producer_would_refuse(reject.code);
-                tracing::warn!(reason = reject.code, detail = %reject.detail,
-                    "producer check would refuse this message (RELAY_PRODUCER_AUTH=audit: forwarded)");
+                const WHAT: &str =
+                    "producer check would refuse this message (RELAY_PRODUCER_AUTH=audit: forwarded)";
+                let site = std::panic::Location::caller();
+                if let Some(held_back) = crate::relay::events::admit(site, reject.code, WHAT) {
+                    tracing::warn!(reason = reject.code, detail = %reject.detail, held_back, "{WHAT}");
+                }
                 Ok(())
             }
             Err(reject) => Err(reject),
@@ -534,6 +538,14 @@ mod tests {
 
     const ACCOUNT: &str = "123456789012";
 
+    fn expect(acl: &Acl, user: &str, name: &str, verdict: Verdict) {
+        assert_eq!(
+            acl.verdict(user, &cluster(name)),
+            verdict,
+            "{user} for {name}"
+        );
+    }
+
     fn cluster(name: &str) -> Cluster {
         Cluster {
             name: name.into(),
@@ -573,29 +585,13 @@ mod tests {
             r#"{"ecs-agent-{cluster}": ["{cluster}"], "agent-batch": ["batch-*"], "ops": ["*"]}"#,
         )
         .unwrap();
-        assert_eq!(
-            acl.verdict("ecs-agent-alpha", &cluster("alpha")),
-            Verdict::Allowed
-        );
-        assert_eq!(
-            acl.verdict("ecs-agent-alpha", &cluster("beta-1")),
-            Verdict::NotAllowed
-        );
-        assert_eq!(
-            acl.verdict("agent-batch", &cluster("batch-7")),
-            Verdict::Allowed
-        );
-        assert_eq!(
-            acl.verdict("agent-batch", &cluster("alpha")),
-            Verdict::NotAllowed
-        );
-        assert_eq!(acl.verdict("ops", &cluster("anything")), Verdict::Allowed);
-        assert_eq!(acl.verdict("nobody", &cluster("alpha")), Verdict::Unknown);
-        assert_eq!(
-            acl.verdict("ecs-agent-", &cluster("")),
-            Verdict::Unknown,
-            "binds nothing"
-        );
+        expect(&acl, "ecs-agent-alpha", "alpha", Verdict::Allowed);
+        expect(&acl, "ecs-agent-alpha", "beta-1", Verdict::NotAllowed);
+        expect(&acl, "agent-batch", "batch-7", Verdict::Allowed);
+        expect(&acl, "agent-batch", "alpha", Verdict::NotAllowed);
+        expect(&acl, "ops", "anything", Verdict::Allowed);
+        expect(&acl, "nobody", "alpha", Verdict::Unknown);
+        expect(&acl, "ecs-agent-", "", Verdict::Unknown);
     }
 
     #[test]
@@ -603,15 +599,8 @@ mod tests {
         let acl =
             Acl::parse(r#"{"agent-{cluster}": ["*"], "agent-prod-{cluster}": ["prod-{cluster}"]}"#)
                 .unwrap();
-        assert_eq!(
-            acl.verdict("agent-prod-x", &cluster("prod-x")),
-            Verdict::Allowed
-        );
-        assert_eq!(
-            acl.verdict("agent-prod-x", &cluster("other")),
-            Verdict::NotAllowed,
-            "the longer template decides, not the catch-all"
-        );
+        expect(&acl, "agent-prod-x", "prod-x", Verdict::Allowed);
+        expect(&acl, "agent-prod-x", "other", Verdict::NotAllowed);
         let err = Acl::parse(r#"{"a{cluster}bc": ["*"], "ab{cluster}c": ["*"]}"#).unwrap_err();
         assert!(err.contains("could match the same user"), "{err}");
     }
@@ -620,34 +609,22 @@ mod tests {
     fn an_exact_key_wins_over_a_template() {
         let acl =
             Acl::parse(r#"{"agent-{cluster}": ["{cluster}"], "agent-ops": ["ops-*"]}"#).unwrap();
-        assert_eq!(
-            acl.verdict("agent-ops", &cluster("ops-1")),
-            Verdict::Allowed
-        );
-        assert_eq!(
-            acl.verdict("agent-ops", &cluster("ops")),
-            Verdict::NotAllowed
-        );
+        expect(&acl, "agent-ops", "ops-1", Verdict::Allowed);
+        expect(&acl, "agent-ops", "ops", Verdict::NotAllowed);
     }
 
     #[test]
     fn a_star_in_a_user_name_is_bound_literally() {
         let acl = Acl::parse(r#"{"agent-{cluster}": ["{cluster}"]}"#).unwrap();
-        assert_eq!(acl.verdict("agent-*", &cluster("*")), Verdict::Allowed);
-        assert_eq!(
-            acl.verdict("agent-*", &cluster("alpha")),
-            Verdict::NotAllowed
-        );
-        assert_eq!(
-            acl.verdict("agent-a*", &cluster("abc")),
-            Verdict::NotAllowed
-        );
+        expect(&acl, "agent-*", "*", Verdict::Allowed);
+        expect(&acl, "agent-*", "alpha", Verdict::NotAllowed);
+        expect(&acl, "agent-a*", "abc", Verdict::NotAllowed);
     }
 
     #[test]
     fn arn_patterns_tell_apart_same_named_clusters_of_two_accounts() {
         let acl = Acl::parse(r#"{"agent": ["arn:aws:ecs:*:123456789012:cluster/prod"]}"#).unwrap();
-        assert_eq!(acl.verdict("agent", &cluster("prod")), Verdict::Allowed);
+        expect(&acl, "agent", "prod", Verdict::Allowed);
         let other = Cluster {
             name: "prod".into(),
             arn: "arn:aws:ecs:us-east-1:210987654321:cluster/prod".into(),

@@ -840,18 +840,6 @@ async fn a_worker_started_while_redis_is_unreachable_waits_for_it() {
     env.cleanup().await;
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Publishes one filler message straight to the dead-letter exchange; whether it was taken.
 async fn fill_dead_queue(env: &Env) -> bool {
     let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test filler")

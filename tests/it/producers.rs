@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use ecs_state_relay::cli::publish::Publisher;
-use ecs_state_relay::relay::config::ConnConfig;
+use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::relay::producers::AuthMode;
 use serde_json::{json, Value};
 
@@ -52,16 +52,35 @@ impl Drop for Producer {
     }
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Publishes `ev` (routed by its task ARN) through a connection to `url` with `props`, on a
+/// confirm channel; the broker's answer.
+async fn publish_as(
+    url: &str,
+    exchange: &str,
+    ev: &Value,
+    props: lapin::BasicProperties,
+) -> Result<lapin::Confirmation, lapin::Error> {
+    let c = ecs_state_relay::relay::amqp::connect(url, &Default::default(), "test publisher")
+        .await
+        .expect("the broker takes the connection");
+    let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)
+        .await
+        .expect("channel");
+    let routing_key = ev["taskArn"].as_str().unwrap_or_default();
+    let answer = async {
+        ch.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            Default::default(),
+            ev.to_string().as_bytes(),
+            props,
+        )
+        .await?
+        .await
+    }
+    .await;
+    let _ = c.close(200, "done".into()).await;
+    answer
 }
 
 /// A task change for `task_cluster`'s task, naming `cluster` in the body.
@@ -94,16 +113,22 @@ fn write_acl(env: &Env, acl: Value) {
     std::fs::write(&env.acl, acl.to_string()).expect("write the ACL");
 }
 
+/// A test environment whose producer rules are `acl`, with one in-process worker; `tweak`
+/// adjusts the worker's configuration.
+async fn started(name: &str, acl: Value, tweak: impl FnOnce(&mut WorkerConfig)) -> Env {
+    let mut env = Env::new(name, 1).await;
+    write_acl(&env, acl);
+    let mut cfg = env.config();
+    tweak(&mut cfg);
+    env.start_worker(cfg).await;
+    env
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only_by_reason() {
-    let mut env = Env::new("producers", 2).await;
     let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
-    write_acl(
-        &env,
-        json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]}),
-    );
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let acl = json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]});
+    let env = started("producers", acl, |_| {}).await;
     let agent = Producer::create(&format!("{prefix}-alpha"), &env.exchange);
 
     let own = task_for("alpha", "alpha", "own");
@@ -152,41 +177,23 @@ async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_user_id_is_refused_by_the_broker() {
-    let mut env = Env::new("producers-forged", 1).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = started("producers-forged", json!({"guest": ["*"]}), |_| {}).await;
     let agent = Producer::create(
         &format!("relay-agent-{:08x}", rand::random::<u32>()),
         &env.exchange,
     );
-    let c = ecs_state_relay::relay::amqp::connect(
-        &agent.conn(&env).amqp_url,
-        &Default::default(),
-        "forger",
-    )
-    .await
-    .expect("the producer connects");
-    let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)
-        .await
-        .expect("channel");
     let ev = task_for("alpha", "alpha", "forged");
-    let published = async {
-        ch.basic_publish(
-            env.exchange.as_str().into(),
-            ev["taskArn"].as_str().unwrap_or_default().into(),
-            Default::default(),
-            ev.to_string().as_bytes(),
-            lapin::BasicProperties::default().with_user_id("guest".into()),
-        )
-        .await?
-        .await
-    };
-    let answer = published.await;
+    let answer = publish_as(
+        &agent.conn(&env).amqp_url,
+        &env.exchange,
+        &ev,
+        lapin::BasicProperties::default().with_user_id("guest".into()),
+    )
+    .await;
     assert!(
         answer.is_err() || answer.as_ref().is_ok_and(|c| c.is_nack()),
         "the broker took a message whose user_id is not its connection's user: {answer:?}"
     );
-    let _ = c.close(200, "done".into()).await;
     env.cleanup().await;
 }
 
@@ -293,14 +300,13 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
 /// `cluster` is matched by its name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arn_pattern_tells_apart_two_accounts_clusters_of_one_name() {
-    let mut env = Env::new("producers-arn", 1).await;
     let user = format!("relay-agent-{:08x}", rand::random::<u32>());
-    write_acl(
-        &env,
+    let env = started(
+        "producers-arn",
         json!({"guest": ["*"], user.clone(): ["arn:aws:ecs:us-east-1:123456789012:cluster/prod"]}),
-    );
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+        |_| {},
+    )
+    .await;
     let agent = Producer::create(&user, &env.exchange);
     let ours = task_for(
         "prod",
@@ -328,12 +334,12 @@ async fn an_arn_pattern_tells_apart_two_accounts_clusters_of_one_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_forwards_what_acl_would_refuse_and_counts_it() {
     let metrics = ecs_state_relay::relay::metrics::handle();
-    let mut env = Env::new("producers-audit", 1).await;
     let user = format!("relay-agent-{:08x}-alpha", rand::random::<u32>());
-    write_acl(&env, json!({"guest": ["*"], user.clone(): ["alpha"]}));
-    let mut cfg = env.config();
-    cfg.producer_auth = AuthMode::Audit;
-    env.start_worker(cfg).await;
+    let acl = json!({"guest": ["*"], user.clone(): ["alpha"]});
+    let env = started("producers-audit", acl, |c| {
+        c.producer_auth = AuthMode::Audit
+    })
+    .await;
     let agent = Producer::create(&user, &env.exchange);
     let foreign = task_for("beta-1", "beta-1", "audited");
     agent.publish(&env, std::slice::from_ref(&foreign)).await;
@@ -373,11 +379,11 @@ fn a_worker_without_an_acl_refuses_to_start_and_says_what_to_set() {
 /// RELAY_ECS_ACCOUNTS (with the check off), and another Region than the relay's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_for_another_account_or_region_are_refused_even_with_the_check_off() {
-    let mut env = Env::new("producers-accounts", 1).await;
-    let mut cfg = env.config();
-    cfg.producer_auth = AuthMode::Off;
-    cfg.ecs_accounts = "210987654321".into();
-    env.start_worker(cfg).await;
+    let env = started("producers-accounts", json!({}), |c| {
+        c.producer_auth = AuthMode::Off;
+        c.ecs_accounts = "210987654321".into();
+    })
+    .await;
     let ours = task_for("alpha", "alpha", "ours");
     let mut other_region = task_for("alpha", "alpha", "elsewhere");
     other_region["taskArn"] = other_region["taskArn"]
@@ -403,15 +409,12 @@ async fn changes_for_another_account_or_region_are_refused_even_with_the_check_o
 /// holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
-    let mut env = Env::new("producers-reasons", 2).await;
     let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
-    write_acl(
-        &env,
-        json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]}),
-    );
-    let mut cfg = env.config();
-    cfg.ecs_accounts = "123456789012".into();
-    env.start_worker(cfg).await;
+    let acl = json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]});
+    let env = started("producers-reasons", acl, |c| {
+        c.ecs_accounts = "123456789012".into();
+    })
+    .await;
     let agent = Producer::create(&format!("{prefix}-alpha"), &env.exchange);
     let stranger = Producer::create(
         &format!("relay-stranger-{:08x}", rand::random::<u32>()),
@@ -420,30 +423,19 @@ async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
 
     // No user_id at all: a raw publish without the property.
     let anonymous = task_for("alpha", "alpha", "anonymous");
-    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "anonymous")
-        .await
-        .expect("amqp");
-    let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)
-        .await
-        .expect("channel");
     let key = anonymous["taskArn"]
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let confirm = ch
-        .basic_publish(
-            env.exchange.as_str().into(),
-            key.as_str().into(),
-            Default::default(),
-            anonymous.to_string().as_bytes(),
-            lapin::BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let confirm = publish_as(
+        &amqp_url(),
+        &env.exchange,
+        &anonymous,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("published");
     assert!(confirm.is_ack());
-    let _ = c.close(200, "done".into()).await;
 
     let unknown = task_for("alpha", "alpha", "unknown");
     stranger.publish(&env, std::slice::from_ref(&unknown)).await;
@@ -538,18 +530,17 @@ async fn off_checks_no_producer_and_says_so_at_start() {
 /// user name is bound literally, never as a wildcard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_longest_template_decides_and_a_star_in_a_user_name_is_literal() {
-    let mut env = Env::new("producers-templates", 1).await;
     let tag = format!("{:08x}", rand::random::<u32>());
-    write_acl(
-        &env,
+    let env = started(
+        "producers-templates",
         json!({
             "guest": ["*"],
             format!("relay-{tag}-{{cluster}}"): ["*"],
             format!("relay-{tag}-prod-{{cluster}}"): ["prod-{cluster}"],
         }),
-    );
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+        |_| {},
+    )
+    .await;
     let prod = Producer::create(&format!("relay-{tag}-prod-a"), &env.exchange);
     let star = Producer::create(&format!("relay-{tag}-prod-a*"), &env.exchange);
     let own = task_for("prod-a", "prod-a", "own");

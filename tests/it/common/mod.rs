@@ -47,6 +47,26 @@ pub const CLUSTER: &str = "test-cluster";
 /// Test workers' ECS call timeout: fits their 3 s shard lease (see `WorkerConfig::validate`).
 pub const TEST_CALL_TIMEOUT_MS: u64 = 1_000;
 
+/// Runs `command` to its end; its standard output, or a panic with its standard error when it
+/// failed.
+pub fn run_ok(command: &mut Command) -> String {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?} does not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `rabbitmqctl` on the local broker; panics with its output if it fails.
+pub fn rabbitmqctl(args: &[&str]) {
+    run_ok(Command::new("rabbitmqctl").args(args));
+}
+
 /// The tests' producer rules: their publishers connect as `guest`.
 pub const TEST_ACL: &str = r#"{"guest": ["*"]}"#;
 
@@ -193,18 +213,11 @@ impl Env {
     /// Runs an operator command of the real binary (`status`, `dlq`, …) against this test's
     /// services; its standard output, or a panic with its standard error when it failed.
     pub fn run_cli(&self, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
-            .args(args)
-            .envs(self.conn().to_env())
-            .stdin(Stdio::null())
-            .output()
-            .expect("the relay binary runs");
-        assert!(
-            out.status.success(),
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_ok(
+            Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
+                .args(args)
+                .envs(self.conn().to_env()),
+        )
     }
 
     /// Environment for a worker process (the real binary) against this test's services:
