@@ -168,6 +168,7 @@ pub async fn replay(
     let (connection, ch) = open(conn).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let (deliveries, ready) = take(&ch, &conn.exchange, limit).await?;
+    let operator: lapin::types::ShortString = amqp::url_user(&conn.amqp_url).as_str().into();
     let mut replayed = 0;
     for d in &deliveries {
         let code = header(d, REJECT_HEADER)
@@ -200,8 +201,7 @@ pub async fn replay(
                 &d.data,
                 // Republished as the operator: the operator's ACL entry decides what it may
                 // replay (the producer stays visible in its header).
-                amqp::without_producer(&d.properties, headers)
-                    .with_user_id(amqp::url_user(&conn.amqp_url).as_str().into()),
+                amqp::without_producer(&d.properties, headers).with_user_id(operator.clone()),
             )
             .await?
             .await?;

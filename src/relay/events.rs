@@ -14,12 +14,12 @@ use crate::relay::metrics::{self as m, Op};
 /// How often one call site may write its line.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// A step could not reach Redis (or Redis refused it) and will be tried again.
+/// A step could not reach Redis (or Redis refused it) and will be tried again. The shard and
+/// task come from the spans the step runs in (see `relay::logging`).
 pub struct RedisFailed<'a> {
     pub op: Op,
     /// What the step could not do, and what happens next ("cannot read outbox; retrying").
     pub what: &'static str,
-    /// The shard and task come from the spans the step runs in (see `relay::logging`).
     pub error: &'a dyn Display,
 }
 

@@ -308,7 +308,7 @@ impl Producers {
         };
         // What the relay can deliver: whatever the mode says.
         if parts.region != self.region {
-            return Err(Reject::identity(
+            return Err(Reject::new(
                 "region_mismatch",
                 format!(
                     "{} is in {}, the relay sends to {}",
@@ -317,7 +317,7 @@ impl Producers {
             ));
         }
         if !self.accounts.is_empty() && !self.accounts.iter().any(|a| a == parts.account) {
-            return Err(Reject::identity(
+            return Err(Reject::new(
                 "account_mismatch",
                 format!("account {} is not in RELAY_ECS_ACCOUNTS", parts.account),
             ));
@@ -344,18 +344,18 @@ impl Producers {
     fn identity(&self, user: Option<&str>, ev: &Event, task: &ArnParts<'_>) -> Result<(), Reject> {
         let cluster = cluster_of(ev, task)?;
         let Some(user) = user.filter(|u| !u.is_empty()) else {
-            return Err(Reject::identity(
+            return Err(Reject::new(
                 "producer_missing",
                 "the message has no AMQP user_id",
             ));
         };
         match self.acl().verdict(user, &cluster) {
             Verdict::Allowed => Ok(()),
-            Verdict::Unknown => Err(Reject::identity(
+            Verdict::Unknown => Err(Reject::new(
                 "producer_unknown",
                 format!("user {user:?} matches no entry of RELAY_PRODUCER_ACL"),
             )),
-            Verdict::NotAllowed => Err(Reject::identity(
+            Verdict::NotAllowed => Err(Reject::new(
                 "producer_not_allowed",
                 format!(
                     "user {user:?} may not publish for cluster {:?}",
@@ -369,7 +369,7 @@ impl Producers {
 /// The event's cluster, checked against the task ARN: a cluster ARN must name the task's
 /// partition, Region and account, and a task ARN's cluster segment must be the cluster's name.
 fn cluster_of(ev: &Event, task: &ArnParts<'_>) -> Result<Cluster, Reject> {
-    let mismatch = |detail: String| Err(Reject::identity("cluster_mismatch", detail));
+    let mismatch = |detail: String| Err(Reject::new("cluster_mismatch", detail));
     let name = match arn_parts(&ev.cluster) {
         Some(c) => {
             let Some(name) = c.resource.strip_prefix("cluster/") else {
@@ -415,6 +415,7 @@ pub fn start(cfg: &WorkerConfig, region: &str) -> anyhow::Result<Producers> {
         }
         (mode, Some(path)) => {
             let (acl, bytes) = load(path)?;
+            m::producer_acl_hash(hash(&bytes));
             (acl, rules_id(mode, &bytes))
         }
         (_, None) => anyhow::bail!("RELAY_PRODUCER_AUTH needs RELAY_PRODUCER_ACL"),
@@ -458,10 +459,9 @@ pub async fn maintain(
     worker: String,
     cancel: CancellationToken,
 ) {
-    let mut seen = path.as_ref().and_then(|p| std::fs::read(p).ok());
-    if let Some(bytes) = &seen {
-        m::producer_acl_hash(hash(bytes));
-    }
+    // What the file held when last looked at: at first, what `start` loaded (not a second
+    // read, which could see a newer file and take it as already applied).
+    let mut seen = Some(producers.rules());
     let mut recorded: Option<String> = None;
     loop {
         let rules = producers.rules();
@@ -486,8 +486,8 @@ pub async fn maintain(
     }
 }
 
-/// Reads the file again if it changed since `seen`.
-fn reload(producers: &Producers, path: &Path, seen: &mut Option<Vec<u8>>) {
+/// Reads the file again if it changed since `seen` (its rules id; None while it is unreadable).
+fn reload(producers: &Producers, path: &Path, seen: &mut Option<String>) {
     let now = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -499,7 +499,8 @@ fn reload(producers: &Producers, path: &Path, seen: &mut Option<Vec<u8>>) {
             return;
         }
     };
-    if seen.as_deref() == Some(now.as_slice()) {
+    let id = rules_id(producers.mode, &now);
+    if seen.as_ref() == Some(&id) {
         return;
     }
     let parsed = std::str::from_utf8(&now)
@@ -507,7 +508,7 @@ fn reload(producers: &Producers, path: &Path, seen: &mut Option<Vec<u8>>) {
         .and_then(Acl::parse);
     match parsed {
         Ok(acl) => {
-            producers.replace(acl, rules_id(producers.mode, &now));
+            producers.replace(acl, id.clone());
             m::producer_acl_hash(hash(&now));
             m::producer_acl_reload("ok");
             tracing::info!(path = %path.display(), "RELAY_PRODUCER_ACL reloaded");
@@ -518,7 +519,7 @@ fn reload(producers: &Producers, path: &Path, seen: &mut Option<Vec<u8>>) {
             m::producer_acl_reload("failed");
         }
     }
-    *seen = Some(now);
+    *seen = Some(id);
 }
 
 /// A short, stable fingerprint of the file (FNV-1a), for the rules-in-force gauge.

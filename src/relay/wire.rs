@@ -100,17 +100,11 @@ pub struct Reject {
 }
 
 impl Reject {
-    fn new(code: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &'static str, detail: impl Into<String>) -> Self {
         Self {
             code,
             detail: detail.into(),
         }
-    }
-
-    /// A refusal of the producer check (`relay::producers`): who sent it, or what the relay
-    /// could never deliver.
-    pub fn identity(code: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(code, detail)
     }
 
     /// Whether the reason is about the producer's identity or what the relay can deliver:

@@ -116,16 +116,16 @@ async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everyth
 }
 
 /// A backlog of 300 tasks against ECS answering in 100 ms; `lose` takes Redis from the worker
-/// (the shared one, or `private`), `heal` gives it back. Returns how many calls started more
-/// than 20 ms after the loss (later than any call already on its way), watched over 3 s (long
-/// past the 1 s a permit is handed from call to call), once everything arrived after the heal.
-async fn calls_started_without_redis<L, H>(
+/// (the shared one, or `private`), `heal` gives it back. Asserts that at most `bound` calls
+/// start more than 20 ms after the loss (later than any call already on its way) over 3 s (long
+/// past the 1 s a permit is handed from call to call), and that everything arrives after the heal.
+async fn at_most_calls_without_redis<L, H>(
     name: &str,
+    bound: usize,
     private: Option<&RedisServer>,
     lose: L,
     heal: H,
-) -> usize
-where
+) where
     L: AsyncFnOnce(&Proxy),
     H: AsyncFnOnce(&Proxy),
 {
@@ -163,12 +163,13 @@ where
             .filter(|c| c.received_at_ms > lost_ms + 20)
             .count()
     };
-    let watch_until = Instant::now() + Duration::from_secs(3);
-    let mut started = started_after();
-    while Instant::now() < watch_until {
-        started = started_after();
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    never(
+        Duration::from_secs(3),
+        &format!("more than {bound} calls started without Redis"),
+        || async { started_after() > bound },
+    )
+    .await;
+    let started = started_after();
     heal(&proxy).await;
     eventually(Duration::from_secs(60), "every RUNNING arrived", || async {
         let calls = env.sim.calls();
@@ -181,7 +182,6 @@ where
     .await;
     println!("{name}: {started} calls started without Redis");
     env.cleanup().await;
-    started
 }
 
 /// A call whose completion cannot be recorded is sent again by the shard's next owner. So a
@@ -189,17 +189,14 @@ where
 /// holds: nemesis seed 11 counted up to 64 duplicates from such calls against 40 allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cut_off_from_redis_starts_no_call_it_could_not_record() {
-    let started = calls_started_without_redis(
+    at_most_calls_without_redis(
         "redis-calls-cut",
+        10,
         None,
         async |p: &Proxy| p.cut(),
         async |p: &Proxy| p.restore(),
     )
     .await;
-    assert!(
-        started <= 10,
-        "{started} calls started after the worker lost Redis"
-    );
 }
 
 /// A stalled link fails nothing until a reply's 5 s bound: the worker counts Redis as gone
@@ -207,14 +204,14 @@ async fn a_worker_cut_off_from_redis_starts_no_call_it_could_not_record() {
 /// (10 permits × 100 ms calls: at most 30 more than those already on their way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_redis_stalls_soon_starts_no_call() {
-    let started = calls_started_without_redis(
+    at_most_calls_without_redis(
         "redis-calls-stall",
+        40,
         None,
         async |p: &Proxy| p.stall(),
         async |p: &Proxy| p.restore(),
     )
     .await;
-    assert!(started <= 40, "{started} calls started after Redis stalled");
 }
 
 /// A Redis that answers reads but refuses writes (here `NOREPLICAS`: it wants a replica it
@@ -236,17 +233,14 @@ async fn a_worker_whose_redis_refuses_writes_starts_no_call() {
             .await
             .expect("CONFIG SET");
     };
-    let started = calls_started_without_redis(
+    at_most_calls_without_redis(
         "redis-calls-refused",
+        10,
         Some(&private),
         async |_: &Proxy| replicas(1).await,
         async |_: &Proxy| replicas(0).await,
     )
     .await;
-    assert!(
-        started <= 10,
-        "{started} calls started after Redis refused writes"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
