@@ -33,9 +33,20 @@ cargo clippy --all-targets -- -D warnings
 export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true
 export RUST_LOG="${RUST_LOG:-warn}"
 
-if [ "$runner" = nextest ]; then
-  log "cargo nextest run"
+# The timing tests (the seeded nemesis runs, the fair-share bounds) measure latency and
+# throughput on two cores: they run after the others, one at a time, with the machine to
+# themselves. Extra arguments select tests in one run instead.
+timing='test(/^nemesis::/) | test(/^fairness::/)'
+if [ "$runner" = nextest ] && [ $# -gt 0 ]; then
+  log "cargo nextest run $*"
   cargo nextest run --no-fail-fast "$@"
+elif [ "$runner" = nextest ]; then
+  log "cargo nextest run (all but the timing tests)"
+  status=0
+  cargo nextest run --no-fail-fast -E "not ($timing)" || status=$?
+  log "cargo nextest run (the timing tests, one at a time)"
+  cargo nextest run --no-fail-fast -j 1 -E "$timing" || status=$?
+  exit "$status"
 else
   log "cargo test"
   cargo test --no-fail-fast "$@"

@@ -59,6 +59,13 @@ pub struct BenchArgs {
     /// the bench's publisher report for every cluster), or `off` to measure what the check costs.
     #[arg(long, value_enum, default_value_t = AuthMode::Acl)]
     pub producer_auth: AuthMode,
+    /// Tasks of one cluster's storm for the fair-share scenario (a quiet cluster publishes 40
+    /// changes at 10/s meanwhile), run with 1 and with 3 workers; 0 skips it.
+    #[arg(long, default_value_t = 3_000)]
+    pub storm: usize,
+    /// Run only the fair-share scenario (after the ingest that every run starts with).
+    #[arg(long)]
+    pub fair_share_only: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -212,6 +219,9 @@ pub async fn run(mut args: BenchArgs) -> anyhow::Result<()> {
 impl Bench {
     async fn scenarios(&mut self, total: usize, baseline: f64) -> anyhow::Result<()> {
         let (events_per_sec, calls_per_sec) = self.ingest(total, baseline).await?;
+        if self.args.fair_share_only {
+            return self.fair_share().await;
+        }
         self.utilisation().await?;
         // Half the intake rate, as the target asks; and half of what the ECS side sustains
         // (calls/s × 5 events per call), which is the lower of the two limits here.
@@ -225,7 +235,169 @@ impl Bench {
         self.redis_memory().await?;
         self.distinct_tasks().await?;
         self.throttling().await?;
-        self.large_messages().await
+        self.large_messages().await?;
+        self.fair_share().await
+    }
+
+    /// Scenario 8: one cluster's storm of `--storm` task changes at once, then a quiet cluster's
+    /// 40 changes at 10/s, against the sim at `--latency-ms`: the quiet cluster's wait from
+    /// publish to ECS call, how fast the storm drains, and Redis commands per ECS call (from
+    /// `INFO commandstats`, so the bench must have Redis to itself). With 1, then 3 workers.
+    async fn fair_share(&mut self) -> anyhow::Result<()> {
+        if self.args.storm == 0 {
+            return Ok(());
+        }
+        self.sim
+            .set_latency(Duration::from_millis(self.args.latency_ms));
+        for workers in [1, 3] {
+            eprintln!(
+                "bench: fair share — {} storm tasks, 40 quiet at 10/s, {workers} worker(s)",
+                self.args.storm
+            );
+            let mut extra = Vec::new();
+            for n in 1..workers {
+                let port = free_port()?;
+                let id = format!("{}-bench-{n}", self.conn.exchange);
+                let addr = format!("127.0.0.1:{port}");
+                extra.push(spawn_worker(
+                    &self.args,
+                    &self.conn,
+                    &self.sim_url,
+                    port,
+                    &[("RELAY_WORKER_ID", &id), ("RELAY_METRICS_ADDR", &addr)],
+                )?);
+            }
+            self.wait_for_owners(workers).await?;
+            let tag = format!("f{workers}");
+            let result = self.storm_and_quiet(&tag, workers).await;
+            for mut w in extra {
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(w.id().to_string())
+                    .status();
+                let _ = w.wait();
+            }
+            result?;
+        }
+        self.sim.set_latency(Duration::ZERO);
+        Ok(())
+    }
+
+    /// Waits until `n` workers own the shards between them.
+    async fn wait_for_owners(&self, n: usize) -> anyhow::Result<()> {
+        let store = Store::open(&self.conn).await?;
+        loop {
+            let mut owners = std::collections::BTreeSet::new();
+            let mut all = true;
+            for s in 0..self.args.shards {
+                match store.lease_owner(s).await? {
+                    Some(o) => {
+                        owners.insert(o);
+                    }
+                    None => all = false,
+                }
+            }
+            if all && owners.len() == n {
+                return Ok(());
+            }
+            self.ensure_time(2400, "workers sharing the shards")?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn storm_and_quiet(&mut self, tag: &str, workers: usize) -> anyhow::Result<()> {
+        let arn = |cluster: &str, i: usize| {
+            format!(
+                "arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{}-{tag}-{i}",
+                self.run
+            )
+        };
+        let line = |cluster: &str, task: &str| {
+            json!({"schemaVersion":1,"eventId":format!("{task}-r"),"type":"task","cluster":cluster,
+                   "taskArn":task,"occurredAt":"2026-12-06T10:00:00Z","status":"RUNNING"})
+            .to_string()
+        };
+        let storm: Vec<String> = (0..self.args.storm).map(|i| arn("storm", i)).collect();
+        let quiet: Vec<String> = (0..40).map(|i| arn("quiet", i)).collect();
+        let mut redis = Store::open(&self.conn).await?.conn().await?;
+        let commands_before = redis_commands(&mut redis).await?;
+        let calls_before = self.sim.stats().calls;
+        let skip = self.sim.calls().len();
+        let storm_lines: Vec<String> = storm.iter().map(|t| line("storm", t)).collect();
+        publish_lines(&self.conn, storm_lines.join("\n").as_bytes()).await?;
+        let mut published = HashMap::new();
+        for t in &quiet {
+            published.insert(t.clone(), now_ms());
+            publish_lines(&self.conn, line("quiet", t).as_bytes()).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let wanted = storm.len() + quiet.len();
+        let calls = loop {
+            let calls: Vec<CallRecord> = self.sim.calls().into_iter().skip(skip).collect();
+            let ok = calls
+                .iter()
+                .filter(|c| c.outcome.as_deref() == Some("ok"))
+                .count();
+            if ok >= wanted {
+                break calls;
+            }
+            self.ensure_time(2400, "fair-share run")?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let commands = redis_commands(&mut redis).await? - commands_before;
+        let ecs_calls = self.sim.stats().calls - calls_before;
+        let first: HashMap<&str, u64> = calls
+            .iter()
+            .rev()
+            .map(|c| (c.key.as_str(), c.received_at_ms))
+            .collect();
+        let waits: Vec<u64> = quiet
+            .iter()
+            .filter_map(|t| Some(first.get(t.as_str())?.saturating_sub(published[t])))
+            .collect();
+        let mut storm_at: Vec<u64> = storm
+            .iter()
+            .filter_map(|t| first.get(t.as_str()).copied())
+            .collect();
+        storm_at.sort_unstable();
+        let span_s = (storm_at.last().copied().unwrap_or(0)
+            - storm_at.first().copied().unwrap_or(0)) as f64
+            / 1000.0;
+        let ideal = 10.0 / (self.args.latency_ms as f64 / 1000.0);
+        let [p50, p99, _] = percentiles(waits);
+        let w = if workers == 1 {
+            "1 worker"
+        } else {
+            "3 workers"
+        };
+        self.rows.push(row(
+            "fair share",
+            &format!("quiet publish -> call p50 ms ({w})"),
+            p50,
+            "",
+        ));
+        self.rows.push(row(
+            "fair share",
+            &format!("quiet publish -> call p99 ms ({w})"),
+            p99,
+            "<= 1000",
+        ));
+        let rate = (storm_at.len().max(2) - 1) as f64 / span_s.max(0.001);
+        self.rows.push(Row {
+            scenario: "fair share",
+            figure: format!("storm calls/s vs limit / latency ({w})"),
+            value: rate,
+            baseline: Some(ideal),
+            ratio: Some(rate / ideal),
+            target: ">= 0.9",
+        });
+        self.rows.push(row(
+            "fair share",
+            &format!("Redis commands per ECS call ({w})"),
+            commands as f64 / ecs_calls.max(1) as f64,
+            "",
+        ));
+        Ok(())
     }
 
     /// Scenario 7: `--large` container events of ~250 KiB each over every shard, published to a
@@ -1012,6 +1184,25 @@ fn memory_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0);
     Ok(kb / 1024.0)
+}
+
+/// Commands Redis has run since its start, scripts' commands included (`INFO commandstats`).
+async fn redis_commands(conn: &mut crate::relay::store::Conn) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| {
+            l.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum())
 }
 
 /// Deletes the run's Redis keys (they would otherwise live out their retention TTL).

@@ -9,8 +9,10 @@ use crate::relay::adaptive;
 use crate::relay::amqp;
 use crate::relay::config::ConnConfig;
 use crate::relay::redis_link::Replication;
+use crate::relay::schedule::Backlog;
 use crate::relay::semaphore::Semaphore;
 use crate::relay::store::Store;
+use crate::relay::worker::{ReadyReport, READY_TOP};
 
 #[derive(Args)]
 pub struct StatusArgs {
@@ -58,6 +60,13 @@ pub struct Status {
     pub producer_rules: std::collections::BTreeMap<String, String>,
     /// Whether every live worker runs the same producer rules.
     pub producer_rules_agree: bool,
+    /// Clusters with a change ready on some live worker (a cluster on two workers counts once
+    /// per worker), as the workers last reported (every 2 s).
+    pub ready_clusters: usize,
+    /// The longest a ready change has waited on any live worker, in ms.
+    pub ready_oldest_ms: u64,
+    /// The clusters with the most ready changes over the live workers, most first.
+    pub busiest_clusters: Vec<(String, usize)>,
 }
 
 pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
@@ -127,6 +136,24 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         })
         .collect();
     let distinct: std::collections::BTreeSet<&String> = producer_rules.values().collect();
+    let reports = store.ready_reports().await?;
+    let mut busiest = Backlog::default();
+    let (mut ready_clusters, mut ready_oldest_ms) = (0, 0);
+    for worker in &live_workers {
+        let Some(report) = reports.get(worker) else {
+            continue;
+        };
+        let Ok(report) = serde_json::from_str::<ReadyReport>(report) else {
+            continue;
+        };
+        ready_clusters += report.clusters;
+        ready_oldest_ms = ready_oldest_ms.max(report.oldest_ms);
+        busiest.merge(Backlog {
+            flows: report.top,
+            oldest: std::time::Duration::ZERO,
+        });
+    }
+    busiest.flows.truncate(READY_TOP);
     Ok(Status {
         exchange: args.conn.exchange.clone(),
         redis_primary: store.link().primary(),
@@ -140,6 +167,9 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         producer_rules_agree: distinct.len() <= 1 && !distinct.iter().any(|r| *r == "?"),
         producer_rules,
         live_workers,
+        ready_clusters,
+        ready_oldest_ms,
+        busiest_clusters: busiest.flows,
     })
 }
 
@@ -221,6 +251,21 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             );
         }
         None => {}
+    }
+    if status.busiest_clusters.is_empty() {
+        println!("ready work: none waiting");
+    } else {
+        let busiest: Vec<String> = status
+            .busiest_clusters
+            .iter()
+            .map(|(cluster, n)| format!("{cluster} {n}"))
+            .collect();
+        println!(
+            "ready work: {} cluster(s), oldest waiting {:.1}s; most: {}",
+            status.ready_clusters,
+            status.ready_oldest_ms as f64 / 1000.0,
+            busiest.join(", ")
+        );
     }
     Ok(())
 }

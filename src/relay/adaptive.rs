@@ -142,6 +142,11 @@ impl Adaptive {
         self.inner.ceiling
     }
 
+    /// The fleet's effective limit as last read: how many permits one worker may hold at most.
+    pub fn limit(&self) -> u32 {
+        self.inner.known.load(Ordering::SeqCst)
+    }
+
     /// See [`Inner::epoch`].
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::SeqCst)

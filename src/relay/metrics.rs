@@ -58,6 +58,11 @@ pub const PRODUCER_ACL_RELOADS: &str = "relay_producer_acl_reloads_total";
 /// Which producer rules the worker runs: a hash of the ACL file in force (equal on every
 /// worker when all agree).
 pub const PRODUCER_ACL_HASH: &str = "relay_producer_acl_hash";
+/// Clusters with a change ready on this worker (waiting for a runner or a permit): rule 12's
+/// flows. No label per cluster: `status` names the busiest.
+pub const READY_CLUSTERS: &str = "relay_ready_clusters";
+/// The longest a ready change on this worker has waited for a runner or a permit.
+pub const READY_OLDEST_SECONDS: &str = "relay_ready_oldest_seconds";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -99,6 +104,8 @@ pub const ALL: &[&str] = &[
     PRODUCER_WOULD_REFUSE,
     PRODUCER_ACL_RELOADS,
     PRODUCER_ACL_HASH,
+    READY_CLUSTERS,
+    READY_OLDEST_SECONDS,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -212,6 +219,11 @@ pub fn permits(in_use: u64, limit: u32, oldest_held: Duration) {
     gauge!(PERMITS_IN_USE).set(in_use as f64);
     gauge!(PERMITS_LIMIT).set(limit as f64);
     gauge!(PERMIT_OLDEST_HELD_SECONDS).set(oldest_held.as_secs_f64());
+}
+/// This worker's ready work (rule 12), as read every few seconds.
+pub fn ready(clusters: usize, oldest: Duration) {
+    gauge!(READY_CLUSTERS).set(clusters as f64);
+    gauge!(READY_OLDEST_SECONDS).set(oldest.as_secs_f64());
 }
 /// The fleet's effective limit as last read (the ceiling is `permits`' `limit`).
 pub fn concurrency_limit(effective: u32) {

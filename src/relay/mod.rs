@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod producers;
 pub mod redis_link;
+pub mod schedule;
 pub mod semaphore;
 pub mod sender;
 pub mod shard;

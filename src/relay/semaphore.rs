@@ -4,32 +4,41 @@
 //! or frozen worker's permits come back after the permit lease. The lease covers a whole call
 //! (call timeout + margin, checked when the request goes out), so it is never refreshed: a
 //! holder cut off from Redis cannot keep a permit alive, and nothing extends a call's hold.
-//! Waiters never poll fast: they sleep until a release is published on a pub/sub channel, at
-//! most [`FALLBACK_WAIT`]. A local semaphore of the same size keeps a worker's own waiters from
-//! stampeding Redis.
+//!
+//! Fair share (rule 12), at two levels:
+//! - Between workers, in Redis: a worker that finds no free permit joins a FIFO queue, and a
+//!   free permit goes to the queue's first worker. A release wakes that one worker through
+//!   pub/sub (not every waiter of the fleet); a waiter asks again at the latest after
+//!   [`FALLBACK_WAIT`], in case a message was lost.
+//! - Within a worker: calls wait in a [`FairQueue`] by cluster; one pump task takes permits
+//!   from Redis while calls wait and the worker holds fewer than the effective limit, and
+//!   gives each to the next cluster in turn.
 //!
 //! Hand-off: a call that ends while another call of this worker waits passes its permit on
-//! directly (same id) instead of releasing it and racing for it in Redis, which saves two
-//! round trips and a pub/sub hop per call. A permit is handed on only during [`HANDOFF_FOR`]
-//! after it was taken from Redis, and only while its lease still covers a whole call; then it
-//! goes back, so other workers get their turn.
+//! directly (same id) instead of releasing it and taking it again from Redis, which saves two
+//! round trips per call. Only up to this worker's share while other workers wait (each worker
+//! that has to wait says so on the channel: with M waiting, a worker keeps at most 1/(M+1) of
+//! the limit by hand-off), for [`HANDOFF_FOR`] after the permit was taken from Redis, and while
+//! its lease still covers a whole call.
 //!
 //! The limit admitted by is the fleet's effective limit (`adaptive`): the configured ceiling,
 //! lowered while ECS throttles.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use redis::{self, Script};
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::adaptive::Adaptive;
 use crate::relay::config::CALL_MARGIN;
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op};
-use crate::relay::store::{wake_on_publish, Lane, Store, StoreError, StoreResult};
+use crate::relay::schedule::{Backlog, FairQueue};
+use crate::relay::store::{listen, Lane, Store, StoreError, StoreResult};
 
 /// How often releases that failed are tried again.
 const RELEASE_RETRY_EVERY: Duration = Duration::from_millis(200);
@@ -37,20 +46,50 @@ const RELEASE_RETRY_EVERY: Duration = Duration::from_millis(200);
 /// How long a permit taken from Redis may be handed from call to call within one worker.
 const HANDOFF_FOR: Duration = Duration::from_secs(1);
 
+/// How long another worker counts as waiting (see [`Semaphore::share`]) after it said so. A
+/// waiting worker says so on each try, at least every [`FALLBACK_WAIT`].
+const CONTENDED_FOR: Duration = Duration::from_millis(1_500);
+
 /// The longest a waiter sleeps before asking Redis again: covers a release whose pub/sub
 /// message was lost (the subscription was reconnecting).
 const FALLBACK_WAIT: Duration = Duration::from_secs(1);
 
-/// A permit held for one ECS call; give it back with [`Semaphore::release`].
+/// How long a queued worker keeps its place without asking again: a crashed or frozen
+/// worker's place is given up after this.
+const QUEUE_TTL: Duration = Duration::from_secs(3);
+
+/// A permit held for one ECS call; give it back with [`Semaphore::release`]. One dropped
+/// instead (a call abandoned, a grant nobody took) still goes back, in the background.
 pub struct Permit {
-    lease: Lease,
-    _local: OwnedSemaphorePermit,
+    /// None once released.
+    lease: Option<Lease>,
+    owner: Arc<Inner>,
 }
 
 impl Permit {
     /// Until when (local monotonic clock) the permit's Redis lease surely lasts.
     pub fn valid_until(&self) -> Instant {
-        self.lease.valid_until
+        self.lease
+            .as_ref()
+            .map_or_else(Instant::now, |l| l.valid_until)
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let inner = &self.owner;
+            {
+                let mut local = inner.local.lock().unwrap_or_else(|e| e.into_inner());
+                local.held = local.held.saturating_sub(1);
+            }
+            inner
+                .unreleased
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lease);
+            inner.pump_local.notify_one();
+        }
     }
 }
 
@@ -69,26 +108,44 @@ pub struct Semaphore {
     inner: Arc<Inner>,
 }
 
+/// Calls of this worker waiting for a permit, and the permits it holds.
+#[derive(Default)]
+struct Local {
+    /// Waiting calls by cluster: tickets in the fair queue.
+    waiting: FairQueue<u64>,
+    /// Where each waiting ticket's permit goes.
+    tickets: HashMap<u64, oneshot::Sender<Permit>>,
+    next_ticket: u64,
+    /// Permits this worker holds (given to calls and not yet released).
+    held: u32,
+    /// Other workers known to wait in the Redis queue, each until when it counts (it says so
+    /// again on each try).
+    contenders: HashMap<String, Instant>,
+}
+
 struct Inner {
     store: Store,
     key: String,
+    queue_key: String,
+    alive_key: String,
     channel: String,
     adaptive: Adaptive,
     lease_ms: u64,
     /// What a permit's lease must still cover to be handed to another call.
     handoff_min: Duration,
+    /// This worker's name in the Redis queue.
+    worker: String,
     /// Prefix of this process's permit ids: the worker id and a random nonce. A restarted
     /// container keeps its pod name (and PID 1), so the worker id alone would re-use the ids
     /// of its dead incarnation's permits that are still valid, and a grant would overwrite
     /// one of them instead of counting beside it.
     id_prefix: String,
     next: AtomicU64,
-    local: Arc<tokio::sync::Semaphore>,
-    released: Arc<Notify>,
-    /// Callers inside `acquire` not yet holding a permit.
-    waiting: AtomicUsize,
-    /// Permits handed off by ended calls, for the next local waiter.
-    spare: Mutex<Vec<Lease>>,
+    local: Mutex<Local>,
+    /// Wakes the pump: a call started waiting, or a permit came back.
+    pump_local: Notify,
+    /// Wakes the pump: Redis says a permit may be free for this worker.
+    pump_redis: Notify,
     /// Releases that did not reach Redis, retried until they do or the lease has expired
     /// anyway: after a Redis blip the fleet must not wait out whole permit leases.
     unreleased: Mutex<Vec<Lease>>,
@@ -109,7 +166,7 @@ impl Semaphore {
         Self::with_limit(store, worker, adaptive, lease_ms, call_timeout)
     }
 
-    /// Admits by `adaptive`'s effective limit; its ceiling sizes the local semaphore.
+    /// Admits by `adaptive`'s effective limit.
     pub fn with_limit(
         store: Store,
         worker: &str,
@@ -117,23 +174,27 @@ impl Semaphore {
         lease_ms: u64,
         call_timeout: Duration,
     ) -> Semaphore {
-        let limit = adaptive.ceiling();
         let key = store.global_key("permits");
+        let queue_key = store.global_key("permit-queue");
+        let alive_key = store.global_key("permit-queue-alive");
         let channel = store.global_key("permits-released");
+        let id_prefix = format!("{worker}:{:016x}", rand::random::<u64>());
         Semaphore {
             inner: Arc::new(Inner {
                 store,
                 key,
+                queue_key,
+                alive_key,
                 channel,
                 adaptive,
                 lease_ms,
                 handoff_min: call_timeout + CALL_MARGIN,
-                id_prefix: format!("{worker}:{:016x}", rand::random::<u64>()),
+                worker: id_prefix.clone(),
+                id_prefix,
                 next: AtomicU64::new(0),
-                local: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
-                released: Arc::new(Notify::new()),
-                waiting: AtomicUsize::new(0),
-                spare: Mutex::new(Vec::new()),
+                local: Mutex::default(),
+                pump_local: Notify::new(),
+                pump_redis: Notify::new(),
                 unreleased: Mutex::new(Vec::new()),
                 acquire: Script::new(include_str!("permit_acquire.lua")),
                 release: Script::new(include_str!("permit_release.lua")),
@@ -141,19 +202,51 @@ impl Semaphore {
         }
     }
 
-    /// Until `cancel`: listens for releases from every worker (reconnecting on its own),
-    /// retries releases that failed, and reports call outcomes for the adaptive limit.
+    /// Until `cancel`: takes permits for waiting calls, listens for wakes from other workers
+    /// (reconnecting on its own), retries releases that failed, and reports call outcomes for
+    /// the adaptive limit.
     pub async fn run_background(self, cancel: CancellationToken) {
-        let channel = self.inner.channel.clone();
         let store = self.inner.store.clone();
-        let listen = wake_on_publish(store, channel, self.inner.released.clone(), cancel.clone());
+        let this = self.clone();
+        let listen = listen(
+            store,
+            self.inner.channel.clone(),
+            cancel.clone(),
+            move |message| this.heard(message),
+        );
         let adaptive = self.inner.adaptive.clone().run(cancel.clone());
-        tokio::join!(listen, self.retry_releases(cancel), adaptive);
+        tokio::join!(
+            listen,
+            self.pump(cancel.clone()),
+            self.retry_releases(cancel),
+            adaptive
+        );
+    }
+
+    /// A message on the release channel: a wake for this worker (or a lost subscription,
+    /// None), or another worker saying that it waits.
+    fn heard(&self, message: Option<&str>) {
+        let inner = &self.inner;
+        match message.and_then(|m| m.split_once(':')) {
+            Some(("wake", worker)) if worker != inner.worker => {}
+            Some(("queued", worker)) => {
+                if worker != inner.worker {
+                    let until = Instant::now() + CONTENDED_FOR;
+                    self.local().contenders.insert(worker.to_string(), until);
+                }
+            }
+            // A wake for this worker, a lost subscription, or a message of another version.
+            _ => inner.pump_redis.notify_one(),
+        }
     }
 
     /// Counts an ECS call's outcome (None = ok) for the adaptive limit.
     pub fn record(&self, error_code: Option<&str>) {
         self.inner.adaptive.record(error_code);
+    }
+
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.inner.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn retry_releases(&self, cancel: CancellationToken) {
@@ -168,7 +261,7 @@ impl Semaphore {
                 .filter(|l| l.valid_until > now)
                 .collect();
             for lease in due {
-                if self.try_release(&lease).await.is_err() {
+                if self.try_release(&lease.id, false).await.is_err() {
                     self.unreleased().push(lease);
                 } else {
                     tracing::info!(permit = %lease.id, "permit released after Redis came back");
@@ -177,62 +270,124 @@ impl Semaphore {
         }
     }
 
-    fn unreleased(&self) -> std::sync::MutexGuard<'_, Vec<Lease>> {
+    fn unreleased(&self) -> MutexGuard<'_, Vec<Lease>> {
         self.inner
             .unreleased
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for a permit; None when cancelled first.
-    pub async fn acquire(&self, cancel: &CancellationToken) -> Option<Permit> {
+    /// Waits for a permit for a call of `flow` (its cluster), in turn with the other clusters
+    /// waiting on this worker; None when cancelled first.
+    pub async fn acquire(&self, flow: &str, cancel: &CancellationToken) -> Option<Permit> {
         let started = Instant::now();
-        self.inner.waiting.fetch_add(1, Ordering::SeqCst);
-        let lease = self.wait_for_lease(cancel).await;
-        // Spares parked for waiters while this one took a Redis permit (or gave up) must not
-        // hold fleet slots when nobody is left to take them.
-        if self.inner.waiting.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.release_spares().await;
+        let (tx, mut rx) = oneshot::channel();
+        let ticket = {
+            let mut local = self.local();
+            let ticket = local.next_ticket;
+            local.next_ticket += 1;
+            local.waiting.push(flow, ticket, started);
+            local.tickets.insert(ticket, tx);
+            ticket
+        };
+        self.inner.pump_local.notify_one();
+        tokio::select! {
+            permit = &mut rx => {
+                let permit = permit.ok()?;
+                m::permit_acquired(started.elapsed());
+                Some(permit)
+            }
+            _ = cancel.cancelled() => {
+                {
+                    let mut local = self.local();
+                    local.waiting.remove(flow, &ticket);
+                    local.tickets.remove(&ticket);
+                }
+                // Granted just before the cancel: give it back.
+                rx.close();
+                if let Ok(permit) = rx.try_recv() {
+                    self.release(permit).await;
+                }
+                // The pump may be waiting for Redis on this call's behalf.
+                self.inner.pump_local.notify_one();
+                None
+            }
         }
-        let (lease, local) = lease?;
-        m::permit_acquired(started.elapsed());
-        Some(Permit {
-            lease,
-            _local: local,
-        })
     }
 
-    async fn wait_for_lease(
-        &self,
-        cancel: &CancellationToken,
-    ) -> Option<(Lease, OwnedSemaphorePermit)> {
-        let local = tokio::select! {
-            p = self.inner.local.clone().acquire_owned() => p.ok()?,
-            _ = cancel.cancelled() => return None,
-        };
+    /// Gives `lease` to the next waiting call in turn; hands it back when no call waits.
+    fn grant(&self, local: &mut Local, mut lease: Lease) -> Option<Lease> {
+        while let Some((_, ticket, _)) = local.waiting.pop() {
+            let Some(tx) = local.tickets.remove(&ticket) else {
+                continue;
+            };
+            local.held += 1;
+            let permit = Permit {
+                lease: Some(lease),
+                owner: self.inner.clone(),
+            };
+            match tx.send(permit) {
+                Ok(()) => return None,
+                Err(mut back) => {
+                    // The call gave up in the meantime.
+                    local.held -= 1;
+                    lease = back.lease.take()?;
+                }
+            }
+        }
+        Some(lease)
+    }
+
+    /// Takes permits from Redis while calls wait and the worker holds fewer than the effective
+    /// limit; each goes to the next cluster in turn. Leaves the Redis queue when it stops
+    /// asking, so its place does not hold up the other workers.
+    async fn pump(&self, cancel: CancellationToken) {
+        let inner = &self.inner;
+        let mut queued = false;
         loop {
-            // A fresh id for every try: a try whose answer was lost may still have been granted,
-            // and is given back by id in the background; that must never hit a later grant.
+            let local_event = inner.pump_local.notified();
+            tokio::pin!(local_event);
+            local_event.as_mut().enable();
+            let wants = {
+                let local = self.local();
+                !local.waiting.is_empty() && local.held < inner.adaptive.limit()
+            };
+            if cancel.is_cancelled() {
+                break;
+            }
+            if !wants {
+                if queued && self.try_release("", true).await.is_ok() {
+                    queued = false;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = &mut local_event => {}
+                    // Not left yet (Redis did not answer): try again.
+                    _ = tokio::time::sleep(FALLBACK_WAIT), if queued => {}
+                }
+                continue;
+            }
             let id = format!(
                 "{}:{}",
-                self.inner.id_prefix,
-                self.inner.next.fetch_add(1, Ordering::Relaxed)
+                inner.id_prefix,
+                inner.next.fetch_add(1, Ordering::Relaxed)
             );
-            // Register for the release signal before trying, so a release in between is not missed.
-            let released = self.inner.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            if let Some(lease) = self.take_spare().await {
-                return Some((lease, local));
-            }
             let asked = Instant::now();
-            let epoch = self.inner.adaptive.epoch();
+            let epoch = inner.adaptive.epoch();
             let wait = match self.try_acquire(&id).await {
                 Ok(None) => {
+                    queued = false;
                     let lease = self.new_lease(id, asked, epoch);
-                    return Some((lease, local));
+                    let left = self.grant(&mut self.local(), lease);
+                    if let Some(lease) = left {
+                        self.release_lease(lease).await;
+                    }
+                    continue;
                 }
-                Ok(Some(wait_ms)) => Duration::from_millis(wait_ms).min(FALLBACK_WAIT),
+                Ok(Some(wait_ms)) => {
+                    queued = true;
+                    Duration::from_millis(wait_ms).min(FALLBACK_WAIT)
+                }
                 Err(e) => {
                     RedisFailed {
                         op: Op::PermitAcquire,
@@ -248,11 +403,17 @@ impl Semaphore {
                     Duration::from_millis(200)
                 }
             };
+            // Not woken by calls starting to wait: that would ask Redis once per call while
+            // the fleet is at its limit. A call that gives up wakes it, to leave the queue.
             tokio::select! {
-                _ = cancel.cancelled() => return None,
-                _ = released => {}
+                _ = cancel.cancelled() => break,
+                _ = inner.pump_redis.notified() => {}
+                _ = &mut local_event, if self.local().waiting.is_empty() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+        if queued {
+            let _ = self.try_release("", true).await;
         }
     }
 
@@ -270,83 +431,82 @@ impl Semaphore {
         Instant::now() + self.inner.handoff_min < lease.valid_until
     }
 
-    /// A permit handed off by an ended call whose lease still covers a whole call; stale ones
-    /// go back to Redis.
-    async fn take_spare(&self) -> Option<Lease> {
-        loop {
-            let lease = self
-                .inner
-                .spare
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop()?;
-            if self.covers_a_call(&lease) && lease.epoch == self.inner.adaptive.epoch() {
-                return Some(lease);
-            }
-            self.release_lease(lease).await;
-        }
-    }
-
     async fn try_acquire(&self, id: &str) -> StoreResult<Option<u64>> {
-        let adaptive = &self.inner.adaptive;
-        let mut inv = self.inner.acquire.prepare_invoke();
-        inv.key(&self.inner.key)
-            .key(adaptive.key().unwrap_or(&self.inner.key))
+        let inner = &self.inner;
+        let adaptive = &inner.adaptive;
+        let mut inv = inner.acquire.prepare_invoke();
+        inv.key(&inner.key)
+            .key(adaptive.key().unwrap_or(&inner.key))
+            .key(&inner.queue_key)
+            .key(&inner.alive_key)
             .arg(id)
             .arg(adaptive.ceiling())
-            .arg(self.inner.lease_ms)
-            .arg(if adaptive.key().is_some() { "1" } else { "0" });
+            .arg(inner.lease_ms)
+            .arg(if adaptive.key().is_some() { "1" } else { "0" })
+            .arg(&inner.worker)
+            .arg(QUEUE_TTL.as_millis() as u64)
+            .arg(&inner.channel);
         // Confirmed by the replicas: a promoted replica must count every permit handed out.
-        let (granted, wait): (i64, i64) = match self
-            .inner
-            .store
-            .link()
-            .run_durable(Lane::Permits, &inv)
-            .await
-        {
-            Ok(answer) => answer,
-            Err(e @ StoreError::NotReplicated { .. }) => {
-                // Taken on the primary only: give the slot back rather than hold it unused.
-                let lease = self.new_lease(id.to_string(), Instant::now(), 0);
-                self.release_lease(lease).await;
-                return Err(e);
-            }
-            Err(e) => return Err(e),
-        };
+        let (granted, wait): (i64, i64) =
+            match inner.store.link().run_durable(Lane::Permits, &inv).await {
+                Ok(answer) => answer,
+                Err(e @ StoreError::NotReplicated { .. }) => {
+                    // Taken on the primary only: give the slot back rather than hold it unused.
+                    let lease = self.new_lease(id.to_string(), Instant::now(), 0);
+                    self.release_lease(lease).await;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
         Ok((granted != 1).then_some(wait.max(1) as u64))
     }
 
-    /// Hands the permit to a waiting call of this worker, or gives it back to Redis at once.
-    pub async fn release(&self, permit: Permit) {
-        let Permit { lease, _local } = permit;
-        // Not after a throttle or a lowered fleet limit: Redis admits by the lower limit, a
-        // hand-off would keep the old count in flight.
-        if lease.taken.elapsed() < HANDOFF_FOR
-            && lease.epoch == self.inner.adaptive.epoch()
-            && self.covers_a_call(&lease)
-            && self.inner.waiting.load(Ordering::SeqCst) > 0
-        {
-            self.inner
-                .spare
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(lease);
-            // Wake waiters past the local semaphore; dropping `_local` wakes one before it.
-            self.inner.released.notify_waiters();
-            drop(_local);
-            // The last waiter may have left (with a Redis permit, or cancelled) meanwhile.
-            if self.inner.waiting.load(Ordering::SeqCst) == 0 {
-                self.release_spares().await;
-            }
+    /// Hands the permit to the next waiting call of this worker, or gives it back to Redis.
+    pub async fn release(&self, mut permit: Permit) {
+        let Some(lease) = permit.lease.take() else {
             return;
+        };
+        let left = {
+            let mut local = self.local();
+            local.held = local.held.saturating_sub(1);
+            let share = self.share(&mut local);
+            // Not beyond this worker's share while others wait; not after a throttle or a
+            // lowered fleet limit: Redis admits by the lower limit, a hand-off would keep the
+            // old count in flight.
+            if local.held < share
+                && lease.taken.elapsed() < HANDOFF_FOR
+                && lease.epoch == self.inner.adaptive.epoch()
+                && self.covers_a_call(&lease)
+            {
+                self.grant(&mut local, lease)
+            } else {
+                Some(lease)
+            }
+        };
+        if let Some(lease) = left {
+            self.release_lease(lease).await;
         }
-        drop(_local);
-        self.release_lease(lease).await;
+        self.inner.pump_local.notify_one();
+    }
+
+    /// How many permits this worker may keep by hand-off: the effective limit, or while other
+    /// workers wait in the Redis queue, an equal part of it (rounded up): beyond that, a
+    /// finished call's permit goes back to Redis for the first of them.
+    fn share(&self, local: &mut Local) -> u32 {
+        let now = Instant::now();
+        local.contenders.retain(|_, until| *until > now);
+        let workers = 1 + local.contenders.len() as u32;
+        self.inner.adaptive.limit().div_ceil(workers)
+    }
+
+    /// Calls of this worker waiting for a permit, by cluster.
+    pub fn backlog(&self) -> Backlog {
+        self.local().waiting.backlog(Instant::now())
     }
 
     /// Gives a permit back to Redis; on a Redis error it is retried in the background.
     async fn release_lease(&self, lease: Lease) {
-        if let Err(e) = self.try_release(&lease).await {
+        if let Err(e) = self.try_release(&lease.id, false).await {
             RedisFailed {
                 op: Op::PermitRelease,
                 what: "permit release failed; retrying until Redis answers or the lease expires",
@@ -357,33 +517,28 @@ impl Semaphore {
         }
     }
 
-    async fn try_release(&self, lease: &Lease) -> StoreResult<i64> {
-        let mut conn = self.inner.store.conn().await?;
-        Ok(self
-            .inner
+    /// Releases permit `id` ('' for none) and, when `leave`, takes this worker out of the
+    /// Redis queue; wakes the worker first in the queue.
+    async fn try_release(&self, id: &str, leave: bool) -> StoreResult<i64> {
+        let inner = &self.inner;
+        let mut conn = inner.store.conn().await?;
+        Ok(inner
             .release
-            .key(&self.inner.key)
-            .arg(&lease.id)
-            .arg(&self.inner.channel)
+            .key(&inner.key)
+            .key(&inner.queue_key)
+            .key(&inner.alive_key)
+            .arg(id)
+            .arg(&inner.channel)
+            .arg(if leave { inner.worker.as_str() } else { "" })
             .invoke_async(&mut conn)
             .await?)
-    }
-
-    /// Gives every handed-off permit nobody took back to Redis (no waiter left, or shutdown),
-    /// and on shutdown the releases still being retried.
-    pub async fn release_spares(&self) {
-        let spares =
-            std::mem::take(&mut *self.inner.spare.lock().unwrap_or_else(|e| e.into_inner()));
-        for lease in spares {
-            self.release_lease(lease).await;
-        }
     }
 
     /// On shutdown: one last try for the releases Redis has not taken yet.
     pub async fn flush_releases(&self) {
         let pending = std::mem::take(&mut *self.unreleased());
         for lease in pending {
-            let _ = self.try_release(&lease).await;
+            let _ = self.try_release(&lease.id, false).await;
         }
     }
 
@@ -442,14 +597,14 @@ mod tests {
             (
                 "permit_acquire.lua",
                 include_str!("permit_acquire.lua"),
-                2,
                 4,
+                7,
             ),
             (
                 "permit_release.lua",
                 include_str!("permit_release.lua"),
-                1,
-                2,
+                3,
+                3,
             ),
             ("limit_update.lua", include_str!("limit_update.lua"), 1, 5),
         ];

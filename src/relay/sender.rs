@@ -4,12 +4,11 @@
 //! or dropped, in one atomic step with the sent flags) the next. Failures back off for this key
 //! only; the fleet-wide permit is held just for the HTTP call.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,52 +21,13 @@ use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::producers::Producers;
+use crate::relay::schedule::{Backlog, Backoff, Board, Next, Retry};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
 use crate::relay::wire::{
     self, status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
     CONTAINER_STATUSES, TASK_STATUSES,
 };
-
-/// Exponential backoff of rule 9: min, ×1.3 per retry, capped, plus 0–20 % jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            current: min,
-        }
-    }
-
-    /// The next sleep: the current base plus jitter in [0, 20 %); then the base grows.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.current;
-        let jitter_bound = base.as_nanos() as u64 / 5;
-        let jitter = if jitter_bound == 0 {
-            0
-        } else {
-            rand::rng().random_range(0..jitter_bound)
-        };
-        self.current = base.mul_f64(1.3).min(self.max);
-        base + Duration::from_nanos(jitter)
-    }
-
-    pub fn reset(&mut self) {
-        self.current = self.min;
-    }
-
-    /// The base of the next delay.
-    pub fn current(&self) -> Duration {
-        self.current
-    }
-}
 
 /// What to do with an outbox head given the key's sent statuses.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +106,7 @@ pub struct Shared {
     pub dead_letters: dead_letter::Publisher,
     pub cfg: Arc<WorkerConfig>,
     pub producers: Arc<Producers>,
+    pub ready: Arc<ReadyWork>,
 }
 
 /// Everything a shard's senders share.
@@ -160,6 +121,8 @@ pub struct ShardCtx {
     pub dead_letters: dead_letter::Publisher,
     /// The producer check intake runs on every decoded message.
     pub producers: Arc<Producers>,
+    /// The worker's ready-work registry, where the shard's board is listed.
+    pub ready: Arc<ReadyWork>,
     /// Woken when intake holds new dead letters, so the mover moves them at once.
     pub held: Notify,
     /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
@@ -193,6 +156,7 @@ impl ShardCtx {
             dead_letters,
             cfg,
             producers,
+            ready,
         } = shared;
         let Taken { fence, lapsed } = taken;
         let taken_at = asked.at;
@@ -214,6 +178,7 @@ impl ShardCtx {
             cfg,
             dead_letters,
             producers,
+            ready,
             held: Notify::new(),
         };
         ctx.lease_renewed(asked);
@@ -307,24 +272,28 @@ const PREPARE_SLACK: Duration = Duration::from_millis(200);
 /// tasks; a key in backoff gives its runner back, so failing tasks never hold up the others.
 const RUNNERS_PER_SHARD: usize = 16;
 
-/// Where an ordering key with work stands.
-enum Slot {
-    /// A runner works on it; true = woken again since its last read (read once more).
-    Running(bool),
-    /// Waiting in the queue for a runner.
-    Queued,
-    /// Waiting out a retry delay; its timer queues it again.
-    Backoff,
+/// The boards of every shard this worker runs, for its ready-work report (rule 12). Weak: a
+/// shard's board goes with its senders.
+#[derive(Default)]
+pub struct ReadyWork {
+    boards: Mutex<HashMap<u16, Weak<Mutex<Board>>>>,
 }
 
-#[derive(Default)]
-struct Board {
-    keys: HashMap<String, Slot>,
-    /// Keys waiting for a runner, with when they were queued (the `wake` stage).
-    queue: VecDeque<(String, Instant)>,
-    runners: usize,
-    /// Backoff, attempt count and start of the failure streak of keys whose last call failed.
-    retries: HashMap<String, (Backoff, u32, Instant)>,
+impl ReadyWork {
+    fn boards(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Weak<Mutex<Board>>>> {
+        self.boards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes waiting for a runner, by cluster, over every shard.
+    pub fn backlog(&self) -> Backlog {
+        let now = Instant::now();
+        let mut total = Backlog::default();
+        for board in self.boards().values().filter_map(Weak::upgrade) {
+            let backlog = board.lock().unwrap_or_else(|e| e.into_inner()).backlog(now);
+            total.merge(backlog);
+        }
+        total
+    }
 }
 
 /// How one turn on a key ended.
@@ -351,9 +320,11 @@ pub struct Senders {
 impl Senders {
     /// Senders for the shard whose span is the current one.
     pub fn new(ctx: Arc<ShardCtx>) -> Self {
+        let board = Arc::new(Mutex::new(Board::new(RUNNERS_PER_SHARD)));
+        ctx.ready.boards().insert(ctx.shard, Arc::downgrade(&board));
         Self {
             ctx,
-            board: Arc::default(),
+            board,
             tasks: TaskTracker::new(),
             span: tracing::Span::current(),
         }
@@ -363,25 +334,21 @@ impl Senders {
         self.board.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn wake(&self, key: &str) {
-        let mut board = self.board();
-        match board.keys.get_mut(key) {
-            Some(Slot::Running(woken)) => *woken = true,
-            // Queued keys are read when their turn comes; keys in backoff when it ends.
-            Some(Slot::Queued | Slot::Backoff) => {}
-            None => {
-                board.keys.insert(key.to_string(), Slot::Queued);
-                board.queue.push_back((key.to_string(), Instant::now()));
-                self.spawn_runner(&mut board);
-            }
+    /// `key` (of cluster `flow`, see [`wire::flow`]) has new work in its outbox.
+    pub fn wake(&self, key: &str, flow: &str) {
+        let key = key.to_string();
+        if self.board().wake(&key, flow, Instant::now()) {
+            self.spawn_runner();
         }
     }
 
-    fn spawn_runner(&self, board: &mut Board) {
-        if board.runners >= RUNNERS_PER_SHARD || board.queue.is_empty() {
-            return;
-        }
-        board.runners += 1;
+    /// Wakes a key whose cluster is not known here (resumed from the pending index).
+    pub fn resume(&self, key: &str) {
+        self.wake(key, &wire::flow_of_key(key));
+    }
+
+    /// Starts a runner the board asked for.
+    fn spawn_runner(&self) {
         let this = self.clone();
         let span = self.span.clone();
         self.tasks.spawn(
@@ -399,39 +366,47 @@ impl Senders {
     pub fn retry_state(&self) -> m::RetryState {
         let board = self.board();
         let mut state = m::RetryState::default();
-        for (backoff, _, since) in board.retries.values() {
-            state.oldest = state.oldest.max(since.elapsed());
-            state.longest_backoff = state.longest_backoff.max(backoff.current());
+        for retry in board.retries() {
+            state.oldest = state.oldest.max(retry.since.elapsed());
+            state.longest_backoff = state.longest_backoff.max(retry.backoff.current());
         }
         state
+    }
+
+    /// Keys of this shard waiting for a runner, by cluster.
+    pub fn backlog(&self) -> Backlog {
+        self.board().backlog(Instant::now())
     }
 
     /// Waits until every runner has finished its in-flight call and exited (after cancel).
     pub async fn wait(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+        let mut boards = self.ctx.ready.boards();
+        if boards
+            .get(&self.ctx.shard)
+            .is_some_and(|b| std::ptr::eq(b.as_ptr(), Arc::as_ptr(&self.board)))
+        {
+            boards.remove(&self.ctx.shard);
+        }
     }
 
     /// Takes queued keys one after another until the queue is empty or the shard stops.
     async fn runner(&self) {
         loop {
-            let key = {
-                let mut board = self.board();
-                match board.queue.pop_front() {
-                    Some((key, queued)) if !self.ctx.cancel.is_cancelled() => {
-                        m::stage("wake", queued.elapsed());
-                        board.keys.insert(key.clone(), Slot::Running(false));
-                        key
-                    }
-                    _ => {
-                        board.runners -= 1;
-                        return;
-                    }
-                }
+            let next = self.board().next(self.ctx.cancel.is_cancelled());
+            let Some(Next {
+                key,
+                flow,
+                queued,
+                retry,
+            }) = next
+            else {
+                return;
             };
-            let retry = self.board().retries.remove(&key);
+            m::stage("wake", queued.elapsed());
             let (mut backoff, mut attempt, failing_since) = match retry {
-                Some((b, a, since)) => (b, a, Some(since)),
+                Some(r) => (r.backoff, r.attempts, Some(r.since)),
                 None => {
                     let cfg = &self.ctx.cfg;
                     let min = Duration::from_millis(cfg.backoff_min_ms);
@@ -441,7 +416,7 @@ impl Senders {
             };
             // Every line of the turn names its task (see `relay::logging`).
             let turn = self
-                .turn(&key, &mut backoff, &mut attempt)
+                .turn(&key, &flow, &mut backoff, &mut attempt)
                 .instrument(tracing::error_span!("turn", key = %key));
             match turn.await {
                 Turn::Done => {}
@@ -450,23 +425,23 @@ impl Senders {
                     let since = failing_since
                         .filter(|_| attempt > 1)
                         .unwrap_or_else(Instant::now);
-                    let mut board = self.board();
-                    board.retries.insert(key.clone(), (backoff, attempt, since));
-                    board.keys.insert(key.clone(), Slot::Backoff);
+                    let retry = Retry {
+                        backoff,
+                        attempts: attempt,
+                        since,
+                    };
+                    self.board().back_off(&key, retry);
                     let this = self.clone();
                     self.tasks.spawn(async move {
-                        if this.sleep(delay).await {
-                            let mut board = this.board();
-                            board.keys.insert(key.clone(), Slot::Queued);
-                            board.queue.push_back((key, Instant::now()));
-                            this.spawn_runner(&mut board);
+                        if this.sleep(delay).await
+                            && this.board().backoff_over(&key, Instant::now())
+                        {
+                            this.spawn_runner();
                         }
                     });
                 }
                 Turn::Stop => {
-                    let mut board = self.board();
-                    board.keys.remove(&key);
-                    board.runners -= 1;
+                    self.board().stop(&key);
                     return;
                 }
             }
@@ -475,21 +450,11 @@ impl Senders {
 
     /// True when the key is done: nothing woke it since it last read the outbox.
     fn finish(&self, key: &str) -> bool {
-        let mut board = self.board();
-        match board.keys.get_mut(key) {
-            Some(Slot::Running(woken)) if *woken => {
-                *woken = false;
-                false
-            }
-            _ => {
-                board.keys.remove(key);
-                true
-            }
-        }
+        self.board().finish(&key.to_string())
     }
 
     /// Sends a key's outbox head after head until it is empty, a call fails or the shard stops.
-    async fn turn(&self, key: &str, backoff: &mut Backoff, attempt: &mut u32) -> Turn {
+    async fn turn(&self, key: &str, flow: &str, backoff: &mut Backoff, attempt: &mut u32) -> Turn {
         let ctx = &self.ctx;
         // The outbox head and state, when the last completion brought them along.
         let mut read: Option<(Option<String>, KeyState)> = None;
@@ -548,7 +513,12 @@ impl Senders {
                 }
                 Plan::Send(advances) => advances,
             };
-            let Some(result) = self.call(&entry).await else {
+            // The permit is shared by the head's own cluster (a resumed key's flow was a guess).
+            let flow = match entry.e.cluster() {
+                "" => flow.to_string(),
+                cluster => wire::flow(key, cluster),
+            };
+            let Some(result) = self.call(&entry, &flow).await else {
                 // Cancelled while waiting for a permit: the entry stays for the next owner.
                 return Turn::Stop;
             };
@@ -619,13 +589,13 @@ impl Senders {
     }
 
     /// One ECS call under a fleet-wide permit; None when the shard stops before a call went out.
-    async fn call(&self, entry: &OutboxEntry) -> Option<Result<(), CallError>> {
+    async fn call(&self, entry: &OutboxEntry, flow: &str) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
         loop {
             if !ctx.wait_for_call_window().await {
                 return None;
             }
-            let permit = ctx.permits.acquire(&ctx.cancel).await?;
+            let permit = ctx.permits.acquire(flow, &ctx.cancel).await?;
             // Waiting for the permit may have used up the lease's cover (renewals wait on a
             // slow replica): wait for the next renewal rather than build a request that the
             // send-time guard would refuse.
@@ -687,9 +657,7 @@ impl Senders {
 
     /// Clears the wake flag before the outbox is read, so a wake after that read is not lost.
     fn clear_wake(&self, key: &str) {
-        if let Some(Slot::Running(woken)) = self.board().keys.get_mut(key) {
-            *woken = false;
-        }
+        self.board().reading(&key.to_string());
     }
 
     /// Removes the head; retries Redis errors (never re-sends). Returns the key's next head
@@ -755,27 +723,5 @@ impl Senders {
             _ = self.ctx.cancel.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_follows_rule_9() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        let bases = [1.0, 1.3, 1.69, 2.197];
-        for base in bases {
-            let d = b.next_delay().as_secs_f64();
-            assert!(d >= base - 1e-6 && d < base * 1.2 + 1e-6, "{d} vs {base}");
-        }
-        for _ in 0..20 {
-            b.next_delay();
-        }
-        let d = b.next_delay().as_secs_f64();
-        assert!((30.0..36.0).contains(&d), "{d}");
-        b.reset();
-        assert!(b.next_delay() < Duration::from_millis(1200));
     }
 }

@@ -94,7 +94,7 @@ async fn consume(
 
     // Resume what earlier owners left in Redis before taking new deliveries.
     match ctx.store.pending_keys(ctx.shard).await {
-        Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
+        Ok(keys) => keys.iter().for_each(|k| senders.resume(k)),
         Err(StoreError::Fenced) => return Ok(ShardEnd::Fenced),
         Err(e) => {
             tracing::warn!(error = %e, "cannot list pending tasks");
@@ -410,14 +410,14 @@ async fn intake_batch(
                     && ev.kind != Kind::ManagedAgent
                     && woken.insert(ev.key.as_str())
                 {
-                    senders.wake(&ev.key);
+                    senders.wake(&ev.key, &wire::flow(&ev.key, &ev.cluster));
                 }
             }
             Intake::Batched => m::event_consumed(ev.kind.as_str()),
             Intake::Enqueued => {
                 m::event_consumed(ev.kind.as_str());
                 if woken.insert(ev.key.as_str()) {
-                    senders.wake(&ev.key);
+                    senders.wake(&ev.key, &wire::flow(&ev.key, &ev.cluster));
                 }
             }
             Intake::BatchFull => rejected.push((d, wire::Reject::batch_full())),
@@ -605,7 +605,7 @@ async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
             .drain(ctx.shard, &ctx.fence, ctx.cfg.task_retention_s)
             .await
         {
-            Ok(keys) => keys.iter().for_each(|k| senders.wake(k)),
+            Ok(keys) => keys.iter().for_each(|k| senders.resume(k)),
             Err(StoreError::Fenced) => {
                 m::fenced(Op::Drain);
                 ctx.cancel.cancel();
@@ -649,7 +649,7 @@ async fn resume_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
         };
         match read {
             Ok((keys, batched, held)) => {
-                keys.iter().for_each(|k| senders.wake(k));
+                keys.iter().for_each(|k| senders.resume(k));
                 m::shard_state(ctx.shard, keys.len(), batched, senders.retry_state());
                 m::dead_letters_held(ctx.shard, held);
             }

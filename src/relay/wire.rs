@@ -231,6 +231,53 @@ impl Change {
             Change::Attachment(a) => &a.status,
         }
     }
+
+    /// The cluster as the producer named it (a name or an ARN).
+    pub fn cluster(&self) -> &str {
+        match self {
+            Change::Task(t) => &t.cluster,
+            Change::Attachment(a) => &a.cluster,
+        }
+    }
+}
+
+/// The fair-share flow (rule 12) of a change keyed by `key` in `cluster`: the cluster's full
+/// ARN, so same-named clusters of two accounts are two flows. A cluster given by name takes
+/// the partition, Region and account of the key's ARN.
+pub fn flow(key: &str, cluster: &str) -> String {
+    if cluster.starts_with("arn:") {
+        return cluster.to_string();
+    }
+    let mut parts = key.splitn(6, ':');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("arn"), Some(partition), Some(_), Some(region), Some(account)) => {
+            format!("arn:{partition}:ecs:{region}:{account}:cluster/{cluster}")
+        }
+        _ => cluster.to_string(),
+    }
+}
+
+/// A key's flow when only the key is known (keys resumed after a shard takeover): a task ARN
+/// of the long form (`task/<cluster>/<id>`) names its cluster; any other key (an old-form task
+/// ARN, an instance attachment) is a flow of its own until its head is read, and the permit,
+/// where calls wait, is shared by the head's real cluster.
+pub fn flow_of_key(key: &str) -> String {
+    let cluster = key
+        .splitn(6, ':')
+        .nth(5)
+        .and_then(|resource| resource.strip_prefix("task/"))
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(cluster, _)| cluster);
+    match cluster {
+        Some(cluster) => flow(key, cluster),
+        None => key.to_string(),
+    }
 }
 
 /// An outbox entry as stored: `{"id":…,"e":{…},"t":…,"b":[…]}`; the intake script appends `"b"`.
@@ -737,6 +784,22 @@ mod tests {
         assert_eq!(c.len(), 1024);
         let s = format!("a{}", "é".repeat(600));
         assert_eq!(cut(&s, REASON_LIMIT).len(), 1023);
+    }
+
+    #[test]
+    fn flows_are_full_cluster_arns() {
+        let full = "arn:aws:ecs:us-east-1:123456789012:cluster/prod";
+        assert_eq!(flow(ARN, "prod"), full);
+        assert_eq!(flow(ARN, full), full);
+        assert_eq!(flow_of_key(ARN), full);
+        let other_account = "arn:aws:ecs:us-east-1:210987654321:task/prod/0123456789abcdef";
+        assert_ne!(
+            flow_of_key(other_account),
+            full,
+            "same name, another account"
+        );
+        let old_form = "arn:aws:ecs:us-east-1:123456789012:task/0123456789abcdef";
+        assert_eq!(flow_of_key(old_form), old_form);
     }
 
     #[test]

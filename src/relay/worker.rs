@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use lapin::Connection;
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +28,7 @@ use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op, Readiness};
 use crate::relay::producers::{self, AuthMode, Producers};
 use crate::relay::semaphore::Semaphore;
-use crate::relay::sender::{Asked, ShardCtx, Shared};
+use crate::relay::sender::{Asked, ReadyWork, ShardCtx, Shared};
 use crate::relay::shard::{self, ShardEnd};
 use crate::relay::store::{wake_on_publish, Store};
 
@@ -157,6 +158,14 @@ pub async fn run(
     m::shards_configured(cfg.shards);
 
     let dead_letters = dead_letter::Publisher::new(&cfg.conn, &worker_id);
+    let ready_work = Arc::new(ReadyWork::default());
+    background_tasks.spawn(report_ready(
+        ready_work.clone(),
+        permits.clone(),
+        store.clone(),
+        worker_id.clone(),
+        background.clone(),
+    ));
     let mut retry = Duration::from_millis(500);
     let next_node = Arc::new(AtomicUsize::new(0));
     let result = loop {
@@ -171,6 +180,7 @@ pub async fn run(
             permits: permits.clone(),
             dead_letters: dead_letters.clone(),
             producers: producers.clone(),
+            ready_work: ready_work.clone(),
             rebalance: rebalance.clone(),
             next_node: next_node.clone(),
         };
@@ -199,7 +209,6 @@ pub async fn run(
     // Best effort and bounded (G7): with Redis unreachable, permits and the heartbeat expire
     // with their leases instead.
     let goodbye = async {
-        permits.release_spares().await;
         permits.flush_releases().await;
         let _ = store.deregister(&worker_id).await;
     };
@@ -239,6 +248,7 @@ struct Session {
     permits: Semaphore,
     dead_letters: dead_letter::Publisher,
     producers: Arc<Producers>,
+    ready_work: Arc<ReadyWork>,
     /// Woken when membership changes or a shard stops, to rebalance before the next tick.
     rebalance: Arc<Notify>,
     /// Index in RELAY_AMQP_URL of the node to try first: the one after the node last lost.
@@ -507,6 +517,7 @@ impl Session {
                             dead_letters: self.dead_letters.clone(),
                             cfg: self.cfg.clone(),
                             producers: self.producers.clone(),
+                            ready: self.ready_work.clone(),
                         },
                         shards,
                     ));
@@ -608,6 +619,57 @@ fn score(worker: &str, shard: u16) -> u64 {
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^ (h >> 31)
 }
+
+/// What `status` shows of a worker's ready work (rule 12): recorded in Redis every few seconds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ReadyReport {
+    /// Clusters with a change ready (waiting for a runner or a permit).
+    pub clusters: usize,
+    /// The longest a ready change has waited, in ms.
+    pub oldest_ms: u64,
+    /// The clusters with the most ready changes, most first (at most [`READY_TOP`]).
+    pub top: Vec<(String, usize)>,
+}
+
+/// How many clusters a worker's ready report names.
+pub const READY_TOP: usize = 5;
+
+/// Every [`READY_EVERY`]: this worker's ready work as metrics and, for `status`, in Redis.
+async fn report_ready(
+    ready_work: Arc<ReadyWork>,
+    permits: Semaphore,
+    store: Store,
+    worker: String,
+    cancel: CancellationToken,
+) {
+    loop {
+        let mut backlog = ready_work.backlog();
+        backlog.merge(permits.backlog());
+        m::ready(backlog.flows.len(), backlog.oldest);
+        let report = ReadyReport {
+            clusters: backlog.flows.len(),
+            oldest_ms: backlog.oldest.as_millis() as u64,
+            top: backlog.flows.into_iter().take(READY_TOP).collect(),
+        };
+        if let Ok(json) = serde_json::to_string(&report) {
+            if let Err(e) = store.set_ready(&worker, &json).await {
+                RedisFailed {
+                    op: Op::Heartbeat,
+                    what: "cannot record the ready work for status",
+                    error: &e,
+                }
+                .emit();
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(READY_EVERY) => {}
+        }
+    }
+}
+
+/// How often a worker reports its ready work.
+const READY_EVERY: Duration = Duration::from_secs(2);
 
 async fn report_permits(permits: Semaphore, cancel: CancellationToken) {
     loop {

@@ -213,11 +213,11 @@ async fn a_handed_off_permit_always_covers_a_whole_call() {
     let permits = Semaphore::new(env.store.clone(), "w", 1, 3_000, call);
     let cancel = CancellationToken::new();
     tokio::spawn(permits.clone().run_background(cancel.clone()));
-    let first = permits.acquire(&cancel).await.expect("permit");
+    let first = permits.acquire("f", &cancel).await.expect("permit");
     let taken = Instant::now();
     let waiter = {
         let (p, c) = (permits.clone(), cancel.clone());
-        tokio::spawn(async move { p.acquire(&c).await })
+        tokio::spawn(async move { p.acquire("f", &c).await })
     };
     // The first call ends when its permit no longer covers a whole call (3 s lease, 2 s call).
     tokio::time::sleep_until((taken + Duration::from_millis(800)).into()).await;
@@ -245,13 +245,15 @@ async fn two_incarnations_of_one_worker_id_never_hold_more_than_the_limit() {
     let dead = Semaphore::new(env.store.clone(), "pod-0", 2, 30_000, call);
     let restarted = Semaphore::new(env.store.clone(), "pod-0", 2, 30_000, call);
     let cancel = CancellationToken::new();
-    let _held_by_the_dead_one = dead.acquire(&cancel).await.expect("permit");
-    let first = restarted.acquire(&cancel).await.expect("permit");
+    tokio::spawn(dead.clone().run_background(cancel.clone()));
+    tokio::spawn(restarted.clone().run_background(cancel.clone()));
+    let _held_by_the_dead_one = dead.acquire("f", &cancel).await.expect("permit");
+    let first = restarted.acquire("f", &cancel).await.expect("permit");
     // Two held of two: a third must wait, whoever asks.
     let give_up = CancellationToken::new();
     let third = {
         let (p, g) = (restarted.clone(), give_up.clone());
-        tokio::spawn(async move { p.acquire(&g).await.is_some() })
+        tokio::spawn(async move { p.acquire("f", &g).await.is_some() })
     };
     never(
         Duration::from_millis(1_500),
@@ -275,14 +277,14 @@ async fn a_permit_handed_to_a_waiter_that_gives_up_goes_back_to_redis() {
     let cancel = CancellationToken::new();
     tokio::spawn(permits.clone().run_background(cancel.clone()));
     for round in 0..10 {
-        let held = permits.acquire(&cancel).await.expect("permit");
+        let held = permits.acquire("f", &cancel).await.expect("permit");
         let give_up = CancellationToken::new();
         let (asking, asked) = tokio::sync::oneshot::channel();
         let waiter = {
             let (p, g) = (permits.clone(), give_up.clone());
             tokio::spawn(async move {
                 let _ = asking.send(());
-                if let Some(permit) = p.acquire(&g).await {
+                if let Some(permit) = p.acquire("f", &g).await {
                     p.release(permit).await;
                 }
             })
@@ -316,8 +318,9 @@ async fn a_release_published_while_the_subscription_reconnects_is_not_missed() {
     let a = Semaphore::new(store.clone(), "a", 1, 30_000, call);
     let b = Semaphore::new(store.clone(), "b", 1, 30_000, call);
     let cancel = CancellationToken::new();
+    tokio::spawn(a.clone().run_background(cancel.clone()));
     tokio::spawn(b.clone().run_background(cancel.clone()));
-    let held = a.acquire(&cancel).await.expect("permit");
+    let held = a.acquire("f", &cancel).await.expect("permit");
     let evalsha_calls = || async {
         let mut conn = store.conn().await.expect("conn");
         let info: String = redis::cmd("INFO")
@@ -341,14 +344,14 @@ async fn a_release_published_while_the_subscription_reconnects_is_not_missed() {
             .expect("client list");
         list.lines().count()
     };
-    eventually(Duration::from_secs(5), "b subscribed", || async {
-        pubsub_clients().await == 1
+    eventually(Duration::from_secs(5), "a and b subscribed", || async {
+        pubsub_clients().await == 2
     })
     .await;
     let before = evalsha_calls().await;
     let waiter = {
         let (b, c) = (b.clone(), cancel.clone());
-        tokio::spawn(async move { b.acquire(&c).await.map(|_| Instant::now()) })
+        tokio::spawn(async move { b.acquire("f", &c).await.map(|_| Instant::now()) })
     };
     eventually(Duration::from_secs(5), "b asked and waits", || async {
         evalsha_calls().await > before

@@ -11,6 +11,7 @@ mod decoder_props;
 mod deploy;
 mod dlq;
 mod edges;
+mod fairness;
 mod faults;
 mod fencing;
 mod ha_fixture;

@@ -105,6 +105,9 @@ impl Store {
             .cmd("HDEL")
             .arg(self.global_key("producer-rules"))
             .arg(worker)
+            .cmd("HDEL")
+            .arg(self.global_key("ready"))
+            .arg(worker)
             .cmd("PUBLISH")
             .arg(self.membership_channel())
             .arg("left")
@@ -131,6 +134,27 @@ impl Store {
         let mut conn = self.conn().await?;
         Ok(redis::cmd("HGETALL")
             .arg(self.global_key("producer-rules"))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Records `worker`'s ready work (JSON, see `relay::worker::ReadyReport`), for `status`.
+    pub async fn set_ready(&self, worker: &str, report: &str) -> StoreResult<()> {
+        let mut conn = self.conn().await?;
+        redis::cmd("HSET")
+            .arg(self.global_key("ready"))
+            .arg(worker)
+            .arg(report)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The ready work each worker last recorded, by worker (dead ones included).
+    pub async fn ready_reports(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("HGETALL")
+            .arg(self.global_key("ready"))
             .query_async(&mut conn)
             .await?)
     }

@@ -27,7 +27,7 @@ pub use inspect::ShardSummary;
 pub use intake::Intake;
 pub use keys::{field, ShardKeys};
 pub use outbox::{Completed, KeyState};
-pub use pubsub::wake_on_publish;
+pub use pubsub::{listen, wake_on_publish};
 
 macro_rules! fenced_script {
     ($file:literal) => {

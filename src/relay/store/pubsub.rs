@@ -5,14 +5,25 @@ use crate::relay::events::RedisFailed;
 use crate::relay::metrics::Op;
 
 /// Wakes every waiter on `notify` whenever something is published on `channel`, until
-/// `cancel`; reconnects by itself, and wakes everyone when the subscription drops and again
-/// once it is back (a message may have been missed meanwhile). Waiters also keep a timeout,
-/// so this is a latency aid, not a need.
+/// `cancel`; see [`listen`].
 pub async fn wake_on_publish(
     store: Store,
     channel: String,
     notify: std::sync::Arc<tokio::sync::Notify>,
     cancel: tokio_util::sync::CancellationToken,
+) {
+    listen(store, channel, cancel, |_| notify.notify_waiters()).await
+}
+
+/// Calls `on_message` with each message published on `channel` until `cancel`; reconnects by
+/// itself, and calls it with None when the subscription drops and again once it is back (a
+/// message may have been missed meanwhile: everyone should look for themselves). Waiters also
+/// keep a timeout, so this is a latency aid, not a need.
+pub async fn listen(
+    store: Store,
+    channel: String,
+    cancel: tokio_util::sync::CancellationToken,
+    on_message: impl Fn(Option<&str>),
 ) {
     use futures_util::StreamExt;
     while !cancel.is_cancelled() {
@@ -25,15 +36,13 @@ pub async fn wake_on_publish(
                 .map_err(|e| redis::RedisError::from((redis::ErrorKind::Io, "no primary", e.to_string())))?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
-            // Whatever was published while the subscription was down is lost: wake everyone
-            // now that nothing more can be missed, so they look for themselves.
-            notify.notify_waiters();
+            on_message(None);
             let mut messages = pubsub.on_message();
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     msg = messages.next() => match msg {
-                        Some(_) => notify.notify_waiters(),
+                        Some(msg) => on_message(std::str::from_utf8(msg.get_payload_bytes()).ok()),
                         None => return Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub stream ended"))),
                     },
                 }
@@ -50,7 +59,7 @@ pub async fn wake_on_publish(
                 .emit()
             });
         }
-        notify.notify_waiters();
+        on_message(None);
         tokio::select! {
             _ = cancel.cancelled() => {}
             _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
