@@ -258,7 +258,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         let busiest: Vec<String> = status
             .busiest_clusters
             .iter()
-            .map(|(cluster, n)| format!("{cluster} {n}"))
+            .map(|(cluster, n)| format!("{cluster} ({n} ready)"))
             .collect();
         println!(
             "ready work: {} cluster(s), oldest waiting {:.1}s; most: {}",

@@ -298,6 +298,8 @@ async fn a_live_worker_exports_every_metric_and_they_move() {
                 && *n != m::PERMITS_IN_USE
                 && *n != m::SENDERS_ACTIVE
                 && *n != m::PERMIT_OLDEST_HELD_SECONDS
+                && *n != m::READY_CLUSTERS
+                && *n != m::READY_OLDEST_SECONDS
         })
         .collect();
     let mut missing = Vec::new();
@@ -321,6 +323,8 @@ async fn a_live_worker_exports_every_metric_and_they_move() {
             m::PERMITS_IN_USE,
             m::SENDERS_ACTIVE,
             m::PERMIT_OLDEST_HELD_SECONDS,
+            m::READY_CLUSTERS,
+            m::READY_OLDEST_SECONDS,
         ] {
             if !text.contains(&format!("\n{n} ")) {
                 missing.push(n.to_string());
@@ -335,5 +339,46 @@ async fn a_live_worker_exports_every_metric_and_they_move() {
         missing.is_empty(),
         "metrics absent or not moving: {missing:?}"
     );
+    env.cleanup().await;
+}
+
+/// Rule 12's operator view: while one cluster has a backlog, the worker's ready gauges show it
+/// and `status` names the busiest cluster first (its full ARN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_work_shows_in_the_metrics_and_status_names_the_busiest_cluster() {
+    let mut env = Env::new("ready-work", 2).await;
+    // Slow calls: 300 tasks take 6 s at the limit of 10.
+    env.sim.set_latency(Duration::from_millis(200));
+    let (_worker, port) = env.spawn_with_metrics().await;
+    let busy: Vec<String> = (0..300).map(|i| arn(&format!("busy-{i}"))).collect();
+    env.publish(&busy.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
+        .await;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let http = reqwest::Client::new();
+    eventually(
+        Duration::from_secs(10),
+        "ready gauges show the backlog",
+        || async {
+            let Ok(r) = http.get(&url).send().await else {
+                return false;
+            };
+            let text = r.text().await.unwrap_or_default();
+            metric_sum(&text, m::READY_CLUSTERS) == 1.0
+                && metric_sum(&text, m::READY_OLDEST_SECONDS) > 0.0
+        },
+    )
+    .await;
+    let cluster = format!("arn:aws:ecs:us-east-1:123456789012:cluster/{CLUSTER}");
+    let text = env.run_cli(&["status", "--shards", "2"]);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ready work:"))
+        .unwrap_or_else(|| panic!("no ready-work line in\n{text}"));
+    assert!(line.contains(&cluster), "{line}");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.run_cli(&["status", "--shards", "2", "--json"])).expect("json");
+    assert_eq!(json["busiest_clusters"][0][0], cluster.as_str(), "{json}");
+    assert!(json["ready_oldest_ms"].as_u64().unwrap_or(0) > 0, "{json}");
+    println!("{line}");
     env.cleanup().await;
 }
