@@ -65,6 +65,8 @@ struct Inner {
     /// (lower) fleet limit. Otherwise hand-offs would keep the old count in flight.
     epoch: AtomicU64,
     report_now: Notify,
+    /// Woken whenever the effective limit as read changes.
+    changed: Notify,
     update: Script,
     log: Mutex<ThrottleLog>,
 }
@@ -127,6 +129,7 @@ impl Adaptive {
                 known: AtomicU32::new(ceiling),
                 epoch: AtomicU64::new(0),
                 report_now: Notify::new(),
+                changed: Notify::new(),
                 update: Script::new(include_str!("limit_update.lua")),
                 log: Mutex::default(),
             }),
@@ -145,6 +148,11 @@ impl Adaptive {
     /// The fleet's effective limit as last read: how many permits one worker may hold at most.
     pub fn limit(&self) -> u32 {
         self.inner.known.load(Ordering::SeqCst)
+    }
+
+    /// Woken whenever [`Self::limit`] changes.
+    pub fn changed(&self) -> &Notify {
+        &self.inner.changed
     }
 
     /// See [`Inner::epoch`].
@@ -219,6 +227,9 @@ impl Adaptive {
         {
             Ok(limit) => {
                 let before = inner.known.swap(limit, Ordering::SeqCst);
+                if limit != before {
+                    inner.changed.notify_waiters();
+                }
                 if limit < before {
                     inner.epoch.fetch_add(1, Ordering::SeqCst);
                     tracing::info!(

@@ -12,6 +12,10 @@ use crate::relay::producers::AuthMode;
 /// timeout + this margin when the request goes out.
 pub const CALL_MARGIN: Duration = Duration::from_millis(250);
 
+/// Cover a sender wants beyond a whole call before it takes a permit and builds the request:
+/// room for building, signing and connecting, so that the send-time check passes.
+pub const PREPARE_SLACK: Duration = Duration::from_millis(200);
+
 /// How much longer than the call timeout a permit lease must be at least.
 const PERMIT_SLACK_MS: u64 = 1_000;
 

@@ -5,12 +5,13 @@
 -- A worker is queued once, however many of its calls wait; it keeps its place while it asks
 -- again at least every few seconds, and is reaped when it stops asking (crashed, frozen).
 -- KEYS: 1 permits zset, 2 adaptive limit hash (read only when adaptive),
---       3 queue zset (worker -> when it joined), 4 queue liveness zset (worker -> expiry ms)
+--       3 queue zset (worker -> place, a counter: no clock, so a failover to a host whose
+--       clock is behind cannot put a newcomer ahead), 4 queue liveness zset (worker -> expiry ms)
 -- ARGV: 1 permit id, 2 ceiling, 3 lease ms, 4 '1' when adaptive, 5 worker, 6 queue ttl ms,
 --       7 release channel
--- Returns {1, 0} when granted, else {0, ms until the earliest permit expires}.
+-- Returns {1, 0} when granted, else {0, ms to wait at most before asking again}.
 -- Publishes 'wake:<worker>' to the next queued worker while permits are left over, and
--- 'queued:<worker>' when a worker had to wait (other workers stop handing permits on locally).
+-- 'queued:<worker>' when a worker had to wait (the others keep only their share by hand-off).
 if #KEYS ~= 4 or #ARGV ~= 7 then return redis.error_reply('ERR permit_acquire.lua: wants 4 keys, 7 arguments') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -41,12 +42,15 @@ if free > 0 then
     return { 1, 0 }
   end
 end
-redis.call('ZADD', KEYS[3], 'NX', now, worker)
+if not redis.call('ZSCORE', KEYS[3], worker) then
+  local last = redis.call('ZRANGE', KEYS[3], -1, -1, 'WITHSCORES')[2]
+  redis.call('ZADD', KEYS[3], (tonumber(last) or 0) + 1, worker)
+end
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[6]), worker)
 redis.call('PUBLISH', ARGV[7], 'queued:' .. worker)
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if not first[2] then
-  -- Free permits, all promised to workers ahead in the queue (woken already): ask again soon.
+if free > 0 then
+  -- Free permits, promised to workers ahead in the queue (woken already): ask again soon.
   return { 0, 100 }
 end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return { 0, math.max(1, tonumber(first[2]) - now) }

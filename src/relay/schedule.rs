@@ -90,6 +90,11 @@ impl<T: PartialEq> FairQueue<T> {
         self.len
     }
 
+    /// Whether a flow other than `flow` has items waiting.
+    pub fn waiting_other_than(&self, flow: &str) -> bool {
+        self.ring.iter().any(|f| f != flow)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -303,6 +308,23 @@ impl<K: Hash + Eq + Clone> Board<K> {
                 true
             }
         }
+    }
+
+    /// Whether a key of another cluster than `flow` waits for a runner: then a runner whose key
+    /// has more work gives it back ([`Board::requeue`]) rather than keep it to the end.
+    pub fn others_wait(&self, flow: &str) -> bool {
+        self.queue.waiting_other_than(flow)
+    }
+
+    /// The runner gives `key`, which has more work, back to the queue behind the keys waiting,
+    /// and takes the next in turn: a task with a long outbox does not keep a runner from
+    /// another cluster's task.
+    pub fn requeue(&mut self, key: &K, now: Instant) {
+        let Some(Slot::Running { flow, .. }) = self.keys.get(key).cloned() else {
+            return;
+        };
+        self.keys.insert(key.clone(), Slot::Queued);
+        self.queue.push(&flow, key.clone(), now);
     }
 
     /// A call for `key` failed: it waits out its delay away from the runners (which go on with
@@ -556,6 +578,34 @@ mod tests {
             order,
             [0, 100, 1],
             "the quiet key after one storm key, not fifty"
+        );
+    }
+
+    #[test]
+    fn fairness_a_key_with_more_work_gives_its_runner_to_another_cluster() {
+        let mut board: Board<u32> = Board::new(1);
+        let now = t0();
+        board.wake(&1, "storm", now);
+        board.wake(&2, "storm", now);
+        let n = board.next(false).expect("queued");
+        assert_eq!(n.key, 1);
+        assert!(
+            !board.others_wait("storm"),
+            "only its own cluster waits: keep going"
+        );
+        board.wake(&9, "quiet", now);
+        assert!(board.others_wait("storm"));
+        board.requeue(&1, now);
+        let order: Vec<u32> = std::iter::from_fn(|| {
+            let n = board.next(false)?;
+            board.finish(&n.key);
+            Some(n.key)
+        })
+        .collect();
+        assert_eq!(
+            order,
+            [2, 9, 1],
+            "the quiet key after one turn of the storm, not after the storm key's whole outbox"
         );
     }
 

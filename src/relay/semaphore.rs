@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::adaptive::Adaptive;
-use crate::relay::config::CALL_MARGIN;
+use crate::relay::config::{CALL_MARGIN, PREPARE_SLACK};
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::schedule::{Backlog, FairQueue};
@@ -188,7 +188,9 @@ impl Semaphore {
                 channel,
                 adaptive,
                 lease_ms,
-                handoff_min: call_timeout + CALL_MARGIN,
+                // What the sender asks of a permit before it builds a request: a permit with
+                // less would bounce from waiting call to waiting call without a call going out.
+                handoff_min: call_timeout + CALL_MARGIN + PREPARE_SLACK,
                 worker: id_prefix.clone(),
                 id_prefix,
                 next: AtomicU64::new(0),
@@ -308,8 +310,10 @@ impl Semaphore {
                 if let Ok(permit) = rx.try_recv() {
                     self.release(permit).await;
                 }
-                // The pump may be waiting for Redis on this call's behalf.
+                // The pump may be waiting for Redis on this call's behalf: it leaves the queue
+                // when nothing else waits.
                 self.inner.pump_local.notify_one();
+                self.inner.pump_redis.notify_one();
                 None
             }
         }
@@ -348,6 +352,10 @@ impl Semaphore {
             let local_event = inner.pump_local.notified();
             tokio::pin!(local_event);
             local_event.as_mut().enable();
+            // A higher fleet limit lets this worker hold more: look again.
+            let limit_changed = inner.adaptive.changed().notified();
+            tokio::pin!(limit_changed);
+            limit_changed.as_mut().enable();
             let wants = {
                 let local = self.local();
                 !local.waiting.is_empty() && local.held < inner.adaptive.limit()
@@ -362,6 +370,7 @@ impl Semaphore {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = &mut local_event => {}
+                    _ = &mut limit_changed => {}
                     // Not left yet (Redis did not answer): try again.
                     _ = tokio::time::sleep(FALLBACK_WAIT), if queued => {}
                 }
@@ -395,11 +404,14 @@ impl Semaphore {
                         error: &e,
                     }
                     .emit();
-                    // The script may have run with its answer lost: give that id back.
+                    // The script may have run with its answer lost: give that id back, and
+                    // count this worker as queued, so that it leaves the queue when it stops
+                    // asking instead of blocking the others until its place lapses.
                     if !matches!(e, StoreError::NotReplicated { .. }) {
                         let lease = self.new_lease(id, asked, epoch);
                         self.unreleased().push(lease);
                     }
+                    queued = true;
                     Duration::from_millis(200)
                 }
             };
@@ -490,13 +502,14 @@ impl Semaphore {
     }
 
     /// How many permits this worker may keep by hand-off: the effective limit, or while other
-    /// workers wait in the Redis queue, an equal part of it (rounded up): beyond that, a
-    /// finished call's permit goes back to Redis for the first of them.
+    /// workers wait in the Redis queue, an equal part of it (rounded down: with a limit of 1
+    /// and a worker waiting, none): beyond that, a finished call's permit goes back to Redis
+    /// for the first of them.
     fn share(&self, local: &mut Local) -> u32 {
         let now = Instant::now();
         local.contenders.retain(|_, until| *until > now);
         let workers = 1 + local.contenders.len() as u32;
-        self.inner.adaptive.limit().div_ceil(workers)
+        self.inner.adaptive.limit() / workers
     }
 
     /// Calls of this worker waiting for a permit, by cluster.

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::relay::adaptive;
-use crate::relay::config::{WorkerConfig, CALL_MARGIN};
+use crate::relay::config::{WorkerConfig, CALL_MARGIN, PREPARE_SLACK};
 use crate::relay::dead_letter;
 use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::events::RedisFailed;
@@ -263,10 +263,6 @@ impl ShardCtx {
     }
 }
 
-/// Cover a sender wants beyond a whole call before it takes a permit and builds the request:
-/// room for building, signing and connecting, so that the send-time check passes.
-const PREPARE_SLACK: Duration = Duration::from_millis(200);
-
 /// How many keys of one shard are worked on at once. A key waiting for a runner costs a queue
 /// entry, not a task, so worker memory follows this bound and not the number of pending
 /// tasks; a key in backoff gives its runner back, so failing tasks never hold up the others.
@@ -304,6 +300,8 @@ enum Turn {
     Retry(Duration),
     /// Cancelled or fenced: the shard is going away; its work stays in Redis.
     Stop,
+    /// More work, but another cluster's task waits for a runner: go to the back.
+    Yield,
 }
 
 /// The senders of one shard: one ordering key at a time per runner, each key's outbox in
@@ -444,6 +442,7 @@ impl Senders {
                     self.board().stop(&key);
                     return;
                 }
+                Turn::Yield => self.board().requeue(&key, Instant::now()),
             }
         }
     }
@@ -514,11 +513,11 @@ impl Senders {
                 Plan::Send(advances) => advances,
             };
             // The permit is shared by the head's own cluster (a resumed key's flow was a guess).
-            let flow = match entry.e.cluster() {
+            let call_flow = match entry.e.cluster() {
                 "" => flow.to_string(),
                 cluster => wire::flow(key, cluster),
             };
-            let Some(result) = self.call(&entry, &flow).await else {
+            let Some(result) = self.call(&entry, &call_flow).await else {
                 // Cancelled while waiting for a permit: the entry stays for the next owner.
                 return Turn::Stop;
             };
@@ -581,6 +580,9 @@ impl Senders {
             match self.complete(key, &id_prefix, record).await {
                 Some(next) => {
                     m::stage("complete", answered.elapsed());
+                    if next.0.is_some() && self.board().others_wait(flow) {
+                        return Turn::Yield;
+                    }
                     read = Some(next)
                 }
                 None => return Turn::Stop,
