@@ -1017,3 +1017,107 @@ async fn the_prefetch_follows_message_sizes_without_redelivery_or_disorder() {
     );
     env.cleanup().await;
 }
+
+/// A worker whose calls follow one another keeps no permit by hand-off from a worker that
+/// waits, even with a limit of 1 (its share is then none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_limit_of_one_a_waiting_worker_gets_the_permit_after_the_current_call() {
+    let env = Env::new("edge-share-one", 1).await;
+    let call = Duration::from_millis(1_000);
+    let busy = Semaphore::new(env.store.clone(), "busy", 1, 30_000, call);
+    let other = Semaphore::new(env.store.clone(), "other", 1, 30_000, call);
+    let cancel = CancellationToken::new();
+    tokio::spawn(busy.clone().run_background(cancel.clone()));
+    tokio::spawn(other.clone().run_background(cancel.clone()));
+    // Two callers on the busy worker: a call of 50 ms always has another waiting behind it.
+    for _ in 0..2 {
+        let (p, c) = (busy.clone(), cancel.clone());
+        tokio::spawn(async move {
+            while let Some(permit) = p.acquire("storm", &c).await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                p.release(permit).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..3 {
+        let asked = Instant::now();
+        let permit = other.acquire("quiet", &cancel).await.expect("permit");
+        let waited = asked.elapsed();
+        other.release(permit).await;
+        println!("round {round}: the waiting worker got the permit after {waited:?}");
+        assert!(
+            waited < Duration::from_millis(400),
+            "round {round}: waited {waited:?} behind hand-offs"
+        );
+    }
+    cancel.cancel();
+    env.cleanup().await;
+}
+
+/// When the fleet's limit goes up, a worker with calls waiting takes the new permits at once,
+/// not when one of its calls ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_fleet_limit_is_used_at_once() {
+    let mut env = Env::new("edge-limit-up", 1).await;
+    let mut cfg = env.config();
+    cfg.adaptive = true;
+    cfg.concurrency_limit = 10;
+    cfg.concurrency_min = 1;
+    cfg.adaptive_window_ms = 200;
+    let adaptive = ecs_state_relay::relay::adaptive::Adaptive::new(env.store.clone(), &cfg);
+    let limit_key = adaptive.key().expect("adaptive").to_string();
+    let mut conn = env.store.conn().await.expect("redis");
+    let _: () = redis::cmd("HSET")
+        .arg(&limit_key)
+        .arg("limit")
+        .arg(2)
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let permits = Semaphore::with_limit(
+        env.store.clone(),
+        "w",
+        adaptive,
+        30_000,
+        Duration::from_millis(1_000),
+    );
+    let cancel = CancellationToken::new();
+    tokio::spawn(permits.clone().run_background(cancel.clone()));
+    // Twenty calls that hold their permits (a slow ECS).
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let (p, c) = (permits.clone(), cancel.clone());
+        held.push(tokio::spawn(async move {
+            let permit = p.acquire("f", &c).await;
+            c.cancelled().await;
+            drop(permit);
+        }));
+    }
+    eventually(Duration::from_secs(5), "two permits held", || async {
+        permits.in_use().await.unwrap_or(0) == 2
+    })
+    .await;
+    // The lowered limit holds while calls wait (and the worker stops asking for more).
+    never(
+        Duration::from_millis(1_500),
+        "more than two permits under a limit of 2",
+        || async { permits.in_use().await.unwrap_or(0) > 2 },
+    )
+    .await;
+    let _: () = redis::cmd("HSET")
+        .arg(&limit_key)
+        .arg("limit")
+        .arg(10)
+        .query_async(&mut conn)
+        .await
+        .expect("hset");
+    let raised = Instant::now();
+    eventually(Duration::from_millis(700), "ten permits held", || async {
+        permits.in_use().await.unwrap_or(0) == 10
+    })
+    .await;
+    println!("the raised limit was in use after {:?}", raised.elapsed());
+    cancel.cancel();
+    env.cleanup().await;
+}
