@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ecs_state_relay::cli::{bench, demo, dlq, publish, status};
+use ecs_state_relay::cli::{bench, demo, dlq, inspect, publish, status};
 use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::relay::ecs::Ecs;
 use ecs_state_relay::relay::logging;
@@ -43,6 +43,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show shards, owners, pending work, queue depths, permits and live workers.
     Status(status::StatusArgs),
+    /// Where is my task? What the relay holds of one task (or instance attachment) and what its
+    /// owning worker is doing with it.
+    Inspect(inspect::InspectArgs),
     /// Publish a generated fleet of task lifecycles and follow it through ecs-sim to a summary.
     Demo(demo::DemoArgs),
     /// List dead-lettered messages with their reasons, or replay them to the exchange.
@@ -64,6 +67,7 @@ async fn main() -> ExitCode {
         Command::Publish { conn, file } => run_publish(conn, file).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Inspect(args) => inspect::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
     };

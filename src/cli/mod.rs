@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod demo;
 pub mod dlq;
+pub mod inspect;
 pub mod publish;
 pub mod status;

@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use axum::extract::Query;
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::Json;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
@@ -390,6 +392,8 @@ struct ReadyState {
     /// Last turn of the control loop, in ms since `started`.
     pulse_ms: AtomicU64,
     started: Instant,
+    /// The worker's shards' boards, for `/inspect` (set once the worker runs).
+    boards: std::sync::OnceLock<Arc<crate::relay::sender::ReadyWork>>,
 }
 
 /// A control loop silent for this long is wedged: `/healthz` fails so the process is restarted.
@@ -404,12 +408,18 @@ impl Default for Readiness {
             shards: AtomicBool::new(false),
             pulse_ms: AtomicU64::new(0),
             started: Instant::now(),
+            boards: std::sync::OnceLock::new(),
         }))
     }
 }
 
 impl Readiness {
     /// RabbitMQ connected and topology declared.
+    /// Lets `/inspect` answer from the worker's boards.
+    pub fn set_boards(&self, boards: Arc<crate::relay::sender::ReadyWork>) {
+        let _ = self.0.boards.set(boards);
+    }
+
     pub fn set_amqp(&self, ok: bool) {
         self.0.amqp.store(ok, Ordering::Relaxed);
     }
@@ -448,7 +458,8 @@ impl Readiness {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until cancelled.
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/inspect?key=` (for `ecs-state-relay
+/// inspect`) until cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ready: Readiness,
@@ -485,6 +496,26 @@ pub async fn serve(
                     } else {
                         (StatusCode::SERVICE_UNAVAILABLE, "control loop stalled")
                     }
+                }
+            }),
+        )
+        .route(
+            "/inspect",
+            get({
+                let ready = ready.clone();
+                // `?key=<task or attachment ARN>`: what this worker holds of it in memory.
+                move |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    let Some(key) = q.get("key") else {
+                        return (
+                            StatusCode::BAD_REQUEST,
+                            Json(serde_json::json!({"error": "key= is required"})),
+                        );
+                    };
+                    let live = ready.0.boards.get().and_then(|b| b.live(key));
+                    (
+                        StatusCode::OK,
+                        Json(serde_json::json!({ "key": key, "live": live })),
+                    )
                 }
             }),
         )

@@ -193,11 +193,27 @@ pub struct Retry {
     pub since: Instant,
 }
 
+/// What a runner is doing with its key, for `inspect`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Phase {
+    /// Reading the outbox, or recording a completion.
+    Reading,
+    /// Waiting for a permit of the fleet-wide limit.
+    Permit,
+    /// The ECS call is on the wire.
+    Call,
+}
+
 /// Where an ordering key with work stands.
 #[derive(Debug, Clone, PartialEq)]
 enum Slot {
     /// A runner works on it; `woken`: woken again since its last read (read once more).
-    Running { flow: Flow, woken: bool },
+    Running {
+        flow: Flow,
+        woken: bool,
+        phase: Phase,
+        since: Instant,
+    },
     /// Waiting in the fair queue for a runner.
     Queued,
     /// Waiting out a retry delay; [`Board::backoff_over`] queues it again.
@@ -224,6 +240,32 @@ pub struct Board<K: Hash + Eq + Clone = String> {
     runners: usize,
     max_runners: usize,
     retries: HashMap<K, Retry>,
+    /// The last failure of keys whose last call failed: attempts, the error, and when the key
+    /// will try again.
+    failures: HashMap<K, Failure>,
+}
+
+/// A key's last failed call, for `inspect`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub attempts: u32,
+    pub error: String,
+    pub retry_at: Instant,
+}
+
+/// What the worker holding a key can tell about it (`inspect`): its live state, which is in
+/// memory only.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Live {
+    /// `waiting for a runner`, `reading`, `waiting for a permit`, `in flight` or `backing off`.
+    pub state: &'static str,
+    /// How long it has been in this state, in ms (for a runner's phases).
+    pub for_ms: Option<u64>,
+    /// Failed calls in the current streak.
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    /// In how many ms the next attempt starts (backing off).
+    pub next_attempt_in_ms: Option<u64>,
 }
 
 impl<K: Hash + Eq + Clone> Board<K> {
@@ -234,6 +276,7 @@ impl<K: Hash + Eq + Clone> Board<K> {
             runners: 0,
             max_runners,
             retries: HashMap::new(),
+            failures: HashMap::new(),
         }
     }
 
@@ -277,6 +320,8 @@ impl<K: Hash + Eq + Clone> Board<K> {
             Slot::Running {
                 flow: flow.clone(),
                 woken: false,
+                phase: Phase::Reading,
+                since: Instant::now(),
             },
         );
         let retry = self.retries.remove(&key);
@@ -293,6 +338,68 @@ impl<K: Hash + Eq + Clone> Board<K> {
         if let Some(Slot::Running { woken, .. }) = self.keys.get_mut(key) {
             *woken = false;
         }
+        self.phase(key, Phase::Reading);
+    }
+
+    /// The runner of `key` moves on to `phase`.
+    pub fn phase(&mut self, key: &K, phase: Phase) {
+        if let Some(Slot::Running {
+            phase: current,
+            since,
+            ..
+        }) = self.keys.get_mut(key)
+        {
+            if *current != phase {
+                *current = phase;
+                *since = Instant::now();
+            }
+        }
+    }
+
+    /// A call for `key` failed for the `attempts`th time in a row with `error`; it tries again
+    /// after `delay`.
+    pub fn failed(&mut self, key: &K, attempts: u32, error: String, delay: Duration) {
+        let failure = Failure {
+            attempts,
+            error,
+            retry_at: Instant::now() + delay,
+        };
+        self.failures.insert(key.clone(), failure);
+    }
+
+    /// A call for `key` went through: its failure streak is over.
+    pub fn succeeded(&mut self, key: &K) {
+        self.failures.remove(key);
+    }
+
+    /// What this board can tell about `key`; None when it holds no work of it.
+    pub fn live(&self, key: &K, now: Instant) -> Option<Live> {
+        let failure = self.failures.get(key);
+        let (state, for_ms) = match self.keys.get(key)? {
+            Slot::Queued => ("waiting for a runner", None),
+            Slot::Backoff { .. } => ("backing off", None),
+            Slot::Running { phase, since, .. } => {
+                let state = match phase {
+                    Phase::Reading => "reading",
+                    Phase::Permit => "waiting for a permit",
+                    Phase::Call => "in flight",
+                };
+                (
+                    state,
+                    Some(now.saturating_duration_since(*since).as_millis() as u64),
+                )
+            }
+        };
+        let backing_off = state == "backing off";
+        Some(Live {
+            state,
+            for_ms,
+            attempts: failure.map_or(0, |f| f.attempts),
+            last_error: failure.map(|f| f.error.clone()),
+            next_attempt_in_ms: failure
+                .filter(|_| backing_off)
+                .map(|f| f.retry_at.saturating_duration_since(now).as_millis() as u64),
+        })
     }
 
     /// The runner read `key`'s outbox empty. True: the key is done and forgotten; false: it
@@ -305,6 +412,7 @@ impl<K: Hash + Eq + Clone> Board<K> {
             }
             _ => {
                 self.keys.remove(key);
+                self.failures.remove(key);
                 true
             }
         }
@@ -354,6 +462,7 @@ impl<K: Hash + Eq + Clone> Board<K> {
     pub fn stop(&mut self, key: &K) {
         self.keys.remove(key);
         self.retries.remove(key);
+        self.failures.remove(key);
         self.runners -= 1;
     }
 
@@ -646,6 +755,53 @@ mod tests {
         assert_eq!(board.retries().count(), 0);
         // A timer that fires for a key no longer in backoff changes nothing.
         assert!(!board.backoff_over(&1, now));
+    }
+
+    #[test]
+    fn live_state_follows_the_runner_and_the_backoff() {
+        let mut board: Board<u32> = Board::new(1);
+        let now = t0();
+        assert_eq!(board.live(&1, now), None, "no work held");
+        board.wake(&1, "a", now);
+        board.wake(&2, "a", now);
+        assert_eq!(
+            board.live(&2, now).map(|l| l.state),
+            Some("waiting for a runner")
+        );
+        board.next(false).expect("queued");
+        board.phase(&1, Phase::Permit);
+        assert_eq!(
+            board.live(&1, now).map(|l| l.state),
+            Some("waiting for a permit")
+        );
+        board.phase(&1, Phase::Call);
+        assert_eq!(board.live(&1, now).map(|l| l.state), Some("in flight"));
+        board.failed(
+            &1,
+            3,
+            "ServerException: busy".into(),
+            Duration::from_secs(5),
+        );
+        let retry = Retry {
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
+            attempts: 3,
+            since: now,
+        };
+        board.back_off(&1, retry);
+        let live = board.live(&1, Instant::now()).expect("held");
+        assert_eq!(live.state, "backing off");
+        assert_eq!(live.attempts, 3);
+        assert_eq!(live.last_error.as_deref(), Some("ServerException: busy"));
+        assert!(live
+            .next_attempt_in_ms
+            .is_some_and(|ms| ms > 4_000 && ms <= 5_000));
+        board.backoff_over(&1, now);
+        let n = board.next(false).expect("queued again");
+        assert_eq!(n.key, 2);
+        board.finish(&2);
+        board.next(false).expect("key 1 again");
+        board.succeeded(&1);
+        assert_eq!(board.live(&1, now).map(|l| l.attempts), Some(0));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::producers::Producers;
-use crate::relay::schedule::{Backlog, Backoff, Board, Next, Retry};
+use crate::relay::schedule::{Backlog, Backoff, Board, Live, Next, Phase, Retry};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
 use crate::relay::wire::{
@@ -280,6 +280,17 @@ impl ReadyWork {
         self.boards.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What the worker can tell about `key` (live state, memory only), from whichever of its
+    /// shards holds it; None when none does.
+    pub fn live(&self, key: &str) -> Option<Live> {
+        let now = Instant::now();
+        let key = key.to_string();
+        self.boards()
+            .values()
+            .filter_map(Weak::upgrade)
+            .find_map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).live(&key, now))
+    }
+
     /// Changes waiting for a runner, by cluster, over every shard.
     pub fn backlog(&self) -> Backlog {
         let now = Instant::now();
@@ -492,7 +503,8 @@ impl Senders {
                     // drop it (counted, logged whole) rather than block the task forever.
                     tracing::error!(error = %e, entry = %raw, "unreadable outbox entry dropped");
                     m::events_dropped("unreadable", 1);
-                    match self.complete(key, &raw, &[]).await {
+                    let history = self.history(None, 0, "unreadable entry dropped");
+                    match self.complete(key, &raw, &[], &history).await {
                         Some(next) => read = Some(next),
                         None => return Turn::Stop,
                     }
@@ -504,7 +516,8 @@ impl Senders {
                 Plan::Redundant => {
                     tracing::debug!(id = %entry.id, "redundant change removed");
                     m::events_dropped("redundant", 1);
-                    match self.complete(key, &id_prefix, &[]).await {
+                    let history = self.history(Some(&entry), 0, "redundant: nothing new for ECS");
+                    match self.complete(key, &id_prefix, &[], &history).await {
                         Some(next) => read = Some(next),
                         None => return Turn::Stop,
                     }
@@ -517,7 +530,7 @@ impl Senders {
                 "" => flow.to_string(),
                 cluster => wire::flow(key, cluster),
             };
-            let Some(result) = self.call(&entry, &call_flow).await else {
+            let Some(result) = self.call(key, &entry, &call_flow).await else {
                 // Cancelled while waiting for a permit: the entry stays for the next owner.
                 return Turn::Stop;
             };
@@ -525,24 +538,27 @@ impl Senders {
             tracing::debug!(id = %entry.id, status = entry.e.status(),
                 attempt = *attempt, outcome = result.as_ref().map_or_else(|e| e.code(), |_| "ok"),
                 "ECS submission");
-            let record: &[(String, u8)] = match result {
+            let (record, history): (&[(String, u8)], String) = match result {
                 Ok(()) => {
                     m::submission_batch(entry.b.len());
                     if let Some(occurred) = entry.t {
                         let ms = u64::try_from(wire::now_ms() - occurred).unwrap_or(0);
                         m::end_to_end(Duration::from_millis(ms));
                     }
-                    &advances
+                    (&advances, self.history(Some(&entry), *attempt, "ok"))
                 }
                 Err(CallError::InvalidParameter(msg)) => {
                     tracing::warn!(id = %entry.id, error = %msg, request = %raw,
                         "ECS rejected the change as invalid; dropped");
                     m::events_dropped("invalid_parameter", 1 + entry.b.len() as u64);
-                    &[]
+                    let answer = format!("InvalidParameterException (dropped): {msg}");
+                    (&[], self.history(Some(&entry), *attempt, &answer))
                 }
                 Err(e) => {
                     m::retry();
                     let delay = backoff.next_delay();
+                    self.board()
+                        .failed(&key.to_string(), *attempt, e.to_string(), delay);
                     // Rule 8 retries for ever: keep the task from looking idle to retention.
                     match ctx
                         .store
@@ -576,8 +592,9 @@ impl Senders {
             };
             backoff.reset();
             *attempt = 0;
+            self.board().succeeded(&key.to_string());
             let answered = Instant::now();
-            match self.complete(key, &id_prefix, record).await {
+            match self.complete(key, &id_prefix, record, &history).await {
                 Some(next) => {
                     m::stage("complete", answered.elapsed());
                     if next.0.is_some() && self.board().others_wait(flow) {
@@ -591,13 +608,21 @@ impl Senders {
     }
 
     /// One ECS call under a fleet-wide permit; None when the shard stops before a call went out.
-    async fn call(&self, entry: &OutboxEntry, flow: &str) -> Option<Result<(), CallError>> {
+    async fn call(
+        &self,
+        key: &str,
+        entry: &OutboxEntry,
+        flow: &str,
+    ) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
         loop {
             if !ctx.wait_for_call_window().await {
                 return None;
             }
+            let key = key.to_string();
+            self.board().phase(&key, Phase::Permit);
             let permit = ctx.permits.acquire(flow, &ctx.cancel).await?;
+            self.board().phase(&key, Phase::Call);
             // Waiting for the permit may have used up the lease's cover (renewals wait on a
             // slow replica): wait for the next renewal rather than build a request that the
             // send-time guard would refuse.
@@ -662,13 +687,31 @@ impl Senders {
         self.board().reading(&key.to_string());
     }
 
-    /// Removes the head; retries Redis errors (never re-sends). Returns the key's next head
-    /// and state, read in the same step; None when the shard is lost.
+    /// A history entry (see `complete.lua`): which worker removed the head, what it was, after
+    /// how many calls, and ECS's answer (or why no call was needed).
+    fn history(&self, entry: Option<&OutboxEntry>, calls: u32, answer: &str) -> String {
+        /// ECS's messages can be long; the history is kept small.
+        const MAX_ANSWER: usize = 300;
+        let answer: String = answer.chars().take(MAX_ANSWER).collect();
+        serde_json::json!({
+            "worker": self.ctx.fence.owner,
+            "id": entry.map(|e| e.id.as_str()),
+            "status": entry.map(|e| e.e.status()),
+            "containers": entry.map_or(0, |e| e.b.len()),
+            "calls": calls,
+            "answer": answer,
+        })
+        .to_string()
+    }
+
+    /// Removes the head, recording `history`; retries Redis errors (never re-sends). Returns
+    /// the key's next head and state, read in the same step; None when the shard is lost.
     async fn complete(
         &self,
         key: &str,
         id_prefix: &str,
         advances: &[(String, u8)],
+        history: &str,
     ) -> Option<(Option<String>, KeyState)> {
         let ctx = &self.ctx;
         let id = id_prefix.to_string();
@@ -682,6 +725,7 @@ impl Senders {
                     key,
                     &id,
                     advances,
+                    history,
                     ctx.cfg.task_retention_s,
                 )
                 .await

@@ -159,11 +159,13 @@ pub async fn run(
 
     let dead_letters = dead_letter::Publisher::new(&cfg.conn, &worker_id);
     let ready_work = Arc::new(ReadyWork::default());
+    ready.set_boards(ready_work.clone());
     background_tasks.spawn(report_ready(
         ready_work.clone(),
         permits.clone(),
         store.clone(),
         worker_id.clone(),
+        advertised(&cfg.metrics_addr),
         background.clone(),
     ));
     let mut retry = Duration::from_millis(500);
@@ -634,12 +636,28 @@ pub struct ReadyReport {
 /// How many clusters a worker's ready report names.
 pub const READY_TOP: usize = 5;
 
-/// Every [`READY_EVERY`]: this worker's ready work as metrics and, for `status`, in Redis.
+/// Where other hosts reach this worker's metrics port (for `inspect`): the listen address,
+/// with an unspecified host (`0.0.0.0`, `[::]`) replaced by `POD_IP` (Kubernetes, from the
+/// downward API) or else the host name. None without a listener.
+fn advertised(metrics_addr: &str) -> Option<String> {
+    let (host, port) = metrics_addr.rsplit_once(':')?;
+    if !matches!(host, "0.0.0.0" | "[::]" | "") {
+        return Some(metrics_addr.to_string());
+    }
+    let host = std::env::var("POD_IP")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "127.0.0.1".into());
+    Some(format!("{host}:{port}"))
+}
+
+/// Every [`READY_EVERY`]: this worker's ready work as metrics and, for `status`, in Redis,
+/// with the address where `inspect` asks it for live state.
 async fn report_ready(
     ready_work: Arc<ReadyWork>,
     permits: Semaphore,
     store: Store,
     worker: String,
+    addr: Option<String>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -652,7 +670,7 @@ async fn report_ready(
             top: backlog.flows.into_iter().take(READY_TOP).collect(),
         };
         if let Ok(json) = serde_json::to_string(&report) {
-            if let Err(e) = store.set_ready(&worker, &json).await {
+            if let Err(e) = store.set_ready(&worker, &json, addr.as_deref()).await {
                 RedisFailed {
                     op: Op::Heartbeat,
                     what: "cannot record the ready work for status",

@@ -493,13 +493,13 @@ async fn a_retried_completion_never_removes_a_later_entry_with_the_same_event_id
         .await
         .expect("intake");
     let done = store
-        .complete_prefix(0, &fence, &x, &drained.head_prefix(), &[], 600)
+        .complete_prefix(0, &fence, &x, &drained.head_prefix(), &[], "{}", 600)
         .await
         .expect("complete");
     assert_eq!(done.left, Some(1));
     // The same completion again (its first answer was lost): the next entry must stay.
     let again = store
-        .complete_prefix(0, &fence, &x, &drained.head_prefix(), &[], 600)
+        .complete_prefix(0, &fence, &x, &drained.head_prefix(), &[], "{}", 600)
         .await
         .expect("complete");
     assert_eq!(again.left, None, "a later entry was removed");

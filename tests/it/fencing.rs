@@ -51,7 +51,7 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
     let refused = store.intake(0, &old, &[event("STOPPED")], 60).await;
     assert!(matches!(refused, Err(StoreError::Fenced)), "{refused:?}");
     let complete = store
-        .complete_prefix(0, &old, &a, &head_prefix, &[("s".into(), 3)], 60)
+        .complete_prefix(0, &old, &a, &head_prefix, &[("s".into(), 3)], "{}", 60)
         .await;
     assert!(matches!(complete, Err(StoreError::Fenced)));
     assert!(matches!(
@@ -92,7 +92,7 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
     // The new owner goes on where the old one stopped.
     assert_eq!(
         store
-            .complete_prefix(0, &new, &a, &head_prefix, &[("s".into(), 3)], 60)
+            .complete_prefix(0, &new, &a, &head_prefix, &[("s".into(), 3)], "{}", 60)
             .await
             .unwrap()
             .left,

@@ -1,10 +1,13 @@
 -- Removes the head of a task's outbox once it was sent (or dropped), and advances the sent
 -- statuses in the same step, so a crash never leaves "removed but not marked" or the reverse.
+-- It also records the submission in the key's short history (for `inspect`): in this step,
+-- not another round trip, at most 5 entries, expiring with the key.
 -- KEYS: 1 lease, 2 outbox, 3 task state hash, 4 pending zset, 5 active zset, 6 recent ids,
---       7 batch, 8 the shard's sequence counter (a write that always replicates)
+--       7 batch, 8 the shard's sequence counter (a write that always replicates), 9 history
 -- ARGV: 1 owner, 2 token, 3 how the head starts (`{"n":<sequence>,`, see intake.lua),
---       4 ordering key, 5 retention seconds,
---       6.. pairs of (state field, status index) to advance, never backwards
+--       4 ordering key, 5 retention seconds, 6 the history entry (a JSON object; the script
+--       adds `"at"`, Redis TIME in ms),
+--       7.. pairs of (state field, status index) to advance, never backwards
 -- Returns {entries left (-1 when the head is not the expected entry), the new head or false,
 -- the state hash as HGETALL}: the sender's next read comes with this step, not after it.
 local err = fenced(KEYS[1], ARGV[1], ARGV[2])
@@ -20,7 +23,12 @@ if not head or string.sub(head, 1, #ARGV[3]) ~= ARGV[3] then
 end
 redis.call('LPOP', KEYS[2])
 
-for i = 6, #ARGV, 2 do
+local t = redis.call('TIME')
+local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('LPUSH', KEYS[9], '{"at":' .. at .. ',' .. string.sub(ARGV[6], 2))
+redis.call('LTRIM', KEYS[9], 0, 4)
+
+for i = 7, #ARGV, 2 do
   local current = tonumber(redis.call('HGET', KEYS[3], ARGV[i]) or '0')
   if tonumber(ARGV[i + 1]) > current then
     redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
@@ -39,4 +47,5 @@ end
 for i = 6, 7 do
   redis.call('EXPIRE', KEYS[i], ttl)
 end
+redis.call('EXPIRE', KEYS[9], ttl)
 return {left, redis.call('LINDEX', KEYS[2], 0), redis.call('HGETALL', KEYS[3])}

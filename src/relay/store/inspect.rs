@@ -15,7 +15,68 @@ pub struct ShardSummary {
     pub held: u64,
 }
 
+/// Everything Redis holds of one ordering key, for `inspect`.
+#[derive(Clone, Debug, Default)]
+pub struct KeyView {
+    pub shard: u16,
+    pub state: KeyState,
+    /// Outbox entries (raw JSON), head first.
+    pub outbox: Vec<String>,
+    /// Batched container and managed-agent changes (raw JSON), oldest first.
+    pub batch: Vec<String>,
+    /// The last submissions (JSON objects), newest first.
+    pub history: Vec<String>,
+    pub owner: Option<String>,
+}
+
 impl Store {
+    /// What Redis holds of `key`, from the shard that holds it; None when no shard holds any
+    /// of it (never seen, or expired after the retention).
+    pub async fn key_view(&self, shards: u16, key: &str) -> StoreResult<Option<KeyView>> {
+        let mut conn = self.conn().await?;
+        for shard in 0..shards {
+            let keys = self.shard(shard);
+            #[allow(clippy::type_complexity)]
+            let (state, outbox, batch, history, owner): (
+                HashMap<String, String>,
+                Vec<String>,
+                Vec<String>,
+                Vec<String>,
+                Option<String>,
+            ) = redis::pipe()
+                .cmd("HGETALL")
+                .arg(keys.state(key))
+                .cmd("LRANGE")
+                .arg(keys.outbox(key))
+                .arg(0)
+                .arg(-1)
+                .cmd("LRANGE")
+                .arg(keys.batch(key))
+                .arg(0)
+                .arg(-1)
+                .cmd("LRANGE")
+                .arg(keys.history(key))
+                .arg(0)
+                .arg(-1)
+                .cmd("HGET")
+                .arg(keys.lease())
+                .arg("owner")
+                .query_async(&mut conn)
+                .await?;
+            if !(state.is_empty() && outbox.is_empty() && batch.is_empty() && history.is_empty()) {
+                return Ok(Some(KeyView {
+                    shard,
+                    state: KeyState(state),
+                    outbox,
+                    batch,
+                    history,
+                    owner,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Lease owner and age, pending and batched task counts of a shard, in one round trip.
     pub async fn shard_summary(&self, shard: u16) -> StoreResult<ShardSummary> {
         let keys = self.shard(shard);

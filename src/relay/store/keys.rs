@@ -67,6 +67,10 @@ impl ShardKeys {
     pub fn recent_ids(&self, key: &str) -> String {
         self.per("i", key)
     }
+    /// The key's last submissions (a short list, newest first) for `inspect`.
+    pub fn history(&self, key: &str) -> String {
+        self.per("h", key)
+    }
     pub(super) fn fence_counter(&self) -> String {
         self.k("fence")
     }

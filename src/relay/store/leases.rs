@@ -108,6 +108,9 @@ impl Store {
             .cmd("HDEL")
             .arg(self.global_key("ready"))
             .arg(worker)
+            .cmd("HDEL")
+            .arg(self.global_key("addrs"))
+            .arg(worker)
             .cmd("PUBLISH")
             .arg(self.membership_channel())
             .arg("left")
@@ -138,16 +141,40 @@ impl Store {
             .await?)
     }
 
-    /// Records `worker`'s ready work (JSON, see `relay::worker::ReadyReport`), for `status`.
-    pub async fn set_ready(&self, worker: &str, report: &str) -> StoreResult<()> {
+    /// Records `worker`'s ready work (JSON, see `relay::worker::ReadyReport`), for `status`,
+    /// and where its metrics port answers `/inspect`.
+    pub async fn set_ready(
+        &self,
+        worker: &str,
+        report: &str,
+        addr: Option<&str>,
+    ) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        redis::cmd("HSET")
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
             .arg(self.global_key("ready"))
             .arg(worker)
-            .arg(report)
-            .query_async::<()>(&mut conn)
-            .await?;
+            .arg(report);
+        match addr {
+            Some(addr) => pipe
+                .cmd("HSET")
+                .arg(self.global_key("addrs"))
+                .arg(worker)
+                .arg(addr),
+            None => pipe.cmd("HDEL").arg(self.global_key("addrs")).arg(worker),
+        };
+        pipe.query_async::<()>(&mut conn).await?;
         Ok(())
+    }
+
+    /// Where `worker` answers `/inspect` (its metrics port), if it has one.
+    pub async fn worker_addr(&self, worker: &str) -> StoreResult<Option<String>> {
+        let mut conn = self.conn().await?;
+        Ok(redis::cmd("HGET")
+            .arg(self.global_key("addrs"))
+            .arg(worker)
+            .query_async(&mut conn)
+            .await?)
     }
 
     /// The ready work each worker last recorded, by worker (dead ones included).

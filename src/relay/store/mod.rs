@@ -23,7 +23,7 @@ use crate::relay::config::{ConnConfig, TlsFiles};
 use crate::relay::redis_link::Link;
 
 pub use crate::relay::redis_link::{Conn, Lane, StoreError, StoreResult};
-pub use inspect::ShardSummary;
+pub use inspect::{KeyView, ShardSummary};
 pub use intake::Intake;
 pub use keys::{field, ShardKeys};
 pub use outbox::{Completed, KeyState};

@@ -46,7 +46,9 @@ impl Store {
     }
 
     /// Removes the outbox head starting with `head_prefix` (see `OutboxEntry::head_prefix`) and
-    /// advances sent statuses, atomically; returns the outcome with the key's next head and state.
+    /// advances sent statuses, atomically, recording `history` (a JSON object) in the key's
+    /// history; returns the outcome with the key's next head and state.
+    #[allow(clippy::too_many_arguments)]
     pub async fn complete_prefix(
         &self,
         shard: u16,
@@ -54,6 +56,7 @@ impl Store {
         key: &str,
         head_prefix: &str,
         advances: &[(String, u8)],
+        history: &str,
         retention_s: u64,
     ) -> StoreResult<Completed> {
         let keys = self.shard(shard);
@@ -66,11 +69,13 @@ impl Store {
             .key(keys.recent_ids(key))
             .key(keys.batch(key))
             .key(keys.seq())
+            .key(keys.history(key))
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(head_prefix)
             .arg(key)
-            .arg(retention_s);
+            .arg(retention_s)
+            .arg(history);
         for (f, v) in advances {
             inv.arg(f).arg(*v);
         }
@@ -102,6 +107,7 @@ impl Store {
             .key(keys.batch(key))
             .key(keys.outbox(key))
             .key(keys.recent_ids(key))
+            .key(keys.history(key))
             .arg(&fence.owner)
             .arg(fence.token)
             .arg(key)
