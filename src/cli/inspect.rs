@@ -312,7 +312,7 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<()> {
     for w in &report.outbox {
         let age = w.age_ms.map_or_else(
             || "drained".to_string(),
-            |ms| format!("{:.1}s old", ms as f64 / 1000.0),
+            |ms| format!("occurred {:.1}s ago", ms as f64 / 1000.0),
         );
         println!(
             "    {} ({age}, {} container change(s)) id {}",
