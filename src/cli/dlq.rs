@@ -190,6 +190,12 @@ pub async fn replay(
                 }
             }
         }
+        // Published now: the relay's queue stage (publish → delivery) must not count the time
+        // the message spent in the dead-letter queue.
+        headers.insert(
+            amqp::PUBLISHED_MS_HEADER.into(),
+            AMQPValue::LongLongInt(crate::relay::wire::now_ms()),
+        );
         let confirm = ch
             .basic_publish(
                 conn.exchange.as_str().into(),

@@ -117,3 +117,84 @@ async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
     .await;
     env.cleanup().await;
 }
+
+/// A replayed message carries a fresh publish time: the queue stage of its change does not
+/// count its time in the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_message_is_published_afresh() {
+    use futures_util::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+
+    let env = Env::new("dlq-fresh", 2).await;
+    let c = amqp::connect(&amqp_url(), &Default::default(), "test dlq fresh")
+        .await
+        .expect("amqp");
+    // No worker: the replayed message stays in its shard queue to be looked at.
+    amqp::declare(&c, &env.exchange, env.shards)
+        .await
+        .expect("topology");
+    let ch = amqp::confirm_channel(&c).await.expect("channel");
+    let t = arn("stale-publish-time");
+    let an_hour_ago = ecs_state_relay::relay::wire::now_ms() - 3_600_000;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        amqp::REJECT_HEADER.into(),
+        AMQPValue::LongString("batch_full: the task's batch holds 1000 changes".into()),
+    );
+    headers.insert(
+        amqp::PUBLISHED_MS_HEADER.into(),
+        AMQPValue::LongLongInt(an_hour_ago),
+    );
+    let confirm = ch
+        .basic_publish(
+            amqp::dlx(&env.exchange).as_str().into(),
+            t.as_str().into(),
+            BasicPublishOptions::default(),
+            task(&t, "RUNNING").to_string().as_bytes(),
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    let conn = env.conn();
+    eventually(Duration::from_secs(10), "dead-lettered", || async {
+        dlq::list(&conn, 10).await.map(|l| l.len()).unwrap_or(0) == 1
+    })
+    .await;
+    let replay_started = ecs_state_relay::relay::wire::now_ms();
+    let (replayed, _) = dlq::replay(&conn, 10, None).await.expect("replay");
+    assert_eq!(replayed, 1);
+    let mut consumers = Vec::new();
+    for shard in 0..env.shards {
+        let consumer = ch
+            .basic_consume(
+                amqp::shard_queue(&env.exchange, shard).as_str().into(),
+                format!("look-{shard}").as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        consumers.push(consumer);
+    }
+    let delivery = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::stream::select_all(consumers).next(),
+    )
+    .await
+    .expect("the replayed message arrives")
+    .expect("a delivery")
+    .expect("no error");
+    let published = amqp::published_ms(&delivery.properties).expect("a publish time");
+    assert!(
+        published >= replay_started,
+        "publish time {published} is from before the replay ({replay_started})"
+    );
+    let _ = c.close(200, "done".into()).await;
+    env.cleanup().await;
+}
