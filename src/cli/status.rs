@@ -67,6 +67,29 @@ pub struct Status {
     pub ready_oldest_ms: u64,
     /// The clusters with the most ready changes over the live workers, most first.
     pub busiest_clusters: Vec<(String, usize)>,
+    /// The RabbitMQ node each live worker is connected to (as it last reported).
+    pub amqp_nodes: std::collections::BTreeMap<String, String>,
+    /// Nodes of `RELAY_AMQP_URL` that do not accept a connection (TCP) from here.
+    pub amqp_nodes_down: Vec<String>,
+    /// Sentinels of `RELAY_REDIS_SENTINELS` that do not accept a connection (TCP) from here.
+    pub sentinels_down: Vec<String>,
+}
+
+/// How long `status` waits for a broker node or Sentinel to accept a connection.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The `host:port`s of `addrs` that do not accept a TCP connection within [`PROBE_WAIT`].
+async fn unreachable(addrs: Vec<String>) -> Vec<String> {
+    let probes = addrs.into_iter().map(|addr| async move {
+        let connected =
+            tokio::time::timeout(PROBE_WAIT, tokio::net::TcpStream::connect(addr.as_str())).await;
+        (!matches!(connected, Ok(Ok(_)))).then_some(addr)
+    });
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
@@ -137,6 +160,7 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         .collect();
     let distinct: std::collections::BTreeSet<&String> = producer_rules.values().collect();
     let reports = store.ready_reports().await?;
+    let mut amqp_nodes = std::collections::BTreeMap::new();
     let mut busiest = Backlog::default();
     let (mut ready_clusters, mut ready_oldest_ms) = (0, 0);
     for worker in &live_workers {
@@ -146,6 +170,9 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         let Ok(report) = serde_json::from_str::<ReadyReport>(report) else {
             continue;
         };
+        if let Some(node) = &report.amqp_node {
+            amqp_nodes.insert(worker.clone(), node.clone());
+        }
         ready_clusters += report.clusters;
         ready_oldest_ms = ready_oldest_ms.max(report.oldest_ms);
         busiest.merge(Backlog {
@@ -154,6 +181,12 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         });
     }
     busiest.flows.truncate(READY_TOP);
+    let urls = &args.conn.amqp_url;
+    let nodes = (0..crate::relay::config::url_list(urls).len())
+        .map(|i| amqp::node_label(urls, i))
+        .collect();
+    let amqp_nodes_down = unreachable(nodes).await;
+    let sentinels_down = unreachable(args.conn.sentinels()).await;
     Ok(Status {
         exchange: args.conn.exchange.clone(),
         redis_primary: store.link().primary(),
@@ -170,6 +203,9 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         ready_clusters,
         ready_oldest_ms,
         busiest_clusters: busiest.flows,
+        amqp_nodes,
+        amqp_nodes_down,
+        sentinels_down,
     })
 }
 
@@ -235,6 +271,21 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         );
     }
     println!("live workers: {}", status.live_workers.join(", "));
+    for (worker, node) in &status.amqp_nodes {
+        println!("  {worker} on RabbitMQ node {node}");
+    }
+    if !status.amqp_nodes_down.is_empty() {
+        println!(
+            "RabbitMQ nodes NOT ANSWERING: {}",
+            status.amqp_nodes_down.join(", ")
+        );
+    }
+    if !status.sentinels_down.is_empty() {
+        println!(
+            "Sentinels NOT ANSWERING: {}",
+            status.sentinels_down.join(", ")
+        );
+    }
     match status.producer_rules.values().next() {
         Some(rules) if status.producer_rules_agree => {
             println!("producer rules: {rules} on every live worker");

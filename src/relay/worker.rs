@@ -159,6 +159,7 @@ pub async fn run(
 
     let dead_letters = dead_letter::Publisher::new(&cfg.conn, &worker_id);
     let ready_work = Arc::new(ReadyWork::default());
+    let amqp_node = Arc::new(std::sync::Mutex::new(None));
     ready.set_boards(ready_work.clone());
     background_tasks.spawn(report_ready(
         ready_work.clone(),
@@ -166,6 +167,7 @@ pub async fn run(
         store.clone(),
         worker_id.clone(),
         advertised(&cfg.metrics_addr),
+        amqp_node.clone(),
         background.clone(),
     ));
     let mut retry = Duration::from_millis(500);
@@ -185,6 +187,7 @@ pub async fn run(
             ready_work: ready_work.clone(),
             rebalance: rebalance.clone(),
             next_node: next_node.clone(),
+            amqp_node: amqp_node.clone(),
         };
         let began = Instant::now();
         ready.pulse();
@@ -255,6 +258,8 @@ struct Session {
     rebalance: Arc<Notify>,
     /// Index in RELAY_AMQP_URL of the node to try first: the one after the node last lost.
     next_node: Arc<AtomicUsize>,
+    /// The RabbitMQ node of the current connection, for `status`.
+    amqp_node: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl Session {
@@ -270,7 +275,9 @@ impl Session {
         .map_err(SessionError::Retry)?;
         // Losing this node moves the next connection on to the following one.
         self.next_node.store(node + 1, Ordering::Relaxed);
-        m::amqp_node(&amqp::node_label(urls, node));
+        let label = amqp::node_label(urls, node);
+        m::amqp_node(&label);
+        *self.amqp_node.lock().unwrap_or_else(|e| e.into_inner()) = Some(label);
         let declared = self.declare_topology(&conn, cancel).await;
         match declared {
             Ok(()) => {}
@@ -622,7 +629,8 @@ fn score(worker: &str, shard: u16) -> u64 {
     h ^ (h >> 31)
 }
 
-/// What `status` shows of a worker's ready work (rule 12): recorded in Redis every few seconds.
+/// What `status` shows of a worker: its ready work (rule 12) and its broker node, recorded in
+/// Redis every few seconds.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ReadyReport {
     /// Clusters with a change ready (waiting for a runner or a permit).
@@ -631,6 +639,9 @@ pub struct ReadyReport {
     pub oldest_ms: u64,
     /// The clusters with the most ready changes, most first (at most [`READY_TOP`]).
     pub top: Vec<(String, usize)>,
+    /// The RabbitMQ node (`host:port`) the worker is connected to, or was last.
+    #[serde(default)]
+    pub amqp_node: Option<String>,
 }
 
 /// How many clusters a worker's ready report names.
@@ -658,6 +669,7 @@ async fn report_ready(
     store: Store,
     worker: String,
     addr: Option<String>,
+    amqp_node: Arc<std::sync::Mutex<Option<String>>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -668,6 +680,7 @@ async fn report_ready(
             clusters: backlog.flows.len(),
             oldest_ms: backlog.oldest.as_millis() as u64,
             top: backlog.flows.into_iter().take(READY_TOP).collect(),
+            amqp_node: amqp_node.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         if let Ok(json) = serde_json::to_string(&report) {
             if let Err(e) = store.set_ready(&worker, &json, addr.as_deref()).await {

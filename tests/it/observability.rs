@@ -382,3 +382,50 @@ async fn ready_work_shows_in_the_metrics_and_status_names_the_busiest_cluster() 
     println!("{line}");
     env.cleanup().await;
 }
+
+/// `status` shows the broker side: which RabbitMQ node each worker is connected to, and the
+/// nodes of the URL list that do not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_each_workers_broker_node_and_the_nodes_that_do_not_answer() {
+    let mut env = Env::new("status-nodes", 2).await;
+    let cfg = env.config();
+    let id = cfg.worker_id.clone().expect("id");
+    env.start_worker(cfg).await;
+    let dead = free_port();
+    let urls = format!("{},amqp://guest:guest@127.0.0.1:{dead}/%2f", amqp_url());
+    let status = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"));
+        cmd.args(["status", "--shards", "2"])
+            .envs(env.conn().to_env())
+            .env("RELAY_AMQP_URL", &urls);
+        if json {
+            cmd.arg("--json");
+        }
+        run_ok(&mut cmd)
+    };
+    let node = amqp_addr();
+    eventually(
+        Duration::from_secs(10),
+        "the worker's node reported",
+        || {
+            let text = status(false);
+            let shown = text.contains(&format!("{id} on RabbitMQ node {node}"));
+            async move { shown }
+        },
+    )
+    .await;
+    let text = status(false);
+    println!("{text}");
+    assert!(
+        text.contains(&format!("RabbitMQ nodes NOT ANSWERING: 127.0.0.1:{dead}")),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(true)).expect("json");
+    assert_eq!(json["amqp_nodes"][id.as_str()], node.as_str(), "{json}");
+    assert_eq!(
+        json["amqp_nodes_down"][0],
+        format!("127.0.0.1:{dead}"),
+        "{json}"
+    );
+    env.cleanup().await;
+}
