@@ -48,8 +48,8 @@ pub struct Report {
     pub outbox: Vec<Waiting>,
     /// Container and managed-agent changes waiting for a task change.
     pub batch: Vec<Batched>,
-    /// The last submissions, newest first: time (ms since the epoch), what, ECS's answer, worker.
-    pub history: Vec<Value>,
+    /// The last submissions, newest first.
+    pub history: Vec<Submission>,
     /// The owner's live view; None when it could not be asked (see `live_unknown`).
     pub live: Option<Live>,
     /// Why the live state is unknown, when it is.
@@ -63,6 +63,25 @@ pub struct Waiting {
     /// Since the change occurred (absent on drained changes).
     pub age_ms: Option<u64>,
     pub containers: usize,
+}
+
+/// One of a task's last submissions, as the completion script recorded it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Submission {
+    /// When it was recorded (Redis TIME, ms since the epoch).
+    pub at: i64,
+    #[serde(rename(deserialize = "w"))]
+    pub worker: String,
+    #[serde(rename(deserialize = "s"))]
+    pub status: Option<String>,
+    #[serde(rename(deserialize = "c"))]
+    pub containers: usize,
+    /// ECS calls it took (0: none was needed).
+    #[serde(rename(deserialize = "n"))]
+    pub calls: u32,
+    /// ECS's answer, or why no call was needed.
+    #[serde(rename(deserialize = "a"))]
+    pub answer: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -249,7 +268,16 @@ pub async fn collect(args: &InspectArgs) -> anyhow::Result<Report> {
         history: view
             .history
             .iter()
-            .map(|h| serde_json::from_str(h).unwrap_or_else(|_| Value::String(h.clone())))
+            .map(|h| {
+                serde_json::from_str(h).unwrap_or_else(|e| Submission {
+                    at: 0,
+                    worker: "?".into(),
+                    status: None,
+                    containers: 0,
+                    calls: 0,
+                    answer: format!("unreadable history entry ({e}): {h}"),
+                })
+            })
             .collect(),
         live,
         live_unknown,
@@ -328,13 +356,13 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<()> {
         println!("    none");
     }
     for h in &report.history {
-        let at = h["at"].as_i64().map_or_else(|| "?".to_string(), rfc3339);
         println!(
-            "    {at} {} by {}: {} (after {} call(s))",
-            h["status"].as_str().unwrap_or("-"),
-            h["worker"].as_str().unwrap_or("?"),
-            h["answer"].as_str().unwrap_or("?"),
-            h["calls"].as_u64().unwrap_or(0),
+            "    {} {} by {}: {} (after {} call(s))",
+            rfc3339(h.at),
+            h.status.as_deref().unwrap_or("-"),
+            h.worker,
+            h.answer,
+            h.calls,
         );
     }
     Ok(())

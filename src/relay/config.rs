@@ -108,7 +108,7 @@ pub struct WorkerConfig {
     /// take them (unbound, full, broker alarm); past it a rejected message stays unacknowledged.
     #[arg(long, env = "RELAY_DEAD_LETTER_HOLD_BYTES", default_value_t = defaults::DEAD_LETTER_HOLD_BYTES)]
     pub dead_letter_hold_bytes: u64,
-    /// `/metrics`, `/healthz`, `/readyz`; empty disables the listener.
+    /// `/metrics`, `/healthz`, `/readyz`, `/inspect?key=`; empty disables the listener.
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
     pub metrics_addr: String,
     /// Producer identity: `acl` refuses what RELAY_PRODUCER_ACL does not allow, `audit` counts
@@ -154,6 +154,15 @@ pub struct ConnConfig {
     /// The Sentinel master name of the relay's Redis.
     #[arg(long, env = "RELAY_REDIS_SENTINEL_MASTER", default_value = defaults::REDIS_SENTINEL_MASTER)]
     pub redis_sentinel_master: String,
+    /// User to AUTH as at the Sentinels (empty: the default user, with a password file).
+    #[arg(long, env = "RELAY_REDIS_SENTINEL_USERNAME", default_value = "")]
+    pub redis_sentinel_username: String,
+    /// File holding the Sentinels' password (`requirepass` / ACL); empty: no AUTH.
+    #[arg(long, env = "RELAY_REDIS_SENTINEL_PASSWORD_FILE")]
+    pub redis_sentinel_password_file: Option<std::path::PathBuf>,
+    /// `on`: TLS to the Sentinels too, with RELAY_REDIS_CA_FILE, _CERT_FILE and _KEY_FILE.
+    #[arg(long, env = "RELAY_REDIS_SENTINEL_TLS", default_value = on_off(false), value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub redis_sentinel_tls: bool,
     /// Replicas that must confirm (WAIT) each write the relay acts on before it acks or sends.
     #[arg(long, env = "RELAY_REDIS_MIN_REPLICAS", default_value_t = defaults::REDIS_MIN_REPLICAS)]
     pub redis_min_replicas: u32,
@@ -285,6 +294,9 @@ impl Default for ConnConfig {
             exchange: defaults::EXCHANGE.into(),
             redis_sentinels: defaults::REDIS_SENTINELS.into(),
             redis_sentinel_master: defaults::REDIS_SENTINEL_MASTER.into(),
+            redis_sentinel_username: String::new(),
+            redis_sentinel_password_file: None,
+            redis_sentinel_tls: false,
             redis_min_replicas: defaults::REDIS_MIN_REPLICAS,
             amqp_password_file: None,
             redis_password_file: None,
@@ -353,10 +365,22 @@ impl ConnConfig {
                 "RELAY_REDIS_MIN_REPLICAS",
                 self.redis_min_replicas.to_string(),
             ),
+            (
+                "RELAY_REDIS_SENTINEL_USERNAME",
+                self.redis_sentinel_username.clone(),
+            ),
+            (
+                "RELAY_REDIS_SENTINEL_TLS",
+                on_off(self.redis_sentinel_tls).to_string(),
+            ),
         ];
         let files = [
             ("RELAY_AMQP_PASSWORD_FILE", &self.amqp_password_file),
             ("RELAY_REDIS_PASSWORD_FILE", &self.redis_password_file),
+            (
+                "RELAY_REDIS_SENTINEL_PASSWORD_FILE",
+                &self.redis_sentinel_password_file,
+            ),
             ("RELAY_AMQP_CA_FILE", &self.amqp_ca_file),
             ("RELAY_AMQP_CERT_FILE", &self.amqp_cert_file),
             ("RELAY_AMQP_KEY_FILE", &self.amqp_key_file),
@@ -694,6 +718,9 @@ mod tests {
                 exchange: "x.test".into(),
                 redis_sentinels: "s1:26379,s2:26379".into(),
                 redis_sentinel_master: "relay".into(),
+                redis_sentinel_username: "sentinel-user".into(),
+                redis_sentinel_password_file: Some(dir.join("sentinel-pw")),
+                redis_sentinel_tls: true,
                 redis_min_replicas: 1,
                 amqp_password_file: Some(dir.join("amqp-pw")),
                 redis_password_file: Some(dir.join("redis-pw")),

@@ -281,6 +281,16 @@ impl Committer {
     }
 }
 
+/// How to reach the Sentinels themselves (RELAY_REDIS_SENTINEL_USERNAME, _PASSWORD_FILE,
+/// _TLS): most production Sentinels ask for a password, many for TLS.
+#[derive(Clone, Debug, Default)]
+pub struct SentinelAuth {
+    pub username: String,
+    pub password_file: Option<std::path::PathBuf>,
+    /// TLS to the Sentinels, with the Redis TLS files.
+    pub tls: bool,
+}
+
 impl Link {
     /// A fixed Redis. `tls` gives the CA and client certificate for `rediss://` URLs.
     pub fn direct(url: &str, tls: &TlsFiles, min_replicas: u32) -> anyhow::Result<Link> {
@@ -313,13 +323,15 @@ impl Link {
         ))
     }
 
-    /// The primary of `master` as the Sentinels at `sentinels` (`host:port`) name it. `url`
+    /// The primary of `master` as the Sentinels at `sentinels` (`host:port`) name it, reached
+    /// with `auth`. `url`
     /// supplies the data nodes' credentials, TLS (`rediss://`) and database; its host is unused.
     pub fn sentinel(
         sentinels: &[String],
         master: &str,
         url: &str,
         tls: &TlsFiles,
+        auth: &SentinelAuth,
         min_replicas: u32,
     ) -> anyhow::Result<Link> {
         let target = format!("Sentinel master {master:?} via {}", sentinels.join(","));
@@ -349,6 +361,22 @@ impl Link {
             builder = builder.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
             if let Some(certs) = tls_certificates(tls)? {
                 builder = builder.set_client_to_redis_certificates(certs);
+            }
+        }
+        if !auth.username.is_empty() {
+            builder = builder.set_client_to_sentinel_username(&auth.username);
+        }
+        if let Some(path) = &auth.password_file {
+            let password = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read Sentinel password file {}: {e}", path.display())
+            })?;
+            builder =
+                builder.set_client_to_sentinel_password(password.trim_end_matches(['\r', '\n']));
+        }
+        if auth.tls {
+            builder = builder.set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+            if let Some(certs) = tls_certificates(tls)? {
+                builder = builder.set_client_to_sentinel_certificates(certs);
             }
         }
         let sentinel = builder.build().map_err(|e| fail(&e))?;

@@ -687,19 +687,19 @@ impl Senders {
         self.board().reading(&key.to_string());
     }
 
-    /// A history entry (see `complete.lua`): which worker removed the head, what it was, after
-    /// how many calls, and ECS's answer (or why no call was needed).
+    /// A history entry (see `complete.lua`, read by `inspect`): which worker removed the head
+    /// (`w`), its status (`s`) and container changes (`c`), after how many calls (`n`), and
+    /// ECS's answer or why no call was needed (`a`). Short names: it is kept per task.
     fn history(&self, entry: Option<&OutboxEntry>, calls: u32, answer: &str) -> String {
         /// ECS's messages can be long; the history is kept small.
-        const MAX_ANSWER: usize = 300;
+        const MAX_ANSWER: usize = 200;
         let answer: String = answer.chars().take(MAX_ANSWER).collect();
         serde_json::json!({
-            "worker": self.ctx.fence.owner,
-            "id": entry.map(|e| e.id.as_str()),
-            "status": entry.map(|e| e.e.status()),
-            "containers": entry.map_or(0, |e| e.b.len()),
-            "calls": calls,
-            "answer": answer,
+            "w": self.ctx.fence.owner,
+            "s": entry.map(|e| e.e.status()),
+            "c": entry.map_or(0, |e| e.b.len()),
+            "n": calls,
+            "a": answer,
         })
         .to_string()
     }

@@ -28,6 +28,7 @@ mod rejects;
 mod scaling;
 mod schema;
 mod security;
+mod sentinel_auth;
 mod tls;
 mod upstream;
 mod workers;

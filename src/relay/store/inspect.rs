@@ -36,10 +36,8 @@ impl Store {
         let mut conn = self.conn().await?;
         for shard in 0..shards {
             let keys = self.shard(shard);
-            #[allow(clippy::type_complexity)]
-            let (state, outbox, batch, history, owner): (
+            let (mut state, outbox, batch, owner): (
                 HashMap<String, String>,
-                Vec<String>,
                 Vec<String>,
                 Vec<String>,
                 Option<String>,
@@ -54,16 +52,16 @@ impl Store {
                 .arg(keys.batch(key))
                 .arg(0)
                 .arg(-1)
-                .cmd("LRANGE")
-                .arg(keys.history(key))
-                .arg(0)
-                .arg(-1)
                 .cmd("HGET")
                 .arg(keys.lease())
                 .arg("owner")
                 .query_async(&mut conn)
                 .await?;
-            if !(state.is_empty() && outbox.is_empty() && batch.is_empty() && history.is_empty()) {
+            let history = state
+                .remove(super::field::HISTORY)
+                .map(|h| h.lines().map(str::to_string).collect())
+                .unwrap_or_default();
+            if !(state.is_empty() && outbox.is_empty() && batch.is_empty()) {
                 return Ok(Some(KeyView {
                     shard,
                     state: KeyState(state),

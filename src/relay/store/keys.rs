@@ -4,6 +4,8 @@
 /// Field names of the state hash.
 pub mod field {
     pub const TASK_SENT: &str = "s";
+    /// The key's last submissions for `inspect` (see `complete.lua`).
+    pub const HISTORY: &str = "h";
     pub fn container(name: &str) -> String {
         format!("c:{name}")
     }
@@ -66,10 +68,6 @@ impl ShardKeys {
     /// The most recent event ids of a key (a zset scored by arrival), for redelivery dedupe.
     pub fn recent_ids(&self, key: &str) -> String {
         self.per("i", key)
-    }
-    /// The key's last submissions (a short list, newest first) for `inspect`.
-    pub fn history(&self, key: &str) -> String {
-        self.per("h", key)
     }
     pub(super) fn fence_counter(&self) -> String {
         self.k("fence")

@@ -125,11 +125,17 @@ impl Store {
         let link = if sentinels.is_empty() {
             Link::direct(&conn.redis_url, &tls, conn.redis_min_replicas)?
         } else {
+            let auth = crate::relay::redis_link::SentinelAuth {
+                username: conn.redis_sentinel_username.clone(),
+                password_file: conn.redis_sentinel_password_file.clone(),
+                tls: conn.redis_sentinel_tls,
+            };
             Link::sentinel(
                 &sentinels,
                 &conn.redis_sentinel_master,
                 &conn.redis_url,
                 &tls,
+                &auth,
                 conn.redis_min_replicas,
             )?
         };

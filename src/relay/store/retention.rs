@@ -42,7 +42,6 @@ impl Store {
                     .key(keys.batch(key))
                     .key(keys.outbox(key))
                     .key(keys.recent_ids(key))
-                    .key(keys.history(key))
                     .arg(key);
             }
             let (t, e): (u64, u64) = inv.invoke_async(&mut conn).await?;
