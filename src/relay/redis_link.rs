@@ -342,7 +342,17 @@ impl Link {
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
                 .ok_or_else(|| anyhow::anyhow!("RELAY_REDIS_SENTINELS: {s:?} is not host:port"))?;
-            addrs.push(ConnectionAddr::Tcp(host, port));
+            // The client wants TLS Sentinels named as such; their TLS settings come below.
+            addrs.push(if auth.tls {
+                ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                }
+            } else {
+                ConnectionAddr::Tcp(host, port)
+            });
         }
         let info = redis::IntoConnectionInfo::into_connection_info(url)
             .map_err(|e| anyhow::anyhow!("RELAY_REDIS_URL {}: {e}", mask_url(url)))?;

@@ -173,3 +173,114 @@ async fn sentinels_and_a_primary_that_require_passwords_are_reached_with_them() 
     drop(s);
     env.cleanup().await;
 }
+
+/// Sentinels and a primary that speak TLS only, with a private CA (the certificates name
+/// 127.0.0.1: Sentinels announce IP addresses): RELAY_REDIS_SENTINEL_TLS=on reaches the
+/// Sentinel with the Redis TLS files, and `rediss://` the primary it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_over_tls_with_a_private_ca_are_reached() {
+    let env = Env::new("sentinel-tls", 1).await;
+    let master = "relay-tls";
+    let dir = std::env::temp_dir().join(format!("sentinel-tls-{:08x}", rand::random::<u32>()));
+    crate::tls::make_certs(&dir);
+    let p = |f: &str| dir.join(f).display().to_string();
+    let ports = free_ports(2);
+    let (primary, sentinel) = (ports[0], ports[1]);
+    let tls_args = |port: u16| {
+        vec![
+            "--port".to_string(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--tls-cert-file".into(),
+            p("server.crt"),
+            "--tls-key-file".into(),
+            p("server.key"),
+            "--tls-ca-cert-file".into(),
+            p("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+            "--tls-replication".into(),
+            "yes".into(),
+        ]
+    };
+    let mut children = Vec::new();
+    let spawn = |cmd: &mut Command| {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts")
+    };
+    children.push(spawn(
+        Command::new("redis-server").args(tls_args(primary)).args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &p(""),
+        ]),
+    ));
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemonize no\ndir {dir}\nsentinel resolve-hostnames no\n\
+             sentinel monitor {master} 127.0.0.1 {primary} 1\n",
+            dir = dir.display()
+        ),
+    )
+    .expect("sentinel config");
+    children.push(spawn(
+        Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .args(tls_args(sentinel)),
+    ));
+    let secured = Secured {
+        children,
+        dir: dir.clone(),
+        primary,
+        sentinel,
+    };
+    let cfg = ConnConfig {
+        amqp_url: amqp_url(),
+        redis_url: "rediss://127.0.0.1:1/0".into(),
+        exchange: env.exchange.clone(),
+        redis_sentinels: format!("127.0.0.1:{sentinel}"),
+        redis_sentinel_master: master.to_string(),
+        redis_sentinel_tls: true,
+        redis_ca_file: Some(dir.join("ca.crt")),
+        ..ConnConfig::default()
+    };
+    let mut reached = None;
+    let mut last = String::new();
+    for _ in 0..100 {
+        match Store::open(&cfg).await {
+            Ok(store) => {
+                reached = Some(store);
+                break;
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let store = reached.unwrap_or_else(|| panic!("not reached over TLS: {last}"));
+    assert_eq!(store.link().primary(), format!("127.0.0.1:{primary}"));
+    // Without TLS to the Sentinel, it is not reached.
+    let plain = ConnConfig {
+        redis_sentinel_tls: false,
+        ..cfg.clone()
+    };
+    assert!(
+        Store::open(&plain).await.is_err(),
+        "a TLS-only Sentinel answered plain text"
+    );
+    drop(secured);
+    env.cleanup().await;
+}

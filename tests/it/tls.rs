@@ -32,7 +32,7 @@ fn sh(cmd: &str, args: &[&str], dir: &Path) {
 
 /// A CA, a server certificate for localhost / 127.0.0.1 and a client certificate (PEM, X.509
 /// v3 as rustls requires), made with the openssl command line.
-fn make_certs(dir: &Path) {
+pub(crate) fn make_certs(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let script = r#"
         set -e
