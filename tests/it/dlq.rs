@@ -123,7 +123,6 @@ async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_message_is_published_afresh() {
     use futures_util::StreamExt;
-    use lapin::options::BasicConsumeOptions;
 
     let env = Env::new("dlq-fresh", 2).await;
     let c = amqp::connect(&amqp_url(), &Default::default(), "test dlq fresh")
@@ -166,30 +165,12 @@ async fn a_replayed_message_is_published_afresh() {
     let replay_started = ecs_state_relay::relay::wire::now_ms();
     let (replayed, _) = dlq::replay(&conn, 10, None).await.expect("replay");
     assert_eq!(replayed, 1);
-    let mut consumers = Vec::new();
-    for shard in 0..env.shards {
-        let consumer = ch
-            .basic_consume(
-                amqp::shard_queue(&env.exchange, shard).as_str().into(),
-                format!("look-{shard}").as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        consumers.push(consumer);
-    }
-    let delivery = tokio::time::timeout(
-        Duration::from_secs(10),
-        futures_util::stream::select_all(consumers).next(),
-    )
-    .await
-    .expect("the replayed message arrives")
-    .expect("a delivery")
-    .expect("no error");
+    let mut deliveries = Box::pin(shard_deliveries(&ch, &env).await);
+    let (_, delivery) = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+        .await
+        .expect("the replayed message arrives")
+        .expect("a delivery");
+    let delivery = delivery.expect("no error");
     let published = amqp::published_ms(&delivery.properties).expect("a publish time");
     assert!(
         published >= replay_started,

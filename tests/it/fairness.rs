@@ -8,8 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ecs_state_relay::relay::amqp;
 use ecs_state_relay::sim::CallRecord;
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 
@@ -108,24 +107,7 @@ async fn shard_of(env: &Env, keys: &[String]) -> HashMap<String, u16> {
     }
     // Quorum queues with a single active consumer refuse basic.get: consume them instead.
     let mut map = HashMap::new();
-    let mut consumers = Vec::new();
-    for shard in 0..env.shards {
-        let queue = amqp::shard_queue(&env.exchange, shard);
-        let consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                format!("probe-{shard}").as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume a shard queue");
-        consumers.push(consumer.map(move |d| (shard, d)));
-    }
-    let mut deliveries = futures_util::stream::select_all(consumers);
+    let mut deliveries = Box::pin(shard_deliveries(&ch, env).await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while map.len() < keys.len() {
         let next = tokio::time::timeout_at(deadline, deliveries.next()).await;

@@ -54,14 +54,7 @@ async fn a_batched_container_change_waits_for_its_task_change() {
     let _w = worker(&mut env, cfg).await;
     let t = arn("batched");
     env.publish(&[container(&t, "web", "RUNNING")]).await;
-    eventually(Duration::from_secs(10), "batch stored", || async {
-        env.store
-            .queued(env.shards, &t)
-            .await
-            .map(|q| q == (1, 0))
-            .unwrap_or(false)
-    })
-    .await;
+    wait_queued(&env, &t, 1, 0).await;
     let (text, json) = inspect(&env, &t);
     assert!(
         text.contains("batch: 1 waiting for a task change"),
@@ -194,14 +187,7 @@ async fn the_history_keeps_the_last_three_however_many_changes_a_task_had() {
         .flat_map(|c| [c, task(&t, "RUNNING")])
         .collect();
     env.publish(&events).await;
-    eventually(Duration::from_secs(10), "every change sent", || async {
-        env.store
-            .queued(env.shards, &t)
-            .await
-            .map(|q| q == (0, 0))
-            .unwrap_or(false)
-    })
-    .await;
+    wait_queued(&env, &t, 0, 0).await;
     let (_, json) = inspect(&env, &t);
     assert_eq!(json["history"].as_array().map(Vec::len), Some(3), "{json}");
     // What the full history costs in Redis, beside the bench's bytes per pending task.
@@ -254,14 +240,7 @@ async fn an_owner_that_does_not_answer_leaves_the_stored_state_shown() {
     let w = worker(&mut env, cfg).await;
     let t = arn("silent-owner");
     env.publish(&[container(&t, "web", "RUNNING")]).await;
-    eventually(Duration::from_secs(10), "batch stored", || async {
-        env.store
-            .queued(env.shards, &t)
-            .await
-            .map(|q| q == (1, 0))
-            .unwrap_or(false)
-    })
-    .await;
+    wait_queued(&env, &t, 1, 0).await;
     signal(&w, "STOP");
     let (text, json) = inspect(&env, &t);
     signal(&w, "CONT");

@@ -31,6 +31,15 @@ impl Drop for Secured {
     }
 }
 
+/// A quiet `redis-server` child.
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts")
+}
+
 async fn answers(port: u16, password: &str) -> bool {
     let Ok(client) = redis::Client::open(format!("redis://:{password}@127.0.0.1:{port}")) else {
         return false;
@@ -59,13 +68,6 @@ async fn secured(master: &str) -> Secured {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let ports = free_ports(2);
     let (primary, sentinel) = (ports[0], ports[1]);
-    let spawn = |cmd: &mut Command| {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts")
-    };
     let data = spawn(
         Command::new("redis-server")
             .args(["--port", &primary.to_string(), "--bind", "127.0.0.1"])
@@ -207,13 +209,6 @@ async fn sentinels_over_tls_with_a_private_ca_are_reached() {
         ]
     };
     let mut children = Vec::new();
-    let spawn = |cmd: &mut Command| {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts")
-    };
     children.push(spawn(
         Command::new("redis-server").args(tls_args(primary)).args([
             "--save",

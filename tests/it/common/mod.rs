@@ -933,3 +933,44 @@ pub fn all_sent(env: &Env, tasks: &[String]) -> bool {
             .any(|c| c.outcome.as_deref() == Some("ok"))
     })
 }
+
+/// Every delivery of this test's shard queues, tagged with its shard: consumed (no ack) on
+/// `ch`. Quorum queues with a single active consumer refuse `basic.get`, hence consumers.
+pub async fn shard_deliveries(
+    ch: &lapin::Channel,
+    env: &Env,
+) -> impl futures_util::Stream<Item = (u16, Result<lapin::message::Delivery, lapin::Error>)> {
+    use futures_util::StreamExt;
+    let mut consumers = Vec::new();
+    for shard in 0..env.shards {
+        let consumer = ch
+            .basic_consume(
+                amqp::shard_queue(&env.exchange, shard).as_str().into(),
+                format!("look-{shard}").as_str().into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("consume a shard queue");
+        consumers.push(consumer.map(move |d| (shard, d)));
+    }
+    futures_util::stream::select_all(consumers)
+}
+
+/// Waits until `key` has `batched` changes in its batch and `waiting` in its outbox.
+pub async fn wait_queued(env: &Env, key: &str, batched: u64, waiting: u64) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{key}: {batched} batched, {waiting} waiting"),
+        || async {
+            env.store
+                .queued(env.shards, key)
+                .await
+                .is_ok_and(|q| q == (batched, waiting))
+        },
+    )
+    .await;
+}
