@@ -12,11 +12,15 @@ use lapin::BasicProperties;
 
 /// A valid event dead-lettered as if its task's batch had been full at the time.
 async fn dead_letter_valid_event(env: &Env, arn: &str) {
+    dead_letter_valid_event_with(env, arn, FieldTable::default()).await
+}
+
+/// [`dead_letter_valid_event`] with more headers.
+async fn dead_letter_valid_event_with(env: &Env, arn: &str, mut headers: FieldTable) {
     let c = amqp::connect(&amqp_url(), &Default::default(), "test dlq")
         .await
         .expect("amqp");
     let ch = amqp::confirm_channel(&c).await.expect("channel");
-    let mut headers = FieldTable::default();
     headers.insert(
         amqp::REJECT_HEADER.into(),
         AMQPValue::LongString("batch_full: the task's batch holds 1000 changes".into()),
@@ -137,26 +141,10 @@ async fn a_replayed_message_is_published_afresh() {
     let an_hour_ago = ecs_state_relay::relay::wire::now_ms() - 3_600_000;
     let mut headers = FieldTable::default();
     headers.insert(
-        amqp::REJECT_HEADER.into(),
-        AMQPValue::LongString("batch_full: the task's batch holds 1000 changes".into()),
-    );
-    headers.insert(
         amqp::PUBLISHED_MS_HEADER.into(),
         AMQPValue::LongLongInt(an_hour_ago),
     );
-    let confirm = ch
-        .basic_publish(
-            amqp::dlx(&env.exchange).as_str().into(),
-            t.as_str().into(),
-            BasicPublishOptions::default(),
-            task(&t, "RUNNING").to_string().as_bytes(),
-            BasicProperties::default().with_headers(headers),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack());
+    dead_letter_valid_event_with(&env, &t, headers).await;
     let conn = env.conn();
     eventually(Duration::from_secs(10), "dead-lettered", || async {
         dlq::list(&conn, 10).await.map(|l| l.len()).unwrap_or(0) == 1
