@@ -320,7 +320,11 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<()> {
             }
             println!("{line}");
         }
-        (None, None) => println!("  now: idle (nothing to send)"),
+        (None, None) if report.outbox.is_empty() => println!("  now: idle (nothing to send)"),
+        (None, None) => println!(
+            "  now: waiting to be picked up (the owner holds no work for it yet: a handover or \
+             its resume is under way)"
+        ),
         (None, Some(why)) => println!("  now: unknown — {why}"),
     }
     if let Some(k) = &report.known_status {

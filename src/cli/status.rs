@@ -184,6 +184,7 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
     let urls = &args.conn.amqp_url;
     let nodes = (0..crate::relay::config::url_list(urls).len())
         .map(|i| amqp::node_label(urls, i))
+        .filter(|n| !n.is_empty())
         .collect();
     let amqp_nodes_down = unreachable(nodes).await;
     let sentinels_down = unreachable(args.conn.sentinels()).await;

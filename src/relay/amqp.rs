@@ -127,7 +127,9 @@ pub fn node_label(urls: &str, index: usize) -> String {
             format!(
                 "{}:{}",
                 u.host_str().unwrap_or(""),
-                u.port().unwrap_or(5672)
+                // The url crate knows no AMQP default ports; lapin's: 5671 with TLS.
+                u.port()
+                    .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 })
             )
         })
         .unwrap_or_default()
@@ -466,5 +468,19 @@ pub async fn dead_letter(
         Confirmation::NotRequested => Err(DeadLetterError::Broken(
             "the channel is not in confirm mode".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_label;
+
+    #[test]
+    fn node_labels_use_the_amqp_default_ports() {
+        let urls = "amqp://u:p@rabbit-0/%2f,amqps://u:p@rabbit-1/%2f,amqps://u:p@rabbit-2:7000/%2f";
+        assert_eq!(node_label(urls, 0), "rabbit-0:5672");
+        assert_eq!(node_label(urls, 1), "rabbit-1:5671");
+        assert_eq!(node_label(urls, 2), "rabbit-2:7000");
+        assert_eq!(node_label(urls, 3), "", "no such node");
     }
 }

@@ -380,8 +380,11 @@ impl Link {
             let password = std::fs::read_to_string(path).map_err(|e| {
                 anyhow::anyhow!("cannot read Sentinel password file {}: {e}", path.display())
             })?;
-            builder =
-                builder.set_client_to_sentinel_password(password.trim_end_matches(['\r', '\n']));
+            // An empty file means no AUTH, as no file does.
+            let password = password.trim_end_matches(['\r', '\n']);
+            if !password.is_empty() {
+                builder = builder.set_client_to_sentinel_password(password);
+            }
         }
         if auth.tls {
             builder = builder.set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);

@@ -615,14 +615,14 @@ impl Senders {
         flow: &str,
     ) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
+        let key = key.to_string();
         loop {
+            // Also after a refused try: it waits for the lease or Redis, then a permit again.
+            self.board().phase(&key, Phase::Permit);
             if !ctx.wait_for_call_window().await {
                 return None;
             }
-            let key = key.to_string();
-            self.board().phase(&key, Phase::Permit);
             let permit = ctx.permits.acquire(flow, &ctx.cancel).await?;
-            self.board().phase(&key, Phase::Call);
             // Waiting for the permit may have used up the lease's cover (renewals wait on a
             // slow replica): wait for the next renewal rather than build a request that the
             // send-time guard would refuse.
@@ -630,6 +630,7 @@ impl Senders {
                 ctx.permits.release(permit).await;
                 continue;
             }
+            self.board().phase(&key, Phase::Call);
             let started = Instant::now();
             // Checked by the SDK right before the request goes on the wire: a long permit wait
             // or a paused process must not send a call that could outlive lease or permit.
@@ -691,9 +692,18 @@ impl Senders {
     /// (`w`), its status (`s`) and container changes (`c`), after how many calls (`n`), and
     /// ECS's answer or why no call was needed (`a`). Short names: it is kept per task.
     fn history(&self, entry: Option<&OutboxEntry>, calls: u32, answer: &str) -> String {
-        /// ECS's messages can be long; the history is kept small.
+        /// ECS's messages can be long (and echo input); the history is kept small: at most
+        /// this many bytes, control characters (escaped six times as long in JSON) as spaces.
         const MAX_ANSWER: usize = 200;
-        let answer: String = answer.chars().take(MAX_ANSWER).collect();
+        let mut short = String::new();
+        for c in answer.chars() {
+            let c = if c.is_control() { ' ' } else { c };
+            if short.len() + c.len_utf8() > MAX_ANSWER {
+                break;
+            }
+            short.push(c);
+        }
+        let answer = short;
         serde_json::json!({
             "w": self.ctx.fence.owner,
             "s": entry.map(|e| e.e.status()),

@@ -651,13 +651,23 @@ pub const READY_TOP: usize = 5;
 /// with an unspecified host (`0.0.0.0`, `[::]`) replaced by `POD_IP` (Kubernetes, from the
 /// downward API) or else the host name. None without a listener.
 fn advertised(metrics_addr: &str) -> Option<String> {
-    let (host, port) = metrics_addr.rsplit_once(':')?;
-    if !matches!(host, "0.0.0.0" | "[::]" | "") {
-        return Some(metrics_addr.to_string());
-    }
     let host = std::env::var("POD_IP")
         .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "127.0.0.1".into());
+        .ok();
+    advertise(metrics_addr, host)
+}
+
+/// [`advertised`] with this host's name or address given.
+fn advertise(metrics_addr: &str, host: Option<String>) -> Option<String> {
+    let (listen, port) = metrics_addr.rsplit_once(':')?;
+    if !matches!(listen, "0.0.0.0" | "[::]" | "") {
+        return Some(metrics_addr.to_string());
+    }
+    let host = host.unwrap_or_else(|| "127.0.0.1".into());
+    // An IPv6 address goes in brackets, or the port would read as part of it.
+    if host.contains(':') && !host.starts_with('[') {
+        return Some(format!("[{host}]:{port}"));
+    }
     Some(format!("{host}:{port}"))
 }
 
@@ -717,6 +727,28 @@ async fn report_permits(permits: Semaphore, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_inspect_address_names_this_host_when_listening_on_every_interface() {
+        let ip = |s: &str| Some(s.to_string());
+        assert_eq!(advertise("", ip("10.0.0.5")), None);
+        assert_eq!(
+            advertise("127.0.0.1:9464", ip("10.0.0.5")).as_deref(),
+            Some("127.0.0.1:9464")
+        );
+        assert_eq!(
+            advertise("0.0.0.0:9464", ip("10.0.0.5")).as_deref(),
+            Some("10.0.0.5:9464")
+        );
+        assert_eq!(
+            advertise("[::]:9464", ip("fd00::5")).as_deref(),
+            Some("[fd00::5]:9464")
+        );
+        assert_eq!(
+            advertise("0.0.0.0:9464", None).as_deref(),
+            Some("127.0.0.1:9464")
+        );
+    }
 
     #[test]
     fn restarts_back_off_and_a_long_run_starts_afresh() {
