@@ -33,10 +33,11 @@ cargo clippy --all-targets -- -D warnings
 export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true
 export RUST_LOG="${RUST_LOG:-warn}"
 
-# The timing tests (the seeded nemesis runs, the fair-share bounds) measure latency and
-# throughput on two cores: they run after the others, one at a time, with the machine to
-# themselves. Extra arguments select tests in one run instead.
-timing='test(/^nemesis::/) | test(/^fairness::/)'
+# The timing tests (the seeded nemesis runs, the fair-share bounds, the Sentinel fixture's own
+# failover timings) measure latency, throughput or failover times on two cores: they run after
+# the others, one at a time, with the machine to themselves. Extra arguments select tests in one
+# run instead.
+timing='test(/^nemesis::/) | test(/^fairness::/) | test(/^ha_fixture::/)'
 if [ "$runner" = nextest ] && [ $# -gt 0 ]; then
   log "cargo nextest run $*"
   cargo nextest run --no-fail-fast "$@"
