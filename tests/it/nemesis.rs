@@ -176,6 +176,8 @@ struct Cluster {
     /// from Redis may leave a call whose outcome was not recorded.
     edges: usize,
     applied: BTreeMap<&'static str, usize>,
+    /// Worker processes seen ended without the nemesis ending them (noted once each).
+    ended: std::collections::BTreeSet<u32>,
 }
 
 impl Cluster {
@@ -190,6 +192,7 @@ impl Cluster {
             log: Vec::new(),
             edges: 0,
             applied: BTreeMap::new(),
+            ended: std::collections::BTreeSet::new(),
         };
         let nodes: Vec<String> = match &cluster.ha {
             Some(ha) => (0..3)
@@ -232,6 +235,28 @@ impl Cluster {
 
     fn note(&mut self, at: Duration, what: String) {
         self.log.push((at, what));
+    }
+
+    /// Notes every worker process that ended without the nemesis ending it (its slot says it
+    /// runs): the schedule then shows when and how, instead of a run that just stops draining.
+    /// The slot is left as it is, so the schedule plays out as before.
+    fn note_exits(&mut self, at: Duration) {
+        let mut ended = Vec::new();
+        for (w, state) in self.workers.iter_mut().enumerate() {
+            if let State::Up(p) | State::Paused(p) = state {
+                if let Ok(Some(status)) = p.0.try_wait() {
+                    ended.push((w, p.0.id(), status));
+                }
+            }
+        }
+        for (w, pid, status) in ended {
+            if self.ended.insert(pid) {
+                self.note(
+                    at,
+                    format!("worker {w} (pid {pid}) ENDED ON ITS OWN: {status}"),
+                );
+            }
+        }
     }
 
     /// Applies a fault; returns what will heal it and when (None: nothing to heal, or the
@@ -586,6 +611,7 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
             (None, None) => break,
         };
         tokio::time::sleep_until((started + at).into()).await;
+        cluster.note_exits(at);
         if is_fault {
             let (at, fault) = plan[next];
             next += 1;
