@@ -334,7 +334,10 @@ impl<K: Hash + Eq + Clone> Board<K> {
     }
 
     /// Before the runner reads `key`'s outbox: a wake from now on means "read again".
-    pub fn reading(&mut self, key: &K) {
+    pub fn reading<Q: Hash + Eq + ?Sized>(&mut self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         if let Some(Slot::Running { woken, .. }) = self.keys.get_mut(key) {
             *woken = false;
         }
@@ -342,7 +345,10 @@ impl<K: Hash + Eq + Clone> Board<K> {
     }
 
     /// The runner of `key` moves on to `phase`.
-    pub fn phase(&mut self, key: &K, phase: Phase) {
+    pub fn phase<Q: Hash + Eq + ?Sized>(&mut self, key: &Q, phase: Phase)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         if let Some(Slot::Running {
             phase: current,
             since,
@@ -368,7 +374,10 @@ impl<K: Hash + Eq + Clone> Board<K> {
     }
 
     /// A call for `key` went through: its failure streak is over.
-    pub fn succeeded(&mut self, key: &K) {
+    pub fn succeeded<Q: Hash + Eq + ?Sized>(&mut self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         self.failures.remove(key);
     }
 
@@ -404,7 +413,10 @@ impl<K: Hash + Eq + Clone> Board<K> {
 
     /// The runner read `key`'s outbox empty. True: the key is done and forgotten; false: it
     /// was woken since the read, so read again.
-    pub fn finish(&mut self, key: &K) -> bool {
+    pub fn finish<Q: Hash + Eq + ?Sized>(&mut self, key: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         match self.keys.get_mut(key) {
             Some(Slot::Running { woken, .. }) if *woken => {
                 *woken = false;

@@ -460,7 +460,7 @@ impl Senders {
 
     /// True when the key is done: nothing woke it since it last read the outbox.
     fn finish(&self, key: &str) -> bool {
-        self.board().finish(&key.to_string())
+        self.board().finish(key)
     }
 
     /// Sends a key's outbox head after head until it is empty, a call fails or the shard stops.
@@ -592,7 +592,7 @@ impl Senders {
             };
             backoff.reset();
             *attempt = 0;
-            self.board().succeeded(&key.to_string());
+            self.board().succeeded(key);
             let answered = Instant::now();
             match self.complete(key, &id_prefix, record, &history).await {
                 Some(next) => {
@@ -615,10 +615,9 @@ impl Senders {
         flow: &str,
     ) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
-        let key = key.to_string();
         loop {
             // Also after a refused try: it waits for the lease or Redis, then a permit again.
-            self.board().phase(&key, Phase::Permit);
+            self.board().phase(key, Phase::Permit);
             if !ctx.wait_for_call_window().await {
                 return None;
             }
@@ -630,7 +629,7 @@ impl Senders {
                 ctx.permits.release(permit).await;
                 continue;
             }
-            self.board().phase(&key, Phase::Call);
+            self.board().phase(key, Phase::Call);
             let started = Instant::now();
             // Checked by the SDK right before the request goes on the wire: a long permit wait
             // or a paused process must not send a call that could outlive lease or permit.
@@ -685,7 +684,7 @@ impl Senders {
 
     /// Clears the wake flag before the outbox is read, so a wake after that read is not lost.
     fn clear_wake(&self, key: &str) {
-        self.board().reading(&key.to_string());
+        self.board().reading(key);
     }
 
     /// A history entry (see `complete.lua`, read by `inspect`): which worker removed the head
