@@ -372,7 +372,8 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rfc3339(ms: i64) -> String {
+/// `ms` since the Unix epoch as RFC 3339 (the number itself if out of range).
+pub(crate) fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {

@@ -11,7 +11,7 @@ use crate::relay::config::ConnConfig;
 use crate::relay::redis_link::Replication;
 use crate::relay::schedule::Backlog;
 use crate::relay::semaphore::Semaphore;
-use crate::relay::store::Store;
+use crate::relay::store::{Store, StoreLost};
 use crate::relay::worker::{ReadyReport, READY_TOP};
 
 #[derive(Args)]
@@ -25,6 +25,11 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Delete the store-lost record (after dealing with a Redis that lost the relay's state:
+    /// docs/operations.md, "Store lost"); the workers' `relay_store_lost` falls to 0 at their
+    /// next heartbeat. Then shows the status.
+    #[arg(long)]
+    pub clear_store_lost: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,6 +78,8 @@ pub struct Status {
     pub amqp_nodes_down: Vec<String>,
     /// Sentinels of `RELAY_REDIS_SENTINELS` that do not accept a connection (TCP) from here.
     pub sentinels_down: Vec<String>,
+    /// Set when a worker found that Redis lost the relay's state, until an operator clears it.
+    pub store_lost: Option<StoreLost>,
 }
 
 /// How long `status` waits for a broker node or Sentinel to accept a connection.
@@ -100,8 +107,20 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         shards: args.shards,
         concurrency_limit: args.concurrency_limit,
         json: args.json,
+        clear_store_lost: args.clear_store_lost,
     };
     let store = Store::open(&args.conn).await?;
+    if args.clear_store_lost {
+        let cleared = store.clear_store_lost().await?;
+        eprintln!(
+            "{}",
+            if cleared {
+                "store-lost record cleared"
+            } else {
+                "no store-lost record to clear"
+            }
+        );
+    }
     let permits = Semaphore::new(
         store.clone(),
         "status",
@@ -207,6 +226,7 @@ pub async fn collect(args: &StatusArgs) -> anyhow::Result<Status> {
         amqp_nodes,
         amqp_nodes_down,
         sentinels_down,
+        store_lost: store.store_lost().await?,
     })
 }
 
@@ -215,6 +235,15 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
+    }
+    if let Some(lost) = &status.store_lost {
+        println!(
+            "STORE LOST: Redis lost the relay's state (seen by {} at {}; epoch {} found {}). Changes stored before then will not reach ECS; see docs/operations.md, \"Store lost\", then run `status --clear-store-lost`",
+            lost.seen_by,
+            super::inspect::rfc3339(i64::try_from(lost.at_ms).unwrap_or(i64::MAX)),
+            lost.known_epoch,
+            lost.found_epoch
+        );
     }
     println!(
         "exchange {}   workers {} live   permits {}/{} in use   effective limit {}{}",

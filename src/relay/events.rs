@@ -10,6 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::relay::metrics::{self as m, Op};
+use crate::relay::redis_link::GateClosed;
 
 /// How often one call site may write its line.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -35,6 +36,30 @@ impl RedisFailed<'_> {
                 held_back,
                 "{}",
                 self.what
+            );
+        }
+    }
+}
+
+/// A sender was ready to start an ECS call and held it back: the Redis gate is closed
+/// ([`crate::relay::redis_link::Link::gate`]), so the call's completion could not be recorded.
+pub struct GateHeld {
+    pub why: GateClosed,
+}
+
+impl GateHeld {
+    /// Counts `relay_redis_gate_held_calls_total{why}`, sets `relay_redis_gate_closed`, and
+    /// logs why, rate-limited.
+    #[track_caller]
+    pub fn emit(self) {
+        let why = self.why.label();
+        m::redis_gate_held(why);
+        m::redis_gate(true);
+        if let Some(held_back) = admit(Location::caller(), why, "gate") {
+            tracing::warn!(
+                why,
+                held_back,
+                "Redis gate closed: this worker starts no ECS call until Redis answers and takes writes again"
             );
         }
     }

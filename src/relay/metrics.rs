@@ -65,6 +65,19 @@ pub const PRODUCER_ACL_HASH: &str = "relay_producer_acl_hash";
 pub const READY_CLUSTERS: &str = "relay_ready_clusters";
 /// The longest a ready change on this worker has waited for a runner or a permit.
 pub const READY_OLDEST_SECONDS: &str = "relay_ready_oldest_seconds";
+/// 1 while a store-lost record stands: Redis lost the relay's state under the fleet (restarted
+/// empty, failed over to a replica without the data, flushed). Cleared by the operator.
+pub const STORE_LOST: &str = "relay_store_lost";
+/// 1 while this worker's Redis gate is closed: its round trips say Redis cannot record a
+/// call's completion now (a failed round trip, a refused or unconfirmed write, a reply overdue),
+/// so its senders start no ECS call.
+pub const REDIS_GATE_CLOSED: &str = "relay_redis_gate_closed";
+/// ECS calls a sender was ready to start and held back because the Redis gate was closed, by
+/// why it was closed.
+pub const REDIS_GATE_HELD: &str = "relay_redis_gate_held_calls_total";
+/// Time the Redis gate was closed, in ms, by why (sampled every 50 ms): how long a worker's
+/// calls could not start, even when none was waiting. (Counters are integers: ms, not s.)
+pub const REDIS_GATE_CLOSED_MS: &str = "relay_redis_gate_closed_milliseconds_total";
 
 /// Every metric above; dashboards and alert rules may name only these (a test checks).
 pub const ALL: &[&str] = &[
@@ -108,6 +121,10 @@ pub const ALL: &[&str] = &[
     PRODUCER_ACL_HASH,
     READY_CLUSTERS,
     READY_OLDEST_SECONDS,
+    STORE_LOST,
+    REDIS_GATE_CLOSED,
+    REDIS_GATE_HELD,
+    REDIS_GATE_CLOSED_MS,
 ];
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -185,6 +202,22 @@ pub fn amqp_node(node: &str) {
     }
     gauge!(AMQP_NODE, "node" => node.to_string()).set(1.0);
     *current = Some(node.to_string());
+}
+pub fn store_lost(lost: bool) {
+    gauge!(STORE_LOST).set(if lost { 1.0 } else { 0.0 });
+}
+pub fn redis_gate(closed: bool) {
+    gauge!(REDIS_GATE_CLOSED).set(if closed { 1.0 } else { 0.0 });
+}
+/// One gate sample: `closed` for why, over `span`.
+pub fn redis_gate_sample(closed: Option<&'static str>, span: Duration) {
+    redis_gate(closed.is_some());
+    if let Some(why) = closed {
+        counter!(REDIS_GATE_CLOSED_MS, "why" => why).increment(span.as_millis() as u64);
+    }
+}
+pub fn redis_gate_held(why: &'static str) {
+    counter!(REDIS_GATE_HELD, "why" => why).increment(1);
 }
 /// Sentinel named a new Redis primary and this worker followed it.
 pub fn redis_failover() {

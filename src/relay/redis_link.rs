@@ -180,18 +180,49 @@ impl Reach {
         self.end(n, false);
     }
 
-    fn reachable(&self) -> bool {
-        self.last_ok.load(Ordering::SeqCst) >= self.last_failed.load(Ordering::SeqCst)
-            && self.last_write_ok.load(Ordering::SeqCst)
-                >= self.last_write_refused.load(Ordering::SeqCst)
-            && self
-                .waiting()
-                .first_key_value()
-                .is_none_or(|(_, since)| since.elapsed() < STALLED)
+    /// Why the gate is closed, if it is (see [`Link::gate`]).
+    fn closed(&self) -> Option<GateClosed> {
+        if self.last_ok.load(Ordering::SeqCst) < self.last_failed.load(Ordering::SeqCst) {
+            return Some(GateClosed::RoundTripFailed);
+        }
+        if self.last_write_ok.load(Ordering::SeqCst)
+            < self.last_write_refused.load(Ordering::SeqCst)
+        {
+            return Some(GateClosed::WriteRefused);
+        }
+        let overdue = self
+            .waiting()
+            .first_key_value()
+            .is_some_and(|(_, since)| since.elapsed() >= STALLED);
+        overdue.then_some(GateClosed::ReplyOverdue)
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Instant>> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Why a worker's Redis gate is closed: what its latest round trips say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateClosed {
+    /// The latest-started round trip that ended failed (an I/O error, a timeout, no
+    /// connection).
+    RoundTripFailed,
+    /// The latest-started write was refused (a replica, `NOREPLICAS`, loading) or not
+    /// confirmed by `RELAY_REDIS_MIN_REPLICAS` replicas.
+    WriteRefused,
+    /// A reply on a shared connection is overdue by [`STALLED`] (a cut, a paused Redis).
+    ReplyOverdue,
+}
+
+impl GateClosed {
+    /// The `why` label of `relay_redis_gate_held_calls_total`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            GateClosed::RoundTripFailed => "round_trip_failed",
+            GateClosed::WriteRefused => "write_refused",
+            GateClosed::ReplyOverdue => "reply_overdue",
+        }
     }
 }
 
@@ -425,7 +456,12 @@ impl Link {
     /// change would be sent again by the shard's next owner; every call started during a cut
     /// is one such duplicate.
     pub fn reachable(&self) -> bool {
-        self.reach.reachable()
+        self.gate().is_none()
+    }
+
+    /// Why Redis counts as unreachable now (the gate is closed), or None (open).
+    pub fn gate(&self) -> Option<GateClosed> {
+        self.reach.closed()
     }
 
     /// The Redis this link talks to, for messages (credentials masked).
@@ -855,19 +891,21 @@ mod tests {
     #[test]
     fn an_older_answer_never_overrules_a_newer_one() {
         let reach = Reach::default();
-        assert!(reach.reachable(), "nothing failed yet");
+        assert_eq!(reach.closed(), None, "nothing failed yet");
         let (before_cut, failing) = (reach.start(), reach.start());
         reach.end(failing, false);
         reach.end(before_cut, true);
-        assert!(
-            !reach.reachable(),
+        assert_eq!(
+            reach.closed(),
+            Some(GateClosed::RoundTripFailed),
             "a reply already on its way when the cut began"
         );
         let (sent_before_heal, after_heal) = (reach.start(), reach.start());
         reach.end(after_heal, true);
         reach.end(sent_before_heal, false);
-        assert!(
-            reach.reachable(),
+        assert_eq!(
+            reach.closed(),
+            None,
             "a request from before the heal timing out later"
         );
     }
@@ -879,13 +917,14 @@ mod tests {
         reach.write_ended(write, false);
         let read = reach.start();
         reach.end(read, true);
-        assert!(
-            !reach.reachable(),
+        assert_eq!(
+            reach.closed(),
+            Some(GateClosed::WriteRefused),
             "reads alone do not clear a refused write"
         );
         let write = reach.start();
         reach.write_ended(write, true);
-        assert!(reach.reachable());
+        assert_eq!(reach.closed(), None);
     }
 
     #[test]
@@ -895,6 +934,21 @@ mod tests {
         assert_eq!(reach.waiting().len(), 1);
         drop(watched); // a timeout or a cancelled select dropped the request's future
         assert!(reach.waiting().is_empty());
+    }
+
+    #[test]
+    fn a_reply_overdue_closes_the_gate_until_it_comes() {
+        let reach = Reach::default();
+        let watched = reach.watch();
+        assert_eq!(reach.closed(), None, "a reply not yet overdue");
+        reach.waiting().insert(
+            watched.n,
+            Instant::now() - STALLED - Duration::from_millis(1),
+        );
+        assert_eq!(reach.closed(), Some(GateClosed::ReplyOverdue));
+        reach.end(watched.n, true);
+        drop(watched);
+        assert_eq!(reach.closed(), None);
     }
 
     #[test]

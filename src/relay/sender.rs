@@ -18,7 +18,7 @@ use crate::relay::adaptive;
 use crate::relay::config::{WorkerConfig, CALL_MARGIN, PREPARE_SLACK};
 use crate::relay::dead_letter;
 use crate::relay::ecs::{CallError, CallGuard, Ecs};
-use crate::relay::events::RedisFailed;
+use crate::relay::events::{GateHeld, RedisFailed};
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::producers::Producers;
 use crate::relay::schedule::{Backlog, Backoff, Board, Live, Next, Phase, Retry};
@@ -241,6 +241,7 @@ impl ShardCtx {
     /// follows a lapsed takeover) and Redis is reachable to record its completion; false when
     /// the shard stops first.
     async fn wait_for_call_window(&self) -> bool {
+        let mut held = false;
         loop {
             let renewed = self.renewed.notified();
             tokio::pin!(renewed);
@@ -248,8 +249,16 @@ impl ShardCtx {
             if self.cancel.is_cancelled() {
                 return false;
             }
-            if self.lease_covers_a_call(PREPARE_SLACK) && self.store.link().reachable() {
-                return true;
+            if self.lease_covers_a_call(PREPARE_SLACK) {
+                match self.store.link().gate() {
+                    None => return true,
+                    // Counted once per wait, however long the gate stays closed.
+                    Some(why) if !held => {
+                        held = true;
+                        GateHeld { why }.emit();
+                    }
+                    Some(_) => {}
+                }
             }
             let until = self
                 .calls_from
@@ -665,10 +674,9 @@ impl Senders {
                 tracing::debug!(
                     "lease or permit too short for a call, or Redis unreachable; waiting"
                 );
-                // Counted only when the lease or permit was short: Redis being unreachable is
-                // counted (and logged) by the step that found it.
-                if ctx.store.link().reachable() {
-                    m::fenced(Op::Call);
+                match ctx.store.link().gate() {
+                    Some(why) => GateHeld { why }.emit(),
+                    None => m::fenced(Op::Call),
                 }
                 continue;
             }

@@ -30,7 +30,7 @@ use crate::relay::producers::{self, AuthMode, Producers};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::sender::{Asked, ReadyWork, ShardCtx, Shared};
 use crate::relay::shard::{self, ShardEnd};
-use crate::relay::store::{wake_on_publish, Store};
+use crate::relay::store::{wake_on_publish, Store, StoreLost};
 
 struct Owned {
     ctx: Arc<ShardCtx>,
@@ -137,6 +137,7 @@ pub async fn run(
     let background_tasks = TaskTracker::new();
     background_tasks.spawn(permits.clone().run_background(background.clone()));
     background_tasks.spawn(report_permits(permits.clone(), background.clone()));
+    background_tasks.spawn(sample_gate(store.clone(), background.clone()));
     background_tasks.spawn(producers::maintain(
         producers.clone(),
         match cfg.producer_auth {
@@ -148,6 +149,7 @@ pub async fn run(
         background.clone(),
     ));
     let rebalance = Arc::new(Notify::new());
+    let epoch = Arc::new(EpochWatch::default());
     background_tasks.spawn(wake_on_publish(
         store.clone(),
         store.membership_channel(),
@@ -188,6 +190,7 @@ pub async fn run(
             rebalance: rebalance.clone(),
             next_node: next_node.clone(),
             amqp_node: amqp_node.clone(),
+            epoch: epoch.clone(),
         };
         let began = Instant::now();
         ready.pulse();
@@ -260,6 +263,49 @@ struct Session {
     next_node: Arc<AtomicUsize>,
     /// The RabbitMQ node of the current connection, for `status`.
     amqp_node: Arc<std::sync::Mutex<Option<String>>>,
+    /// The store epoch this worker knows, across sessions.
+    epoch: Arc<EpochWatch>,
+}
+
+/// The store epoch a worker knows (see `heartbeat.lua`), and the store-lost record it last
+/// reported: a store that lost the relay's state is said once per record, loudly.
+#[derive(Default)]
+struct EpochWatch(std::sync::Mutex<(Option<String>, Option<StoreLost>)>);
+
+impl EpochWatch {
+    fn known(&self) -> Option<String> {
+        self.lock().0.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<String>, Option<StoreLost>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes in a heartbeat's epoch and record: sets `relay_store_lost`, logs a new record.
+    fn beat(&self, worker: &str, epoch: String, lost: Option<StoreLost>) {
+        let mut watch = self.lock();
+        let (known, reported) = &mut *watch;
+        if known.as_ref().is_some_and(|k| *k != epoch) {
+            tracing::error!(
+                worker,
+                known_epoch = ?known,
+                found_epoch = %epoch,
+                "Redis lost the relay's state: the store epoch changed under this worker (a Redis restarted empty, a failover to a replica without the data, or a flush). Changes stored before are gone and will not reach ECS; new work goes on. See docs/operations.md, \"Store lost\""
+            );
+        }
+        *known = Some(epoch);
+        m::store_lost(lost.is_some());
+        if lost.is_some() && *reported != lost {
+            if let Some(l) = &lost {
+                tracing::error!(
+                    seen_by = %l.seen_by,
+                    at_ms = l.at_ms,
+                    "store-lost record stands: relay_store_lost is 1 until an operator runs `ecs-state-relay status --clear-store-lost`"
+                );
+            }
+        }
+        *reported = lost;
+    }
 }
 
 impl Session {
@@ -404,17 +450,22 @@ impl Session {
         // Without an answer, keep what we own (renewing below keeps trying) and take nothing.
         let desired: Option<BTreeSet<u16>> = match self
             .store
-            .heartbeat(&self.worker_id, self.cfg.lease_ms)
+            .heartbeat(
+                &self.worker_id,
+                self.cfg.lease_ms,
+                self.epoch.known().as_deref(),
+            )
             .await
         {
-            Ok(live) => Some(
-                assignment(&live, self.cfg.shards)
+            Ok(beat) => Some({
+                self.epoch.beat(&self.worker_id, beat.epoch, beat.lost);
+                assignment(&beat.live, self.cfg.shards)
                     .into_iter()
                     .zip(0..)
                     .filter(|(owner, _)| *owner == Some(self.worker_id.as_str()))
                     .map(|(_, shard)| shard)
-                    .collect(),
-            ),
+                    .collect()
+            }),
             Err(e) => {
                 RedisFailed {
                     op: Op::Heartbeat,
@@ -711,6 +762,23 @@ async fn report_ready(
 
 /// How often a worker reports its ready work.
 const READY_EVERY: Duration = Duration::from_secs(2);
+
+/// Every [`GATE_SAMPLE`]: whether the Redis gate is closed (`relay_redis_gate_closed`) and for
+/// how long (`relay_redis_gate_closed_milliseconds_total`). Calls held by it are counted where
+/// they wait.
+async fn sample_gate(store: Store, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(GATE_SAMPLE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        m::redis_gate_sample(store.link().gate().map(|g| g.label()), GATE_SAMPLE);
+    }
+}
+
+const GATE_SAMPLE: Duration = Duration::from_millis(50);
 
 async fn report_permits(permits: Semaphore, cancel: CancellationToken) {
     loop {

@@ -136,6 +136,7 @@ async fn the_fleet_backs_off_when_ecs_throttles_and_returns_to_the_ceiling() {
         shards: 4,
         concurrency_limit: 10,
         json: true,
+        clear_store_lost: false,
     })
     .await
     .expect("status");

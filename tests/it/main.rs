@@ -18,6 +18,7 @@ mod ha_fixture;
 mod inspect;
 mod model;
 mod nemesis;
+mod nemesis_plan;
 mod observability;
 mod producers;
 mod rabbit_cluster_fixture;

@@ -1,12 +1,45 @@
--- Worker registry: members scored by heartbeat expiry (ms, Redis TIME). Registers or renews
--- this worker, forgets workers whose heartbeat lapsed, and returns the live set, which every
--- worker divides the shards over.
--- A worker that is new to the set is announced on the membership channel.
--- KEYS: 1 workers zset   ARGV: 1 worker id, 2 lease ms, 3 membership channel
+-- Worker registry and store epoch, one round trip per control-loop pass.
+--
+-- Registers or renews this worker in the live set (members scored by heartbeat expiry, ms,
+-- Redis TIME), forgets workers whose heartbeat lapsed, and reaps their entries from the
+-- per-worker hashes (ready work, inspect addresses, producer rules), so a SIGKILLed worker
+-- leaves nothing behind. A worker new to the set is announced on the membership channel.
+--
+-- The store epoch is a value written once into an empty store. Every worker remembers the
+-- epoch of its first heartbeat; if a later heartbeat finds another (or none: it writes a new
+-- one), the store lost its state under the fleet (a Redis restarted empty, a failover to a
+-- replica that lost its data, a FLUSHDB). The first worker to see it records the loss, once,
+-- until an operator deletes the record (`ecs-state-relay status --clear-store-lost`).
+--
+-- KEYS: 1 workers zset, 2 epoch, 3 store-lost record, 4 ready hash, 5 addrs hash,
+--       6 producer-rules hash
+-- ARGV: 1 worker id, 2 lease ms, 3 membership channel, 4 the epoch this worker knows ('' on
+--       its first heartbeat)
+-- Returns: { live workers (array), current epoch, the store-lost record or '' }
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[1] .. '@' .. now
+  redis.call('SET', KEYS[2], epoch)
+end
+if ARGV[4] ~= '' and ARGV[4] ~= epoch then
+  redis.call('SET', KEYS[3], cjson.encode({
+    seen_by = ARGV[1], at_ms = now, known_epoch = ARGV[4], found_epoch = epoch
+  }), 'NX')
+end
+local lost = redis.call('GET', KEYS[3]) or ''
+
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) == 1 then
   redis.call('PUBLISH', ARGV[3], 'joined')
 end
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+for i = 4, 6 do
+  for _, worker in ipairs(redis.call('HKEYS', KEYS[i])) do
+    if not redis.call('ZSCORE', KEYS[1], worker) then
+      redis.call('HDEL', KEYS[i], worker)
+    end
+  end
+end
+return { redis.call('ZRANGE', KEYS[1], 0, -1), epoch, lost }

@@ -1,7 +1,46 @@
 //! Membership and ownership: worker heartbeats, shard leases with fencing tokens
 //! (`lease_*.lua`, `heartbeat.lua`) and the topology lock (`unlock.lua`).
 
+use serde::{Deserialize, Serialize};
+
 use super::{Fence, Lane, Store, StoreResult, Taken};
+
+/// One heartbeat's answer.
+#[derive(Debug)]
+pub struct Beat {
+    /// The live workers, this one included.
+    pub live: Vec<String>,
+    /// The store epoch now: the worker remembers the first it saw.
+    pub epoch: String,
+    /// The store-lost record, while one stands.
+    pub lost: Option<StoreLost>,
+}
+
+/// A worker found the store epoch changed or gone: Redis lost the relay's state (written by
+/// `heartbeat.lua`, deleted by the operator).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreLost {
+    pub seen_by: String,
+    /// Redis TIME, ms since the epoch.
+    pub at_ms: u64,
+    pub known_epoch: String,
+    pub found_epoch: String,
+}
+
+impl StoreLost {
+    fn parse(record: &str) -> Option<StoreLost> {
+        if record.is_empty() {
+            return None;
+        }
+        // A record this version cannot read still means the store was lost.
+        Some(serde_json::from_str(record).unwrap_or_else(|_| StoreLost {
+            seen_by: "?".into(),
+            at_ms: 0,
+            known_epoch: "?".into(),
+            found_epoch: record.chars().take(200).collect(),
+        }))
+    }
+}
 
 impl Store {
     /// Takes the shard lease if free; None when another worker holds it.
@@ -81,18 +120,56 @@ impl Store {
         Ok(())
     }
 
-    /// Announces this worker for `lease_ms`; returns the live workers (this one included).
-    pub async fn heartbeat(&self, worker: &str, lease_ms: u64) -> StoreResult<Vec<String>> {
+    /// Announces this worker for `lease_ms`, reaps dead workers' entries, and checks the store
+    /// epoch against `known_epoch` (None on the first heartbeat; see `heartbeat.lua`).
+    pub async fn heartbeat(
+        &self,
+        worker: &str,
+        lease_ms: u64,
+        known_epoch: Option<&str>,
+    ) -> StoreResult<Beat> {
         let mut conn = self.conn().await?;
-        Ok(self
+        let (live, epoch, lost): (Vec<String>, String, String) = self
             .scripts
             .heartbeat
             .key(self.global_key("workers"))
+            .key(self.global_key("epoch"))
+            .key(self.global_key("store-lost"))
+            .key(self.global_key("ready"))
+            .key(self.global_key("addrs"))
+            .key(self.global_key("producer-rules"))
             .arg(worker)
             .arg(lease_ms)
             .arg(self.membership_channel())
+            .arg(known_epoch.unwrap_or(""))
             .invoke_async(&mut conn)
-            .await?)
+            .await?;
+        Ok(Beat {
+            live,
+            epoch,
+            lost: StoreLost::parse(&lost),
+        })
+    }
+
+    /// The store-lost record, if a worker has recorded one (for `status`).
+    pub async fn store_lost(&self) -> StoreResult<Option<StoreLost>> {
+        let mut conn = self.conn().await?;
+        let record: Option<String> = redis::cmd("GET")
+            .arg(self.global_key("store-lost"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(record.as_deref().and_then(StoreLost::parse))
+    }
+
+    /// Deletes the store-lost record (the operator has dealt with the loss); whether there was
+    /// one. Workers' `relay_store_lost` gauges fall back to 0 at their next heartbeat.
+    pub async fn clear_store_lost(&self) -> StoreResult<bool> {
+        let mut conn = self.conn().await?;
+        let deleted: u64 = redis::cmd("DEL")
+            .arg(self.global_key("store-lost"))
+            .query_async(&mut conn)
+            .await?;
+        Ok(deleted == 1)
     }
 
     /// Leaves the live set at once (clean shutdown), so the others rebalance without waiting.

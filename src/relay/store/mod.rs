@@ -26,6 +26,7 @@ pub use crate::relay::redis_link::{Conn, Lane, StoreError, StoreResult};
 pub use inspect::{KeyView, ShardSummary};
 pub use intake::Intake;
 pub use keys::{field, ShardKeys};
+pub use leases::{Beat, StoreLost};
 pub use outbox::{Completed, KeyState};
 pub use pubsub::{listen, wake_on_publish};
 

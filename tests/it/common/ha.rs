@@ -7,13 +7,16 @@
 //! waits before it turns a restarted old primary (reporting itself a master) into a replica, and
 //! the 4 s pause before a failover is retried after a split vote.
 //!
-//! Data nodes have no persistence, and a restarted node comes back empty, as one without
-//! persistence would in production: restarted before a failover, it stays the (empty) primary
-//! and its replica resyncs from it.
-//!
-//! A restarted node rejoins as a replica about 10 s after it is back: Sentinel sends INFO to
-//! replicas every 10 s (fixed, not configurable) and only converts a replica that reports itself
-//! a master at an INFO reply more than `failover-timeout` after it first saw it as one.
+//! Data nodes have no persistence, so a killed node is restarted the way Redis says a node
+//! without persistence must be (replication docs, "Safety of replication when master has
+//! persistence turned off"): never as a primary. [`RedisHa::restart`] waits until Sentinel has
+//! promoted another node, then starts it as a replica of that one, which it resyncs from. A node
+//! restarted empty *as a primary* (as a supervisor restarting a crashed pod at once does) would
+//! be taken for the primary again by its replicas and by Sentinel until Sentinel converts it
+//! (10 s or more: Sentinel sends INFO to replicas every 10 s and converts a replica that
+//! reports itself a master only after `failover-timeout`); a second failover in that window can
+//! promote the empty node and the replicas resync from it: the whole data set is gone. Issue 33's
+//! nemesis seed lost the relay's state that way (docs/operations.md, "Store lost").
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -166,16 +169,18 @@ impl RedisHa {
         let _ = child.wait();
     }
 
-    /// Starts the node on that data port again, empty and without `--replicaof`: the Sentinels
-    /// make it a replica of the current primary (after `failover-timeout`). Waits for PING.
+    /// Starts the node on that data port again, empty, as a replica of the primary Sentinel
+    /// names once it has failed over from this node (waited for, up to 60 s): an empty node
+    /// must never come back as a primary (see the module docs). Waits for PING.
     pub async fn restart(&mut self, port: u16) {
         assert!(self.data.contains(&port), "{port} is not a data port");
         if let Some(mut old) = self.children.remove(&port) {
             let _ = old.kill();
             let _ = old.wait();
         }
+        let primary = self.wait_failover(port, Duration::from_secs(60)).await;
         let _ = std::fs::remove_file(self.dir.join(format!("dump-{port}.rdb")));
-        self.spawn_data(port, None);
+        self.spawn_data(port, Some(primary));
         self.wait_ping(port).await;
     }
 
