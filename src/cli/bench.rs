@@ -659,6 +659,7 @@ impl Bench {
         let events = lifecycles(&self.run, tag, tasks);
         let broker = self.broker_latency(tag, &events, rate).await?;
         let stages_before = self.stage_buckets().await;
+        let gate_before = self.gate_figures().await;
         let (machine_before, worker_before) = (machine_cpu()?, cpu_secs(self.worker.id())?);
         let started = Instant::now();
         let sent = paced(&mut self.publisher, &events, rate).await?;
@@ -720,6 +721,21 @@ impl Bench {
             worker_cores,
             "",
         ));
+        // The Redis gate on a healthy local Redis: closed time and calls it held back, this
+        // row only (0 and 0 unless a reply was overdue or a write refused).
+        let gate_after = self.gate_figures().await;
+        self.rows.push(row(
+            "latency",
+            &format!("Redis gate closed, ms ({load})"),
+            gate_after.0 - gate_before.0,
+            "0",
+        ));
+        self.rows.push(row(
+            "latency",
+            &format!("calls held by the Redis gate ({load})"),
+            gate_after.1 - gate_before.1,
+            "0",
+        ));
         // Where the time went during this row: the worker's stage histograms, this row only.
         let stages = stage_percentiles(&stages_before, &self.stage_buckets().await);
         for (stage, [p50, p99]) in stages {
@@ -729,6 +745,25 @@ impl Bench {
                 .push(row("stages", &format!("{stage} p99 ms"), p99, ""));
         }
         Ok(())
+    }
+
+    /// The worker's Redis gate so far: (ms closed, calls held), summed over every `why`.
+    async fn gate_figures(&self) -> (f64, f64) {
+        let Ok(resp) = self.http.get(&self.metrics_url).send().await else {
+            return (0.0, 0.0);
+        };
+        let text = resp.text().await.unwrap_or_default();
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        use crate::relay::metrics::{REDIS_GATE_CLOSED_MS, REDIS_GATE_HELD};
+        (sum(REDIS_GATE_CLOSED_MS), sum(REDIS_GATE_HELD))
     }
 
     /// The worker's `relay_stage_seconds` buckets: (stage, upper bound s) → cumulative count.

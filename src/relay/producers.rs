@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -447,8 +447,6 @@ fn load(path: &Path) -> anyhow::Result<(Acl, Vec<u8>)> {
 
 /// How often the file is looked at: a change takes effect within this (well under 10 s).
 const RELOAD_EVERY: Duration = Duration::from_secs(2);
-/// How often a worker records its rules in force even when they have not changed.
-const RECORD_EVERY: Duration = Duration::from_secs(10);
 
 /// Until cancelled: reads `path` (the ACL, unless the check is off) again whenever it changes,
 /// and records the rules in force in Redis for `status` (`worker`'s entry) and in the
@@ -464,24 +462,16 @@ pub async fn maintain(
     // What the file held when last looked at: at first, what `start` loaded (not a second
     // read, which could see a newer file and take it as already applied).
     let mut seen = Some(producers.rules());
-    let mut recorded: Option<(String, Instant)> = None;
     loop {
-        let rules = producers.rules();
-        // Recorded again now and then: the entry of a worker whose heartbeat lapsed (a pause)
-        // is reaped, and a store that lost its state lost it too.
-        let due = recorded
-            .as_ref()
-            .is_none_or(|(r, at)| *r != rules || at.elapsed() >= RECORD_EVERY);
-        if due {
-            match store.set_producer_rules(&worker, &rules).await {
-                Ok(()) => recorded = Some((rules, Instant::now())),
-                Err(e) => RedisFailed {
-                    op: Op::ProducerRules,
-                    what: "cannot record the producer rules in force; retrying",
-                    error: &e,
-                }
-                .emit(),
+        // Recorded on every pass, changed or not: the entry of a worker that was not live for
+        // a while (starting, paused, without RabbitMQ) is reaped, and so is one a store lost.
+        if let Err(e) = store.set_producer_rules(&worker, &producers.rules()).await {
+            RedisFailed {
+                op: Op::ProducerRules,
+                what: "cannot record the producer rules in force; retrying",
+                error: &e,
             }
+            .emit();
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -108,6 +108,8 @@ pub struct Link {
     lanes: Mutex<HashMap<Lane, Committer>>,
     /// What this worker's round trips say about Redis (see [`Link::reachable`]).
     reach: Reach,
+    /// Woken at each sample that finds the gate closed (see [`Link::sample_gate`]).
+    gate_closed: Notify,
 }
 
 /// How long a reply on a shared connection may be overdue before Redis counts as unreachable:
@@ -446,6 +448,7 @@ impl Link {
             target,
             lanes: Mutex::new(HashMap::new()),
             reach: Reach::default(),
+            gate_closed: Notify::new(),
         }
     }
 
@@ -462,6 +465,21 @@ impl Link {
     /// Why Redis counts as unreachable now (the gate is closed), or None (open).
     pub fn gate(&self) -> Option<GateClosed> {
         self.reach.closed()
+    }
+
+    /// [`Link::gate`], waking every call waiting in [`Link::gate_closed`] when it is closed.
+    /// The worker samples it on a short period, so waiting calls need no timers of their own.
+    pub fn sample_gate(&self) -> Option<GateClosed> {
+        let closed = self.gate();
+        if closed.is_some() {
+            self.gate_closed.notify_waiters();
+        }
+        closed
+    }
+
+    /// Completes at the next sample that finds the gate closed.
+    pub fn gate_closed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.gate_closed.notified()
     }
 
     /// The Redis this link talks to, for messages (credentials masked).

@@ -21,6 +21,7 @@ use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::events::{GateHeld, RedisFailed};
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::producers::Producers;
+use crate::relay::redis_link::GateClosed;
 use crate::relay::schedule::{Backlog, Backoff, Board, Live, Next, Phase, Retry};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
@@ -222,6 +223,13 @@ impl ShardCtx {
             && self.call_ends_by() + slack < permit_until
     }
 
+    /// Counts a call held by the closed Redis gate, once per call.
+    fn gate_held(&self, why: GateClosed, counted: &mut bool) {
+        if !std::mem::replace(counted, true) {
+            GateHeld { why }.emit();
+        }
+    }
+
     /// When a call starting now ends at the latest (its timeout), with the margin.
     fn call_ends_by(&self) -> Instant {
         Instant::now() + self.cfg.call_timeout() + CALL_MARGIN
@@ -240,8 +248,10 @@ impl ShardCtx {
     /// Waits until the lease covers a whole call (after a renewal, or after the wait that
     /// follows a lapsed takeover) and Redis is reachable to record its completion; false when
     /// the shard stops first.
-    async fn wait_for_call_window(&self) -> bool {
-        let mut held = false;
+    /// A call held while the gate is closed is counted once (`counted`, kept by the caller
+    /// across the tries of one call), whatever else holds it: while Redis takes no writes the
+    /// lease cannot be renewed either, and the gate is the cause an operator can act on.
+    async fn wait_for_call_window(&self, counted: &mut bool) -> bool {
         loop {
             let renewed = self.renewed.notified();
             tokio::pin!(renewed);
@@ -249,16 +259,10 @@ impl ShardCtx {
             if self.cancel.is_cancelled() {
                 return false;
             }
-            if self.lease_covers_a_call(PREPARE_SLACK) {
-                match self.store.link().gate() {
-                    None => return true,
-                    // Counted once per wait, however long the gate stays closed.
-                    Some(why) if !held => {
-                        held = true;
-                        GateHeld { why }.emit();
-                    }
-                    Some(_) => {}
-                }
+            match self.store.link().gate() {
+                None if self.lease_covers_a_call(PREPARE_SLACK) => return true,
+                None => {}
+                Some(why) => self.gate_held(why, counted),
             }
             let until = self
                 .calls_from
@@ -624,13 +628,31 @@ impl Senders {
         flow: &str,
     ) -> Option<Result<(), CallError>> {
         let ctx = &self.ctx;
+        let mut gate_counted = false;
         loop {
             // Also after a refused try: it waits for the lease or Redis, then a permit again.
             self.board().phase(key, Phase::Permit);
-            if !ctx.wait_for_call_window().await {
+            if !ctx.wait_for_call_window(&mut gate_counted).await {
                 return None;
             }
-            let permit = ctx.permits.acquire(flow, &ctx.cancel).await?;
+            // A call waiting for a permit while the gate closes is held by it as well (the
+            // permit itself cannot be taken while Redis refuses writes): counted once.
+            let acquire = ctx.permits.acquire(flow, &ctx.cancel);
+            tokio::pin!(acquire);
+            let permit = if gate_counted {
+                acquire.await?
+            } else {
+                let closed = ctx.store.link().gate_closed();
+                tokio::select! {
+                    permit = &mut acquire => permit?,
+                    _ = closed => {
+                        if let Some(why) = ctx.store.link().gate() {
+                            ctx.gate_held(why, &mut gate_counted);
+                        }
+                        acquire.await?
+                    }
+                }
+            };
             // Waiting for the permit may have used up the lease's cover (renewals wait on a
             // slow replica): wait for the next renewal rather than build a request that the
             // send-time guard would refuse.
@@ -675,7 +697,7 @@ impl Senders {
                     "lease or permit too short for a call, or Redis unreachable; waiting"
                 );
                 match ctx.store.link().gate() {
-                    Some(why) => GateHeld { why }.emit(),
+                    Some(why) => ctx.gate_held(why, &mut gate_counted),
                     None => m::fenced(Op::Call),
                 }
                 continue;

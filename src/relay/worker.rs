@@ -744,13 +744,16 @@ async fn report_ready(
             amqp_node: amqp_node.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         if let Ok(json) = serde_json::to_string(&report) {
-            if let Err(e) = store.set_ready(&worker, &json, addr.as_deref()).await {
-                RedisFailed {
+            match store.set_ready(&worker, &json, addr.as_deref()).await {
+                // Also here, not only with the heartbeat: a worker without a RabbitMQ session
+                // sends none, and must still follow the alarm and its clearing.
+                Ok(lost) => m::store_lost(lost.is_some()),
+                Err(e) => RedisFailed {
                     op: Op::Heartbeat,
                     what: "cannot record the ready work for status",
                     error: &e,
                 }
-                .emit();
+                .emit(),
             }
         }
         tokio::select! {
@@ -774,7 +777,7 @@ async fn sample_gate(store: Store, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        m::redis_gate_sample(store.link().gate().map(|g| g.label()), GATE_SAMPLE);
+        m::redis_gate_sample(store.link().sample_gate().map(|g| g.label()), GATE_SAMPLE);
     }
 }
 

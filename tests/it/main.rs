@@ -30,6 +30,7 @@ mod scaling;
 mod schema;
 mod security;
 mod sentinel_auth;
+mod store_loss;
 mod tls;
 mod upstream;
 mod workers;

@@ -17,6 +17,13 @@
 //! later); one of each at a time. There the workers find the primary through Sentinel, so
 //! there is no per-worker Redis proxy to cut and Redis cuts are not drawn.
 //! `RELAY_NEMESIS_SEED` replays a schedule exactly, `RELAY_NEMESIS_SECONDS` sets its length.
+//!
+//! The harness is checked too (`nemesis_plan`): the worker slots are a pure state machine the
+//! processes are driven from, a fault on a worker that is not running is skipped and logged,
+//! every slot runs again before the drain, a worker process that ends outside a fault fails
+//! the run, and the result line gives each kind's faults drawn/applied (a kind drawn three
+//! times or more and never applied fails the run). A store-lost record (Redis lost the relay's
+//! state: `relay_store_lost`) fails it as well.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -31,6 +31,9 @@ const FAULT_ONLY: &[&str] = &[
     // Shown moving by tests/it/producers.rs (audit mode, an edited ACL).
     m::PRODUCER_WOULD_REFUSE,
     m::PRODUCER_ACL_RELOADS,
+    // Shown moving by tests/it/redis_ha.rs (a replica that stops confirming writes).
+    m::REDIS_GATE_HELD,
+    m::REDIS_GATE_CLOSED_MS,
 ];
 
 fn promtool() -> &'static str {
@@ -300,6 +303,8 @@ async fn a_live_worker_exports_every_metric_and_they_move() {
                 && *n != m::PERMIT_OLDEST_HELD_SECONDS
                 && *n != m::READY_CLUSTERS
                 && *n != m::READY_OLDEST_SECONDS
+                && *n != m::REDIS_GATE_CLOSED
+                && *n != m::STORE_LOST
         })
         .collect();
     let mut missing = Vec::new();
@@ -325,6 +330,9 @@ async fn a_live_worker_exports_every_metric_and_they_move() {
             m::PERMIT_OLDEST_HELD_SECONDS,
             m::READY_CLUSTERS,
             m::READY_OLDEST_SECONDS,
+            // 0 on a healthy worker; tests/it/redis_ha.rs and store_loss.rs show them at 1.
+            m::REDIS_GATE_CLOSED,
+            m::STORE_LOST,
         ] {
             if !text.contains(&format!("\n{n} ")) {
                 missing.push(n.to_string());

@@ -312,3 +312,104 @@ async fn a_slow_replica_delays_durable_writes_but_never_a_lease() {
     );
     env.cleanup().await;
 }
+
+/// `RELAY_REDIS_MIN_REPLICAS=1` with the only replica SIGSTOPped: the primary answers, but no
+/// write is confirmed, so the worker's Redis gate closes (`write_refused`). No ECS call starts
+/// on that worker meanwhile (one could not be recorded durably), none of the changes is lost,
+/// and the calls resume when the replica does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stops_confirming_writes_holds_calls_until_it_resumes() {
+    let ha = RedisHa::start("relay-gate-replica").await;
+    let mut env = Env::new("gate-replica", 2).await;
+    let mut cfg = ha_config(&mut env, &ha, 1);
+    let port = free_port();
+    cfg.metrics_addr = format!("127.0.0.1:{port}");
+    // A lease that outlasts the stop, so the shards keep running and their senders wait on
+    // the gate (with the tests' 3 s lease the shards stop first, as they would in production
+    // after RELAY_LEASE_MS: the gate is closed all the same).
+    cfg.lease_ms = 20_000;
+    let store = Store::open(&cfg.conn).await.expect("HA group reachable");
+    let _worker = env.spawn_process(&cfg);
+    wait_shards_owned(&store, env.shards, Duration::from_secs(30)).await;
+
+    // Every call fails for now, so the changes stay pending and their calls are retried.
+    env.sim.add_rule(ecs_state_relay::sim::Rule {
+        key: "*".into(),
+        action: ecs_state_relay::sim::Action::ServerError,
+        times: u32::MAX,
+    });
+    let tasks: Vec<String> = (0..8).map(|i| arn(&format!("gate-{i}"))).collect();
+    env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "every task's call retried",
+        || async {
+            let calls = env.sim.calls();
+            tasks
+                .iter()
+                .all(|t| calls.iter().filter(|c| c.key == *t).count() >= 2)
+        },
+    )
+    .await;
+
+    let replica = ha.data_ports()[1];
+    ha.signal(replica, "STOP");
+    let stopped = Instant::now();
+    eventually(Duration::from_secs(10), "the gate closed", || async {
+        scrape(&[port], "relay_redis_gate_closed").await == 1.0
+    })
+    .await;
+    let closed_after = stopped.elapsed();
+    env.sim.clear_rules();
+    let before = env.sim.calls().len();
+    never(
+        Duration::from_secs(4),
+        "an ECS call started while no write is confirmed",
+        || async { env.sim.calls().len() > before },
+    )
+    .await;
+    let mut metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let held = metric_sum(&metrics, "relay_redis_gate_held_calls_total");
+    let closed_ms = metric_sum(&metrics, "relay_redis_gate_closed_milliseconds_total");
+    assert!(
+        held > 0.0 && metrics.contains("relay_redis_gate_held_calls_total{why=\"write_refused\"}"),
+        "calls held for unconfirmed writes, counted: {held}"
+    );
+    assert!(closed_ms >= 3_000.0, "closed time counted: {closed_ms} ms");
+
+    ha.signal(replica, "CONT");
+    let resumed = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "every task delivered after the replica resumed",
+        || async {
+            let calls = env.sim.calls();
+            tasks.iter().all(|t| {
+                calls
+                    .iter()
+                    .any(|c| c.key == *t && c.outcome.as_deref() == Some("ok"))
+            })
+        },
+    )
+    .await;
+    let delivered_after = resumed.elapsed();
+    metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert_eq!(metric_sum(&metrics, "relay_redis_gate_closed"), 0.0);
+    println!(
+        "gate: closed {:.2}s after the replica stopped ({closed_ms} ms counted); {held} held call(s), none started; every task delivered {:.2}s after it resumed",
+        closed_after.as_secs_f64(),
+        delivered_after.as_secs_f64()
+    );
+    env.cleanup().await;
+}

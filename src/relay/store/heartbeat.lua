@@ -3,7 +3,7 @@
 -- Registers or renews this worker in the live set (members scored by heartbeat expiry, ms,
 -- Redis TIME), forgets workers whose heartbeat lapsed, and reaps their entries from the
 -- per-worker hashes (ready work, inspect addresses, producer rules), so a SIGKILLed worker
--- leaves nothing behind. A worker new to the set is announced on the membership channel.
+-- leaves nothing behind (a worker writes them only while live: `worker_entries.lua`). A worker new to the set is announced on the membership channel.
 --
 -- The store epoch is a value written once into an empty store. Every worker remembers the
 -- epoch of its first heartbeat; if a later heartbeat finds another (or none: it writes a new
@@ -12,7 +12,7 @@
 -- until an operator deletes the record (`ecs-state-relay status --clear-store-lost`).
 --
 -- KEYS: 1 workers zset, 2 epoch, 3 store-lost record, 4 ready hash, 5 addrs hash,
---       6 producer-rules hash
+--       6 producer-rules hash, 7 lost epochs set
 -- ARGV: 1 worker id, 2 lease ms, 3 membership channel, 4 the epoch this worker knows ('' on
 --       its first heartbeat)
 -- Returns: { live workers (array), current epoch, the store-lost record or '' }
@@ -24,7 +24,9 @@ if not epoch then
   epoch = ARGV[1] .. '@' .. now
   redis.call('SET', KEYS[2], epoch)
 end
-if ARGV[4] ~= '' and ARGV[4] ~= epoch then
+-- Each lost epoch is recorded once (the set), so a worker that missed the loss (paused, or
+-- without a RabbitMQ session) does not raise a cleared alarm again when it comes back.
+if ARGV[4] ~= '' and ARGV[4] ~= epoch and redis.call('SADD', KEYS[7], ARGV[4]) == 1 then
   redis.call('SET', KEYS[3], cjson.encode({
     seen_by = ARGV[1], at_ms = now, known_epoch = ARGV[4], found_epoch = epoch
   }), 'NX')

@@ -138,6 +138,7 @@ impl Store {
             .key(self.global_key("ready"))
             .key(self.global_key("addrs"))
             .key(self.global_key("producer-rules"))
+            .key(self.global_key("lost-epochs"))
             .arg(worker)
             .arg(lease_ms)
             .arg(self.membership_channel())
@@ -197,16 +198,30 @@ impl Store {
     }
 
     /// Records which producer rules `worker` runs (`relay::producers::Producers::rules`), for
-    /// `status` to show whether every worker runs the same.
+    /// `status` to show whether every worker runs the same (only while `worker` is live).
     pub async fn set_producer_rules(&self, worker: &str, rules: &str) -> StoreResult<()> {
+        self.worker_entries(worker, &[("producer-rules", rules)])
+            .await
+            .map(drop)
+    }
+
+    /// Writes `worker`'s entries in the per-worker hashes if it is live (`worker_entries.lua`);
+    /// returns the store-lost record.
+    async fn worker_entries(
+        &self,
+        worker: &str,
+        entries: &[(&str, &str)],
+    ) -> StoreResult<Option<StoreLost>> {
         let mut conn = self.conn().await?;
-        redis::cmd("HSET")
-            .arg(self.global_key("producer-rules"))
-            .arg(worker)
-            .arg(rules)
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        let mut inv = self.scripts.worker_entries.prepare_invoke();
+        inv.key(self.global_key("workers"))
+            .key(self.global_key("store-lost"))
+            .arg(worker);
+        for (hash, value) in entries {
+            inv.key(self.global_key(hash)).arg(*value);
+        }
+        let lost: String = inv.invoke_async(&mut conn).await?;
+        Ok(StoreLost::parse(&lost))
     }
 
     /// The producer rules each worker last recorded, by worker (dead ones included).
@@ -219,29 +234,19 @@ impl Store {
     }
 
     /// Records `worker`'s ready work (JSON, see `relay::worker::ReadyReport`), for `status`,
-    /// and where its metrics port answers `/inspect`.
+    /// and where its metrics port answers `/inspect` (only while `worker` is live); returns
+    /// the store-lost record.
     pub async fn set_ready(
         &self,
         worker: &str,
         report: &str,
         addr: Option<&str>,
-    ) -> StoreResult<()> {
-        let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(self.global_key("ready"))
-            .arg(worker)
-            .arg(report);
-        match addr {
-            Some(addr) => pipe
-                .cmd("HSET")
-                .arg(self.global_key("addrs"))
-                .arg(worker)
-                .arg(addr),
-            None => pipe.cmd("HDEL").arg(self.global_key("addrs")).arg(worker),
-        };
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+    ) -> StoreResult<Option<StoreLost>> {
+        self.worker_entries(
+            worker,
+            &[("ready", report), ("addrs", addr.unwrap_or_default())],
+        )
+        .await
     }
 
     /// Where `worker` answers `/inspect` (its metrics port), if it has one.

@@ -169,6 +169,20 @@ impl RedisHa {
         let _ = child.wait();
     }
 
+    /// SIGSTOPs (`pause`) or SIGCONTs the redis-server on that data port: a node that holds
+    /// its connections open and answers nothing (a hung host, a long GC-like stall).
+    pub fn signal(&self, port: u16, sig: &str) {
+        let child = self
+            .children
+            .get(&port)
+            .unwrap_or_else(|| panic!("no redis-server runs on {port}"));
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{sig} {port}");
+    }
+
     /// Starts the node on that data port again, empty, as a replica of the primary Sentinel
     /// names once it has failed over from this node (waited for, up to 60 s): an empty node
     /// must never come back as a primary (see the module docs). Waits for PING.
@@ -325,6 +339,7 @@ impl RedisHa {
 impl Drop for RedisHa {
     fn drop(&mut self) {
         for (_, mut child) in self.children.drain() {
+            // SIGKILL ends a stopped process too; no SIGCONT needed.
             let _ = child.kill();
             let _ = child.wait();
         }
