@@ -457,12 +457,16 @@ pub async fn maintain(
     path: Option<PathBuf>,
     store: Store,
     worker: String,
+    joined: Arc<tokio::sync::Notify>,
     cancel: CancellationToken,
 ) {
     // What the file held when last looked at: at first, what `start` loaded (not a second
     // read, which could see a newer file and take it as already applied).
     let mut seen = Some(producers.rules());
     loop {
+        // Registered before the write: a heartbeat that makes the worker live meanwhile
+        // brings the next write forward (entries are only written while live).
+        let rejoined = joined.notified();
         // Recorded on every pass, changed or not: the entry of a worker that was not live for
         // a while (starting, paused, without RabbitMQ) is reaped, and so is one a store lost.
         if let Err(e) = store.set_producer_rules(&worker, &producers.rules()).await {
@@ -476,6 +480,7 @@ pub async fn maintain(
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(RELOAD_EVERY) => {}
+            _ = rejoined => {}
         }
         if let Some(path) = &path {
             reload(&producers, path, &mut seen);

@@ -138,6 +138,7 @@ pub async fn run(
     background_tasks.spawn(permits.clone().run_background(background.clone()));
     background_tasks.spawn(report_permits(permits.clone(), background.clone()));
     background_tasks.spawn(sample_gate(store.clone(), background.clone()));
+    let joined = Arc::new(Notify::new());
     background_tasks.spawn(producers::maintain(
         producers.clone(),
         match cfg.producer_auth {
@@ -146,6 +147,7 @@ pub async fn run(
         },
         store.clone(),
         worker_id.clone(),
+        joined.clone(),
         background.clone(),
     ));
     let rebalance = Arc::new(Notify::new());
@@ -163,15 +165,16 @@ pub async fn run(
     let ready_work = Arc::new(ReadyWork::default());
     let amqp_node = Arc::new(std::sync::Mutex::new(None));
     ready.set_boards(ready_work.clone());
-    background_tasks.spawn(report_ready(
-        ready_work.clone(),
-        permits.clone(),
-        store.clone(),
-        worker_id.clone(),
-        advertised(&cfg.metrics_addr),
-        amqp_node.clone(),
-        background.clone(),
-    ));
+    let reporter = ReadyReporter {
+        ready_work: ready_work.clone(),
+        permits: permits.clone(),
+        store: store.clone(),
+        worker: worker_id.clone(),
+        addr: advertised(&cfg.metrics_addr),
+        amqp_node: amqp_node.clone(),
+        joined: joined.clone(),
+    };
+    background_tasks.spawn(reporter.run(background.clone()));
     let mut retry = Duration::from_millis(500);
     let next_node = Arc::new(AtomicUsize::new(0));
     let result = loop {
@@ -191,6 +194,7 @@ pub async fn run(
             next_node: next_node.clone(),
             amqp_node: amqp_node.clone(),
             epoch: epoch.clone(),
+            joined: joined.clone(),
         };
         let began = Instant::now();
         ready.pulse();
@@ -265,46 +269,66 @@ struct Session {
     amqp_node: Arc<std::sync::Mutex<Option<String>>>,
     /// The store epoch this worker knows, across sessions.
     epoch: Arc<EpochWatch>,
+    /// Woken when a heartbeat makes this worker live: the reporters write its entries at once.
+    joined: Arc<Notify>,
 }
 
-/// The store epoch a worker knows (see `heartbeat.lua`), and the store-lost record it last
-/// reported: a store that lost the relay's state is said once per record, loudly.
+/// The store epoch a worker knows (see `heartbeat.lua`), the epochs it has seen lost, and the
+/// store-lost record it last reported: a store that lost the relay's state is said once per
+/// record, loudly.
 #[derive(Default)]
-struct EpochWatch(std::sync::Mutex<(Option<String>, Option<StoreLost>)>);
+struct EpochWatch(std::sync::Mutex<Epochs>);
+
+#[derive(Default)]
+struct Epochs {
+    known: Option<String>,
+    /// Epochs this worker saw replaced, newest last (at most [`LOST_EPOCHS_KEPT`]): given back
+    /// to the store with every heartbeat, so a loss that also emptied the store's own list is
+    /// not raised again by a worker that slept through both.
+    lost: Vec<String>,
+    reported: Option<StoreLost>,
+}
+
+const LOST_EPOCHS_KEPT: usize = 16;
 
 impl EpochWatch {
-    fn known(&self) -> Option<String> {
-        self.lock().0.clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Epochs> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Option<String>, Option<StoreLost>)> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    /// What the heartbeat passes: the known epoch and the epochs seen lost.
+    fn known(&self) -> (Option<String>, Vec<String>) {
+        let epochs = self.lock();
+        (epochs.known.clone(), epochs.lost.clone())
     }
 
     /// Takes in a heartbeat's epoch and record: sets `relay_store_lost`, logs a new record.
     fn beat(&self, worker: &str, epoch: String, lost: Option<StoreLost>) {
-        let mut watch = self.lock();
-        let (known, reported) = &mut *watch;
-        if known.as_ref().is_some_and(|k| *k != epoch) {
+        let mut epochs = self.lock();
+        if let Some(known) = epochs.known.take().filter(|k| *k != epoch) {
             tracing::error!(
                 worker,
-                known_epoch = ?known,
+                known_epoch = %known,
                 found_epoch = %epoch,
                 "Redis lost the relay's state: the store epoch changed under this worker (a Redis restarted empty, a failover to a replica without the data, or a flush). Changes stored before are gone and will not reach ECS; new work goes on. See docs/operations.md, \"Store lost\""
             );
+            epochs.lost.push(known);
+            let excess = epochs.lost.len().saturating_sub(LOST_EPOCHS_KEPT);
+            epochs.lost.drain(..excess);
         }
-        *known = Some(epoch);
+        epochs.known = Some(epoch);
         m::store_lost(lost.is_some());
-        if lost.is_some() && *reported != lost {
-            if let Some(l) = &lost {
-                tracing::error!(
-                    seen_by = %l.seen_by,
-                    at_ms = l.at_ms,
-                    "store-lost record stands: relay_store_lost is 1 until an operator runs `ecs-state-relay status --clear-store-lost`"
-                );
-            }
+        if let Some(l) = lost
+            .as_ref()
+            .filter(|l| epochs.reported.as_ref() != Some(*l))
+        {
+            tracing::error!(
+                seen_by = %l.seen_by,
+                at_ms = l.at_ms,
+                "store-lost record stands: relay_store_lost is 1 until an operator runs `ecs-state-relay status --clear-store-lost`"
+            );
         }
-        *reported = lost;
+        epochs.reported = lost;
     }
 }
 
@@ -450,15 +474,16 @@ impl Session {
         // Without an answer, keep what we own (renewing below keeps trying) and take nothing.
         let desired: Option<BTreeSet<u16>> = match self
             .store
-            .heartbeat(
-                &self.worker_id,
-                self.cfg.lease_ms,
-                self.epoch.known().as_deref(),
-            )
+            .heartbeat(&self.worker_id, self.cfg.lease_ms, &self.epoch.known())
             .await
         {
             Ok(beat) => Some({
                 self.epoch.beat(&self.worker_id, beat.epoch, beat.lost);
+                // Live again (or for the first time): its entries for `status` and `inspect`
+                // are written now, not at the reporters' next pass.
+                if beat.joined {
+                    self.joined.notify_waiters();
+                }
                 assignment(&beat.live, self.cfg.shards)
                     .into_iter()
                     .zip(0..)
@@ -722,43 +747,63 @@ fn advertise(metrics_addr: &str, host: Option<String>) -> Option<String> {
     Some(format!("{host}:{port}"))
 }
 
-/// Every [`READY_EVERY`]: this worker's ready work as metrics and, for `status`, in Redis,
-/// with the address where `inspect` asks it for live state.
-async fn report_ready(
+/// What the ready-work reporter works with (see [`ReadyReporter::run`]).
+struct ReadyReporter {
     ready_work: Arc<ReadyWork>,
     permits: Semaphore,
     store: Store,
     worker: String,
+    /// Where this worker answers `/inspect`, if anywhere.
     addr: Option<String>,
     amqp_node: Arc<std::sync::Mutex<Option<String>>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let mut backlog = ready_work.backlog();
-        backlog.merge(permits.backlog());
-        m::ready(backlog.flows.len(), backlog.oldest);
-        let report = ReadyReport {
-            clusters: backlog.flows.len(),
-            oldest_ms: backlog.oldest.as_millis() as u64,
-            top: backlog.flows.into_iter().take(READY_TOP).collect(),
-            amqp_node: amqp_node.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-        };
-        if let Ok(json) = serde_json::to_string(&report) {
-            match store.set_ready(&worker, &json, addr.as_deref()).await {
-                // Also here, not only with the heartbeat: a worker without a RabbitMQ session
-                // sends none, and must still follow the alarm and its clearing.
-                Ok(lost) => m::store_lost(lost.is_some()),
-                Err(e) => RedisFailed {
-                    op: Op::Heartbeat,
-                    what: "cannot record the ready work for status",
-                    error: &e,
+    /// Woken when a heartbeat makes the worker live: it reports at once.
+    joined: Arc<Notify>,
+}
+
+impl ReadyReporter {
+    /// Every [`READY_EVERY`] (and when the worker becomes live): this worker's ready work as
+    /// metrics and, for `status`, in Redis, with the address where `inspect` asks it for live
+    /// state.
+    async fn run(self, cancel: CancellationToken) {
+        let ReadyReporter {
+            ready_work,
+            permits,
+            store,
+            worker,
+            addr,
+            amqp_node,
+            joined,
+        } = self;
+        loop {
+            // Registered before the write, so a join during it is not missed.
+            let rejoined = joined.notified();
+            let mut backlog = ready_work.backlog();
+            backlog.merge(permits.backlog());
+            m::ready(backlog.flows.len(), backlog.oldest);
+            let report = ReadyReport {
+                clusters: backlog.flows.len(),
+                oldest_ms: backlog.oldest.as_millis() as u64,
+                top: backlog.flows.into_iter().take(READY_TOP).collect(),
+                amqp_node: amqp_node.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            };
+            if let Ok(json) = serde_json::to_string(&report) {
+                match store.set_ready(&worker, &json, addr.as_deref()).await {
+                    // Also here, not only with the heartbeat: a worker without a RabbitMQ session
+                    // sends none, and must still follow the alarm and its clearing.
+                    Ok(lost) => m::store_lost(lost.is_some()),
+                    Err(e) => RedisFailed {
+                        op: Op::Heartbeat,
+                        what: "cannot record the ready work for status",
+                        error: &e,
+                    }
+                    .emit(),
                 }
-                .emit(),
             }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(READY_EVERY) => {}
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(READY_EVERY) => {}
+                _ = rejoined => {}
+            }
         }
     }
 }

@@ -121,8 +121,8 @@ async fn a_store_that_lost_the_relays_state_raises_the_alarm_and_new_work_goes_o
 }
 
 /// Each loss is raised once, and every worker follows its clearing: one whose RabbitMQ session
-/// is down (no heartbeats) drops its gauge too, and one that was paused through a loss does not
-/// raise the cleared alarm again when it resumes with the old epoch.
+/// is down (no heartbeats) drops its gauge too, and one that was paused through losses does not
+/// raise a cleared alarm again when it resumes with the old epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loss_is_raised_once_and_every_worker_follows_its_clearing() {
     let mut env = Env::new("store-lost-once", 2).await;
@@ -168,18 +168,21 @@ async fn a_loss_is_raised_once_and_every_worker_follows_its_clearing() {
     )
     .await;
 
-    // Worker 2 sleeps through a second loss; worker 1 raises it, and it is cleared.
+    // Worker 2 sleeps through two more losses (the second empties the store's list of lost
+    // epochs too); worker 1 raises each, and each is cleared.
     signal(&w2, "STOP");
-    flush_relay_keys(&env).await;
-    eventually(Duration::from_secs(3), "worker 1 at 1", || async {
-        store_lost_gauge(p1).await == Some(1.0)
-    })
-    .await;
-    env.run_cli(&["status", "--json", "--shards", "2", "--clear-store-lost"]);
-    eventually(Duration::from_secs(3), "worker 1 back at 0", || async {
-        store_lost_gauge(p1).await == Some(0.0)
-    })
-    .await;
+    for _ in 0..2 {
+        flush_relay_keys(&env).await;
+        eventually(Duration::from_secs(3), "worker 1 at 1", || async {
+            store_lost_gauge(p1).await == Some(1.0)
+        })
+        .await;
+        env.run_cli(&["status", "--json", "--shards", "2", "--clear-store-lost"]);
+        eventually(Duration::from_secs(3), "worker 1 back at 0", || async {
+            store_lost_gauge(p1).await == Some(0.0)
+        })
+        .await;
+    }
     signal(&w2, "CONT");
     eventually(Duration::from_secs(20), "worker 2 live again", || async {
         env.store.live_workers().await.is_ok_and(|l| l.len() == 2)
@@ -253,6 +256,37 @@ async fn sigkilled_workers_leave_no_entries_behind() {
     println!(
         "reaped the entries of {} SIGKILLed workers; left: {live}",
         killed.len()
+    );
+    env.cleanup().await;
+}
+
+/// A worker's entries are written only while it is live, and at once when it becomes live: a
+/// worker that just joined shows in `status` with its producer rules, not as "?" until its
+/// reporters' next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_shows_in_status_as_soon_as_it_is_live() {
+    let mut env = Env::new("entries-at-join", 1).await;
+    let mut cfg = env.config();
+    cfg.metrics_addr = format!("127.0.0.1:{}", free_port());
+    let id = cfg.worker_id.clone().expect("id");
+    let _worker = env.spawn_process(&cfg);
+    eventually(Duration::from_secs(30), "the worker live", || async {
+        env.store
+            .live_workers()
+            .await
+            .is_ok_and(|l| l.contains(&id))
+    })
+    .await;
+    let live = Instant::now();
+    eventually(
+        Duration::from_millis(1_000),
+        "its entries within a second of going live",
+        || async { hash_workers(&env).await.iter().all(|h| h.contains(&id)) },
+    )
+    .await;
+    println!(
+        "entries of a new worker written {:.0} ms after it went live",
+        live.elapsed().as_secs_f64() * 1000.0
     );
     env.cleanup().await;
 }

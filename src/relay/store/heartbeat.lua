@@ -14,8 +14,9 @@
 -- KEYS: 1 workers zset, 2 epoch, 3 store-lost record, 4 ready hash, 5 addrs hash,
 --       6 producer-rules hash, 7 lost epochs set
 -- ARGV: 1 worker id, 2 lease ms, 3 membership channel, 4 the epoch this worker knows ('' on
---       its first heartbeat)
--- Returns: { live workers (array), current epoch, the store-lost record or '' }
+--       its first heartbeat), 5.. the epochs this worker has seen lost (at most 16)
+-- Returns: { live workers (array), current epoch, the store-lost record or '',
+--            1 if this heartbeat made the worker live else 0 }
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -25,7 +26,11 @@ if not epoch then
   redis.call('SET', KEYS[2], epoch)
 end
 -- Each lost epoch is recorded once (the set), so a worker that missed the loss (paused, or
--- without a RabbitMQ session) does not raise a cleared alarm again when it comes back.
+-- without a RabbitMQ session) does not raise a cleared alarm again when it comes back. A loss
+-- empties the set too: every worker gives back the epochs it has seen lost.
+for i = 5, #ARGV do
+  redis.call('SADD', KEYS[7], ARGV[i])
+end
 if ARGV[4] ~= '' and ARGV[4] ~= epoch and redis.call('SADD', KEYS[7], ARGV[4]) == 1 then
   redis.call('SET', KEYS[3], cjson.encode({
     seen_by = ARGV[1], at_ms = now, known_epoch = ARGV[4], found_epoch = epoch
@@ -34,7 +39,8 @@ end
 local lost = redis.call('GET', KEYS[3]) or ''
 
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1]) == 1 then
+local joined = redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if joined == 1 then
   redis.call('PUBLISH', ARGV[3], 'joined')
 end
 for i = 4, 6 do
@@ -44,4 +50,4 @@ for i = 4, 6 do
     end
   end
 end
-return { redis.call('ZRANGE', KEYS[1], 0, -1), epoch, lost }
+return { redis.call('ZRANGE', KEYS[1], 0, -1), epoch, lost, joined }

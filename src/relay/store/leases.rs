@@ -14,6 +14,8 @@ pub struct Beat {
     pub epoch: String,
     /// The store-lost record, while one stands.
     pub lost: Option<StoreLost>,
+    /// This heartbeat made the worker live (it was not in the live set).
+    pub joined: bool,
 }
 
 /// A worker found the store epoch changed or gone: Redis lost the relay's state (written by
@@ -121,18 +123,17 @@ impl Store {
     }
 
     /// Announces this worker for `lease_ms`, reaps dead workers' entries, and checks the store
-    /// epoch against `known_epoch` (None on the first heartbeat; see `heartbeat.lua`).
+    /// epoch against the known one (None on the first heartbeat), passing the epochs this
+    /// worker has seen lost (see `heartbeat.lua`).
     pub async fn heartbeat(
         &self,
         worker: &str,
         lease_ms: u64,
-        known_epoch: Option<&str>,
+        (known_epoch, lost_epochs): &(Option<String>, Vec<String>),
     ) -> StoreResult<Beat> {
         let mut conn = self.conn().await?;
-        let (live, epoch, lost): (Vec<String>, String, String) = self
-            .scripts
-            .heartbeat
-            .key(self.global_key("workers"))
+        let mut inv = self.scripts.heartbeat.prepare_invoke();
+        inv.key(self.global_key("workers"))
             .key(self.global_key("epoch"))
             .key(self.global_key("store-lost"))
             .key(self.global_key("ready"))
@@ -142,13 +143,15 @@ impl Store {
             .arg(worker)
             .arg(lease_ms)
             .arg(self.membership_channel())
-            .arg(known_epoch.unwrap_or(""))
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(known_epoch.as_deref().unwrap_or(""))
+            .arg(lost_epochs);
+        let (live, epoch, lost, joined): (Vec<String>, String, String, u8) =
+            inv.invoke_async(&mut conn).await?;
         Ok(Beat {
             live,
             epoch,
             lost: StoreLost::parse(&lost),
+            joined: joined == 1,
         })
     }
 
