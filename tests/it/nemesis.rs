@@ -657,6 +657,74 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
         // What the relay itself holds for that task: stored and stuck, or never stored.
         let state = store.find_state(env.shards, &offender).await;
         let queued = store.queued(env.shards, &offender).await;
+        // Where the undelivered changes are: still in a shard queue (ready or unacked, and
+        // who consumes it), or taken into Redis (their event ids in the dedupe set) and gone.
+        let undelivered: Vec<&String> = tasks
+            .iter()
+            .filter(|t| audit(&calls, std::slice::from_ref(*t)).0 > 0)
+            .collect();
+        let mut whereabouts = Vec::new();
+        for t in undelivered.iter().take(5) {
+            let found = store.find_state(env.shards, t).await;
+            let shard = found
+                .as_ref()
+                .ok()
+                .and_then(|f| f.as_ref().map(|(s, _)| *s));
+            let ids: Vec<String> = match (shard, store.conn().await) {
+                (Some(s), Ok(mut c)) => redis::cmd("ZRANGE")
+                    .arg(store.shard(s).recent_ids(t))
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            whereabouts.push(format!(
+                "  {t}: shard {shard:?}, stored event ids {ids:?}, state {found:?}"
+            ));
+        }
+        let mut queues = Vec::new();
+        if let Ok(c) = ecs_state_relay::relay::amqp::connect(
+            &publish_to.amqp_url,
+            &Default::default(),
+            "nemesis checker",
+        )
+        .await
+        {
+            for s in 0..env.shards {
+                let owner = store.lease_owner(s).await.ok().flatten();
+                let Ok(ch) = c.create_channel().await else {
+                    continue;
+                };
+                let q = ch
+                    .queue_declare(
+                        ecs_state_relay::relay::amqp::shard_queue(&env.exchange, s)
+                            .as_str()
+                            .into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
+                    .await;
+                queues.push(match q {
+                    Ok(q) => format!(
+                        "  shard {s}: {} ready, {} consumer(s), lease owner {owner:?}",
+                        q.message_count(),
+                        q.consumer_count()
+                    ),
+                    Err(e) => format!("  shard {s}: {e}, lease owner {owner:?}"),
+                });
+            }
+        }
+        println!(
+            "undelivered tasks: {}\n{}\nshard queues:\n{}",
+            undelivered.len(),
+            whereabouts.join("\n"),
+            queues.join("\n")
+        );
         panic!(
             "nemesis seed {seed} broke a guarantee (allowed duplicates {allowed_duplicates}):\n{result}\nfaults: {tally_problems:?}\nstore lost: {store_lost:?}\nschedule:\n{}\nfirst offending task {offender}:\n{}\nits state in Redis: {state:?}; (batch, outbox) lengths: {queued:?}\ndead letters:\n{}",
             cluster.schedule(),

@@ -330,7 +330,8 @@ impl RedisHa {
         files.sort();
         for f in files {
             out.push_str(&format!("--- {}\n", file_name(&f)));
-            out.push_str(&super::log_tail(&f, 40));
+            // Enough to cover a long run's last minutes of failovers.
+            out.push_str(&super::log_tail(&f, 400));
         }
         out
     }
