@@ -225,7 +225,8 @@ pub async fn replay(
     // Closing the channel returns what was not replayed to the queue, for a later run.
     let _ = ch.close(200, "replayed".into()).await;
     let _ = connection.close(200, "dlq replay done".into()).await;
-    Ok((replayed, ready - replayed))
+    // Those taken count as ready at the start even if the count missed them (see `take`).
+    Ok((replayed, ready.max(deliveries.len()) - replayed))
 }
 
 async fn open(conn: &ConnConfig) -> anyhow::Result<(Connection, Channel)> {
@@ -256,7 +257,9 @@ async fn take(
         .await
         .map_err(|e| anyhow::anyhow!("dead-letter queue {queue}: {e} (is RELAY_EXCHANGE right?)"))?
         .message_count() as usize;
-    let want = limit.min(ready);
+    // Not bounded by `ready`: messages another consumer (a `dlq list` a moment ago) has just
+    // handed back are not counted ready yet, and would be skipped. The idle wait ends it.
+    let want = limit;
     if want == 0 {
         return Ok((Vec::new(), ready));
     }

@@ -269,10 +269,14 @@ impl Cluster {
                     return None;
                 }
                 let primary = ha.redis.primary_port().await;
+                // Where each replica was when the primary died: Sentinel may promote one
+                // that had not acknowledged the latest writes (its offsets are up to 1 s old).
+                let offsets = ha.redis.offsets(primary).await;
                 ha.redis.kill(primary);
                 ha.redis_down = Some(primary);
                 // Writes acknowledged by the primary alone may be lost: a call may repeat.
                 self.edges += 1;
+                self.note(at, format!("  Redis at the kill: {offsets}"));
                 Some((at + down, Heal::RestartRedis(primary)))
             }
             Fault::NodeLoss { node, down } => {
@@ -330,8 +334,9 @@ impl Cluster {
             Heal::EcsThrottleOff => env.sim.set_capacity(None),
             Heal::RestartRedis(port) => {
                 if let Some(ha) = self.ha.as_mut() {
-                    ha.redis.restart(port).await;
+                    let promoted = ha.redis.restart(port).await;
                     ha.redis_down = None;
+                    self.note(at, format!("  Sentinel had promoted {promoted}"));
                 }
             }
             Heal::RestartNode(node) => {

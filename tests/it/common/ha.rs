@@ -183,10 +183,42 @@ impl RedisHa {
         assert!(status.is_ok_and(|s| s.success()), "kill -{sig} {port}");
     }
 
+    /// The primary's replication offset and each replica's acknowledged offset, as the primary
+    /// reports them (`INFO replication`): which replica a failover right now could promote
+    /// without the latest writes.
+    pub async fn offsets(&self, primary: u16) -> String {
+        let Some(info) = query::<String>(primary, redis::cmd("INFO").arg("replication")).await
+        else {
+            return format!("{primary}: no answer");
+        };
+        let mut out = vec![];
+        for line in info.lines() {
+            if let Some(v) = line.strip_prefix("master_repl_offset:") {
+                out.insert(0, format!("primary {primary} at {}", v.trim()));
+            } else if line.starts_with("slave") && line.contains(":ip=") {
+                let field = |name: &str| {
+                    line.split([':', ','])
+                        .find_map(|kv| kv.strip_prefix(name))
+                        .unwrap_or("?")
+                        .to_string()
+                };
+                out.push(format!(
+                    "replica {} {} at {} (lag {} s)",
+                    field("port="),
+                    field("state="),
+                    field("offset="),
+                    field("lag=")
+                ));
+            }
+        }
+        out.join(", ")
+    }
+
     /// Starts the node on that data port again, empty, as a replica of the primary Sentinel
     /// names once it has failed over from this node (waited for, up to 60 s): an empty node
-    /// must never come back as a primary (see the module docs). Waits for PING.
-    pub async fn restart(&mut self, port: u16) {
+    /// must never come back as a primary (see the module docs). Waits for PING; returns the
+    /// primary it follows.
+    pub async fn restart(&mut self, port: u16) -> u16 {
         assert!(self.data.contains(&port), "{port} is not a data port");
         if let Some(mut old) = self.children.remove(&port) {
             let _ = old.kill();
@@ -196,6 +228,7 @@ impl RedisHa {
         let _ = std::fs::remove_file(self.dir.join(format!("dump-{port}.rdb")));
         self.spawn_data(port, Some(primary));
         self.wait_ping(port).await;
+        primary
     }
 
     /// Waits until every Sentinel names the same primary other than `old`, and that node says
