@@ -753,17 +753,11 @@ impl Bench {
             return (0.0, 0.0);
         };
         let text = resp.text().await.unwrap_or_default();
-        let sum = |name: &str| -> f64 {
-            text.lines()
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
-        use crate::relay::metrics::{REDIS_GATE_CLOSED_MS, REDIS_GATE_HELD};
-        (sum(REDIS_GATE_CLOSED_MS), sum(REDIS_GATE_HELD))
+        use crate::relay::metrics::{exposition_sum, REDIS_GATE_CLOSED_MS, REDIS_GATE_HELD};
+        (
+            exposition_sum(&text, REDIS_GATE_CLOSED_MS),
+            exposition_sum(&text, REDIS_GATE_HELD),
+        )
     }
 
     /// The worker's `relay_stage_seconds` buckets: (stage, upper bound s) → cumulative count.

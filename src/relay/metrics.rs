@@ -209,6 +209,18 @@ pub fn store_lost(lost: bool) {
 pub fn redis_gate(closed: bool) {
     gauge!(REDIS_GATE_CLOSED).set(if closed { 1.0 } else { 0.0 });
 }
+/// The sum of every series of metric `name` in a Prometheus text exposition (for the bench
+/// and the tests, which read a worker's `/metrics`).
+pub fn exposition_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// One gate sample: `closed` for why, over `span`.
 pub fn redis_gate_sample(closed: Option<&'static str>, span: Duration) {
     redis_gate(closed.is_some());

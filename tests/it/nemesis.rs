@@ -702,23 +702,9 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
                 let Ok(ch) = c.create_channel().await else {
                     continue;
                 };
-                let q = ch
-                    .queue_declare(
-                        ecs_state_relay::relay::amqp::shard_queue(&env.exchange, s)
-                            .as_str()
-                            .into(),
-                        lapin::options::QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        Default::default(),
-                    )
-                    .await;
-                queues.push(match q {
-                    Ok(q) => format!(
-                        "  shard {s}: {} ready, {} consumer(s), lease owner {owner:?}",
-                        q.message_count(),
-                        q.consumer_count()
+                queues.push(match shard_queue_counts(&ch, &env.exchange, s).await {
+                    Ok((ready, consumers)) => format!(
+                        "  shard {s}: {ready} ready, {consumers} consumer(s), lease owner {owner:?}"
                     ),
                     Err(e) => format!("  shard {s}: {e}, lease owner {owner:?}"),
                 });

@@ -134,20 +134,8 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
         .unwrap();
     let ch = c.create_channel().await.unwrap();
     for s in 0..env.shards {
-        let q = ch
-            .queue_declare(
-                ecs_state_relay::relay::amqp::shard_queue(&env.exchange, s)
-                    .as_str()
-                    .into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(q.message_count(), 0, "shard {s} drained");
+        let (ready, _) = shard_queue_counts(&ch, &env.exchange, s).await.unwrap();
+        assert_eq!(ready, 0, "shard {s} drained");
     }
     env.cleanup().await;
 }

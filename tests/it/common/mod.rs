@@ -816,13 +816,28 @@ pub async fn wait_exit(child: &mut Proc, within: Duration) -> std::process::Exit
 
 /// The sum of every series of a metric in a Prometheus text exposition.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    ecs_state_relay::relay::metrics::exposition_sum(text, name)
+}
+
+/// A shard queue's ready messages and consumers (a passive declare on `ch`).
+pub async fn shard_queue_counts(
+    ch: &lapin::Channel,
+    exchange: &str,
+    shard: u16,
+) -> Result<(u32, u32), lapin::Error> {
+    let q = ch
+        .queue_declare(
+            ecs_state_relay::relay::amqp::shard_queue(exchange, shard)
+                .as_str()
+                .into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    Ok((q.message_count(), q.consumer_count()))
 }
 
 /// A private `redis-server` on a free loopback port, for tests that act on the whole server
