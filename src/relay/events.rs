@@ -10,7 +10,6 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::relay::metrics::{self as m, Op};
-use crate::relay::redis_link::GateClosed;
 
 /// How often one call site may write its line.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -44,7 +43,8 @@ impl RedisFailed<'_> {
 /// A sender was ready to start an ECS call and held it back: the Redis gate is closed
 /// ([`crate::relay::redis_link::Link::gate`]), so the call's completion could not be recorded.
 pub struct GateHeld {
-    pub why: GateClosed,
+    /// Why the gate is closed (`GateClosed::label`).
+    pub why: &'static str,
 }
 
 impl GateHeld {
@@ -52,7 +52,7 @@ impl GateHeld {
     /// logs why, rate-limited.
     #[track_caller]
     pub fn emit(self) {
-        let why = self.why.label();
+        let why = self.why;
         m::redis_gate_held(why);
         m::redis_gate(true);
         if let Some(held_back) = admit(Location::caller(), why, "gate") {

@@ -21,10 +21,9 @@ use crate::relay::ecs::{CallError, CallGuard, Ecs};
 use crate::relay::events::{GateHeld, RedisFailed};
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::producers::Producers;
-use crate::relay::redis_link::GateClosed;
 use crate::relay::schedule::{Backlog, Backoff, Board, Live, Next, Phase, Retry};
 use crate::relay::semaphore::Semaphore;
-use crate::relay::store::{field, Fence, KeyState, Store, StoreError, Taken};
+use crate::relay::store::{field, Fence, GateClosed, KeyState, Store, StoreError, Taken};
 use crate::relay::wire::{
     self, status_index, BatchItem, Change, OutboxEntry, AGENT_STATUSES, ATTACHMENT_STATUSES,
     CONTAINER_STATUSES, TASK_STATUSES,
@@ -226,7 +225,7 @@ impl ShardCtx {
     /// Counts a call held by the closed Redis gate, once per call.
     fn gate_held(&self, why: GateClosed, counted: &mut bool) {
         if !std::mem::replace(counted, true) {
-            GateHeld { why }.emit();
+            GateHeld { why: why.label() }.emit();
         }
     }
 

@@ -22,7 +22,7 @@ use redis::{self, Script};
 use crate::relay::config::{ConnConfig, TlsFiles};
 use crate::relay::redis_link::Link;
 
-pub use crate::relay::redis_link::{Conn, Lane, StoreError, StoreResult};
+pub use crate::relay::redis_link::{Conn, GateClosed, Lane, StoreError, StoreResult};
 pub use inspect::{KeyView, ShardSummary};
 pub use intake::Intake;
 pub use keys::{field, ShardKeys};
