@@ -103,7 +103,7 @@ pub fn fleet(tasks: usize, cluster: &str, run: u32) -> Fleet {
         phases[3].push(stopped);
         expected_ok_calls += 1;
         if i % 25 == 0 {
-            let att = format!("arn:aws:ec2:us-east-1:123456789012:eni-attachment/{run:08x}{i:08x}");
+            let att = format!("arn:aws:ecs:us-east-1:123456789012:attachment/{run:08x}{i:08x}");
             phases[4].push(json!({"schemaVersion":1,"eventId":id("instance-eni"),"type":"attachment","cluster":cluster,
                 "attachmentArn":att,"attachmentType":"eni","occurredAt":at,"status":"ATTACHED","expiresAt":expires}));
             expected_ok_calls += 1;

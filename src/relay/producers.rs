@@ -14,11 +14,12 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::relay::arn::{Arn, ClusterRef, Resource};
 use crate::relay::config::WorkerConfig;
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::store::Store;
-use crate::relay::wire::{Event, Reject};
+use crate::relay::wire::{Event, Kind, Reject};
 
 /// `RELAY_PRODUCER_AUTH`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -44,28 +45,102 @@ impl AuthMode {
 /// The placeholder of user-name templates and cluster patterns.
 const CLUSTER: &str = "{cluster}";
 
-/// One allowed cluster pattern: `*` matches any run of characters, `{cluster}` the name bound
-/// by a template. With a `:` it is matched against the cluster's full ARN instead of its name.
+/// One allowed cluster pattern. Without a `:` it is matched against the cluster's name; with
+/// one it is an ARN pattern (`arn:<partition>:<service>:<region>:<account>:<type>/<name>`, or
+/// `*` for the whole resource), matched field by field against the cluster's ARN. In either,
+/// `*` matches any run of characters within one field, and `{cluster}` (in a name) the name
+/// bound by a template.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Pattern(String);
+enum Pattern {
+    Name(String),
+    Arn {
+        partition: String,
+        service: String,
+        region: String,
+        account: String,
+        kind: String,
+        name: String,
+    },
+}
 
 impl Pattern {
-    fn allows(&self, bound: Option<&str>, cluster: &Cluster) -> bool {
-        let subject = if self.0.contains(':') {
-            cluster.arn.as_str()
-        } else {
-            cluster.name.as_str()
-        };
-        match bound {
-            // The bound name is literal: split the pattern around the placeholder and match
-            // the bound value as plain text between the parts.
-            Some(value) if self.0.contains(CLUSTER) => {
-                let literal = self.0.replace(CLUSTER, &escape(value));
-                glob(&literal, subject)
+    /// Parses one pattern of the file; a pattern that could never match is a load error.
+    fn parse(text: &str) -> Result<Pattern, String> {
+        if !text.contains(':') {
+            if text.contains('/') {
+                return Err(format!(
+                    "{text:?}: a cluster name never holds '/' (an ARN pattern has six ':'-separated fields)"
+                ));
             }
-            _ if self.0.contains(CLUSTER) => false,
-            _ => glob(&self.0, subject),
+            return Ok(Pattern::Name(text.into()));
         }
+        let fields: Vec<&str> = text.split(':').collect();
+        let [arn, partition, service, region, account, resource] = fields[..] else {
+            return Err(format!(
+                "{text:?}: an ARN pattern has six ':'-separated fields (arn:<partition>:ecs:<region>:<account>:cluster/<name>)"
+            ));
+        };
+        if arn != "arn" {
+            return Err(format!("{text:?}: an ARN pattern starts with \"arn:\""));
+        }
+        let (kind, name) = match resource {
+            "*" => ("*", "*"),
+            _ => resource.split_once('/').ok_or_else(|| {
+                format!("{text:?}: the resource of an ARN pattern is <type>/<name> or *")
+            })?,
+        };
+        let parts = [partition, service, region, account, kind];
+        if name.contains('/') || parts.iter().any(|f| f.contains(CLUSTER)) {
+            return Err(format!(
+                "{text:?}: '/' cannot be in a cluster name, and {CLUSTER} only stands for one"
+            ));
+        }
+        Ok(Pattern::Arn {
+            partition: partition.into(),
+            service: service.into(),
+            region: region.into(),
+            account: account.into(),
+            kind: kind.into(),
+            name: name.into(),
+        })
+    }
+
+    fn uses_placeholder(&self) -> bool {
+        match self {
+            Pattern::Name(name) | Pattern::Arn { name, .. } => name.contains(CLUSTER),
+        }
+    }
+
+    fn allows(&self, bound: Option<&str>, cluster: &Cluster) -> bool {
+        match self {
+            Pattern::Name(name) => name_matches(name, bound, &cluster.name),
+            Pattern::Arn {
+                partition,
+                service,
+                region,
+                account,
+                kind,
+                name,
+            } => {
+                glob(partition, &cluster.partition)
+                    && glob(service, "ecs")
+                    && glob(region, &cluster.region)
+                    && glob(account, &cluster.account)
+                    && glob(kind, "cluster")
+                    && name_matches(name, bound, &cluster.name)
+            }
+        }
+    }
+}
+
+/// A name pattern against a cluster name; the bound value is literal text.
+fn name_matches(pattern: &str, bound: Option<&str>, name: &str) -> bool {
+    match bound {
+        Some(value) if pattern.contains(CLUSTER) => {
+            glob(&pattern.replace(CLUSTER, &escape(value)), name)
+        }
+        _ if pattern.contains(CLUSTER) => false,
+        _ => glob(pattern, name),
     }
 }
 
@@ -76,7 +151,8 @@ fn escape(value: &str) -> String {
     value.replace('*', &LITERAL_STAR.to_string())
 }
 
-/// `*` matches any run of characters (none included); [`LITERAL_STAR`] matches a `*`.
+/// `*` matches any run of characters (none included); [`LITERAL_STAR`] matches a `*`. Only
+/// ever applied to one field: a field never holds `:` or `/`, so no run crosses into another.
 fn glob(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
@@ -136,12 +212,14 @@ pub struct Acl {
     templates: Vec<Template>,
 }
 
-/// The cluster a message is for: its name (matched by plain patterns) and full ARN (matched by
-/// patterns with a `:`).
+/// The cluster a message is for, as the fields of its ARN: the name is matched by name
+/// patterns, every field by ARN patterns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cluster {
+    pub partition: String,
+    pub region: String,
+    pub account: String,
     pub name: String,
-    pub arn: String,
 }
 
 /// What the ACL says of a user and a cluster.
@@ -169,13 +247,15 @@ impl Acl {
             let mut patterns = Vec::with_capacity(items.len());
             for item in items {
                 match item {
-                    Value::String(p) if !p.is_empty() => patterns.push(Pattern(p)),
+                    Value::String(p) if !p.is_empty() => {
+                        patterns.push(Pattern::parse(&p).map_err(|e| format!("{key:?}: {e}"))?)
+                    }
                     other => return Err(format!("{key:?}: {other} is not a cluster pattern")),
                 }
             }
             match key.matches(CLUSTER).count() {
                 0 => {
-                    if patterns.iter().any(|p| p.0.contains(CLUSTER)) {
+                    if patterns.iter().any(Pattern::uses_placeholder) {
                         return Err(format!(
                             "{key:?}: {CLUSTER} in a pattern needs a template key that binds it"
                         ));
@@ -230,27 +310,6 @@ impl Acl {
     }
 }
 
-/// The parts of an ARN: partition, Region, account and resource.
-struct ArnParts<'a> {
-    partition: &'a str,
-    region: &'a str,
-    account: &'a str,
-    resource: &'a str,
-}
-
-fn arn_parts(arn: &str) -> Option<ArnParts<'_>> {
-    let mut it = arn.splitn(6, ':');
-    (it.next()? == "arn").then_some(())?;
-    let partition = it.next()?;
-    let _service = it.next()?;
-    Some(ArnParts {
-        partition,
-        region: it.next()?,
-        account: it.next()?,
-        resource: it.next()?,
-    })
-}
-
 /// What the relay can deliver, and who may ask: the check run on every decoded event.
 pub struct Producers {
     mode: AuthMode,
@@ -303,8 +362,16 @@ impl Producers {
     /// Ok when the event may go on; the reject reason otherwise. In `audit` mode an identity
     /// refusal is counted and logged, and the event goes on.
     pub fn check(&self, user: Option<&str>, ev: &Event) -> Result<(), Reject> {
-        let Some(parts) = arn_parts(&ev.key) else {
-            return Ok(()); // decode checked the ARN's shape already
+        // Decode checked the key's shape; what does not parse here is refused all the same.
+        let (resource, code) = match ev.kind {
+            Kind::Attachment => (Resource::Attachment, "attachment_arn"),
+            _ => (Resource::Task, "task_arn"),
+        };
+        let Some(parts) = Arn::parse(&ev.key, resource) else {
+            return Err(Reject::new(
+                code,
+                format!("{:?} is not an ECS {} ARN", ev.key, resource.as_str()),
+            ));
         };
         // What the relay can deliver: whatever the mode says.
         if parts.region != self.region {
@@ -341,8 +408,8 @@ impl Producers {
         }
     }
 
-    fn identity(&self, user: Option<&str>, ev: &Event, task: &ArnParts<'_>) -> Result<(), Reject> {
-        let cluster = cluster_of(ev, task)?;
+    fn identity(&self, user: Option<&str>, ev: &Event, key: &Arn<'_>) -> Result<(), Reject> {
+        let cluster = cluster_of(ev, key)?;
         let Some(user) = user.filter(|u| !u.is_empty()) else {
             return Err(Reject::new(
                 "producer_missing",
@@ -366,43 +433,41 @@ impl Producers {
     }
 }
 
-/// The event's cluster, checked against the task ARN: a cluster ARN must name the task's
-/// partition, Region and account, and a task ARN's cluster segment must be the cluster's name.
-fn cluster_of(ev: &Event, task: &ArnParts<'_>) -> Result<Cluster, Reject> {
+/// The event's cluster, checked against its key's ARN: a cluster ARN must name the key's
+/// partition, Region and account, and a new-form ARN's cluster segment must be the cluster's
+/// name. The cluster takes the key's partition, Region and account.
+fn cluster_of(ev: &Event, key: &Arn<'_>) -> Result<Cluster, Reject> {
     let mismatch = |detail: String| Err(Reject::new("cluster_mismatch", detail));
-    let name = match arn_parts(&ev.cluster) {
-        Some(c) => {
-            let Some(name) = c.resource.strip_prefix("cluster/") else {
-                return mismatch(format!("cluster {:?} is not a cluster ARN", ev.cluster));
-            };
-            if (c.partition, c.region, c.account) != (task.partition, task.region, task.account) {
-                return mismatch(format!(
-                    "cluster {:?} is in another account or Region than {}",
-                    ev.cluster, ev.key
-                ));
-            }
-            name.to_string()
-        }
-        None => ev.cluster.clone(),
+    let Some(cluster) = ClusterRef::parse(&ev.cluster) else {
+        return Err(Reject::new(
+            "cluster_invalid",
+            format!(
+                "cluster {:?} is neither a cluster name nor a cluster ARN",
+                ev.cluster
+            ),
+        ));
     };
-    // `task/<cluster>/<id>` names its cluster; the old `task/<id>` form does not.
-    if let Some(segment) = task
-        .resource
-        .strip_prefix("task/")
-        .and_then(|rest| rest.split_once('/'))
-        .map(|(cluster, _)| cluster)
-    {
-        if segment != name {
+    if let ClusterRef::Arn(c) = cluster {
+        if (c.partition, c.region, c.account) != (key.partition, key.region, key.account) {
             return mismatch(format!(
-                "cluster {name:?} but the task ARN names {segment:?}"
+                "cluster {:?} is in another partition, account or Region than {}",
+                ev.cluster, ev.key
             ));
         }
     }
-    let arn = format!(
-        "arn:{}:ecs:{}:{}:cluster/{name}",
-        task.partition, task.region, task.account
-    );
-    Ok(Cluster { name, arn })
+    let name = cluster.name();
+    // `task/<cluster>/<id>` names its cluster; the old `task/<id>` form does not.
+    if let Some(segment) = key.cluster_segment() {
+        if segment != name {
+            return mismatch(format!("cluster {name:?} but the ARN names {segment:?}"));
+        }
+    }
+    Ok(Cluster {
+        partition: key.partition.into(),
+        region: key.region.into(),
+        account: key.account.into(),
+        name: name.into(),
+    })
 }
 
 /// The worker's producer check, from its configuration: the ACL read at start (a missing or
@@ -537,7 +602,6 @@ fn hash(bytes: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::wire::Kind;
 
     const ACCOUNT: &str = "123456789012";
 
@@ -551,8 +615,10 @@ mod tests {
 
     fn cluster(name: &str) -> Cluster {
         Cluster {
+            partition: "aws".into(),
+            region: "us-east-1".into(),
+            account: ACCOUNT.into(),
             name: name.into(),
-            arn: format!("arn:aws:ecs:us-east-1:{ACCOUNT}:cluster/{name}"),
         }
     }
 
@@ -629,8 +695,8 @@ mod tests {
         let acl = Acl::parse(r#"{"agent": ["arn:aws:ecs:*:123456789012:cluster/prod"]}"#).unwrap();
         expect(&acl, "agent", "prod", Verdict::Allowed);
         let other = Cluster {
-            name: "prod".into(),
-            arn: "arn:aws:ecs:us-east-1:210987654321:cluster/prod".into(),
+            account: "210987654321".into(),
+            ..cluster("prod")
         };
         assert_eq!(acl.verdict("agent", &other), Verdict::NotAllowed);
     }

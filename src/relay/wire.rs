@@ -9,6 +9,8 @@ use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::relay::arn::{Arn, ClusterRef, Resource};
+
 /// Largest message accepted (256 KiB).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Most container and managed-agent changes one task change carries; more for a task whose
@@ -363,10 +365,10 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
         None
     } else {
         let arn = m.req_str("taskArn", "task_arn")?;
-        if !is_task_arn(arn) {
+        if Arn::parse(arn, Resource::Task).is_none() {
             return Err(Reject::new(
                 "task_arn",
-                format!("taskArn {arn:?} is not an ECS task ARN"),
+                format!("taskArn {arn:?} is not an ECS task ARN (arn:<partition>:ecs:<region>:<account>:task/[<cluster>/]<id>)"),
             ));
         }
         if arn != routing_key {
@@ -459,6 +461,12 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
         Kind::TaskAttachment | Kind::Attachment => {
             vocab_index(&ATTACHMENT_STATUSES, status, "attachment")?;
             let attachment_arn = m.req_str("attachmentArn", "attachment_arn")?;
+            if Arn::parse(attachment_arn, Resource::Attachment).is_none() {
+                return Err(Reject::new(
+                    "attachment_arn",
+                    format!("attachmentArn {attachment_arn:?} is not an ECS attachment ARN (arn:<partition>:ecs:<region>:<account>:attachment/<id>)"),
+                ));
+            }
             let expires_at = m.req_time("expiresAt")?;
             let attachment_type = if kind == Kind::Attachment {
                 match m.req_str("attachmentType", "attachment_type")? {
@@ -497,6 +505,15 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
             )
         }
     };
+
+    // Checked last, so the ARNs' own reasons come first. A name that may hold `:` or `/` could
+    // stand in for another ARN's fields in the producer check.
+    if ClusterRef::parse(cluster).is_none() {
+        return Err(Reject::new(
+            "cluster_invalid",
+            format!("cluster {cluster:?} is neither a cluster name (up to 255 letters, digits, hyphens and underscores) nor a cluster ARN"),
+        ));
+    }
 
     Ok(Event {
         event_id: event_id.into(),
@@ -660,21 +677,6 @@ fn bindings(v: Option<&Value>) -> Result<Option<Vec<Binding>>, Reject> {
     Ok(Some(out))
 }
 
-/// `arn:<partition>:ecs:<region>:<account>:task/<...>`
-fn is_task_arn(s: &str) -> bool {
-    let parts: Vec<&str> = s.splitn(6, ':').collect();
-    parts.len() == 6
-        && parts[0] == "arn"
-        && parts[1].starts_with("aws")
-        && parts[2] == "ecs"
-        && !parts[3].is_empty()
-        && parts[4].len() == 12
-        && parts[4].bytes().all(|b| b.is_ascii_digit())
-        && parts[5]
-            .strip_prefix("task/")
-            .is_some_and(|rest| !rest.is_empty())
-}
-
 /// Cuts `s` to at most `limit` bytes without splitting a character (upstream cut bytes).
 pub fn cut(s: &str, limit: usize) -> &str {
     if s.len() <= limit {
@@ -800,18 +802,5 @@ mod tests {
         );
         let old_form = "arn:aws:ecs:us-east-1:123456789012:task/0123456789abcdef";
         assert_eq!(flow_of_key(old_form), old_form);
-    }
-
-    #[test]
-    fn task_arn_shape() {
-        assert!(is_task_arn(ARN));
-        assert!(is_task_arn(
-            "arn:aws-us-gov:ecs:us-gov-west-1:123456789012:task/abc"
-        ));
-        assert!(!is_task_arn("arn:aws:ecs:us-east-1:123:task/abc"));
-        assert!(!is_task_arn(
-            "arn:aws:ecs:us-east-1:123456789012:container/abc"
-        ));
-        assert!(!is_task_arn("task/abc"));
     }
 }

@@ -60,7 +60,7 @@ fn mutated_message() -> impl Strategy<Value = Value> {
     (kinds, prop::collection::vec((0..FIELDS.len(), any_json()), 0..4)).prop_map(|(kind, edits)| {
         let mut v = json!({"schemaVersion":1,"eventId":"e","type":kind,"cluster":"c","taskArn":ARN,
             "occurredAt":"2026-11-28T10:00:00Z","status":"RUNNING","containerName":"web","managedAgentName":"a",
-            "attachmentArn":"arn:a","expiresAt":"2099-01-01T00:00:00Z","attachmentType":"eni"});
+            "attachmentArn":"arn:aws:ecs:us-east-1:123456789012:attachment/a","expiresAt":"2099-01-01T00:00:00Z","attachmentType":"eni"});
         for (field, value) in edits {
             v[FIELDS[field]] = value;
         }

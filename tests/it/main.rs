@@ -15,6 +15,7 @@ mod fairness;
 mod faults;
 mod fencing;
 mod ha_fixture;
+mod identity_props;
 mod inspect;
 mod model;
 mod nemesis;

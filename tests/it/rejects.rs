@@ -69,7 +69,7 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
         v["status"] = json!("ATTACHED");
         v["attachmentArn"] = json!("arn:aws:ecs:us-east-1:123456789012:attachment/x");
     });
-    let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/rejects";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/rejects";
     let mut bad_type = attachment(att, "eni", "ATTACHED", Duration::from_secs(60));
     bad_type["attachmentType"] = json!("volume");
     cases.push((

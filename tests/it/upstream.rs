@@ -930,7 +930,7 @@ async fn test_set_container_sent_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_set_attachment_sent_status() {
     let env = setup("set-attachment-sent").await;
-    let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/set";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/set";
     env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(100))])
         .await;
     env.wait_calls(att, 1).await;
@@ -946,7 +946,7 @@ async fn test_set_attachment_sent_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_send_eni_attachment_event() {
     let env = setup("eni-attachment").await;
-    let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/one";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/one";
     // ENI attachments are sent whatever their status, NONE included (as upstream).
     env.publish(&[attachment(att, "eni", "NONE", Duration::from_secs(1))])
         .await;
@@ -965,8 +965,8 @@ async fn test_send_eni_attachment_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_send_res_attachment_event() {
     let env = setup("res-attachment").await;
-    let att = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/ebs-1";
-    let not_attached = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/ebs-2";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/ebs-1";
+    let not_attached = "arn:aws:ecs:us-east-1:123456789012:attachment/ebs-2";
     // After the NONE, a sentinel on its key: the same attachment ATTACHED, which is sent
     // (nothing was sent for it before), and only once the NONE was handled (one outbox per key).
     let not_attached_events = [
@@ -1003,7 +1003,7 @@ async fn test_send_res_attachment_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_send_attachment_event_retries() {
     let env = setup("attachment-retries").await;
-    let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/retry";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/retry";
     env.sim.add_rule(Rule {
         key: att.into(),
         action: Action::ServerError,
@@ -1022,9 +1022,9 @@ async fn test_send_attachment_event_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_send_mutiple_attachment_events_mixed_attachments() {
     let env = setup("mixed-attachments").await;
-    let eni = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/mixed";
-    let r1 = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/mixed-1";
-    let r2 = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/mixed-2";
+    let eni = "arn:aws:ecs:us-east-1:123456789012:attachment/mixed";
+    let r1 = "arn:aws:ecs:us-east-1:123456789012:attachment/mixed-1";
+    let r2 = "arn:aws:ecs:us-east-1:123456789012:attachment/mixed-2";
     env.publish(&[
         attachment(eni, "eni", "ATTACHED", Duration::from_secs(60)),
         attachment(r1, "resource", "ATTACHED", Duration::from_secs(60)),
@@ -1044,7 +1044,7 @@ async fn test_send_mutiple_attachment_events_mixed_attachments() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_submit_attachment_event_succeeds() {
     let env = setup("attachment-succeeds").await;
-    let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/succeeds";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/succeeds";
     env.publish(&[attachment(att, "eni", "ATTACHED", Duration::from_secs(60))])
         .await;
     env.wait_calls(att, 1).await;
@@ -1057,7 +1057,7 @@ async fn test_submit_attachment_event_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_submit_attachment_event_attachment_expired() {
     let env = setup("attachment-expired").await;
-    let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/expired";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/expired";
     let mut e = attachment(att, "eni", "ATTACHED", Duration::ZERO);
     e["expiresAt"] = rfc3339_ago(Duration::from_millis(100)).into();
     let events = [e];
@@ -1080,7 +1080,7 @@ async fn test_submit_attachment_event_attachment_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_submit_attachment_event_attachment_is_sent() {
     let env = setup("attachment-is-sent").await;
-    let att = "arn:aws:ecs:us-east-1:123456789012:resource-attachment/is-sent";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/is-sent";
     env.store
         .seed_state(env.shards, att, &fields(&[(&format!("a:{att}"), "1")]))
         .await
@@ -1103,7 +1103,7 @@ async fn test_submit_attachment_event_attachment_is_sent() {
 async fn test_handle_engine_event() {
     let env = setup("handle-engine-event").await;
     let a = arn("engine-event");
-    let att = "arn:aws:ec2:us-east-1:123456789012:eni-attachment/attachmentARN";
+    let att = "arn:aws:ecs:us-east-1:123456789012:attachment/attachmentARN";
     env.publish(&[
         container(&a, "web", "RUNNING"),
         container(&a, "sidecar", "RUNNING"),
