@@ -66,7 +66,10 @@ async fn publish_as(
     let ch = ecs_state_relay::relay::amqp::confirm_channel(&c)
         .await
         .expect("channel");
-    let routing_key = ev["taskArn"].as_str().unwrap_or_default();
+    let routing_key = ev["taskArn"]
+        .as_str()
+        .or(ev["attachmentArn"].as_str())
+        .unwrap_or_default();
     let answer = async {
         ch.basic_publish(
             exchange.into(),
@@ -92,7 +95,10 @@ fn task_for(task_cluster: &str, cluster: &str, id: &str) -> Value {
 }
 
 fn arrived(env: &Env, ev: &Value) -> bool {
-    let key = ev["taskArn"].as_str().unwrap_or_default();
+    let key = ev["taskArn"]
+        .as_str()
+        .or(ev["attachmentArn"].as_str())
+        .unwrap_or_default();
     !env.calls_for(key).is_empty()
 }
 
@@ -485,6 +491,124 @@ async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
     );
     assert!(table.values().all(|n| *n == 1), "{table:?}");
     assert!(env.sim.calls().is_empty(), "a refused change reached ECS");
+    env.cleanup().await;
+}
+
+/// The two holes beside the task path, from real publishes: instance-level attachment changes
+/// (a non-ARN key, a foreign cluster, no `user_id`, another account) and cluster values that
+/// smuggle another account's ARN fields past an ARN pattern (old- and new-form task ARNs).
+/// Before the fix, the non-ARN attachment and the smuggled old-form task reached ECS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attachments_and_smuggled_cluster_names_are_refused_and_allowed_ones_go_through() {
+    const OWN: &str = "123456789012";
+    const FOREIGN: &str = "210987654321";
+    let user = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let acl = json!({ user.as_str(): [format!("arn:aws:ecs:*:{OWN}:cluster/prod")] });
+    let env = started("producers-edges", acl, |_| {}).await;
+    let agent = Producer::create(&user, &env.exchange);
+    let id = rand::random::<u32>();
+    let att = |account: &str, cluster: &str, name: &str| {
+        let mut ev = attachment(
+            &format!("arn:aws:ecs:us-east-1:{account}:attachment/{name}-{id:08x}"),
+            "eni",
+            "ATTACHED",
+            Duration::from_secs(120),
+        );
+        ev["cluster"] = cluster.into();
+        ev
+    };
+    let task_of = |arn: String, cluster: &str| {
+        let mut ev = task(&arn, "RUNNING");
+        ev["cluster"] = cluster.into();
+        ev
+    };
+    let smuggled = format!("x:{OWN}:cluster/prod");
+
+    let mut not_an_arn = att(OWN, "prod", "not-an-arn");
+    not_an_arn["attachmentArn"] = format!("x-{id:08x}").into();
+    let refused = [
+        ("attachment_arn", not_an_arn),
+        (
+            "cluster_mismatch",
+            att(
+                OWN,
+                &format!("arn:aws:ecs:us-east-1:{FOREIGN}:cluster/prod"),
+                "foreign-cluster",
+            ),
+        ),
+        (
+            "producer_not_allowed",
+            att(FOREIGN, "prod", "other-account"),
+        ),
+        (
+            "cluster_invalid",
+            task_of(
+                format!("arn:aws:ecs:us-east-1:{FOREIGN}:task/{id:08x}0a"),
+                &smuggled,
+            ),
+        ),
+        (
+            "task_arn",
+            task_of(
+                format!("arn:aws:ecs:us-east-1:{FOREIGN}:task/{smuggled}/{id:08x}0b"),
+                &smuggled,
+            ),
+        ),
+    ];
+    let allowed = [
+        att(OWN, "prod", "allowed"),
+        att(
+            OWN,
+            &format!("arn:aws:ecs:us-east-1:{OWN}:cluster/prod"),
+            "allowed-arn",
+        ),
+        task_of(
+            format!("arn:aws:ecs:us-east-1:{OWN}:task/prod/{id:08x}0c"),
+            "prod",
+        ),
+    ];
+    let events: Vec<Value> = refused
+        .iter()
+        .map(|(_, ev)| ev.clone())
+        .chain(allowed.iter().cloned())
+        .collect();
+    agent.publish(&env, &events).await;
+    // No user_id: a raw publish without the property.
+    let anonymous = att(OWN, "prod", "anonymous");
+    let confirm = publish_as(
+        &amqp_url(),
+        &env.exchange,
+        &anonymous,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("published");
+    assert!(confirm.is_ack());
+
+    for ev in &allowed {
+        eventually(Duration::from_secs(20), "an allowed change", || async {
+            arrived(&env, ev)
+        })
+        .await;
+    }
+    eventually(
+        Duration::from_secs(20),
+        "six refusals dead-lettered",
+        || async { dead_letters(&env).len() == 6 },
+    )
+    .await;
+    let mut got: Vec<(String, String)> = dead_letters(&env);
+    got.sort();
+    let mut want: Vec<(String, String)> = refused
+        .iter()
+        .map(|(code, _)| (code.to_string(), user.clone()))
+        .chain([("producer_missing".to_string(), "-".to_string())])
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "(reason, producer) of each dead letter");
+    for ev in refused.iter().map(|(_, ev)| ev).chain([&anonymous]) {
+        assert!(!arrived(&env, ev), "a refused change reached ECS: {ev}");
+    }
     env.cleanup().await;
 }
 
