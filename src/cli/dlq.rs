@@ -23,6 +23,7 @@ use crate::relay::amqp::{self, PRODUCER_HEADER, REJECT_HEADER, SOURCE_QUEUE_HEAD
 use crate::relay::config::ConnConfig;
 use crate::relay::dead_letter::Letter;
 use crate::relay::store::Store;
+use crate::relay::wire::Reject;
 
 #[derive(Args)]
 pub struct DlqArgs {
@@ -47,13 +48,17 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Publish dead-lettered messages to the exchange again, then remove them from the queue.
+    /// Without --reason: only what the relay refused for a reason other than identity. Messages
+    /// the broker dead-lettered (x-death, e.g. `delivery_limit`) and identity refusals go back
+    /// only when asked for by --reason.
     Replay {
         #[command(flatten)]
         conn: ConnConfig,
         /// At most this many messages.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
-        /// Only messages rejected for this reason code (e.g. `batch_full`); others stay.
+        /// Only messages rejected for this reason code (e.g. `batch_full`, or the broker's
+        /// x-death reason such as `delivery_limit`); others stay.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -62,7 +67,8 @@ pub enum DlqCommand {
 /// One dead-lettered message as `list` shows it.
 #[derive(Debug, Serialize)]
 pub struct DeadLetter {
-    /// `code: detail` as the relay wrote it.
+    /// `code: detail` as the relay wrote it; for a message the broker dead-lettered, the
+    /// broker's reason (`delivery_limit: …`).
     pub reason: String,
     pub source_queue: String,
     pub routing_key: String,
@@ -171,21 +177,23 @@ pub async fn replay(
     let operator: lapin::types::ShortString = amqp::url_user(&conn.amqp_url).as_str().into();
     let mut replayed = 0;
     for d in &deliveries {
-        let code = header(d, REJECT_HEADER)
-            .map(|r| r.split(':').next().unwrap_or("").trim().to_string())
-            .unwrap_or_default();
-        if reason.is_some_and(|r| r != code) {
+        let origin = Origin::of(d);
+        if reason.is_some_and(|r| r != origin.code) {
             continue; // returned to the queue when the channel closes
         }
         // An operator's broad rights must not launder a refused producer's changes: identity
-        // refusals go back only when asked for by name.
-        if reason.is_none() && crate::relay::wire::Reject::is_identity(&code) {
+        // refusals, and whatever the broker dead-lettered (its reason unknown to the relay, a
+        // producer's own `x-relay-*` headers on it not believed), go back only when asked for.
+        if reason.is_none() && (!origin.by_relay || Reject::is_identity(&origin.code)) {
             continue;
         }
+        // Republished clean: nothing of an earlier dead-lettering (the relay's headers, the
+        // broker's x-death) rides along into the next one.
         let mut headers = FieldTable::default();
         if let Some(original) = d.properties.headers() {
             for (k, v) in original.inner() {
-                if k.as_str() != REJECT_HEADER && k.as_str() != SOURCE_QUEUE_HEADER {
+                let k_str = k.as_str();
+                if !k_str.starts_with(amqp::RELAY_HEADER_PREFIX) && !is_death_header(k_str) {
                     headers.insert(k.clone(), v.clone());
                 }
             }
@@ -296,15 +304,78 @@ fn header(d: &Delivery, name: &str) -> Option<String> {
     }
 }
 
+/// Who dead-lettered a message, and why.
+struct Origin {
+    /// The relay's reason code, or the broker's x-death reason.
+    code: String,
+    /// What `list` shows as the reason.
+    text: String,
+    /// Dead-lettered by the relay: its headers are its own (see
+    /// [`amqp::RELAY_HEADER_PREFIX`]).
+    by_relay: bool,
+    producer: Option<String>,
+}
+
+impl Origin {
+    fn of(d: &Delivery) -> Origin {
+        let user_id = d.properties.user_id().as_ref().map(|u| u.to_string());
+        match (death_reason(d), header(d, REJECT_HEADER)) {
+            // The broker adds x-death when it dead-letters; the relay publishes its refusals
+            // itself and never adds one. With x-death, any x-relay-* header is a producer's.
+            (None, Some(text)) => Origin {
+                code: text.split(':').next().unwrap_or("").trim().to_string(),
+                text,
+                by_relay: true,
+                producer: header(d, PRODUCER_HEADER).or(user_id),
+            },
+            (death, _) => {
+                let code = death.unwrap_or_else(|| "unknown".into());
+                Origin {
+                    text: format!("{code}: dead-lettered by the broker, not refused by the relay"),
+                    code,
+                    by_relay: false,
+                    producer: user_id,
+                }
+            }
+        }
+    }
+}
+
+/// The broker's dead-lettering headers (RabbitMQ's x-death and its summaries).
+fn is_death_header(name: &str) -> bool {
+    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
+}
+
+/// The reason of the latest x-death entry, if the broker dead-lettered the message.
+fn death_reason(d: &Delivery) -> Option<String> {
+    let headers = d.properties.headers().as_ref()?;
+    let AMQPValue::FieldArray(deaths) = headers.inner().get("x-death")? else {
+        return Some("unknown".into());
+    };
+    let reason = deaths.as_slice().first().and_then(|death| match death {
+        AMQPValue::FieldTable(t) => match t.inner().get("reason") {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
+            _ => None,
+        },
+        _ => None,
+    });
+    Some(reason.unwrap_or_else(|| "unknown".into()))
+}
+
 fn describe(d: &Delivery) -> DeadLetter {
     let body = &d.data[..d.data.len().min(2000)];
+    let origin = Origin::of(d);
     DeadLetter {
-        reason: header(d, REJECT_HEADER).unwrap_or_default(),
-        source_queue: header(d, SOURCE_QUEUE_HEADER).unwrap_or_default(),
+        reason: origin.text,
+        source_queue: header(d, SOURCE_QUEUE_HEADER)
+            .filter(|_| origin.by_relay)
+            .unwrap_or_default(),
         routing_key: d.routing_key.as_str().to_string(),
         message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
-        producer: header(d, PRODUCER_HEADER)
-            .or_else(|| d.properties.user_id().as_ref().map(|u| u.to_string())),
+        producer: origin.producer,
         body: String::from_utf8_lossy(body).into_owned(),
         held: false,
     }

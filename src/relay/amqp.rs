@@ -350,6 +350,22 @@ pub enum DeadLetterError {
 /// The header that keeps a dead-lettered message's producer (its AMQP `user_id`) visible.
 pub const PRODUCER_HEADER: &str = "x-relay-producer";
 
+/// The relay's own headers start so. What a producer set under this prefix is dropped when the
+/// relay dead-letters a message, and never believed on a message the broker dead-lettered
+/// (`dlq`): a dead letter's reason and producer are the relay's word or nobody's.
+pub const RELAY_HEADER_PREFIX: &str = "x-relay-";
+
+/// `headers` without the relay's own (see [`RELAY_HEADER_PREFIX`]).
+pub fn without_relay_headers(headers: Option<&FieldTable>) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (k, v) in headers.map(|h| h.inner().iter()).into_iter().flatten() {
+        if !k.as_str().starts_with(RELAY_HEADER_PREFIX) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
 /// `props` with `headers` and without `user_id`: RabbitMQ refuses a publish whose `user_id` is
 /// not the connection's user unless that user has the `impersonator` tag, which neither the
 /// relay's user nor an operator's needs. The producer is kept in [`PRODUCER_HEADER`].
@@ -413,7 +429,7 @@ pub async fn dead_letter(
     props: &BasicProperties,
     reason: &str,
 ) -> Result<(), DeadLetterError> {
-    let mut headers = props.headers().clone().unwrap_or_default();
+    let mut headers = without_relay_headers(props.headers().as_ref());
     headers.insert(s(REJECT_HEADER), AMQPValue::LongString(reason.into()));
     headers.insert(
         s(SOURCE_QUEUE_HEADER),

@@ -612,6 +612,128 @@ async fn attachments_and_smuggled_cluster_names_are_refused_and_allowed_ones_go_
     env.cleanup().await;
 }
 
+/// Headers a producer sets under `x-relay-` to pass a refusal off as something a plain
+/// `dlq replay` would send back as the operator: a harmless reason, another producer.
+fn forged_headers() -> lapin::types::FieldTable {
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut h = FieldTable::default();
+    h.insert(
+        "x-relay-reject-reason".into(),
+        AMQPValue::LongString("batch_full: forged by the producer".into()),
+    );
+    h.insert(
+        "x-relay-producer".into(),
+        AMQPValue::LongString("guest".into()),
+    );
+    h
+}
+
+/// `dlq replay` cannot launder identity: a message the broker dead-lettered (here after the
+/// delivery limit, carrying a producer's forged `x-relay-*` headers) is listed with the broker's
+/// reason and its real producer and is replayed only when asked for by that reason; a
+/// producer's forged headers never survive the relay's own dead-lettering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
+    use futures_util::StreamExt;
+    use lapin::options::BasicNackOptions;
+    let user = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let mut env = Env::new("producers-launder", 1).await;
+    write_acl(&env, json!({"guest": ["*"], user.as_str(): ["alpha"]}));
+    let agent = Producer::create(&user, &env.exchange);
+    let admin = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test")
+        .await
+        .expect("amqp");
+    ecs_state_relay::relay::amqp::declare(&admin, &env.exchange, 1)
+        .await
+        .expect("topology");
+
+    // 1. The broker dead-letters a message after the delivery limit; no worker runs yet.
+    let poisoned = task_for("beta-1", "beta-1", "poisoned");
+    let props = lapin::BasicProperties::default()
+        .with_user_id(user.as_str().into())
+        .with_headers(forged_headers());
+    let confirm = publish_as(&agent.conn(&env).amqp_url, &env.exchange, &poisoned, props)
+        .await
+        .expect("published");
+    assert!(confirm.is_ack());
+    let ch = admin.create_channel().await.expect("channel");
+    ch.basic_qos(1, Default::default()).await.expect("qos");
+    let queue = ecs_state_relay::relay::amqp::shard_queue(&env.exchange, 0);
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "test-poison".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = 0;
+    // Each nack with requeue is one more delivery; past the limit the broker dead-letters it
+    // and the consumer goes quiet.
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
+        deliveries += 1;
+        assert!(deliveries <= 100, "the broker never dead-lettered it");
+        d.nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+        .expect("nack");
+    }
+    assert!(deliveries > 1, "delivered {deliveries} times");
+    let _ = admin.close(200, "done".into()).await;
+    assert_eq!(
+        dead_letters(&env),
+        vec![("delivery_limit".to_string(), user.clone())],
+        "the broker's reason and the real producer, not the forged headers"
+    );
+
+    // 2. The relay's own refusals drop whatever x-relay-* headers the producer set.
+    let cfg = env.config();
+    env.start_worker(cfg).await;
+    let refused = task_for("beta-1", "beta-1", "refused");
+    let props = lapin::BasicProperties::default()
+        .with_user_id(user.as_str().into())
+        .with_headers(forged_headers());
+    publish_as(&agent.conn(&env).amqp_url, &env.exchange, &refused, props)
+        .await
+        .expect("published");
+    let anonymous = task_for("alpha", "alpha", "anonymous");
+    let props = lapin::BasicProperties::default().with_headers(forged_headers());
+    publish_as(&amqp_url(), &env.exchange, &anonymous, props)
+        .await
+        .expect("published");
+    eventually(Duration::from_secs(20), "three dead letters", || async {
+        dead_letters(&env).len() == 3
+    })
+    .await;
+    let mut letters = dead_letters(&env);
+    letters.sort();
+    assert_eq!(
+        letters,
+        vec![
+            ("delivery_limit".to_string(), user.clone()),
+            ("producer_missing".to_string(), "-".to_string()),
+            ("producer_not_allowed".to_string(), user.clone()),
+        ]
+    );
+
+    // 3. A plain replay sends none of them back; the broker's drop goes back only by name.
+    let out = env.run_cli(&["dlq", "replay"]);
+    assert!(out.contains("replayed 0"), "{out}");
+    assert_eq!(dead_letters(&env).len(), 3);
+    let out = env.run_cli(&["dlq", "replay", "--reason", "delivery_limit"]);
+    assert!(out.contains("replayed 1"), "{out}");
+    eventually(Duration::from_secs(20), "the replayed change", || async {
+        arrived(&env, &poisoned)
+    })
+    .await;
+    assert!(!arrived(&env, &refused) && !arrived(&env, &anonymous));
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn off_checks_no_producer_and_says_so_at_start() {
     use std::io::BufRead;
