@@ -102,7 +102,12 @@ async fn run_worker(mut cfg: WorkerConfig) -> anyhow::Result<()> {
         // Installed here, not when the server task first runs: counts made before the recorder
         // exists are lost, and the worker starts counting at once.
         metrics::handle();
-        tokio::spawn(metrics::serve(listener, ready.clone(), cancel.clone()));
+        tokio::spawn(metrics::serve(
+            listener,
+            ready.clone(),
+            cfg.inspect,
+            cancel.clone(),
+        ));
     }
     worker::run(cfg, ecs, ready, cancel).await
 }

@@ -172,7 +172,7 @@ async fn ask_owner(store: &Store, owner: &str, key: &str) -> Result<Option<Live>
         .await
         .map_err(|e| format!("cannot read the owner's address: {e}"))?
         .ok_or_else(|| {
-            format!("{owner} announced no metrics address (RELAY_METRICS_ADDR empty?)")
+            format!("{owner} announced no inspect address (RELAY_METRICS_ADDR empty, or RELAY_INSPECT=off)")
         })?;
     let url = format!("http://{addr}/inspect");
     let http = reqwest::Client::builder()

@@ -44,6 +44,7 @@ pub mod defaults {
     pub const INTAKE_MAX_BYTES: u64 = 128 * 1024 * 1024;
     pub const DEAD_LETTER_HOLD_BYTES: u64 = 16 * 1024 * 1024;
     pub const METRICS_ADDR: &str = "0.0.0.0:9464";
+    pub const INSPECT: bool = true;
     pub const PRODUCER_AUTH: crate::relay::producers::AuthMode =
         crate::relay::producers::AuthMode::Acl;
     pub const ECS_ACCOUNTS: &str = "";
@@ -111,6 +112,11 @@ pub struct WorkerConfig {
     /// `/metrics`, `/healthz`, `/readyz`, `/inspect?key=`; empty disables the listener.
     #[arg(long, env = "RELAY_METRICS_ADDR", default_value = defaults::METRICS_ADDR)]
     pub metrics_addr: String,
+    /// `/inspect?key=` on the metrics port (what `ecs-state-relay inspect` asks): `on` answers
+    /// with what this worker holds of a task (its state, attempts, ECS's last error cut to 200
+    /// bytes) to anyone who reaches the port; `off` answers 404 and announces no address.
+    #[arg(long, env = "RELAY_INSPECT", default_value = on_off(defaults::INSPECT), value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub inspect: bool,
     /// Producer identity: `acl` refuses what RELAY_PRODUCER_ACL does not allow, `audit` counts
     /// and logs it but forwards it, `off` checks nothing (a warning at start).
     #[arg(long, env = "RELAY_PRODUCER_AUTH", value_enum, default_value_t = defaults::PRODUCER_AUTH)]
@@ -331,6 +337,7 @@ impl Default for WorkerConfig {
             intake_max_bytes: defaults::INTAKE_MAX_BYTES,
             dead_letter_hold_bytes: defaults::DEAD_LETTER_HOLD_BYTES,
             metrics_addr: defaults::METRICS_ADDR.into(),
+            inspect: defaults::INSPECT,
             producer_auth: defaults::PRODUCER_AUTH,
             producer_acl: None,
             ecs_accounts: defaults::ECS_ACCOUNTS.into(),
@@ -458,6 +465,7 @@ impl WorkerConfig {
                 self.dead_letter_hold_bytes.to_string(),
             ),
             ("RELAY_METRICS_ADDR", self.metrics_addr.clone()),
+            ("RELAY_INSPECT", on_off(self.inspect).to_string()),
             ("RELAY_PRODUCER_AUTH", self.producer_auth.as_str().into()),
             ("RELAY_ECS_ACCOUNTS", self.ecs_accounts.clone()),
         ]);
@@ -748,6 +756,7 @@ mod tests {
             intake_max_bytes: 64 * 1024 * 1024,
             dead_letter_hold_bytes: 8 * 1024 * 1024,
             metrics_addr: "127.0.0.1:9000".into(),
+            inspect: false,
             producer_auth: AuthMode::Audit,
             producer_acl: Some(dir.join("acl.json")),
             ecs_accounts: "123456789012,210987654321".into(),

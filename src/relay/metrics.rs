@@ -503,11 +503,12 @@ impl Readiness {
     }
 }
 
-/// Serves `/metrics`, `/healthz`, `/readyz` and `/inspect?key=` (for `ecs-state-relay
-/// inspect`) until cancelled.
+/// Serves `/metrics`, `/healthz`, `/readyz` and, with `inspect` (`RELAY_INSPECT`),
+/// `/inspect?key=` (for `ecs-state-relay inspect`) until cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     ready: Readiness,
+    inspect: bool,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let handle = handle();
@@ -550,6 +551,12 @@ pub async fn serve(
                 let ready = ready.clone();
                 // `?key=<task or attachment ARN>`: what this worker holds of it in memory.
                 move |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    if !inspect {
+                        return (
+                            StatusCode::NOT_FOUND,
+                            Json(serde_json::json!({"error": "inspect is off on this worker (RELAY_INSPECT=off)"})),
+                        );
+                    }
                     let Some(key) = q.get("key") else {
                         return (
                             StatusCode::BAD_REQUEST,

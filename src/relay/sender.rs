@@ -570,7 +570,7 @@ impl Senders {
                     m::retry();
                     let delay = backoff.next_delay();
                     self.board()
-                        .failed(&key.to_string(), *attempt, e.to_string(), delay);
+                        .failed(&key.to_string(), *attempt, shorten(&e.to_string()), delay);
                     // Rule 8 retries for ever: keep the task from looking idle to retention.
                     match ctx
                         .store
@@ -720,18 +720,7 @@ impl Senders {
     /// (`w`), its status (`s`) and container changes (`c`), after how many calls (`n`), and
     /// ECS's answer or why no call was needed (`a`). Short names: it is kept per task.
     fn history(&self, entry: Option<&OutboxEntry>, calls: u32, answer: &str) -> String {
-        /// ECS's messages can be long (and echo input); the history is kept small: at most
-        /// this many bytes, control characters (escaped six times as long in JSON) as spaces.
-        const MAX_ANSWER: usize = 200;
-        let mut short = String::new();
-        for c in answer.chars() {
-            let c = if c.is_control() { ' ' } else { c };
-            if short.len() + c.len_utf8() > MAX_ANSWER {
-                break;
-            }
-            short.push(c);
-        }
-        let answer = short;
+        let answer = shorten(answer);
         serde_json::json!({
             "w": self.ctx.fence.owner,
             "s": entry.map(|e| e.e.status()),
@@ -807,5 +796,41 @@ impl Senders {
             _ = self.ctx.cancel.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
+    }
+}
+
+/// ECS's answers can be long (and echo input): what the history and `/inspect` keep of one is
+/// at most this many bytes, control characters (escaped six times as long in JSON) as spaces.
+const MAX_ANSWER: usize = 200;
+
+fn shorten(answer: &str) -> String {
+    // Kept at a character boundary: a cut never splits a UTF-8 sequence.
+    let mut short = String::new();
+    for c in answer.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if short.len() + c.len_utf8() > MAX_ANSWER {
+            break;
+        }
+        short.push(c);
+    }
+    short
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ecs_answer_is_kept_short_and_on_one_line() {
+        let long = format!(
+            "InvalidParameterException: {}\n{}",
+            "é".repeat(300),
+            "x".repeat(500)
+        );
+        let short = shorten(&long);
+        assert!(short.len() <= MAX_ANSWER, "{}", short.len());
+        assert!(short.starts_with("InvalidParameterException: é"));
+        assert!(!short.chars().any(char::is_control));
+        assert_eq!(shorten("ServerException:\tbusy"), "ServerException: busy");
     }
 }

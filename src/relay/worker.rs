@@ -170,7 +170,7 @@ pub async fn run(
         permits: permits.clone(),
         store: store.clone(),
         worker: worker_id.clone(),
-        addr: advertised(&cfg.metrics_addr),
+        addr: advertised(&cfg.metrics_addr).filter(|_| cfg.inspect),
         amqp_node: amqp_node.clone(),
         joined: joined.clone(),
     };

@@ -258,3 +258,35 @@ async fn an_owner_that_does_not_answer_leaves_the_stored_state_shown() {
         .is_some_and(|w| w.contains("did not answer")));
     env.cleanup().await;
 }
+
+/// `RELAY_INSPECT=off`: the worker announces no inspect address and its metrics port answers
+/// `/inspect` with 404; `inspect` still shows the stored state and says why there is no live
+/// view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_off_serves_nothing_and_the_cli_says_why() {
+    let mut env = Env::new("inspect-off", 2).await;
+    let mut cfg = env.config();
+    cfg.inspect = false;
+    let port = free_port();
+    cfg.metrics_addr = format!("127.0.0.1:{port}");
+    let owner = cfg.worker_id.clone().expect("id");
+    let _w = env.spawn_process(&cfg);
+    env.wait_all_shards_owned().await;
+    let t = arn("inspect-off");
+    env.publish(&[container(&t, "web", "RUNNING")]).await;
+    wait_queued(&env, &t, 1, 0).await;
+    let url = format!("http://127.0.0.1:{port}/inspect?key={t}");
+    let answer = reqwest::get(&url).await.expect("the metrics port answers");
+    assert_eq!(answer.status().as_u16(), 404);
+    let body = answer.text().await.unwrap_or_default();
+    assert!(body.contains("RELAY_INSPECT=off"), "{body}");
+    let (text, json) = inspect(&env, &t);
+    assert!(text.contains("container web RUNNING"), "{text}");
+    assert!(json["live"].is_null());
+    let why = json["live_unknown"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&owner) && why.contains("RELAY_INSPECT=off"),
+        "{why}"
+    );
+    env.cleanup().await;
+}
