@@ -16,8 +16,8 @@ use serde_json::json;
 
 use crate::cli::publish::{publish_lines, Publisher};
 use crate::relay::amqp;
+use crate::relay::config::AuthMode;
 use crate::relay::config::{ConnConfig, WorkerConfig};
-use crate::relay::producers::AuthMode;
 use crate::relay::store::Store;
 use crate::sim::{CallRecord, Sim, SimConfig};
 

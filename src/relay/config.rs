@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::relay::producers::AuthMode;
-
 /// Room a call needs beyond its timeout: the shard lease or permit must cover now + call
 /// timeout + this margin when the request goes out.
 pub const CALL_MARGIN: Duration = Duration::from_millis(250);
@@ -45,9 +43,29 @@ pub mod defaults {
     pub const DEAD_LETTER_HOLD_BYTES: u64 = 16 * 1024 * 1024;
     pub const METRICS_ADDR: &str = "0.0.0.0:9464";
     pub const INSPECT: bool = true;
-    pub const PRODUCER_AUTH: crate::relay::producers::AuthMode =
-        crate::relay::producers::AuthMode::Acl;
+    pub const PRODUCER_AUTH: super::AuthMode = super::AuthMode::Acl;
     pub const ECS_ACCOUNTS: &str = "";
+}
+
+/// `RELAY_PRODUCER_AUTH`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Refuse what the ACL does not allow.
+    Acl,
+    /// Check, count and log what would be refused, but forward it (for rolling the check out).
+    Audit,
+    /// No identity check (a warning at start).
+    Off,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Acl => "acl",
+            AuthMode::Audit => "audit",
+            AuthMode::Off => "off",
+        }
+    }
 }
 
 /// Settings of a worker. Tests build it with `WorkerConfig::default()` and override fields;

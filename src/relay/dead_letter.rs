@@ -20,8 +20,7 @@ use crate::relay::amqp::{self, DeadLetterError};
 use crate::relay::config::ConnConfig;
 use crate::relay::events::{self, RedisFailed};
 use crate::relay::metrics::{self as m, Op};
-use crate::relay::sender::ShardCtx;
-use crate::relay::store::StoreError;
+use crate::relay::store::{Fence, Store, StoreError};
 
 /// A rejected message as held in Redis: a JSON header line, then the body as received.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -146,9 +145,22 @@ const MOVE_IDLE: Duration = Duration::from_secs(5);
 /// Retry delays after a failed move: from the first, doubling to the last.
 const MOVE_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
+/// What a shard's mover works with: handed down by the shard, which owns the lease.
+pub struct Mover {
+    pub shard: u16,
+    pub store: Store,
+    pub fence: Fence,
+    /// The worker's dead-letter publisher.
+    pub dead_letters: Publisher,
+    /// Woken when intake holds new dead letters, so the mover moves them at once.
+    pub held: Arc<tokio::sync::Notify>,
+    /// The shard's token: cancelled when the shard stops (and by the mover when fenced).
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
 /// Moves the shard's held letters to the dead-letter queue until the shard stops: woken by
 /// intake after it holds some, else every few seconds; backs off while the broker refuses.
-pub async fn mover(ctx: Arc<ShardCtx>) {
+pub async fn mover(ctx: Mover) {
     let mut retry = MOVE_RETRY.0;
     let mut failures = Failures::default();
     loop {
@@ -187,7 +199,7 @@ enum Moved {
     Fenced,
 }
 
-async fn move_held(ctx: &ShardCtx) -> Moved {
+async fn move_held(ctx: &Mover) -> Moved {
     let source = amqp::shard_queue(ctx.store.namespace(), ctx.shard);
     loop {
         if ctx.cancel.is_cancelled() {

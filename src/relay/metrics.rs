@@ -430,6 +430,12 @@ pub fn handle() -> &'static PrometheusHandle {
 #[derive(Clone)]
 pub struct Readiness(Arc<ReadyState>);
 
+/// What `/inspect` asks of the send path (which sits above this module and hands itself down):
+/// its live, in-memory view of one ordering key, if a shard of this worker holds it.
+pub trait LiveWork: Send + Sync {
+    fn live(&self, key: &str) -> Option<crate::relay::schedule::Live>;
+}
+
 struct ReadyState {
     amqp: AtomicBool,
     redis: AtomicBool,
@@ -437,8 +443,8 @@ struct ReadyState {
     /// Last turn of the control loop, in ms since `started`.
     pulse_ms: AtomicU64,
     started: Instant,
-    /// The worker's shards' boards, for `/inspect` (set once the worker runs).
-    boards: std::sync::OnceLock<Arc<crate::relay::sender::ReadyWork>>,
+    /// The worker's live view of its keys, for `/inspect` (set once the worker runs).
+    boards: std::sync::OnceLock<Arc<dyn LiveWork>>,
 }
 
 /// A control loop silent for this long is wedged: `/healthz` fails so the process is restarted.
@@ -461,7 +467,7 @@ impl Default for Readiness {
 impl Readiness {
     /// RabbitMQ connected and topology declared.
     /// Lets `/inspect` answer from the worker's boards.
-    pub fn set_boards(&self, boards: Arc<crate::relay::sender::ReadyWork>) {
+    pub fn set_boards(&self, boards: Arc<dyn LiveWork>) {
         let _ = self.0.boards.set(boards);
     }
 

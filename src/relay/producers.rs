@@ -15,32 +15,11 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::arn::{Arn, ClusterRef, Resource};
-use crate::relay::config::WorkerConfig;
+use crate::relay::config::{AuthMode, WorkerConfig};
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op};
 use crate::relay::store::Store;
 use crate::relay::wire::{Event, Kind, Reject};
-
-/// `RELAY_PRODUCER_AUTH`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AuthMode {
-    /// Refuse what the ACL does not allow.
-    Acl,
-    /// Check, count and log what would be refused, but forward it (for rolling the check out).
-    Audit,
-    /// No identity check (a warning at start).
-    Off,
-}
-
-impl AuthMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuthMode::Acl => "acl",
-            AuthMode::Audit => "audit",
-            AuthMode::Off => "off",
-        }
-    }
-}
 
 /// The placeholder of user-name templates and cluster patterns.
 const CLUSTER: &str = "{cluster}";

@@ -124,7 +124,7 @@ pub struct ShardCtx {
     /// The worker's ready-work registry, where the shard's board is listed.
     pub ready: Arc<ReadyWork>,
     /// Woken when intake holds new dead letters, so the mover moves them at once.
-    pub held: Notify,
+    pub held: Arc<Notify>,
     /// Cancelled when the shard is handed over, its lease is lost, or the worker stops.
     pub cancel: CancellationToken,
     /// Until when (local monotonic clock) the lease is surely still ours; set on each renewal,
@@ -179,7 +179,7 @@ impl ShardCtx {
             dead_letters,
             producers,
             ready,
-            held: Notify::new(),
+            held: Arc::new(Notify::new()),
         };
         ctx.lease_renewed(asked);
         ctx
@@ -290,17 +290,6 @@ pub struct ReadyWork {
 impl ReadyWork {
     fn boards(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Weak<Mutex<Board>>>> {
         self.boards.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// What the worker can tell about `key` (live state, memory only), from whichever of its
-    /// shards holds it; None when none does.
-    pub fn live(&self, key: &str) -> Option<Live> {
-        let now = Instant::now();
-        let key = key.to_string();
-        self.boards()
-            .values()
-            .filter_map(Weak::upgrade)
-            .find_map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).live(&key, now))
     }
 
     /// Changes waiting for a runner, by cluster, over every shard.
@@ -796,6 +785,19 @@ impl Senders {
             _ = self.ctx.cancel.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
         }
+    }
+}
+
+impl m::LiveWork for ReadyWork {
+    /// What the worker can tell about `key` (live state, memory only), from whichever of its
+    /// shards holds it; None when none does.
+    fn live(&self, key: &str) -> Option<Live> {
+        let now = Instant::now();
+        let key = key.to_string();
+        self.boards()
+            .values()
+            .filter_map(Weak::upgrade)
+            .find_map(|b| b.lock().unwrap_or_else(|e| e.into_inner()).live(&key, now))
     }
 }
 

@@ -66,7 +66,15 @@ pub async fn run(ctx: Arc<ShardCtx>, conn: &Connection) -> ShardEnd {
     tasks.spawn(lease_watchdog(ctx.clone()).in_current_span());
     // Joined before the shard ends: a letter it is publishing is also forgotten before the
     // lease goes to the next owner, whose mover would otherwise publish it again.
-    tasks.spawn(dead_letter::mover(ctx.clone()).in_current_span());
+    let mover = dead_letter::Mover {
+        shard: ctx.shard,
+        store: ctx.store.clone(),
+        fence: ctx.fence.clone(),
+        dead_letters: ctx.dead_letters.clone(),
+        held: ctx.held.clone(),
+        cancel: ctx.cancel.clone(),
+    };
+    tasks.spawn(dead_letter::mover(mover).in_current_span());
     let senders = Senders::new(ctx.clone());
     let end = match consume(&ctx, conn, &senders, &tasks).await {
         Ok(end) => end,

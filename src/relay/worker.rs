@@ -21,12 +21,13 @@ use tracing::Instrument;
 
 use crate::relay::adaptive::Adaptive;
 use crate::relay::amqp::{self, TopologyError};
+use crate::relay::config::AuthMode;
 use crate::relay::config::{Validated, WorkerConfig};
 use crate::relay::dead_letter;
 use crate::relay::ecs::Ecs;
 use crate::relay::events::RedisFailed;
 use crate::relay::metrics::{self as m, Op, Readiness};
-use crate::relay::producers::{self, AuthMode, Producers};
+use crate::relay::producers::{self, Producers};
 use crate::relay::semaphore::Semaphore;
 use crate::relay::sender::{Asked, ReadyWork, ShardCtx, Shared};
 use crate::relay::shard::{self, ShardEnd};

@@ -5,7 +5,8 @@
 //! templates and ARN patterns, and asks for the relay's verdict (decode, then the check) to
 //! equal the model's.
 
-use ecs_state_relay::relay::producers::{Acl, AuthMode, Producers};
+use ecs_state_relay::relay::config::AuthMode;
+use ecs_state_relay::relay::producers::{Acl, Producers};
 use ecs_state_relay::relay::wire;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};

@@ -17,6 +17,7 @@ mod fencing;
 mod ha_fixture;
 mod identity_props;
 mod inspect;
+mod layers;
 mod model;
 mod nemesis;
 mod nemesis_plan;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use ecs_state_relay::cli::publish::Publisher;
-use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
-use ecs_state_relay::relay::producers::AuthMode;
+use ecs_state_relay::relay::config::{AuthMode, ConnConfig, WorkerConfig};
+
 use serde_json::{json, Value};
 
 /// A broker user with a producer's permissions on `exchange`; deleted when dropped.
