@@ -6,9 +6,10 @@
 # three-node RabbitMQ cluster) and adds Redis primary kills (Sentinel failover) and RabbitMQ node
 # kills to the faults. The test command runs the nemesis for 30 s on four fixed seeds against
 # the shared local Redis and RabbitMQ.
+# --min-replicas N sets the HA workers' RELAY_REDIS_MIN_REPLICAS (default 1; 2 = both replicas).
 # --local runs against the shared local Redis and RabbitMQ instead, as the test command's seeds do
 # (a seed then draws the same schedule as there: replay a test-command failure with it).
-#   scripts/nemesis.sh [--seconds 600] [--seed N] [--local]
+#   scripts/nemesis.sh [--seconds 600] [--seed N] [--min-replicas N] [--local]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +20,8 @@ while [ $# -gt 0 ]; do
     --seconds) seconds=$2; shift 2 ;;
     --seed) seed=$2; shift 2 ;;
     --local) export RELAY_NEMESIS_LOCAL=1; shift ;;
-    *) echo "usage: $0 [--seconds N] [--seed N] [--local]" >&2; exit 2 ;;
+    --min-replicas) export RELAY_NEMESIS_MIN_REPLICAS=$2; shift 2 ;;
+    *) echo "usage: $0 [--seconds N] [--seed N] [--min-replicas N] [--local]" >&2; exit 2 ;;
   esac
 done
 

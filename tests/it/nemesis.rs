@@ -113,7 +113,7 @@ impl Cluster {
                     cfg.conn.redis_url = "redis://sentinel-named-primary/0".into();
                     cfg.conn.redis_sentinels = ha.redis.sentinels();
                     cfg.conn.redis_sentinel_master = ha.redis.master_name.clone();
-                    cfg.conn.redis_min_replicas = 1;
+                    cfg.conn.redis_min_replicas = ha_min_replicas();
                 }
                 None => {
                     let redis = Proxy::start(redis_addr()).await;
@@ -618,8 +618,13 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
         println!("nemesis seed {seed}: STORE LOST (relay_store_lost 1): {lost:?}");
     }
     println!(
-        "nemesis seed {seed} | {:.0}s of faults, drawn/applied: {} | duplicate edges {} | {result}",
+        "nemesis seed {seed} | {:.0}s of faults{}, drawn/applied: {} | duplicate edges {} | {result}",
         length.as_secs_f64(),
+        if cluster.ha.is_some() {
+            format!(" (HA, RELAY_REDIS_MIN_REPLICAS={})", ha_min_replicas())
+        } else {
+            String::new()
+        },
         cluster.tally.table(),
         cluster.edges
     );
@@ -746,6 +751,15 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
     }
     drop(cluster);
     env.cleanup().await;
+}
+
+/// `RELAY_REDIS_MIN_REPLICAS` of the HA run's workers (two replicas): `RELAY_NEMESIS_MIN_REPLICAS`,
+/// else 1.
+fn ha_min_replicas() -> u32 {
+    std::env::var("RELAY_NEMESIS_MIN_REPLICAS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
 }
 
 fn seconds_from_env(default: u64) -> Duration {
