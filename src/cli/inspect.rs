@@ -333,12 +333,7 @@ pub async fn run(args: InspectArgs) -> anyhow::Result<()> {
     if report.sent.is_empty() {
         println!("  sent: nothing yet");
     } else {
-        let sent: Vec<String> = report
-            .sent
-            .iter()
-            .map(|(w, s)| format!("{w} {s}"))
-            .collect();
-        println!("  sent: {}", sent.join(", "));
+        println!("  sent: {}", super::pairs(&report.sent));
     }
     println!("  outbox: {} waiting", report.outbox.len());
     for w in &report.outbox {

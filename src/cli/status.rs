@@ -320,17 +320,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         Some(rules) if status.producer_rules_agree => {
             println!("producer rules: {rules} on every live worker");
         }
-        Some(_) => {
-            let each: Vec<String> = status
-                .producer_rules
-                .iter()
-                .map(|(w, r)| format!("{w} {r}"))
-                .collect();
-            println!(
-                "producer rules DIFFER between workers (an ACL edit not yet everywhere?): {}",
-                each.join(", ")
-            );
-        }
+        Some(_) => println!(
+            "producer rules DIFFER between workers (an ACL edit not yet everywhere?): {}",
+            super::pairs(&status.producer_rules)
+        ),
         None => {}
     }
     if status.busiest_clusters.is_empty() {

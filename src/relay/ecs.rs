@@ -25,6 +25,20 @@ use crate::relay::wire::{
     container_wire_status, task_wire_status, AttachmentChange, BatchItem, Binding, TaskChange,
 };
 
+/// Sends a Submit* request under the send-time guard and maps the answer to the relay's error
+/// classes: the three calls end alike.
+macro_rules! send_guarded {
+    ($request:expr, $guard:expr) => {
+        $request
+            .customize()
+            .interceptor($guard)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    };
+}
+
 /// How a failed call is handled: dropped (InvalidParameterException) or retried.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallError {
@@ -206,23 +220,20 @@ impl Ecs {
                 }
             }
         }
-        self.client
-            .submit_task_state_change()
-            .cluster(&change.cluster)
-            .task(&change.task)
-            .status(task_wire_status(&change.status))
-            .reason(&change.reason)
-            .set_pull_started_at(timestamp(&change.pull_started_at))
-            .set_pull_stopped_at(timestamp(&change.pull_stopped_at))
-            .set_execution_stopped_at(timestamp(&change.execution_stopped_at))
-            .set_containers((!containers.is_empty()).then_some(containers))
-            .set_managed_agents((!agents.is_empty()).then_some(agents))
-            .customize()
-            .interceptor(guard)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        send_guarded!(
+            self.client
+                .submit_task_state_change()
+                .cluster(&change.cluster)
+                .task(&change.task)
+                .status(task_wire_status(&change.status))
+                .reason(&change.reason)
+                .set_pull_started_at(timestamp(&change.pull_started_at))
+                .set_pull_stopped_at(timestamp(&change.pull_stopped_at))
+                .set_execution_stopped_at(timestamp(&change.execution_stopped_at))
+                .set_containers((!containers.is_empty()).then_some(containers))
+                .set_managed_agents((!agents.is_empty()).then_some(agents)),
+            guard
+        )
     }
 
     /// SubmitTaskStateChange, attachment variant: only cluster, task and the attachment.
@@ -231,17 +242,14 @@ impl Ecs {
         change: &AttachmentChange,
         guard: CallGuard,
     ) -> Result<(), CallError> {
-        self.client
-            .submit_task_state_change()
-            .cluster(&change.cluster)
-            .set_task(change.task.clone())
-            .attachments(attachment(change)?)
-            .customize()
-            .interceptor(guard)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        send_guarded!(
+            self.client
+                .submit_task_state_change()
+                .cluster(&change.cluster)
+                .set_task(change.task.clone())
+                .attachments(attachment(change)?),
+            guard
+        )
     }
 
     /// SubmitAttachmentStateChanges with exactly one attachment (instance ENI or resource).
@@ -250,16 +258,13 @@ impl Ecs {
         change: &AttachmentChange,
         guard: CallGuard,
     ) -> Result<(), CallError> {
-        self.client
-            .submit_attachment_state_changes()
-            .cluster(&change.cluster)
-            .attachments(attachment(change)?)
-            .customize()
-            .interceptor(guard)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(classify)
+        send_guarded!(
+            self.client
+                .submit_attachment_state_changes()
+                .cluster(&change.cluster)
+                .attachments(attachment(change)?),
+            guard
+        )
     }
 }
 

@@ -599,6 +599,18 @@ async fn lease_watchdog(ctx: Arc<ShardCtx>) {
     }
 }
 
+/// A periodic step's Redis failure. Fenced: the lease is gone, so the shard stops (true).
+/// Anything else is logged and counted, and the next tick tries again.
+fn tick_failed(ctx: &ShardCtx, op: Op, what: &'static str, e: &StoreError) -> bool {
+    if matches!(e, StoreError::Fenced) {
+        m::fenced(op);
+        ctx.cancel.cancel();
+        return true;
+    }
+    RedisFailed { op, what, error: e }.emit();
+    false
+}
+
 /// Rule 3: at random intervals in [min, max), flush batches of tasks with a known status.
 async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
     loop {
@@ -614,18 +626,10 @@ async fn drain_ticker(ctx: Arc<ShardCtx>, senders: Senders) {
             .await
         {
             Ok(keys) => keys.iter().for_each(|k| senders.resume(k)),
-            Err(StoreError::Fenced) => {
-                m::fenced(Op::Drain);
-                ctx.cancel.cancel();
-                return;
-            }
             Err(e) => {
-                RedisFailed {
-                    op: Op::Drain,
-                    what: "drain tick failed",
-                    error: &e,
+                if tick_failed(&ctx, Op::Drain, "drain tick failed", &e) {
+                    return;
                 }
-                .emit();
             }
         }
     }
@@ -693,18 +697,10 @@ async fn retention_sweeper(ctx: Arc<ShardCtx>) {
                 m::events_dropped("retention", events);
             }
             Ok(_) => {}
-            Err(StoreError::Fenced) => {
-                m::fenced(Op::Sweep);
-                ctx.cancel.cancel();
-                return;
-            }
             Err(e) => {
-                RedisFailed {
-                    op: Op::Sweep,
-                    what: "retention sweep failed",
-                    error: &e,
+                if tick_failed(&ctx, Op::Sweep, "retention sweep failed", &e) {
+                    return;
                 }
-                .emit();
             }
         }
     }

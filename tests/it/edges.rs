@@ -169,10 +169,10 @@ async fn sigterm_during_a_redis_outage_exits_cleanly_in_bounded_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_failing_for_longer_than_the_retention_is_kept_and_sent_once_ecs_heals() {
     let metrics = ecs_state_relay::relay::metrics::handle();
-    let mut env = Env::new("edge-retention", 1).await;
-    let mut cfg = env.config();
-    cfg.task_retention_s = 3;
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("edge-retention", 1, |cfg| {
+        cfg.task_retention_s = 3;
+    })
+    .await;
     let x = arn("retry-x");
     env.sim.add_rule(Rule {
         key: x.clone(),
@@ -731,10 +731,10 @@ async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_message_past_a_full_hold_stays_unacked_and_is_not_lost() {
     let metrics = ecs_state_relay::relay::metrics::handle();
-    let mut env = Env::new("edge-hold-full", 1).await;
-    let mut cfg = env.config();
-    cfg.dead_letter_hold_bytes = 512 * 1024;
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("edge-hold-full", 1, |cfg| {
+        cfg.dead_letter_hold_bytes = 512 * 1024;
+    })
+    .await;
     dead_letter_binding(&env, false).await;
     // Three bad messages of 250 KiB: two fit in 512 KiB, the third does not.
     let pad = "x".repeat(250 * 1024);
@@ -908,11 +908,11 @@ async fn valid_events_flow_while_the_dead_letter_queue_is_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_change_carries_the_tasks_latest_timestamps() {
-    let mut env = Env::new("edge-drain-times", 1).await;
-    let mut cfg = env.config();
-    cfg.drain_min_ms = 200;
-    cfg.drain_max_ms = 300;
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("edge-drain-times", 1, |cfg| {
+        cfg.drain_min_ms = 200;
+        cfg.drain_max_ms = 300;
+    })
+    .await;
     let x = arn("drain-times");
     let mut running = task(&x, "RUNNING");
     running["pullStartedAt"] = "2026-11-28T09:59:00Z".into();

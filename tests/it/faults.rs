@@ -312,11 +312,11 @@ async fn redis_restart_with_aof_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ecs_outage_backoff_holds_permits_are_not_held_while_sleeping_and_the_backlog_drains() {
-    let mut env = Env::new("fault-ecs", 4).await;
-    let mut cfg = env.config();
-    cfg.backoff_min_ms = 200;
-    cfg.backoff_max_ms = 2_000;
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("fault-ecs", 4, |cfg| {
+        cfg.backoff_min_ms = 200;
+        cfg.backoff_max_ms = 2_000;
+    })
+    .await;
     env.sim.add_rule(Rule {
         key: "*".into(),
         action: Action::Unavailable,

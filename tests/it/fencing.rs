@@ -104,11 +104,11 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_worker_whose_lease_was_taken_stores_nothing_and_counts_it() {
     let metrics = ecs_state_relay::relay::metrics::handle();
-    let mut env = Env::new("fenced-worker", 1).await;
-    let mut cfg = env.config();
-    // Renewals are rare, so the intake, not the heartbeat, is first to meet the new owner.
-    cfg.lease_ms = 60_000;
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("fenced-worker", 1, |cfg| {
+        // Renewals are rare, so the intake, not the heartbeat, is first to meet the new owner.
+        cfg.lease_ms = 60_000;
+    })
+    .await;
     let lease = env.store.shard(0).lease();
     let mut conn = env.store.conn().await.unwrap();
     let _: () = redis::cmd("HSET")

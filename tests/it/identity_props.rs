@@ -5,6 +5,7 @@
 //! templates and ARN patterns, and asks for the relay's verdict (decode, then the check) to
 //! equal the model's.
 
+use ecs_state_relay::relay::arn::PARTITIONS;
 use ecs_state_relay::relay::config::AuthMode;
 use ecs_state_relay::relay::producers::{Acl, Producers};
 use ecs_state_relay::relay::wire;
@@ -16,17 +17,6 @@ const OWN: &str = "123456789012";
 const FOREIGN: &str = "210987654321";
 
 // ---------------------------------------------------------------- the model
-
-const PARTITIONS: [&str; 8] = [
-    "aws",
-    "aws-cn",
-    "aws-us-gov",
-    "aws-iso",
-    "aws-iso-b",
-    "aws-iso-e",
-    "aws-iso-f",
-    "aws-eusc",
-];
 
 fn name_ok(s: &str) -> bool {
     !s.is_empty()

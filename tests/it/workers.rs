@@ -185,12 +185,12 @@ async fn a_task_whose_calls_keep_failing_does_not_delay_other_tasks() {
 async fn more_failing_tasks_than_a_shard_has_runners_do_not_delay_a_healthy_one() {
     // One shard: every task shares its 16 runners. Tasks waiting out a backoff must give
     // their runner back, or 40 failing tasks would starve the healthy one.
-    let mut env = Env::new("many-failing", 1).await;
-    let mut cfg = env.config();
-    // Long enough that a runner sleeping through a backoff would miss the deadline below.
-    cfg.backoff_min_ms = 30_000;
-    cfg.backoff_max_ms = 30_000;
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("many-failing", 1, |cfg| {
+        // Long enough that a runner sleeping through a backoff would miss the deadline below.
+        cfg.backoff_min_ms = 30_000;
+        cfg.backoff_max_ms = 30_000;
+    })
+    .await;
     let bad: Vec<String> = (0..40).map(|i| arn(&format!("failing-{i}"))).collect();
     for t in &bad {
         env.sim.add_rule(Rule {
@@ -220,10 +220,10 @@ async fn more_failing_tasks_than_a_shard_has_runners_do_not_delay_a_healthy_one(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_and_counts_the_state_of_idle_tasks() {
-    let mut env = Env::new("retention", 2).await;
-    let mut cfg = env.config();
-    cfg.task_retention_s = 1;
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("retention", 2, |cfg| {
+        cfg.task_retention_s = 1;
+    })
+    .await;
     // A batch for a task whose status is never known would stay forever upstream.
     let a = arn("never-known");
     env.publish(&[container(&a, "web", "RUNNING")]).await;

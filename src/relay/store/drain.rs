@@ -1,7 +1,7 @@
 //! The drain tick (rule 3, `drain.lua`): batches of tasks with a known status become synthetic
 //! task changes.
 
-use super::{Fence, Store, StoreResult, PAGE};
+use super::{fenced, Fence, Store, StoreResult, PAGE};
 use crate::relay::wire::TASK_STATUSES;
 
 impl Store {
@@ -27,16 +27,13 @@ impl Store {
                 .await?;
             // The first call runs even on an empty page: every tick checks the fence.
             if !page.is_empty() || cursor == "0" {
-                let mut inv = self.scripts.drain.prepare_invoke();
-                inv.key(keys.lease())
-                    .key(keys.batched())
-                    .key(keys.pending())
-                    .key(keys.seq())
-                    .key(keys.active())
-                    .arg(&fence.owner)
-                    .arg(fence.token)
-                    .arg(retention_s)
-                    .arg(TASK_STATUSES.len());
+                let mut inv = fenced(
+                    &self.scripts.drain,
+                    &keys,
+                    fence,
+                    &[keys.batched(), keys.pending(), keys.seq(), keys.active()],
+                );
+                inv.arg(retention_s).arg(TASK_STATUSES.len());
                 for s in TASK_STATUSES {
                     inv.arg(s);
                 }

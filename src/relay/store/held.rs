@@ -1,7 +1,7 @@
 //! Held dead letters (`hold.lua`, `unhold.lua`): rejected messages the broker could not take
 //! into the dead-letter queue yet, kept per shard in arrival order until it can.
 
-use super::{Fence, Lane, Store, StoreResult};
+use super::{fenced, Fence, Lane, Store, StoreResult};
 
 impl Store {
     /// Keeps encoded letters (in order) within `max_bytes` per shard; one flag per letter,
@@ -18,15 +18,13 @@ impl Store {
             return Ok(Vec::new());
         }
         let keys = self.shard(shard);
-        let mut inv = self.scripts.hold.prepare_invoke();
-        inv.key(keys.lease())
-            .key(keys.held())
-            .key(keys.held_bytes())
-            .key(keys.seq())
-            .key(keys.held_ids())
-            .arg(&fence.owner)
-            .arg(fence.token)
-            .arg(max_bytes);
+        let mut inv = fenced(
+            &self.scripts.hold,
+            &keys,
+            fence,
+            &[keys.held(), keys.held_bytes(), keys.seq(), keys.held_ids()],
+        );
+        inv.arg(max_bytes);
         for letter in letters {
             inv.arg(letter.as_ref());
         }
@@ -49,18 +47,15 @@ impl Store {
     pub async fn unhold(&self, shard: u16, fence: &Fence, letter: &[u8]) -> StoreResult<bool> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
-        let removed: i64 = self
-            .scripts
-            .unhold
-            .key(keys.lease())
-            .key(keys.held())
-            .key(keys.held_bytes())
-            .key(keys.held_ids())
-            .arg(&fence.owner)
-            .arg(fence.token)
-            .arg(letter)
-            .invoke_async(&mut conn)
-            .await?;
+        let removed: i64 = fenced(
+            &self.scripts.unhold,
+            &keys,
+            fence,
+            &[keys.held(), keys.held_bytes(), keys.held_ids()],
+        )
+        .arg(letter)
+        .invoke_async(&mut conn)
+        .await?;
         Ok(removed == 1)
     }
 

@@ -1,7 +1,7 @@
 //! Intake: a batch of one shard's validated events in one script (`intake.lua`): dedupe by
 //! recent event ids, known task status, the task's batch or its outbox.
 
-use super::{Fence, Lane, ShardKeys, Store, StoreError, StoreResult, RECENT_IDS};
+use super::{fenced, Fence, Lane, ShardKeys, Store, StoreError, StoreResult, RECENT_IDS};
 use crate::relay::wire::Event;
 
 /// What the intake did with one event.
@@ -70,15 +70,13 @@ impl Store {
             return Ok(Vec::new());
         }
         let keys = self.shard(shard);
-        let mut inv = self.scripts.intake.prepare_invoke();
-        inv.key(keys.lease())
-            .key(keys.pending())
-            .key(keys.batched())
-            .key(keys.active())
-            .key(keys.seq())
-            .arg(&fence.owner)
-            .arg(fence.token)
-            .arg(retention_s)
+        let mut inv = fenced(
+            &self.scripts.intake,
+            &keys,
+            fence,
+            &[keys.pending(), keys.batched(), keys.active(), keys.seq()],
+        );
+        inv.arg(retention_s)
             .arg(crate::relay::wire::MAX_BATCH)
             .arg(RECENT_IDS);
         for ev in events {

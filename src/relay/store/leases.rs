@@ -179,20 +179,12 @@ impl Store {
     /// Leaves the live set at once (clean shutdown), so the others rebalance without waiting.
     pub async fn deregister(&self, worker: &str) -> StoreResult<()> {
         let mut conn = self.conn().await?;
-        redis::pipe()
-            .cmd("ZREM")
-            .arg(self.global_key("workers"))
-            .arg(worker)
-            .cmd("HDEL")
-            .arg(self.global_key("producer-rules"))
-            .arg(worker)
-            .cmd("HDEL")
-            .arg(self.global_key("ready"))
-            .arg(worker)
-            .cmd("HDEL")
-            .arg(self.global_key("addrs"))
-            .arg(worker)
-            .cmd("PUBLISH")
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREM").arg(self.global_key("workers")).arg(worker);
+        for entries in ["producer-rules", "ready", "addrs"] {
+            pipe.cmd("HDEL").arg(self.global_key(entries)).arg(worker);
+        }
+        pipe.cmd("PUBLISH")
             .arg(self.membership_channel())
             .arg("left")
             .query_async::<()>(&mut conn)

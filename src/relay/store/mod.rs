@@ -207,7 +207,26 @@ impl Store {
     pub fn shard(&self, shard: u16) -> ShardKeys {
         ShardKeys::new(format!("relay:{{{}#{shard}}}:", self.namespace))
     }
+}
 
+/// A call of a script that writes a shard (`fence.lua` prepended): KEYS[1] is the shard's
+/// lease and ARGV[1..2] the fence, then the script's own `keys`; the caller adds its arguments.
+fn fenced<'a>(
+    script: &'a Script,
+    shard: &ShardKeys,
+    fence: &Fence,
+    keys: &[String],
+) -> redis::ScriptInvocation<'a> {
+    let mut inv = script.prepare_invoke();
+    inv.key(shard.lease());
+    for key in keys {
+        inv.key(key);
+    }
+    inv.arg(&fence.owner).arg(fence.token);
+    inv
+}
+
+impl Store {
     /// Published on when a worker joins or leaves or a shard lease is released, so the others
     /// rebalance at once instead of at their next heartbeat.
     pub fn membership_channel(&self) -> String {

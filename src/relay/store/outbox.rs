@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{Fence, Lane, Store, StoreResult, PAGE};
+use super::{fenced, Fence, Lane, Store, StoreResult, PAGE};
 
 /// Sent and known statuses of one ordering key, as stored in its state hash.
 #[derive(Clone, Debug, Default)]
@@ -60,21 +60,21 @@ impl Store {
         retention_s: u64,
     ) -> StoreResult<Completed> {
         let keys = self.shard(shard);
-        let mut inv = self.scripts.complete.prepare_invoke();
-        inv.key(keys.lease())
-            .key(keys.outbox(key))
-            .key(keys.state(key))
-            .key(keys.pending())
-            .key(keys.active())
-            .key(keys.recent_ids(key))
-            .key(keys.batch(key))
-            .key(keys.seq())
-            .arg(&fence.owner)
-            .arg(fence.token)
-            .arg(head_prefix)
-            .arg(key)
-            .arg(retention_s)
-            .arg(history);
+        let mut inv = fenced(
+            &self.scripts.complete,
+            &keys,
+            fence,
+            &[
+                keys.outbox(key),
+                keys.state(key),
+                keys.pending(),
+                keys.active(),
+                keys.recent_ids(key),
+                keys.batch(key),
+                keys.seq(),
+            ],
+        );
+        inv.arg(head_prefix).arg(key).arg(retention_s).arg(history);
         for (f, v) in advances {
             inv.arg(f).arg(*v);
         }
@@ -97,21 +97,22 @@ impl Store {
     ) -> StoreResult<()> {
         let keys = self.shard(shard);
         let mut conn = self.conn().await?;
-        let _: i64 = self
-            .scripts
-            .touch
-            .key(keys.lease())
-            .key(keys.active())
-            .key(keys.state(key))
-            .key(keys.batch(key))
-            .key(keys.outbox(key))
-            .key(keys.recent_ids(key))
-            .arg(&fence.owner)
-            .arg(fence.token)
-            .arg(key)
-            .arg(retention_s)
-            .invoke_async(&mut conn)
-            .await?;
+        let _: i64 = fenced(
+            &self.scripts.touch,
+            &keys,
+            fence,
+            &[
+                keys.active(),
+                keys.state(key),
+                keys.batch(key),
+                keys.outbox(key),
+                keys.recent_ids(key),
+            ],
+        )
+        .arg(key)
+        .arg(retention_s)
+        .invoke_async(&mut conn)
+        .await?;
         Ok(())
     }
 

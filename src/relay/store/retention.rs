@@ -1,7 +1,7 @@
 //! Retention (rule 11, `sweep.lua`): the state of tasks idle past the retention is dropped and
 //! counted.
 
-use super::{Fence, Store, StoreResult, PAGE};
+use super::{fenced, Fence, Store, StoreResult, PAGE};
 
 impl Store {
     /// Drops tasks idle past the retention, a page at a time; returns (tasks, events) dropped.
@@ -29,14 +29,13 @@ impl Store {
             if idle.is_empty() && tasks > 0 {
                 return Ok((tasks, events));
             }
-            let mut inv = self.scripts.sweep.prepare_invoke();
-            inv.key(keys.lease())
-                .key(keys.active())
-                .key(keys.pending())
-                .key(keys.batched())
-                .arg(&fence.owner)
-                .arg(fence.token)
-                .arg(retention_s);
+            let mut inv = fenced(
+                &self.scripts.sweep,
+                &keys,
+                fence,
+                &[keys.active(), keys.pending(), keys.batched()],
+            );
+            inv.arg(retention_s);
             for key in &idle {
                 inv.key(keys.state(key))
                     .key(keys.batch(key))

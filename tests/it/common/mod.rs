@@ -135,6 +135,19 @@ impl Env {
         }
     }
 
+    /// [`Env::new`] with one in-process worker whose configuration `tweak` adjusts.
+    pub async fn with_worker(
+        name: &str,
+        shards: u16,
+        tweak: impl FnOnce(&mut WorkerConfig),
+    ) -> Env {
+        let mut env = Env::new(name, shards).await;
+        let mut cfg = env.config();
+        tweak(&mut cfg);
+        env.start_worker(cfg).await;
+        env
+    }
+
     pub fn conn(&self) -> ConnConfig {
         ConnConfig {
             amqp_url: amqp_url(),
