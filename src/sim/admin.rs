@@ -109,7 +109,7 @@ pub(super) async fn admin_reset(State(app): State<App>) -> StatusCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::testing::{ecs, eventually, http};
+    use crate::sim::testing::{ecs, eventually, http, submit_in_background};
     use crate::sim::Sim;
 
     #[tokio::test]
@@ -120,10 +120,7 @@ mod tests {
             http(&base, "POST", "/_sim/rules", &[], rule).await.status,
             204
         );
-        let call = tokio::spawn({
-            let base = base.clone();
-            async move { ecs(&base, "SubmitTaskStateChange", r#"{"task":"a"}"#).await }
-        });
+        let call = submit_in_background(&base, "a");
         eventually("held call", || sim.stats().held == 1).await;
         let stats = http(&base, "GET", "/_sim/stats", &[], "").await.json();
         assert_eq!(

@@ -262,31 +262,21 @@ struct App {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::testing::{ecs, eventually, http};
+    use crate::sim::testing::{ecs, eventually, set_capacity, submit_in_background};
 
     /// Capacity mode: with K calls in flight the next is throttled; set at runtime over the
     /// admin API, and off again with null.
     #[tokio::test]
     async fn capacity_mode_throttles_calls_beyond_k_in_flight() {
         let (sim, base) = Sim::spawn_local().await.unwrap();
-        let r = http(
-            &base,
-            "POST",
-            "/_sim/capacity",
-            &[],
-            r#"{"max_in_flight":1}"#,
-        )
-        .await;
+        let r = set_capacity(&base, "1").await;
         assert_eq!(r.status, 204);
         sim.add_rule(Rule {
             key: "arn:held".into(),
             action: Action::Hold,
             times: 1,
         });
-        let held = tokio::spawn({
-            let base = base.clone();
-            async move { ecs(&base, "SubmitTaskStateChange", r#"{"task":"arn:held"}"#).await }
-        });
+        let held = submit_in_background(&base, "arn:held");
         eventually("the first call held", || sim.stats().held == 1).await;
         let r = ecs(&base, "SubmitTaskStateChange", r#"{"task":"arn:second"}"#).await;
         assert_eq!(r.status, 400);
@@ -296,14 +286,7 @@ mod tests {
         // One in flight again is within capacity; then capacity mode off.
         let r = ecs(&base, "SubmitTaskStateChange", r#"{"task":"arn:third"}"#).await;
         assert_eq!(r.status, 200);
-        let r = http(
-            &base,
-            "POST",
-            "/_sim/capacity",
-            &[],
-            r#"{"max_in_flight":null}"#,
-        )
-        .await;
+        let r = set_capacity(&base, "null").await;
         assert_eq!(r.status, 204);
         assert_eq!(sim.lock().capacity, None);
     }

@@ -92,7 +92,7 @@ pub(super) fn take_rule(rules: &mut Vec<Rule>, key: &str) -> Option<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::testing::{ecs, eventually};
+    use crate::sim::testing::{ecs, eventually, submit_in_background};
     use serde_json::json;
 
     #[tokio::test]
@@ -151,14 +151,8 @@ mod tests {
             action: Action::Hold,
             times: 2,
         });
-        let a = tokio::spawn({
-            let base = base.clone();
-            async move { ecs(&base, "SubmitTaskStateChange", r#"{"task":"a"}"#).await }
-        });
-        let b = tokio::spawn({
-            let base = base.clone();
-            async move { ecs(&base, "SubmitTaskStateChange", r#"{"task":"b"}"#).await }
-        });
+        let a = submit_in_background(&base, "a");
+        let b = submit_in_background(&base, "b");
         eventually("two held calls", || sim.stats().held == 2).await;
         let s = sim.stats();
         assert_eq!((s.in_flight, s.max_in_flight, s.ok), (2, 2, 0));

@@ -67,6 +67,18 @@ pub(super) async fn ecs(base: &str, op: &str, body: &str) -> Reply {
     .await
 }
 
+/// A SubmitTaskStateChange for `task` in the background (for calls the sim holds).
+pub(super) fn submit_in_background(base: &str, task: &str) -> tokio::task::JoinHandle<Reply> {
+    let (base, body) = (base.to_string(), format!(r#"{{"task":"{task}"}}"#));
+    tokio::spawn(async move { ecs(&base, "SubmitTaskStateChange", &body).await })
+}
+
+/// Sets the capacity mode over the admin API (`max_in_flight` a number, or `null` for off).
+pub(super) async fn set_capacity(base: &str, max_in_flight: &str) -> Reply {
+    let body = format!(r#"{{"max_in_flight":{max_in_flight}}}"#);
+    http(base, "POST", "/_sim/capacity", &[], &body).await
+}
+
 pub(super) async fn eventually(what: &str, f: impl Fn() -> bool) {
     for _ in 0..500 {
         if f() {

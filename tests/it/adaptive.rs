@@ -50,6 +50,17 @@ fn in_flight_at_arrival(calls: &[CallRecord]) -> Vec<usize> {
         .collect()
 }
 
+/// Publishes RUNNING for `tasks` and waits until the effective limit is back at the ceiling.
+async fn flow_until_ceiling(env: &Env, tasks: &[String], what: &str) {
+    env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
+        .await;
+    eventually!(
+        RECOVERY_BOUND,
+        what,
+        effective_limit(&env.store).await.expect("redis") == Some(10)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_backs_off_when_ecs_throttles_and_returns_to_the_ceiling() {
     let mut env = Env::new("adaptive", 4).await;
@@ -66,10 +77,11 @@ async fn the_fleet_backs_off_when_ecs_throttles_and_returns_to_the_ceiling() {
         .flat_map(|s| tasks.iter().map(move |t| task(t, s)))
         .collect();
     env.publish(&events).await;
-    eventually(Duration::from_secs(90), "the backlog is sent", || async {
+    eventually!(
+        Duration::from_secs(90),
+        "the backlog is sent",
         env.sim.stats().ok >= 1_000 && all_stopped(&env, &tasks)
-    })
-    .await;
+    );
 
     let calls = env.sim.calls();
     let (lost, disorder, _dups) = audit(&calls, &tasks);
@@ -150,28 +162,18 @@ async fn the_fleet_backs_off_when_ecs_throttles_and_returns_to_the_ceiling() {
     // ECS has room again: the limit climbs back to the ceiling while calls flow.
     env.sim.set_capacity(Some(20));
     let changed = Instant::now();
-    let more: Vec<String> = (0..1_000)
-        .map(|i| arn(&format!("adaptive-more-{i:04}")))
-        .collect();
-    env.publish(&more.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
-        .await;
-    eventually(
-        RECOVERY_BOUND,
-        "the limit is back at the ceiling",
-        || async { effective_limit(&env.store).await.expect("redis") == Some(10) },
-    )
-    .await;
+    let more = arns("adaptive-more", 1_000);
+    flow_until_ceiling(&env, &more, "the limit is back at the ceiling").await;
     println!(
         "K=20: the effective limit was back at 10 after {:.2} s (bound {:.1} s)",
         changed.elapsed().as_secs_f64(),
         RECOVERY_BOUND.as_secs_f64()
     );
-    eventually(
+    eventually!(
         Duration::from_secs(60),
         "the second backlog is sent",
-        || async { all_sent(&env, &more) },
-    )
-    .await;
+        all_sent(&env, &more)
+    );
     assert!(
         env.sim.stats().max_in_flight <= 10,
         "the ceiling was exceeded"
@@ -204,10 +206,11 @@ async fn with_adaptive_off_the_fixed_limit_stays_under_throttling() {
     let tasks: Vec<String> = (0..200).map(|i| arn(&format!("fixed-{i:03}"))).collect();
     env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
         .await;
-    eventually(Duration::from_secs(60), "the backlog is sent", || async {
+    eventually!(
+        Duration::from_secs(60),
+        "the backlog is sent",
         all_sent(&env, &tasks)
-    })
-    .await;
+    );
     let calls = env.sim.calls();
     let throttled_share = calls.iter().filter(|c| throttled(c)).count() as f64 / calls.len() as f64;
     println!(
@@ -249,14 +252,7 @@ async fn stored_times_from_a_clock_ahead_do_not_freeze_the_limit() {
         .expect("hset");
     env.sim.set_latency(Duration::from_millis(20));
     start_worker(&mut env, true).await;
-    let tasks: Vec<String> = (0..1_000).map(|i| arn(&format!("clock-{i:04}"))).collect();
-    env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
-        .await;
-    eventually(
-        RECOVERY_BOUND,
-        "the limit climbs back to the ceiling",
-        || async { effective_limit(&env.store).await.expect("redis") == Some(10) },
-    )
-    .await;
+    let tasks = arns("clock", 1_000);
+    flow_until_ceiling(&env, &tasks, "the limit climbs back to the ceiling").await;
     env.cleanup().await;
 }

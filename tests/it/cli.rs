@@ -66,20 +66,10 @@ async fn publish_succeeds_and_the_worker_serves_metrics_health_and_readiness() {
 
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    assert!(http
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .is_success());
-    assert!(http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .is_success());
+    for path in ["/healthz", "/readyz"] {
+        let answer = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert!(answer.status().is_success(), "{path}: {}", answer.status());
+    }
     let wanted = [
         "relay_events_consumed_total{type=\"container\"} 1",
         "relay_events_consumed_total{type=\"task\"} 1",

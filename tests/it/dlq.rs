@@ -44,19 +44,18 @@ async fn dead_letter_valid_event_with(env: &Env, arn: &str, mut headers: FieldTa
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
-    let mut env = Env::new("dlq", 2).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("dlq", 2, |_| {}).await;
     let bad = arn("bad-input");
     let good = arn("was-batch-full");
     env.publish_raw(&bad, b"not json").await;
     dead_letter_valid_event(&env, &good).await;
 
     let conn = env.conn();
-    eventually(Duration::from_secs(10), "two dead letters", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "two dead letters",
         dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2
-    })
-    .await;
+    );
     let listed = dlq::list(&conn, 100).await.expect("list");
     let reasons: Vec<&str> = listed.iter().map(|m| m.reason.as_str()).collect();
     assert!(
@@ -68,12 +67,11 @@ async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
         "{reasons:?}"
     );
     // Listed messages return to the queue as the listing channel closes (asynchronously).
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "listing removed nothing",
-        || async { dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2 },
-    )
-    .await;
+        dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2
+    );
 
     // The CLI prints the same as JSON lines.
     let lines: Vec<serde_json::Value> = env
@@ -85,12 +83,11 @@ async fn list_leaves_the_queue_alone_and_replay_sends_back_what_was_asked() {
     assert!(lines.iter().any(|l| l["routing_key"] == good.as_str()));
 
     // Only the batch_full one is replayed; it reaches ECS; the other stays.
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "both back after the CLI listing",
-        || async { dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2 },
-    )
-    .await;
+        dlq::list(&conn, 100).await.map(|l| l.len()).unwrap_or(0) == 2
+    );
     let (replayed, left) = dlq::replay(&conn, 100, Some("batch_full"))
         .await
         .expect("replay");
@@ -146,10 +143,11 @@ async fn a_replayed_message_is_published_afresh() {
     );
     dead_letter_valid_event_with(&env, &t, headers).await;
     let conn = env.conn();
-    eventually(Duration::from_secs(10), "dead-lettered", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "dead-lettered",
         dlq::list(&conn, 10).await.map(|l| l.len()).unwrap_or(0) == 1
-    })
-    .await;
+    );
     let replay_started = ecs_state_relay::relay::wire::now_ms();
     let (replayed, _) = dlq::replay(&conn, 10, None).await.expect("replay");
     assert_eq!(replayed, 1);

@@ -31,7 +31,7 @@ fn hold(env: &Env, key: &str) {
 /// A worker whose Redis goes through `proxy`, so the test can cut it off.
 async fn worker_behind(env: &mut Env, proxy: &Proxy) -> String {
     let mut cfg = env.config();
-    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    cfg.conn.redis_url = proxy.redis_url();
     env.start_worker(cfg).await
 }
 
@@ -59,10 +59,11 @@ async fn a_call_in_flight_when_the_lease_lapses_never_overlaps_the_next_owners_c
     let x = arn("lapse-x");
     hold(&env, &x);
     env.publish(&[task(&x, "RUNNING")]).await;
-    eventually(Duration::from_secs(20), "A's call for X held", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "A's call for X held",
         env.sim.stats().held == 1
-    })
-    .await;
+    );
     // A is cut off from Redis with its call on the wire; B takes the shard once A's lease lapses.
     proxy.cut();
     let cb = env.config();
@@ -120,12 +121,11 @@ async fn a_worker_cut_off_from_redis_lets_the_next_owner_receive_the_shards_mess
     let tasks: Vec<String> = (0..10).map(|i| arn(&format!("cut-off-{i}"))).collect();
     let events: Vec<Value> = lifecycle_rounds(&tasks, 10).concat();
     env.publish(&events).await;
-    eventually(
+    eventually!(
         Duration::from_secs(30),
         "every lifecycle sent by the new owner",
-        || async { audit(&env.sim.calls(), &tasks).0 == 0 },
-    )
-    .await;
+        audit(&env.sim.calls(), &tasks).0 == 0
+    );
     let (lost, disorder, _) = audit(&env.sim.calls(), &tasks);
     assert_eq!((lost, disorder), (0, 0));
     proxy.restore();
@@ -135,25 +135,25 @@ async fn a_worker_cut_off_from_redis_lets_the_next_owner_receive_the_shards_mess
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_redis_outage_exits_cleanly_in_bounded_time() {
     let mut env = Env::new("edge-term", 1).await;
-    let proxy = Proxy::start(redis_addr()).await;
-    let mut cfg = env.config();
-    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let (proxy, cfg) = env.config_via_redis_proxy().await;
     let mut worker = env.spawn_process(&cfg);
     env.wait_all_shards_owned().await;
     let x = arn("term-x");
     hold(&env, &x);
     env.publish(&[task(&x, "RUNNING")]).await;
-    eventually(Duration::from_secs(20), "call held", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "call held",
         env.sim.stats().held == 1
-    })
-    .await;
+    );
     proxy.cut();
     env.sim.release(Some(&x));
     // The answer arrived; its completion cannot be recorded while Redis is away.
-    eventually(Duration::from_secs(10), "call answered", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "call answered",
         env.sim.stats().in_flight == 0
-    })
-    .await;
+    );
     let asked = Instant::now();
     signal(&worker, "TERM");
     let exit = wait_exit(&mut worker, Duration::from_secs(15)).await;
@@ -296,12 +296,11 @@ async fn a_permit_handed_to_a_waiter_that_gives_up_goes_back_to_redis() {
         permits.release(held).await;
         give_up.cancel();
         waiter.await.expect("no panic");
-        eventually(
+        eventually!(
             Duration::from_secs(1),
             &format!("round {round}: no permit held once every call ended"),
-            || async { permits.in_use().await.unwrap_or(u64::MAX) == 0 },
-        )
-        .await;
+            permits.in_use().await.unwrap_or(u64::MAX) == 0
+        );
     }
     cancel.cancel();
     env.cleanup().await;
@@ -344,19 +343,21 @@ async fn a_release_published_while_the_subscription_reconnects_is_not_missed() {
             .expect("client list");
         list.lines().count()
     };
-    eventually(Duration::from_secs(5), "a and b subscribed", || async {
+    eventually!(
+        Duration::from_secs(5),
+        "a and b subscribed",
         pubsub_clients().await == 2
-    })
-    .await;
+    );
     let before = evalsha_calls().await;
     let waiter = {
         let (b, c) = (b.clone(), cancel.clone());
         tokio::spawn(async move { b.acquire("f", &c).await.map(|_| Instant::now()) })
     };
-    eventually(Duration::from_secs(5), "b asked and waits", || async {
+    eventually!(
+        Duration::from_secs(5),
+        "b asked and waits",
         evalsha_calls().await > before
-    })
-    .await;
+    );
     let before_kill = evalsha_calls().await;
     let mut conn = store.conn().await.expect("conn");
     let _: i64 = redis::cmd("CLIENT")
@@ -368,12 +369,11 @@ async fn a_release_published_while_the_subscription_reconnects_is_not_missed() {
         .expect("client kill");
     // b is woken by the drop and asks again (still held); the release that follows is
     // published while b's subscription is still reconnecting, so b never hears of it.
-    eventually(
+    eventually!(
         Duration::from_secs(5),
         "b asked again after the drop",
-        || async { evalsha_calls().await > before_kill },
-    )
-    .await;
+        evalsha_calls().await > before_kill
+    );
     assert_eq!(
         pubsub_clients().await,
         0,
@@ -398,9 +398,7 @@ async fn a_release_published_while_the_subscription_reconnects_is_not_missed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_lived_task_remembers_a_bounded_number_of_event_ids_and_still_dedupes() {
     let metrics = ecs_state_relay::relay::metrics::handle();
-    let mut env = Env::new("edge-ids", 1).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("edge-ids", 1, |_| {}).await;
     let x = arn("long-lived");
     let events: Vec<Value> = (0..1_500)
         .map(|i| container(&x, &format!("c{i}"), "RUNNING"))
@@ -416,10 +414,11 @@ async fn a_long_lived_task_remembers_a_bounded_number_of_event_ids_and_still_ded
     env.publish(&stream).await;
     let last = stream.last().expect("events").clone();
     let last_id = last["eventId"].as_str().expect("id").to_string();
-    eventually(Duration::from_secs(30), "every event taken", || async {
+    eventually!(
+        Duration::from_secs(30),
+        "every event taken",
         env.store.remembers(1, &x, &last_id).await.unwrap_or(false)
-    })
-    .await;
+    );
     // Whatever form the per-task id memory has, it holds at most the bound.
     let mut conn = env.store.conn().await.expect("conn");
     let keys = scan_keys(&mut conn, &format!("relay:{{{}#*}}:*:{x}", env.exchange)).await;
@@ -452,12 +451,11 @@ async fn a_long_lived_task_remembers_a_bounded_number_of_event_ids_and_still_ded
     // A redelivery of a recent event is still recognised.
     let duplicates = metric_sum(&metrics.render(), "relay_events_duplicate_total");
     env.publish(&[last]).await;
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "redelivery counted as duplicate",
-        || async { metric_sum(&metrics.render(), "relay_events_duplicate_total") > duplicates },
-    )
-    .await;
+        metric_sum(&metrics.render(), "relay_events_duplicate_total") > duplicates
+    );
     env.cleanup().await;
 }
 
@@ -553,12 +551,11 @@ async fn valid_traffic_passes_a_broken_route(env: &Env, name: &str) -> Value {
     let mut events = vec![bad.clone()];
     events.extend(tasks.iter().map(|t| task(t, "RUNNING")));
     env.publish(&events).await;
-    eventually(
+    eventually!(
         Duration::from_secs(30),
         "all 100 valid events reached ECS while the route was broken",
-        || async { all_sent(env, &tasks) },
-    )
-    .await;
+        all_sent(env, &tasks)
+    );
     let conn = env.conn();
     eventually(
         Duration::from_secs(10),
@@ -583,12 +580,11 @@ async fn valid_traffic_passes_a_broken_route(env: &Env, name: &str) -> Value {
 /// Waits until the relay holds no dead letter any more, then reads `.dead` (at least `n`).
 async fn dead_letters_after_heal(env: &Env, n: usize) -> Vec<(Vec<u8>, String)> {
     let conn = env.conn();
-    eventually(
+    eventually!(
         Duration::from_secs(40),
         "every held dead letter moved",
-        || async { dlq::held(&conn, 1, 10).await.is_ok_and(|h| h.is_empty()) },
-    )
-    .await;
+        dlq::held(&conn, 1, 10).await.is_ok_and(|h| h.is_empty())
+    );
     let mut dead = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while dead.len() < n {
@@ -604,9 +600,7 @@ async fn dead_letters_after_heal(env: &Env, n: usize) -> Vec<(Vec<u8>, String)> 
 /// event reaches ECS; once the route is back the bad one lands in `.dead`, alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_events_flow_while_the_dead_letter_route_is_broken() {
-    let mut env = Env::new("edge-dlq", 1).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("edge-dlq", 1, |_| {}).await;
     dead_letter_binding(&env, false).await;
     let bad = valid_traffic_passes_a_broken_route(&env, "unbound").await;
     dead_letter_binding(&env, true).await;
@@ -623,9 +617,7 @@ async fn valid_events_flow_while_the_dead_letter_route_is_broken() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_that_keeps_failing_is_restarted_with_backoff() {
     let metrics = ecs_state_relay::relay::metrics::handle();
-    let mut env = Env::new("edge-restarts", 1).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("edge-restarts", 1, |_| {}).await;
     let consume_errors = || {
         metrics
             .render()
@@ -647,10 +639,11 @@ async fn a_shard_that_keeps_failing_is_restarted_with_backoff() {
     .await
     .expect("delete");
     let _ = c.close(200, "done".into()).await;
-    eventually(Duration::from_secs(10), "the shard failed", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "the shard failed",
         consume_errors() >= 1.0
-    })
-    .await;
+    );
     // Delays of 1, 2, 4 and 8 s (+ up to 20 %): at most 4 more tries in the next 8 s.
     let first = consume_errors();
     never(
@@ -822,7 +815,7 @@ async fn a_worker_started_while_redis_is_unreachable_waits_for_it() {
     let proxy = Proxy::start(redis_addr()).await;
     proxy.cut();
     let mut cfg = env.config();
-    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    cfg.conn.redis_url = proxy.redis_url();
     let worker = std::sync::Mutex::new(env.spawn_process(&cfg));
     never(
         Duration::from_secs(3),
@@ -873,9 +866,7 @@ async fn fill_dead_queue(env: &Env) -> bool {
 /// the broker nacks the dead letter; once there is room it lands there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valid_events_flow_while_the_dead_letter_queue_is_full() {
-    let mut env = Env::new("edge-dlq-full", 1).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("edge-dlq-full", 1, |_| {}).await;
     let policy = format!("{}-full", env.exchange);
     let pattern = format!(
         "^{}$",
@@ -891,10 +882,11 @@ async fn valid_events_flow_while_the_dead_letter_queue_is_full() {
     ]);
     // Full once a second message is refused: the policy is in force.
     assert!(fill_dead_queue(&env).await, "the first filler was refused");
-    eventually(Duration::from_secs(10), "the policy in force", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "the policy in force",
         !fill_dead_queue(&env).await
-    })
-    .await;
+    );
     let bad = valid_traffic_passes_a_broken_route(&env, "full").await;
     rabbitmqctl(&["clear_policy", &policy]);
     let dead = dead_letters_after_heal(&env, 2).await;
@@ -970,12 +962,11 @@ async fn the_prefetch_follows_message_sizes_without_redelivery_or_disorder() {
     env.start_worker(cfg).await;
     let prefetch = || metric_sum(&metrics.render(), "relay_intake_prefetch");
     // Set once the shard's consumer runs, a moment after its lease is taken.
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "the shard starts with what fits the largest messages (1)",
-        || async { prefetch() == 1.0 },
-    )
-    .await;
+        prefetch() == 1.0
+    );
 
     let phase = |name: &str, pad: fn(usize) -> bool| {
         let tasks: Vec<String> = (0..40).map(|i| arn(&format!("{name}-{i:02}"))).collect();
@@ -997,12 +988,11 @@ async fn the_prefetch_follows_message_sizes_without_redelivery_or_disorder() {
     ] {
         let (tasks, events) = phase(name, pad);
         env.publish(&events).await;
-        eventually(
+        eventually!(
             Duration::from_secs(60),
             &format!("the {name} phase reached ECS"),
-            || async { audit(&env.sim.calls(), &tasks).0 == 0 },
-        )
-        .await;
+            audit(&env.sim.calls(), &tasks).0 == 0
+        );
         if let Some(want) = want {
             assert_eq!(prefetch(), want, "prefetch after the {name} phase");
         }
@@ -1094,10 +1084,11 @@ async fn a_raised_fleet_limit_is_used_at_once() {
             drop(permit);
         }));
     }
-    eventually(Duration::from_secs(5), "two permits held", || async {
+    eventually!(
+        Duration::from_secs(5),
+        "two permits held",
         permits.in_use().await.unwrap_or(0) == 2
-    })
-    .await;
+    );
     // The lowered limit holds while calls wait (and the worker stops asking for more).
     never(
         Duration::from_millis(1_500),
@@ -1113,10 +1104,11 @@ async fn a_raised_fleet_limit_is_used_at_once() {
         .await
         .expect("hset");
     let raised = Instant::now();
-    eventually(Duration::from_millis(700), "ten permits held", || async {
+    eventually!(
+        Duration::from_millis(700),
+        "ten permits held",
         permits.in_use().await.unwrap_or(0) == 10
-    })
-    .await;
+    );
     println!("the raised limit was in use after {:?}", raised.elapsed());
     cancel.cancel();
     env.cleanup().await;

@@ -21,6 +21,13 @@ fn cluster_task(cluster: &str, id: &str) -> String {
     format!("arn:aws:ecs:us-east-1:123456789012:task/{cluster}/{id}")
 }
 
+/// `n` tasks of `cluster`, ids `<prefix>0`, `<prefix>1`, …
+fn cluster_tasks(cluster: &str, prefix: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| cluster_task(cluster, &format!("{prefix}{i}")))
+        .collect()
+}
+
 fn running(cluster: &str, arn: &str) -> Value {
     json!({"schemaVersion":1,"eventId":format!("{arn}-running"),"type":"task","cluster":cluster,
            "taskArn":arn,"occurredAt":"2026-12-06T10:00:00Z","status":"RUNNING"})
@@ -151,10 +158,11 @@ async fn storm_then_quiet(env: &Env, storm: &[String], quiet: &[String]) -> Stor
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let all: Vec<String> = storm.iter().chain(quiet).cloned().collect();
-    eventually(Duration::from_secs(120), "every task sent", || async {
+    eventually!(
+        Duration::from_secs(120),
+        "every task sent",
         every_one_sent(env, &all)
-    })
-    .await;
+    );
     let calls = env.sim.calls();
     check_audit(env, &calls, &all);
     let first_call = |t: &String| {
@@ -253,12 +261,8 @@ async fn a_storm_of_one_cluster_does_not_hold_back_a_quiet_one() {
     let mut env = Env::new("fair-storm", 8).await;
     env.sim.set_latency(CALL);
     let (w1, w2, _) = two_workers(&mut env).await;
-    let storm: Vec<String> = (0..3_000)
-        .map(|i| cluster_task("storm", &format!("s{i}")))
-        .collect();
-    let quiet: Vec<String> = (0..40)
-        .map(|i| cluster_task("quiet", &format!("q{i}")))
-        .collect();
+    let storm = cluster_tasks("storm", "s", 3_000);
+    let quiet = cluster_tasks("quiet", "q", 40);
     let figures = storm_then_quiet(&env, &storm, &quiet).await;
     stop(vec![w1, w2]).await;
     assert_fair("storm and quiet over both workers", &figures);
@@ -269,12 +273,8 @@ async fn a_storm_of_one_cluster_does_not_hold_back_a_quiet_one() {
 async fn a_quiet_cluster_on_one_worker_gets_calls_while_the_other_worker_has_only_storm_work() {
     let mut env = Env::new("fair-placed", 8).await;
     env.sim.set_latency(CALL);
-    let storm_candidates: Vec<String> = (0..5_000)
-        .map(|i| cluster_task("storm", &format!("s{i}")))
-        .collect();
-    let quiet_candidates: Vec<String> = (0..400)
-        .map(|i| cluster_task("quiet", &format!("q{i}")))
-        .collect();
+    let storm_candidates = cluster_tasks("storm", "s", 5_000);
+    let quiet_candidates = cluster_tasks("quiet", "q", 400);
     let all: Vec<String> = storm_candidates
         .iter()
         .chain(&quiet_candidates)
@@ -285,18 +285,16 @@ async fn a_quiet_cluster_on_one_worker_gets_calls_while_the_other_worker_has_onl
     let owner = owners(&env, env.shards).await;
     let on = |t: &String, id: &str| owner[shard[t] as usize].as_deref() == Some(id);
     // The storm only on the first worker's shards, the quiet cluster only on the second's.
-    let storm: Vec<String> = storm_candidates
-        .iter()
-        .filter(|t| on(t, &ids[0]))
-        .take(2_000)
-        .cloned()
-        .collect();
-    let quiet: Vec<String> = quiet_candidates
-        .iter()
-        .filter(|t| on(t, &ids[1]))
-        .take(40)
-        .cloned()
-        .collect();
+    let placed = |candidates: &[String], id: &str, n: usize| -> Vec<String> {
+        candidates
+            .iter()
+            .filter(|t| on(t, id))
+            .take(n)
+            .cloned()
+            .collect()
+    };
+    let storm = placed(&storm_candidates, &ids[0], 2_000);
+    let quiet = placed(&quiet_candidates, &ids[1], 40);
     assert!(
         storm.len() >= 1_500 && quiet.len() == 40,
         "placed {} / {}",
@@ -341,10 +339,11 @@ async fn four_backlogged_clusters_share_the_calls_evenly() {
     }
     env.publish(&events).await;
     let published = now_ms();
-    eventually(Duration::from_secs(120), "every task sent", || async {
+    eventually!(
+        Duration::from_secs(120),
+        "every task sent",
         every_one_sent(&env, &tasks)
-    })
-    .await;
+    );
     stop(vec![w1, w2]).await;
     let calls = env.sim.calls();
     check_audit(&env, &calls, &tasks);

@@ -22,14 +22,11 @@ fn report(fault: &str, env: &Env, tasks: &[String], recovery: Duration) -> (usiz
 }
 
 async fn wait_complete(env: &Env, tasks: &[String], within: Duration) {
-    eventually(within, "every task's submissions arrived", || async {
+    eventually!(
+        within,
+        "every task's submissions arrived",
         audit(&env.sim.calls(), tasks).0 == 0
-    })
-    .await;
-}
-
-fn arns(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| arn(&format!("{prefix}-{i:03}"))).collect()
+    );
 }
 
 /// 120 task lifecycles published over about 1.5 s; returns once calls are flowing.
@@ -47,7 +44,7 @@ async fn rabbitmq_connection_cut_workers_reconnect_and_finish() {
     env.sim.set_latency(Duration::from_millis(5));
     let proxy = Proxy::start(amqp_addr()).await;
     let mut cfg = env.config();
-    cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    cfg.conn.amqp_url = proxy.amqp_url();
     env.start_worker(cfg).await;
     let (tasks, publisher) = flowing(&env, "amqp-cut").await;
     proxy.cut();
@@ -79,9 +76,7 @@ async fn redis_unreachable_for_ten_seconds_nothing_acked_without_it_then_everyth
     let metrics = ecs_state_relay::relay::metrics::handle();
     let mut env = Env::new("fault-redis", 4).await;
     env.sim.set_latency(Duration::from_millis(5));
-    let proxy = Proxy::start(redis_addr()).await;
-    let mut cfg = env.config();
-    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let (proxy, cfg) = env.config_via_redis_proxy().await;
     env.start_worker(cfg).await;
     let (tasks, publisher) = flowing(&env, "redis-cut").await;
     proxy.cut();
@@ -142,7 +137,7 @@ async fn at_most_calls_without_redis<L, H>(
     };
     let proxy = Proxy::start(target).await;
     let mut cfg = env.config();
-    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    cfg.conn.redis_url = proxy.redis_url();
     env.start_worker(cfg).await;
     let tasks = arns(name, 300);
     let events: Vec<Value> = tasks
@@ -150,10 +145,11 @@ async fn at_most_calls_without_redis<L, H>(
         .flat_map(|t| [container(t, "web", "RUNNING"), task(t, "RUNNING")])
         .collect();
     env.publish(&events).await;
-    eventually(Duration::from_secs(30), "calls flowing", || async {
+    eventually!(
+        Duration::from_secs(30),
+        "calls flowing",
         env.sim.stats().ok >= 30
-    })
-    .await;
+    );
     lose(&proxy).await;
     let lost_ms = ecs_state_relay::relay::wire::now_ms() as u64;
     let started_after = || {
@@ -339,10 +335,11 @@ async fn ecs_outage_backoff_holds_permits_are_not_held_while_sleeping_and_the_ba
     }
     env.sim.clear_rules();
     let restored = Instant::now();
-    eventually(Duration::from_secs(30), "backlog drained", || async {
+    eventually!(
+        Duration::from_secs(30),
+        "backlog drained",
         all_sent(&env, &tasks)
-    })
-    .await;
+    );
     let recovery = restored.elapsed();
     let failed_per_task: Vec<usize> = tasks
         .iter()

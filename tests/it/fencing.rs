@@ -5,8 +5,18 @@
 use std::time::Duration;
 
 use crate::common::*;
-use ecs_state_relay::relay::store::{Intake, StoreError};
+use ecs_state_relay::relay::store::{Fence, Intake, Store, StoreError};
 use ecs_state_relay::relay::wire;
+
+/// Takes shard 0's lease for `owner`; `what` says why it must be free.
+async fn take(store: &Store, owner: &str, lease_ms: u64, what: &str) -> Fence {
+    store
+        .lease_acquire(0, owner, lease_ms)
+        .await
+        .unwrap()
+        .expect(what)
+        .fence
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_lost_its_lease_cannot_write() {
@@ -16,12 +26,7 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
     let event =
         |status: &str| wire::decode(task(&a, status).to_string().as_bytes(), &a).expect("valid");
 
-    let old = store
-        .lease_acquire(0, "old-owner", 200)
-        .await
-        .unwrap()
-        .expect("free lease")
-        .fence;
+    let old = take(store, "old-owner", 200, "free lease").await;
     assert_eq!(
         store
             .intake(0, &old, &[event("RUNNING")], 60)
@@ -30,16 +35,12 @@ async fn a_worker_that_lost_its_lease_cannot_write() {
         vec![Intake::Enqueued]
     );
     // The old owner pauses past its lease; a new owner takes the shard with a larger token.
-    eventually(Duration::from_secs(5), "lease lapses", || async {
+    eventually!(
+        Duration::from_secs(5),
+        "lease lapses",
         store.lease_owner(0).await.unwrap().is_none()
-    })
-    .await;
-    let new = store
-        .lease_acquire(0, "new-owner", 30_000)
-        .await
-        .unwrap()
-        .expect("lease taken over")
-        .fence;
+    );
+    let new = take(store, "new-owner", 30_000, "lease taken over").await;
     assert!(new.token > old.token);
 
     let before = store.queued(1, &a).await.unwrap();
@@ -148,12 +149,7 @@ async fn one_drain_covers_more_batched_tasks_than_a_page_in_several_short_script
     // blocks Redis for long; the caller's loop must still reach every task.
     let env = Env::new("drain-pages", 1).await;
     let store = &env.store;
-    let fence = store
-        .lease_acquire(0, "drainer", 30_000)
-        .await
-        .unwrap()
-        .expect("free lease")
-        .fence;
+    let fence = take(store, "drainer", 30_000, "free lease").await;
     let tasks: Vec<String> = (0..1_234).map(|i| arn(&format!("paged-{i}"))).collect();
     let events: Vec<wire::Event> = tasks
         .iter()

@@ -17,10 +17,11 @@ async fn worker(env: &mut Env, mut cfg: WorkerConfig) -> Proc {
     env.wait_all_shards_owned().await;
     // The address is announced with the worker's first ready report.
     let owner = cfg.worker_id.clone().expect("test workers have ids");
-    eventually(Duration::from_secs(10), "address announced", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "address announced",
         env.store.worker_addr(&owner).await.ok().flatten().is_some()
-    })
-    .await;
+    );
     proc
 }
 
@@ -84,12 +85,11 @@ async fn a_change_waits_in_the_outbox_behind_one_in_flight() {
         task(&t, "STOPPED"),
     ])
     .await;
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "the first call held in flight",
-        || async { env.sim.stats().held == 1 },
-    )
-    .await;
+        env.sim.stats().held == 1
+    );
     let (text, json) = inspect(&env, &t);
     assert!(text.contains("now: in flight"), "{text}");
     assert!(text.contains("outbox: 2 waiting"), "{text}");

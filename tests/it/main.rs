@@ -3,6 +3,7 @@
 //! `RELAY_TEST_AMQP_ADDR` / `RELAY_TEST_REDIS_ADDR`, default 127.0.0.1:5672 / :6379) and to an
 //! in-process ecs-sim; `scripts/test.sh` makes sure the services are up.
 
+#[macro_use]
 mod common;
 
 mod adaptive;

@@ -102,7 +102,7 @@ impl Cluster {
             }
             cfg.conn.amqp_url = amqp
                 .iter()
-                .map(|p| format!("amqp://guest:guest@127.0.0.1:{}/%2f", p.port))
+                .map(|p| p.amqp_url())
                 .collect::<Vec<_>>()
                 .join(",");
             match &cluster.ha {
@@ -115,7 +115,7 @@ impl Cluster {
                 }
                 None => {
                     let redis = Proxy::start(redis_addr()).await;
-                    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", redis.port);
+                    cfg.conn.redis_url = redis.redis_url();
                     cluster.redis.push(redis);
                 }
             }
@@ -784,35 +784,30 @@ fn seconds_from_env(default: u64) -> Duration {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nemesis_seed_1() {
-    nemesis(1, seconds_from_env(30), false).await;
+/// The test command's seeds: 30 s each (`RELAY_NEMESIS_SECONDS`) against the local services.
+macro_rules! seeds {
+    ($($(#[$doc:meta])* $name:ident = $seed:literal;)*) => {$(
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            nemesis($seed, seconds_from_env(30), false).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nemesis_seed_2() {
-    nemesis(2, seconds_from_env(30), false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nemesis_seed_3() {
-    nemesis(3, seconds_from_env(30), false).await;
-}
-
-/// Seed 8's schedule (SIGSTOP past the lease, Redis cuts, kills) caught two designs of the
-/// size-following prefetch that restarted the shard consumer while it held unstored deliveries:
-/// a task's STOPPED was stored before its RUNNING (docs/reliability.md, consumer restarts).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nemesis_seed_8() {
-    nemesis(8, seconds_from_env(30), false).await;
-}
-
-/// Seed 11's schedule cuts workers off Redis while many tasks wait for a permit: each call a
-/// cut worker started could not record its completion, and the shard's next owner sent it
-/// again, far past the allowed duplicates (seen: 32 to 64 against 40).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nemesis_seed_11() {
-    nemesis(11, seconds_from_env(30), false).await;
+seeds! {
+    nemesis_seed_1 = 1;
+    nemesis_seed_2 = 2;
+    nemesis_seed_3 = 3;
+    /// Seed 8's schedule (SIGSTOP past the lease, Redis cuts, kills) caught two designs of the
+    /// size-following prefetch that restarted the shard consumer while it held unstored
+    /// deliveries: a task's STOPPED was stored before its RUNNING (docs/reliability.md,
+    /// consumer restarts).
+    nemesis_seed_8 = 8;
+    /// Seed 11's schedule cuts workers off Redis while many tasks wait for a permit: each call a
+    /// cut worker started could not record its completion, and the shard's next owner sent it
+    /// again, far past the allowed duplicates (seen: 32 to 64 against 40).
+    nemesis_seed_11 = 11;
 }
 
 /// The long run (`scripts/nemesis.sh`): `RELAY_NEMESIS_SEED` (else a random seed, printed),

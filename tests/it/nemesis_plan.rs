@@ -536,6 +536,14 @@ mod tests {
         (log, lost, slots.all_up(), tally)
     }
 
+    /// A SIGSTOP of worker 0 for `secs`.
+    fn pause_w0(secs: u64) -> Fault {
+        Fault::Pause {
+            worker: 0,
+            span: Duration::from_secs(secs),
+        }
+    }
+
     #[test]
     fn the_old_rules_lost_three_workers_of_the_failing_seed_and_the_new_rules_none() {
         let plan = schedule(LOST_SEED, Duration::from_secs(600), true);
@@ -639,10 +647,7 @@ mod tests {
     #[test]
     fn a_fault_on_a_slot_that_is_not_up_is_skipped() {
         let mut slots = Slots::new(1);
-        let pause = Fault::Pause {
-            worker: 0,
-            span: Duration::from_secs(2),
-        };
+        let pause = pause_w0(2);
         assert_eq!(
             slots.fault(&pause),
             Some(Ok((
@@ -690,10 +695,7 @@ mod tests {
     #[test]
     fn a_heal_does_nothing_to_a_newer_process() {
         let mut slots = Slots::new(1);
-        let pause = Fault::Pause {
-            worker: 0,
-            span: Duration::from_secs(6),
-        };
+        let pause = pause_w0(6);
         let kill = Fault::Kill {
             worker: 0,
             down: Duration::from_secs(1),

@@ -144,18 +144,16 @@ async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only
         .publish(&env, &[own.clone(), foreign.clone(), disguised.clone()])
         .await;
 
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "its own cluster's change",
-        || async { arrived(&env, &own) },
-    )
-    .await;
-    eventually(
+        arrived(&env, &own)
+    );
+    eventually!(
         Duration::from_secs(20),
         "both refusals dead-lettered",
-        || async { dead_letters(&env).len() == 2 },
-    )
-    .await;
+        dead_letters(&env).len() == 2
+    );
     let mut letters = dead_letters(&env);
     letters.sort();
     assert_eq!(
@@ -174,10 +172,11 @@ async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only
     assert!(out.contains("replayed 0"), "{out}");
     let out = env.run_cli(&["dlq", "replay", "--reason", "producer_not_allowed"]);
     assert!(out.contains("replayed 1"), "{out}");
-    eventually(Duration::from_secs(20), "the replayed change", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "the replayed change",
         arrived(&env, &foreign)
-    })
-    .await;
+    );
     env.cleanup().await;
 }
 
@@ -250,12 +249,11 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
     // A broken edit, then the file gone: the rules in force stay (beta-1 still refused, alpha
     // still allowed), and the worker stays ready.
     std::fs::write(&env.acl, "{ not json").expect("write");
-    eventually(
+    eventually!(
         Duration::from_secs(15),
         "the broken file noticed",
-        || async { reloads("failed").await },
-    )
-    .await;
+        reloads("failed").await
+    );
     std::fs::remove_file(&env.acl).expect("remove");
     assert_eq!(scrape(port, "/readyz").await.0, 200, "not ready any more");
     let (alpha, beta) = (
@@ -263,12 +261,11 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
         task_for("beta-1", "beta-1", "b1"),
     );
     agent.publish(&env, &[alpha.clone(), beta.clone()]).await;
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "alpha through, beta refused",
-        || async { arrived(&env, &alpha) && dead_letters(&env).len() == 1 },
-    )
-    .await;
+        arrived(&env, &alpha) && dead_letters(&env).len() == 1
+    );
     assert_eq!(scrape(port, "/readyz").await.0, 200, "not ready any more");
 
     // An edit that allows beta-1: within 10 s of the write, without a restart.
@@ -277,10 +274,11 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
         json!({"guest": ["*"], user.clone(): ["alpha", "beta-*"]}),
     );
     let written = Instant::now();
-    eventually(Duration::from_secs(15), "the new rules loaded", || async {
+    eventually!(
+        Duration::from_secs(15),
+        "the new rules loaded",
         reloads("ok").await
-    })
-    .await;
+    );
     let took = written.elapsed();
     assert!(took <= Duration::from_secs(10), "took {took:?}");
     // `status` shows every live worker on the new rules.
@@ -295,10 +293,11 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
     .await;
     let beta_again = task_for("beta-1", "beta-1", "b2");
     agent.publish(&env, std::slice::from_ref(&beta_again)).await;
-    eventually(Duration::from_secs(20), "beta-1 allowed now", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "beta-1 allowed now",
         arrived(&env, &beta_again)
-    })
-    .await;
+    );
     env.cleanup().await;
 }
 
@@ -326,12 +325,11 @@ async fn an_arn_pattern_tells_apart_two_accounts_clusters_of_one_name() {
         .replace("123456789012", "210987654321")
         .into();
     agent.publish(&env, &[ours.clone(), theirs.clone()]).await;
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "ours through, theirs refused",
-        || async { arrived(&env, &ours) && dead_letters(&env).len() == 1 },
-    )
-    .await;
+        arrived(&env, &ours) && dead_letters(&env).len() == 1
+    );
     assert_eq!(dead_letters(&env)[0].0, "producer_not_allowed");
     assert!(!arrived(&env, &theirs));
     env.cleanup().await;
@@ -349,12 +347,11 @@ async fn audit_forwards_what_acl_would_refuse_and_counts_it() {
     let agent = Producer::create(&user, &env.exchange);
     let foreign = task_for("beta-1", "beta-1", "audited");
     agent.publish(&env, std::slice::from_ref(&foreign)).await;
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "forwarded all the same",
-        || async { arrived(&env, &foreign) },
-    )
-    .await;
+        arrived(&env, &foreign)
+    );
     assert!(
         metric_sum(&metrics.render(), "relay_producer_would_refuse_total") >= 1.0,
         "not counted as a would-be refusal"
@@ -398,10 +395,11 @@ async fn changes_for_another_account_or_region_are_refused_even_with_the_check_o
         .replace("us-east-1", "eu-west-1")
         .into();
     env.publish(&[ours.clone(), other_region.clone()]).await;
-    eventually(Duration::from_secs(20), "both refused", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "both refused",
         dead_letters(&env).len() == 2
-    })
-    .await;
+    );
     let mut codes: Vec<String> = dead_letters(&env).into_iter().map(|(c, _)| c).collect();
     codes.sort();
     assert_eq!(codes, ["account_mismatch", "region_mismatch"]);
@@ -463,12 +461,11 @@ async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
     ];
     agent.publish(&env, &refused).await;
 
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "six refusals dead-lettered",
-        || async { dead_letters(&env).len() == 6 },
-    )
-    .await;
+        dead_letters(&env).len() == 6
+    );
     let mut table = std::collections::BTreeMap::<String, usize>::new();
     for (code, _) in dead_letters(&env) {
         *table.entry(code).or_default() += 1;
@@ -586,17 +583,17 @@ async fn attachments_and_smuggled_cluster_names_are_refused_and_allowed_ones_go_
     assert!(confirm.is_ack());
 
     for ev in &allowed {
-        eventually(Duration::from_secs(20), "an allowed change", || async {
+        eventually!(
+            Duration::from_secs(20),
+            "an allowed change",
             arrived(&env, ev)
-        })
-        .await;
+        );
     }
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "six refusals dead-lettered",
-        || async { dead_letters(&env).len() == 6 },
-    )
-    .await;
+        dead_letters(&env).len() == 6
+    );
     let mut got: Vec<(String, String)> = dead_letters(&env);
     got.sort();
     let mut want: Vec<(String, String)> = refused
@@ -705,10 +702,11 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
     publish_as(&amqp_url(), &env.exchange, &anonymous, props)
         .await
         .expect("published");
-    eventually(Duration::from_secs(20), "three dead letters", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "three dead letters",
         dead_letters(&env).len() == 3
-    })
-    .await;
+    );
     let mut letters = dead_letters(&env);
     letters.sort();
     assert_eq!(
@@ -726,10 +724,11 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
     assert_eq!(dead_letters(&env).len(), 3);
     let out = env.run_cli(&["dlq", "replay", "--reason", "delivery_limit"]);
     assert!(out.contains("replayed 1"), "{out}");
-    eventually(Duration::from_secs(20), "the replayed change", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "the replayed change",
         arrived(&env, &poisoned)
-    })
-    .await;
+    );
     assert!(!arrived(&env, &refused) && !arrived(&env, &anonymous));
     env.cleanup().await;
 }
@@ -795,12 +794,11 @@ async fn the_longest_template_decides_and_a_star_in_a_user_name_is_literal() {
     // As a wildcard, `prod-a*` would allow `prod-abc`.
     let wildcard = task_for("prod-abc", "prod-abc", "wildcard");
     star.publish(&env, std::slice::from_ref(&wildcard)).await;
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "own through, two refused",
-        || async { arrived(&env, &own) && dead_letters(&env).len() == 2 },
-    )
-    .await;
+        arrived(&env, &own) && dead_letters(&env).len() == 2
+    );
     let letters = dead_letters(&env);
     assert!(
         letters

@@ -62,12 +62,11 @@ async fn losing_the_node_that_leads_most_shard_queues_loses_nothing() {
     publisher
         .await
         .expect("the publisher carried on through the other nodes");
-    eventually(
+    eventually!(
         Duration::from_secs(90),
         "every task's changes arrived",
-        || async { audit(&env.sim.calls(), &tasks).0 == 0 },
-    )
-    .await;
+        audit(&env.sim.calls(), &tasks).0 == 0
+    );
     let done = killed.elapsed();
     let (lost, disorder, duplicates) = audit(&env.sim.calls(), &tasks);
     println!(

@@ -20,25 +20,23 @@ async fn readyz(port: u16) -> Option<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_not_ready_while_redis_is_cut_off_and_ready_again_right_after() {
     let mut env = Env::new("ready-redis", 2).await;
-    let proxy = Proxy::start(redis_addr()).await;
-    let mut cfg = env.config();
-    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let (proxy, mut cfg) = env.config_via_redis_proxy().await;
     let port = free_port();
     cfg.metrics_addr = format!("127.0.0.1:{port}");
     let _worker = env.spawn_process(&cfg);
-    eventually(Duration::from_secs(20), "ready", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "ready",
         readyz(port).await == Some(200)
-    })
-    .await;
+    );
 
     proxy.cut();
     let cut = Instant::now();
-    eventually(
+    eventually!(
         Duration::from_secs(5),
         "not ready within 5 s of the cut",
-        || async { readyz(port).await.is_some_and(|s| s != 200) },
-    )
-    .await;
+        readyz(port).await.is_some_and(|s| s != 200)
+    );
     let noticed = cut.elapsed();
     // Long enough for the worker to notice everything it can: a 3 s outage.
     while cut.elapsed() < Duration::from_secs(3) {
@@ -51,12 +49,11 @@ async fn readyz_is_not_ready_while_redis_is_cut_off_and_ready_again_right_after(
     }
     proxy.restore();
     let restored = Instant::now();
-    eventually(
+    eventually!(
         Duration::from_secs(2),
         "ready within 2 s of the restore",
-        || async { readyz(port).await == Some(200) },
-    )
-    .await;
+        readyz(port).await == Some(200)
+    );
     println!(
         "readyz: not ready {:.2}s after the cut, ready {:.2}s after the restore",
         noticed.as_secs_f64(),
@@ -68,9 +65,7 @@ async fn readyz_is_not_ready_while_redis_is_cut_off_and_ready_again_right_after(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ecs_calls_resume_within_two_seconds_of_redis_coming_back() {
     let mut env = Env::new("resume-redis", 2).await;
-    let proxy = Proxy::start(redis_addr()).await;
-    let mut cfg = env.config();
-    cfg.conn.redis_url = format!("redis://127.0.0.1:{}/0", proxy.port);
+    let (proxy, mut cfg) = env.config_via_redis_proxy().await;
     // Leases long enough to outlast the 3 s outage: what is measured is the permits.
     cfg.lease_ms = 6_000;
     cfg.permit_lease_ms = 8_000;
@@ -84,39 +79,39 @@ async fn ecs_calls_resume_within_two_seconds_of_redis_coming_back() {
     let tasks: Vec<String> = (0..20).map(|i| arn(&format!("blip-{i:02}"))).collect();
     env.publish(&tasks.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
         .await;
-    eventually(Duration::from_secs(20), "every permit busy", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "every permit busy",
         env.sim.stats().held == 10
-    })
-    .await;
+    );
     proxy.cut();
     let cut = Instant::now();
     // The held calls time out meanwhile: their permits cannot be given back to Redis.
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "the calls in flight ended",
-        || async { env.sim.stats().in_flight == 0 },
-    )
-    .await;
+        env.sim.stats().in_flight == 0
+    );
     tokio::time::sleep_until((cut + Duration::from_secs(3)).into()).await; // the outage
     let calls_before = env.sim.calls().len();
     proxy.restore();
     let restored = Instant::now();
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "an ECS call after the restore",
-        || async { env.sim.calls().len() > calls_before },
-    )
-    .await;
+        env.sim.calls().len() > calls_before
+    );
     let resumed = restored.elapsed();
     println!(
         "ECS calls resumed {:.2}s after Redis came back",
         resumed.as_secs_f64()
     );
     assert!(resumed < Duration::from_secs(2), "{resumed:?}");
-    eventually(Duration::from_secs(30), "every task sent", || async {
+    eventually!(
+        Duration::from_secs(30),
+        "every task sent",
         all_sent(&env, &tasks)
-    })
-    .await;
+    );
     assert!(env.sim.stats().max_in_flight <= 10);
     env.cleanup().await;
 }
@@ -314,10 +309,9 @@ async fn a_redis_request_given_up_half_way_does_not_keep_calls_from_starting() {
     )
     .await;
     assert!(given_up.is_err(), "the PING waits for the pause");
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "Redis counts as reachable once it answers",
-        || async { store.ping().await.is_ok() && store.link().reachable() },
-    )
-    .await;
+        store.ping().await.is_ok() && store.link().reachable()
+    );
 }

@@ -99,12 +99,11 @@ async fn failover_run(name: &str, min_replicas: u32, rejoin: bool, within: Durat
         // unconfirmed meanwhile (and are retried, not acted on). Seen happen before the node
         // returns; the fixture restarts it as a replica as soon as Sentinel has failed over.
         if min_replicas > 0 {
-            eventually(
+            eventually!(
                 Duration::from_secs(20),
                 "a write left unconfirmed while the new primary has no replica",
-                || async { scrape(&ports, "relay_redis_wait_shortfalls_total").await > 0.0 },
-            )
-            .await;
+                scrape(&ports, "relay_redis_wait_shortfalls_total").await > 0.0
+            );
         }
         ha.restart(primary).await;
         ha.wait_replicas(1, Duration::from_secs(30)).await;
@@ -233,12 +232,11 @@ async fn bad_sentinel_settings_get_a_clear_error_or_a_worker_that_is_not_ready()
     let _worker = env.spawn_process(&wants_two);
     let url = format!("http://127.0.0.1:{port}/readyz");
     let http = reqwest::Client::new();
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "the worker answers /readyz",
-        || async { http.get(&url).send().await.is_ok() },
-    )
-    .await;
+        http.get(&url).send().await.is_ok()
+    );
     never(
         Duration::from_secs(3),
         "ready without enough replicas",
@@ -298,12 +296,11 @@ async fn a_slow_replica_delays_durable_writes_but_never_a_lease() {
     .expect("publisher");
     let publishing = published.elapsed();
     let caught_up = Instant::now();
-    eventually(
+    eventually!(
         Duration::from_secs(10),
         "every lifecycle delivered within 10 s of the last publish",
-        || async { audit(&env.sim.calls(), &tasks).0 == 0 },
-    )
-    .await;
+        audit(&env.sim.calls(), &tasks).0 == 0
+    );
     let (lost, disorder, duplicates) = audit(&env.sim.calls(), &tasks);
     let text = metrics.render();
     let fenced = metric_sum(&text, "relay_fenced_total");
@@ -367,10 +364,11 @@ async fn a_replica_that_stops_confirming_writes_holds_calls_until_it_resumes() {
     let replica = ha.data_ports()[1];
     ha.signal(replica, "STOP");
     let stopped = Instant::now();
-    eventually(Duration::from_secs(10), "the gate closed", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "the gate closed",
         scrape(&[port], "relay_redis_gate_closed").await == 1.0
-    })
-    .await;
+    );
     let closed_after = stopped.elapsed();
     env.sim.clear_rules();
     let before = env.sim.calls().len();

@@ -13,9 +13,7 @@ fn valid_container(a: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_still_flow() {
-    let mut env = Env::new("rejects", 2).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("rejects", 2, |_| {}).await;
     let a = arn("rejects");
 
     // (expected reason code, routing key, body)
@@ -142,9 +140,7 @@ async fn every_rejection_rule_dead_letters_with_its_reason_and_valid_events_stil
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_batch_is_capped_and_the_change_past_the_cap_is_dead_lettered() {
-    let mut env = Env::new("batch-cap", 2).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("batch-cap", 2, |_| {}).await;
     let a = arn("batch-cap");
     let cap = ecs_state_relay::relay::wire::MAX_BATCH;
     let events: Vec<Value> = (0..=cap)

@@ -116,17 +116,17 @@ async fn churn_join_kill_term_and_pause_lose_nothing_and_reorder_nothing() {
         Duration::from_millis(200),
     );
 
-    eventually(Duration::from_secs(20), "stream flowing", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "stream flowing",
         env.sim.stats().ok >= 40
-    })
-    .await;
+    );
     let _pd = env.spawn_process(&cd);
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "the 4th worker takes its share",
-        || async { count(&owners(&env).await, &d) >= 2 },
-    )
-    .await;
+        count(&owners(&env).await, &d) >= 2
+    );
     signal(&pa, "KILL");
     eventually(
         Duration::from_secs(20),
@@ -147,12 +147,11 @@ async fn churn_join_kill_term_and_pause_lose_nothing_and_reorder_nothing() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     assert!(status.success(), "SIGTERM exits 0");
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "C holds shards before the pause",
-        || async { count(&owners(&env).await, &c) >= 1 },
-    )
-    .await;
+        count(&owners(&env).await, &c) >= 1
+    );
     signal(&pc, "STOP");
     eventually(
         Duration::from_secs(20),
@@ -167,23 +166,21 @@ async fn churn_join_kill_term_and_pause_lose_nothing_and_reorder_nothing() {
     signal(&pc, "CONT");
     publisher.await.expect("publisher");
 
-    eventually(
+    eventually!(
         Duration::from_secs(90),
         "every task's submissions arrived",
-        || async { audit(&env.sim.calls(), &tasks).0 == 0 },
-    )
-    .await;
+        audit(&env.sim.calls(), &tasks).0 == 0
+    );
     let calls = env.sim.calls();
     let (lost, disorder, dups) = audit(&calls, &tasks);
     let stats = env.sim.stats();
     // The paused worker made no ECS call between resuming and taking a lease anew (its Redis
     // writes with the old token are refused by the fencing check in every script).
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "C rejoins and takes shards again",
-        || async { count(&owners(&env).await, &c) >= 1 },
-    )
-    .await;
+        count(&owners(&env).await, &c) >= 1
+    );
     let mut mine = BTreeSet::new();
     let mut conn = env.store.conn().await.unwrap();
     for s in 0..env.shards {

@@ -79,15 +79,18 @@ async fn passwords_from_files_work_and_never_show_in_logs_or_errors() {
     cfg.conn.redis_password_file = Some(users.dir.join("password"));
     let good = cfg.clone();
     // A worker process with those credentials works end to end, and logs no secret.
-    let mut envs = env.process_env(&good);
-    envs.push((
-        "RELAY_AMQP_PASSWORD_FILE".into(),
-        users.dir.join("password").display().to_string(),
-    ));
-    envs.push((
-        "RELAY_REDIS_PASSWORD_FILE".into(),
-        users.dir.join("password").display().to_string(),
-    ));
+    let password_files = |amqp: &str, redis: &str| {
+        [
+            ("RELAY_AMQP_PASSWORD_FILE", amqp),
+            ("RELAY_REDIS_PASSWORD_FILE", redis),
+        ]
+        .map(|(k, f)| (k.to_string(), users.dir.join(f).display().to_string()))
+    };
+    let envs = {
+        let mut envs = env.process_env(&good);
+        envs.extend(password_files("password", "password"));
+        envs
+    };
     let run = |envs: &[(String, String)]| {
         Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))
             .arg("worker")
@@ -107,16 +110,12 @@ async fn passwords_from_files_work_and_never_show_in_logs_or_errors() {
     assert!(!logs.contains(secret), "secret in the logs");
 
     // Wrong Redis password: the worker refuses to start, and says so without the secret.
-    let mut wrong = envs.clone();
-    wrong.retain(|(k, _)| k != "RELAY_REDIS_PASSWORD_FILE" && k != "RELAY_AMQP_PASSWORD_FILE");
-    wrong.push((
-        "RELAY_REDIS_PASSWORD_FILE".into(),
-        users.dir.join("wrong").display().to_string(),
-    ));
-    wrong.push((
-        "RELAY_AMQP_PASSWORD_FILE".into(),
-        users.dir.join("password").display().to_string(),
-    ));
+    let with_files = |amqp: &str, redis: &str| {
+        let mut envs = env.process_env(&good);
+        envs.extend(password_files(amqp, redis));
+        envs
+    };
+    let wrong = with_files("password", "wrong");
     let out = run(&wrong).wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success());
@@ -128,12 +127,7 @@ async fn passwords_from_files_work_and_never_show_in_logs_or_errors() {
 
     // Wrong RabbitMQ password: the worker keeps retrying (credentials may be rotated) and logs
     // the failure with the URL masked.
-    let mut wrong = envs.clone();
-    wrong.retain(|(k, _)| k != "RELAY_AMQP_PASSWORD_FILE");
-    wrong.push((
-        "RELAY_AMQP_PASSWORD_FILE".into(),
-        users.dir.join("wrong").display().to_string(),
-    ));
+    let wrong = with_files("wrong", "password");
     let mut proc = Proc(run(&wrong));
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {

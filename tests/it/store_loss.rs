@@ -40,10 +40,11 @@ async fn flush_relay_keys(env: &Env) -> usize {
 async fn a_store_that_lost_the_relays_state_raises_the_alarm_and_new_work_goes_on() {
     let mut env = Env::new("store-lost", 2).await;
     let (_worker, port) = env.spawn_with_metrics().await;
-    eventually(Duration::from_secs(10), "the gauge reads 0", || async {
+    eventually!(
+        Duration::from_secs(10),
+        "the gauge reads 0",
         store_lost_gauge(port).await == Some(0.0)
-    })
-    .await;
+    );
 
     // Tasks pending behind ECS calls that do not return.
     env.sim.add_rule(Rule {
@@ -56,21 +57,21 @@ async fn a_store_that_lost_the_relays_state_raises_the_alarm_and_new_work_goes_o
         .await;
     env.publish(&stuck.iter().map(|t| task(t, "STOPPED")).collect::<Vec<_>>())
         .await;
-    eventually(Duration::from_secs(20), "calls held in flight", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "calls held in flight",
         env.sim.stats().held >= 2
-    })
-    .await;
+    );
 
     let flushed = flush_relay_keys(&env).await;
     assert!(flushed > 0, "the relay had keys to lose");
     let at = Instant::now();
     // Within one lease time (3 s in the tests): the heartbeat runs every tenth of it.
-    eventually(
+    eventually!(
         Duration::from_millis(3_000),
         "relay_store_lost at 1 within one lease time",
-        || async { store_lost_gauge(port).await == Some(1.0) },
-    )
-    .await;
+        store_lost_gauge(port).await == Some(1.0)
+    );
     println!(
         "store lost: relay_store_lost 1 {:.2}s after the flush of {flushed} keys",
         at.elapsed().as_secs_f64()
@@ -113,10 +114,11 @@ async fn a_store_that_lost_the_relays_state_raises_the_alarm_and_new_work_goes_o
     let cleared = env.run_cli(&["status", "--json", "--shards", "2", "--clear-store-lost"]);
     let cleared: Value = serde_json::from_str(&cleared).expect("json");
     assert!(cleared["store_lost"].is_null(), "{}", cleared["store_lost"]);
-    eventually(Duration::from_secs(3), "the gauge back at 0", || async {
+    eventually!(
+        Duration::from_secs(3),
+        "the gauge back at 0",
         store_lost_gauge(port).await == Some(0.0)
-    })
-    .await;
+    );
     env.cleanup().await;
 }
 
@@ -129,30 +131,28 @@ async fn a_loss_is_raised_once_and_every_worker_follows_its_clearing() {
     let (_w1, p1) = env.spawn_with_metrics().await;
     let proxy = Proxy::start(amqp_addr()).await;
     let mut cfg = env.config();
-    cfg.conn.amqp_url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    cfg.conn.amqp_url = proxy.amqp_url();
     let p2 = free_port();
     cfg.metrics_addr = format!("127.0.0.1:{p2}");
     let w2 = env.spawn_process(&cfg);
+    let store = &env.store;
+    let live = |n: usize, what: &'static str| {
+        eventually(Duration::from_secs(20), what, move || async move {
+            store.live_workers().await.is_ok_and(|l| l.len() == n)
+        })
+    };
     let both = |want: f64| async move {
         store_lost_gauge(p1).await == Some(want) && store_lost_gauge(p2).await == Some(want)
     };
     eventually(Duration::from_secs(20), "both workers at 0", || both(0.0)).await;
     // Both have heartbeaten: each knows the epoch.
-    eventually(Duration::from_secs(20), "both workers live", || async {
-        env.store.live_workers().await.is_ok_and(|l| l.len() == 2)
-    })
-    .await;
+    live(2, "both workers live").await;
 
     flush_relay_keys(&env).await;
     eventually(Duration::from_secs(3), "both workers at 1", || both(1.0)).await;
     // Worker 2 loses its RabbitMQ session, and with it its heartbeats.
     proxy.cut();
-    eventually(
-        Duration::from_secs(20),
-        "worker 2 no longer live",
-        || async { env.store.live_workers().await.is_ok_and(|l| l.len() == 1) },
-    )
-    .await;
+    live(1, "worker 2 no longer live").await;
     env.run_cli(&["status", "--json", "--shards", "2", "--clear-store-lost"]);
     eventually(
         Duration::from_secs(5),
@@ -161,33 +161,27 @@ async fn a_loss_is_raised_once_and_every_worker_follows_its_clearing() {
     )
     .await;
     proxy.restore();
-    eventually(
-        Duration::from_secs(20),
-        "both workers live again",
-        || async { env.store.live_workers().await.is_ok_and(|l| l.len() == 2) },
-    )
-    .await;
+    live(2, "both workers live again").await;
 
     // Worker 2 sleeps through two more losses (the second empties the store's list of lost
     // epochs too); worker 1 raises each, and each is cleared.
     signal(&w2, "STOP");
     for _ in 0..2 {
         flush_relay_keys(&env).await;
-        eventually(Duration::from_secs(3), "worker 1 at 1", || async {
+        eventually!(
+            Duration::from_secs(3),
+            "worker 1 at 1",
             store_lost_gauge(p1).await == Some(1.0)
-        })
-        .await;
+        );
         env.run_cli(&["status", "--json", "--shards", "2", "--clear-store-lost"]);
-        eventually(Duration::from_secs(3), "worker 1 back at 0", || async {
+        eventually!(
+            Duration::from_secs(3),
+            "worker 1 back at 0",
             store_lost_gauge(p1).await == Some(0.0)
-        })
-        .await;
+        );
     }
     signal(&w2, "CONT");
-    eventually(Duration::from_secs(20), "worker 2 live again", || async {
-        env.store.live_workers().await.is_ok_and(|l| l.len() == 2)
-    })
-    .await;
+    live(2, "worker 2 live again").await;
     never(
         Duration::from_secs(3),
         "the cleared loss raised again by the worker that slept through it",
@@ -247,12 +241,11 @@ async fn sigkilled_workers_leave_no_entries_behind() {
         }
     }
     let want: BTreeSet<String> = [live.clone()].into();
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "the hashes hold the live worker only",
-        || async { hash_workers(&env).await.iter().all(|h| *h == want) },
-    )
-    .await;
+        hash_workers(&env).await.iter().all(|h| *h == want)
+    );
     println!(
         "reaped the entries of {} SIGKILLed workers; left: {live}",
         killed.len()
@@ -278,12 +271,11 @@ async fn a_worker_shows_in_status_as_soon_as_it_is_live() {
     })
     .await;
     let live = Instant::now();
-    eventually(
+    eventually!(
         Duration::from_millis(1_000),
         "its entries within a second of going live",
-        || async { hash_workers(&env).await.iter().all(|h| h.contains(&id)) },
-    )
-    .await;
+        hash_workers(&env).await.iter().all(|h| h.contains(&id))
+    );
     println!(
         "entries of a new worker written {:.0} ms after it went live",
         live.elapsed().as_secs_f64() * 1000.0

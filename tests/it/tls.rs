@@ -154,24 +154,21 @@ async fn amqps_and_rediss_with_a_private_ca_and_client_certificates() {
     let mut cfg = env.config();
     cfg.conn.amqp_url = amqps.clone();
     cfg.conn.redis_url = rediss.clone();
+    let files = (
+        Some(dir.join("ca.crt")),
+        Some(dir.join("client.crt")),
+        Some(dir.join("client.key")),
+    );
     (
         cfg.conn.amqp_ca_file,
         cfg.conn.amqp_cert_file,
         cfg.conn.amqp_key_file,
-    ) = (
-        Some(dir.join("ca.crt")),
-        Some(dir.join("client.crt")),
-        Some(dir.join("client.key")),
-    );
+    ) = files.clone();
     (
         cfg.conn.redis_ca_file,
         cfg.conn.redis_cert_file,
         cfg.conn.redis_key_file,
-    ) = (
-        Some(dir.join("ca.crt")),
-        Some(dir.join("client.crt")),
-        Some(dir.join("client.key")),
-    );
+    ) = files;
     env.start_worker(cfg).await;
     let a = arn("over-tls");
     env.publish(&[container(&a, "web", "RUNNING"), task(&a, "RUNNING")])

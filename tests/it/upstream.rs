@@ -234,10 +234,11 @@ async fn test_sends_events_one_event_retries() {
     }
     let events = [task(&a, "RUNNING"), task(&a, "STOPPED")];
     env.publish(&events).await;
-    eventually(Duration::from_secs(20), "6th call held", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "6th call held",
         env.sim.stats().held == 1
-    })
-    .await;
+    );
     // STOPPED is in the outbox before RUNNING succeeds: its failure follows the success.
     wait_queued(&env, &a, &events, (0, 2)).await;
     env.sim.release(Some(&a));
@@ -322,10 +323,11 @@ async fn test_sends_events_concurrent_limit() {
     let arns: Vec<String> = (0..11).map(|i| arn(&format!("limit-{i}"))).collect();
     let events: Vec<Value> = arns.iter().map(|a| task(a, "RUNNING")).collect();
     env.publish(&events).await;
-    eventually(Duration::from_secs(20), "10 calls in flight", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "10 calls in flight",
         env.sim.stats().in_flight == 10
-    })
-    .await;
+    );
     never(
         Duration::from_millis(500),
         "an 11th call while 10 are held",
@@ -334,15 +336,17 @@ async fn test_sends_events_concurrent_limit() {
     .await;
     let first = env.sim.calls()[0].key.clone();
     assert_eq!(env.sim.release(Some(&first)), 1);
-    eventually(Duration::from_secs(20), "the 11th call starts", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "the 11th call starts",
         env.sim.calls().len() == 11
-    })
-    .await;
+    );
     env.sim.release(None);
-    eventually(Duration::from_secs(20), "all 11 finish", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "all 11 finish",
         env.sim.stats().ok == 11
-    })
-    .await;
+    );
     assert_eq!(env.sim.stats().max_in_flight, 10);
     env.cleanup().await;
 }
@@ -567,10 +571,11 @@ async fn test_submit_task_events_when_submitting_task_running_after_stopped() {
     });
     let events = [task(&a, "STOPPED"), task(&a, "RUNNING")];
     env.publish(&events).await;
-    eventually(Duration::from_secs(20), "first call held", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "first call held",
         env.sim.stats().held == 1
-    })
-    .await;
+    );
     wait_queued(&env, &a, &events, (0, 2)).await;
     env.sim.release(Some(&a));
     wait_processed(&env, &a, &events).await;
@@ -866,10 +871,11 @@ async fn test_should_task_attachment_event_be_sent() {
         let calls = calls_before_sentinel(&env, key, events).await;
         assert!(calls.is_empty(), "{key} must not be sent: {calls:?}");
     }
-    eventually(Duration::from_secs(20), "(b) dead-lettered", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "(b) dead-lettered",
         !env.dead_letters().await.is_empty()
-    })
-    .await;
+    );
     assert!(env.calls_for(&b).is_empty());
     env.cleanup().await;
 }

@@ -44,10 +44,11 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_reorders_nothing() {
         env.publish(&batch).await;
         if phase == 0 {
             // Kill while calls are flowing: some tasks sent, some queued in Redis, some unacked.
-            eventually(Duration::from_secs(20), "calls flowing", || async {
+            eventually!(
+                Duration::from_secs(20),
+                "calls flowing",
                 env.sim.stats().ok >= 20
-            })
-            .await;
+            );
             signal(&first, "KILL");
             wait_exit(&mut first, Duration::from_secs(10)).await;
         }
@@ -57,10 +58,11 @@ async fn sigkill_mid_stream_then_restart_loses_nothing_and_reorders_nothing() {
     second_cfg.call_timeout_ms = 400;
     second_cfg.permit_lease_ms = 1_400;
     let mut second = env.spawn_process(&second_cfg);
-    eventually(Duration::from_secs(60), "every task complete", || async {
+    eventually!(
+        Duration::from_secs(60),
+        "every task complete",
         audit(&env.sim.calls(), &tasks).0 == 0
-    })
-    .await;
+    );
     let (lost, disorder, dups) = audit(&env.sim.calls(), &tasks);
     println!(
         "sigkill: events {} calls {} lost {lost} out-of-order {disorder} duplicates {dups}",
@@ -136,9 +138,7 @@ async fn two_workers_never_exceed_the_limit_and_saturate_it_while_a_backlog_wait
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_whose_calls_keep_failing_does_not_delay_other_tasks() {
-    let mut env = Env::new("isolation", 2).await;
-    let cfg = env.config();
-    env.start_worker(cfg).await;
+    let env = Env::with_worker("isolation", 2, |_| {}).await;
     let bad = arn("always-failing");
     env.sim.add_rule(Rule {
         key: bad.clone(),
@@ -147,12 +147,11 @@ async fn a_task_whose_calls_keep_failing_does_not_delay_other_tasks() {
     });
     env.publish(&[task(&bad, "RUNNING"), task(&bad, "STOPPED")])
         .await;
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "the bad task is retrying",
-        || async { env.calls_for(&bad).len() >= 2 },
-    )
-    .await;
+        env.calls_for(&bad).len() >= 2
+    );
     let others: Vec<String> = (0..30).map(|i| arn(&format!("healthy-{i}"))).collect();
     env.publish(
         &others
@@ -201,12 +200,11 @@ async fn more_failing_tasks_than_a_shard_has_runners_do_not_delay_a_healthy_one(
     }
     env.publish(&bad.iter().map(|t| task(t, "RUNNING")).collect::<Vec<_>>())
         .await;
-    eventually(
+    eventually!(
         Duration::from_secs(20),
         "every failing task has been tried",
-        || async { bad.iter().all(|t| !env.calls_for(t).is_empty()) },
-    )
-    .await;
+        bad.iter().all(|t| !env.calls_for(t).is_empty())
+    );
     let healthy = arn("healthy");
     env.publish(&[task(&healthy, "RUNNING")]).await;
     eventually(Duration::from_secs(10), "the healthy task sent", || async {
@@ -354,10 +352,11 @@ async fn sigterm_finishes_the_call_in_flight_releases_leases_and_exits_zero() {
         times: 1,
     });
     env.publish(&[task(&a, "RUNNING")]).await;
-    eventually(Duration::from_secs(20), "call held", || async {
+    eventually!(
+        Duration::from_secs(20),
+        "call held",
         env.sim.stats().held == 1
-    })
-    .await;
+    );
     signal(&w, "TERM");
     // While the call is held the worker must not exit (it finishes work in flight first).
     let until = Instant::now() + Duration::from_millis(300);

@@ -74,33 +74,22 @@ impl Bench {
         latency_row(format!("p50 ms, {load} ({rate:.0} ev/s)"), 0, "");
         latency_row("p99 ms".into(), 1, "<= 25");
         latency_row("max ms".into(), 2, "");
-        self.rows.push(row(
-            "latency",
-            &format!("machine CPU busy, share of all cores ({load})"),
-            machine_busy,
-            "",
-        ));
-        self.rows.push(row(
-            "latency",
-            &format!("worker CPU, cores ({load})"),
-            worker_cores,
-            "",
-        ));
         // The Redis gate on a healthy local Redis: closed time and calls it held back, this
         // row only (0 and 0 unless a reply was overdue or a write refused).
         let gate_after = self.gate_figures().await;
-        self.rows.push(row(
-            "latency",
-            &format!("Redis gate closed, ms ({load})"),
-            gate_after.0 - gate_before.0,
-            "0",
-        ));
-        self.rows.push(row(
-            "latency",
-            &format!("calls held by the Redis gate ({load})"),
-            gate_after.1 - gate_before.1,
-            "0",
-        ));
+        for (figure, value, target) in [
+            ("machine CPU busy, share of all cores", machine_busy, ""),
+            ("worker CPU, cores", worker_cores, ""),
+            ("Redis gate closed, ms", gate_after.0 - gate_before.0, "0"),
+            (
+                "calls held by the Redis gate",
+                gate_after.1 - gate_before.1,
+                "0",
+            ),
+        ] {
+            self.rows
+                .push(row("latency", &format!("{figure} ({load})"), value, target));
+        }
         // Where the time went during this row: the worker's stage histograms, this row only.
         let stages = stage_percentiles(&stages_before, &self.stage_buckets().await);
         for (stage, [p50, p99]) in stages {

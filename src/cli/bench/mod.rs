@@ -204,6 +204,24 @@ fn row(scenario: &'static str, figure: &str, value: f64, target: &'static str) -
     }
 }
 
+/// A row measured against a baseline (the ratio is value ÷ baseline).
+fn against(
+    scenario: &'static str,
+    figure: String,
+    value: f64,
+    baseline: f64,
+    target: &'static str,
+) -> Row {
+    Row {
+        scenario,
+        figure,
+        value,
+        baseline: Some(baseline),
+        ratio: Some(value / baseline),
+        target,
+    }
+}
+
 fn print(rows: &[Row], json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(rows)?);

@@ -15,7 +15,7 @@ use crate::sim::CallRecord;
 use super::events::task_running;
 use super::harness::{free_port, spawn_worker};
 use super::measure::{now_ms, percentiles, redis_commands};
-use super::{row, Bench, Row};
+use super::{against, row, Bench};
 
 /// The throttling scenario's ECS: capacity and latency per call.
 const THROTTLE_K: u64 = 4;
@@ -203,27 +203,18 @@ impl Bench {
         } else {
             "3 workers"
         };
-        self.rows.push(row(
-            "fair share",
-            &format!("quiet publish -> call p50 ms ({w})"),
-            p50,
-            "",
-        ));
-        self.rows.push(row(
-            "fair share",
-            &format!("quiet publish -> call p99 ms ({w})"),
-            p99,
-            "<= 1000",
-        ));
+        for (p, value, target) in [("p50", p50, ""), ("p99", p99, "<= 1000")] {
+            let figure = format!("quiet publish -> call {p} ms ({w})");
+            self.rows.push(row("fair share", &figure, value, target));
+        }
         let rate = (storm_at.len().max(2) - 1) as f64 / span_s.max(0.001);
-        self.rows.push(Row {
-            scenario: "fair share",
-            figure: format!("storm calls/s vs limit / latency ({w})"),
-            value: rate,
-            baseline: Some(ideal),
-            ratio: Some(rate / ideal),
-            target: ">= 0.9",
-        });
+        self.rows.push(against(
+            "fair share",
+            format!("storm calls/s vs limit / latency ({w})"),
+            rate,
+            ideal,
+            ">= 0.9",
+        ));
         self.rows.push(row(
             "fair share",
             &format!("Redis commands per ECS call ({w})"),

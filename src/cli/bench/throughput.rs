@@ -15,7 +15,7 @@ use crate::relay::config::ConnConfig;
 use super::events::task_running;
 use super::harness::cleanup;
 use super::measure::cpu_secs;
-use super::{row, Bench, Row};
+use super::{against, row, Bench};
 
 /// The broker's limit on this machine: preloaded messages, one consumer per shard queue,
 /// prefetch and multiple-acks as the worker uses them, nothing else done.
@@ -124,14 +124,13 @@ impl Bench {
         let events_per_sec = total as f64 / ingest_secs.max(1e-9);
         let ok = self.sim.stats().ok;
         let calls_per_sec = ok as f64 / calls_secs;
-        self.rows.push(Row {
-            scenario: "ingest",
-            figure: "events/s, first to last ack".into(),
-            value: events_per_sec,
-            baseline: Some(baseline),
-            ratio: Some(events_per_sec / baseline),
-            target: ">= 0.6 x baseline",
-        });
+        self.rows.push(against(
+            "ingest",
+            "events/s, first to last ack".into(),
+            events_per_sec,
+            baseline,
+            ">= 0.6 x baseline",
+        ));
         self.rows
             .push(row("ingest", "ECS calls/s", calls_per_sec, ""));
         self.rows.push(row(
@@ -178,14 +177,13 @@ impl Bench {
             - calls.iter().map(|c| c.received_at_ms).min().unwrap_or(0);
         let achieved = backlog as f64 / (span_ms.max(1) as f64 / 1000.0);
         let ideal = 10.0 / (self.args.latency_ms as f64 / 1000.0);
-        self.rows.push(Row {
-            scenario: "utilisation",
-            figure: "ECS calls/s vs limit / latency".into(),
-            value: achieved,
-            baseline: Some(ideal),
-            ratio: Some(achieved / ideal),
-            target: ">= 0.95",
-        });
+        self.rows.push(against(
+            "utilisation",
+            "ECS calls/s vs limit / latency".into(),
+            achieved,
+            ideal,
+            ">= 0.95",
+        ));
         // How long the sim itself held each call (its timer rounds the latency up), and the
         // permits' busy share counted with that: what is left is the relay's own gap per call.
         let held_ms: u64 = calls

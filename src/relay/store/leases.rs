@@ -221,9 +221,17 @@ impl Store {
 
     /// The producer rules each worker last recorded, by worker (dead ones included).
     pub async fn producer_rules(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.per_worker("producer-rules").await
+    }
+
+    /// One of the per-worker hashes (`ready`, `addrs`, `producer-rules`), whole.
+    async fn per_worker(
+        &self,
+        hash: &str,
+    ) -> StoreResult<std::collections::BTreeMap<String, String>> {
         let mut conn = self.conn().await?;
         Ok(redis::cmd("HGETALL")
-            .arg(self.global_key("producer-rules"))
+            .arg(self.global_key(hash))
             .query_async(&mut conn)
             .await?)
     }
@@ -256,11 +264,7 @@ impl Store {
 
     /// The ready work each worker last recorded, by worker (dead ones included).
     pub async fn ready_reports(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
-        let mut conn = self.conn().await?;
-        Ok(redis::cmd("HGETALL")
-            .arg(self.global_key("ready"))
-            .query_async(&mut conn)
-            .await?)
+        self.per_worker("ready").await
     }
 
     /// Workers whose heartbeat has not lapsed.

@@ -148,6 +148,14 @@ impl Env {
         env
     }
 
+    /// A proxy to the shared Redis, and a worker configuration that reaches Redis through it.
+    pub async fn config_via_redis_proxy(&mut self) -> (Proxy, WorkerConfig) {
+        let proxy = Proxy::start(redis_addr()).await;
+        let mut cfg = self.config();
+        cfg.conn.redis_url = proxy.redis_url();
+        (proxy, cfg)
+    }
+
     pub fn conn(&self) -> ConnConfig {
         ConnConfig {
             amqp_url: amqp_url(),
@@ -500,6 +508,16 @@ impl ProxyState {
 }
 
 impl Proxy {
+    /// A Redis URL (db 0) through this proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A RabbitMQ URL (guest, vhost /) through this proxy.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
     pub async fn start(target: String) -> Proxy {
         Proxy::delayed(target, Duration::ZERO).await
     }
@@ -621,6 +639,14 @@ pub async fn wait_shards_owned(store: &Store, shards: u16, within: Duration) {
     .await;
 }
 
+/// `eventually!(within, "what", condition)`: [`eventually`] with the condition written as an
+/// expression (it may `.await`), polled until it holds; panics naming `what` after `within`.
+macro_rules! eventually {
+    ($within:expr, $what:expr, $cond:expr $(,)?) => {
+        $crate::common::eventually($within, $what, || async { $cond }).await
+    };
+}
+
 /// Polls `cond` until it holds or the deadline passes (then panics with `what`).
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
@@ -660,6 +686,11 @@ fn next_id(prefix: &str) -> String {
 }
 
 const AT: &str = "2026-11-28T10:00:00Z";
+
+/// `n` task ARNs `<prefix>-000`, `<prefix>-001`, …
+pub fn arns(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| arn(&format!("{prefix}-{i:03}"))).collect()
+}
 
 pub fn task(arn: &str, status: &str) -> Value {
     json!({"schemaVersion":1,"eventId":next_id("t"),"type":"task","cluster":CLUSTER,"taskArn":arn,"occurredAt":AT,"status":status})
