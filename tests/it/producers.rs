@@ -115,6 +115,14 @@ fn dead_letters(env: &Env) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Waits until the dead-letter queue holds `n` letters; their (reason code, producer), sorted.
+async fn dead_lettered(env: &Env, n: usize, what: &str) -> Vec<(String, String)> {
+    eventually!(Duration::from_secs(20), what, dead_letters(env).len() == n);
+    let mut letters = dead_letters(env);
+    letters.sort();
+    letters
+}
+
 fn write_acl(env: &Env, acl: Value) {
     std::fs::write(&env.acl, acl.to_string()).expect("write the ACL");
 }
@@ -149,13 +157,7 @@ async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only
         "its own cluster's change",
         arrived(&env, &own)
     );
-    eventually!(
-        Duration::from_secs(20),
-        "both refusals dead-lettered",
-        dead_letters(&env).len() == 2
-    );
-    let mut letters = dead_letters(&env);
-    letters.sort();
+    let letters = dead_lettered(&env, 2, "both refusals dead-lettered").await;
     assert_eq!(
         letters,
         vec![
@@ -589,13 +591,7 @@ async fn attachments_and_smuggled_cluster_names_are_refused_and_allowed_ones_go_
             arrived(&env, ev)
         );
     }
-    eventually!(
-        Duration::from_secs(20),
-        "six refusals dead-lettered",
-        dead_letters(&env).len() == 6
-    );
-    let mut got: Vec<(String, String)> = dead_letters(&env);
-    got.sort();
+    let got = dead_lettered(&env, 6, "six refusals dead-lettered").await;
     let mut want: Vec<(String, String)> = refused
         .iter()
         .map(|(code, _)| (code.to_string(), user.clone()))
@@ -702,13 +698,7 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
     publish_as(&amqp_url(), &env.exchange, &anonymous, props)
         .await
         .expect("published");
-    eventually!(
-        Duration::from_secs(20),
-        "three dead letters",
-        dead_letters(&env).len() == 3
-    );
-    let mut letters = dead_letters(&env);
-    letters.sort();
+    let letters = dead_lettered(&env, 3, "three dead letters").await;
     assert_eq!(
         letters,
         vec![
