@@ -661,8 +661,6 @@ async fn a_shard_that_keeps_failing_is_restarted_with_backoff() {
 /// reason header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
-    use futures_util::StreamExt;
-    use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
     let env = Env::new("edge-delivery-limit", 1).await;
     let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test limit")
         .await
@@ -672,36 +670,7 @@ async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
         .expect("topology");
     let event = task(&arn("limit"), "RUNNING");
     env.publish(std::slice::from_ref(&event)).await;
-    let ch = c.create_channel().await.expect("channel");
-    ch.basic_qos(1, BasicQosOptions::default())
-        .await
-        .expect("qos");
-    let mut consumer = ch
-        .basic_consume(
-            ecs_state_relay::relay::amqp::shard_queue(&env.exchange, 0)
-                .as_str()
-                .into(),
-            "test-nacker".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
-    let mut deliveries = 0;
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
-    {
-        deliveries += 1;
-        assert!(deliveries <= 100, "the broker never gave up on the message");
-        ch.basic_nack(
-            d.delivery_tag,
-            BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("nack");
-    }
+    let deliveries = nack_until_dead_lettered(&env.exchange).await;
     assert_eq!(
         deliveries,
         ecs_state_relay::relay::amqp::DELIVERY_LIMIT + 1,

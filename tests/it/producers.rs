@@ -94,6 +94,25 @@ fn task_for(task_cluster: &str, cluster: &str, id: &str) -> Value {
     ev
 }
 
+/// Publishes `ev` without a `user_id` (as the relay's own broker user); the broker takes it.
+async fn publish_anonymously(env: &Env, ev: &Value) {
+    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+    let confirm = publish_as(&amqp_url(), &env.exchange, ev, props)
+        .await
+        .expect("published");
+    assert!(confirm.is_ack(), "the broker did not take it");
+}
+
+/// A unique producer user name (`relay-agent-<8 hex>`).
+fn agent_name() -> String {
+    format!("relay-agent-{:08x}", rand::random::<u32>())
+}
+
+/// Waits until `ev` reached ECS.
+async fn wait_arrived(env: &Env, ev: &Value, what: &str) {
+    eventually!(Duration::from_secs(20), what, arrived(env, ev));
+}
+
 fn arrived(env: &Env, ev: &Value) -> bool {
     let key = ev["taskArn"]
         .as_str()
@@ -140,7 +159,7 @@ async fn started(name: &str, acl: Value, tweak: impl FnOnce(&mut WorkerConfig)) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only_by_reason() {
-    let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let prefix = agent_name();
     let acl = json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]});
     let env = started("producers", acl, |_| {}).await;
     let agent = Producer::create(&format!("{prefix}-alpha"), &env.exchange);
@@ -152,11 +171,7 @@ async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only
         .publish(&env, &[own.clone(), foreign.clone(), disguised.clone()])
         .await;
 
-    eventually!(
-        Duration::from_secs(20),
-        "its own cluster's change",
-        arrived(&env, &own)
-    );
+    wait_arrived(&env, &own, "its own cluster's change").await;
     let letters = dead_lettered(&env, 2, "both refusals dead-lettered").await;
     assert_eq!(
         letters,
@@ -174,21 +189,14 @@ async fn a_producer_reports_only_for_its_clusters_and_refusals_are_replayed_only
     assert!(out.contains("replayed 0"), "{out}");
     let out = env.run_cli(&["dlq", "replay", "--reason", "producer_not_allowed"]);
     assert!(out.contains("replayed 1"), "{out}");
-    eventually!(
-        Duration::from_secs(20),
-        "the replayed change",
-        arrived(&env, &foreign)
-    );
+    wait_arrived(&env, &foreign, "the replayed change").await;
     env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_user_id_is_refused_by_the_broker() {
     let env = started("producers-forged", json!({"guest": ["*"]}), |_| {}).await;
-    let agent = Producer::create(
-        &format!("relay-agent-{:08x}", rand::random::<u32>()),
-        &env.exchange,
-    );
+    let agent = Producer::create(&agent_name(), &env.exchange);
     let ev = task_for("alpha", "alpha", "forged");
     let answer = publish_as(
         &agent.conn(&env).amqp_url,
@@ -216,7 +224,7 @@ async fn scrape(port: u16, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_rules() {
     let mut env = Env::new("producers-reload", 1).await;
-    let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let prefix = agent_name();
     let user = format!("{prefix}-alpha");
     write_acl(&env, json!({"guest": ["*"], user.clone(): ["alpha"]}));
     // A worker process, to watch its /metrics and /readyz.
@@ -295,11 +303,7 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
     .await;
     let beta_again = task_for("beta-1", "beta-1", "b2");
     agent.publish(&env, std::slice::from_ref(&beta_again)).await;
-    eventually!(
-        Duration::from_secs(20),
-        "beta-1 allowed now",
-        arrived(&env, &beta_again)
-    );
+    wait_arrived(&env, &beta_again, "beta-1 allowed now").await;
     env.cleanup().await;
 }
 
@@ -307,7 +311,7 @@ async fn an_acl_edit_takes_effect_without_a_restart_and_a_broken_one_keeps_the_r
 /// `cluster` is matched by its name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arn_pattern_tells_apart_two_accounts_clusters_of_one_name() {
-    let user = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let user = agent_name();
     let env = started(
         "producers-arn",
         json!({"guest": ["*"], user.clone(): ["arn:aws:ecs:us-east-1:123456789012:cluster/prod"]}),
@@ -349,11 +353,7 @@ async fn audit_forwards_what_acl_would_refuse_and_counts_it() {
     let agent = Producer::create(&user, &env.exchange);
     let foreign = task_for("beta-1", "beta-1", "audited");
     agent.publish(&env, std::slice::from_ref(&foreign)).await;
-    eventually!(
-        Duration::from_secs(20),
-        "forwarded all the same",
-        arrived(&env, &foreign)
-    );
+    wait_arrived(&env, &foreign, "forwarded all the same").await;
     assert!(
         metric_sum(&metrics.render(), "relay_producer_would_refuse_total") >= 1.0,
         "not counted as a would-be refusal"
@@ -415,7 +415,7 @@ async fn changes_for_another_account_or_region_are_refused_even_with_the_check_o
 /// holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
-    let prefix = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let prefix = agent_name();
     let acl = json!({"guest": ["*"], format!("{prefix}-{{cluster}}"): ["{cluster}"]});
     let env = started("producers-reasons", acl, |c| {
         c.ecs_accounts = "123456789012".into();
@@ -433,15 +433,7 @@ async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let confirm = publish_as(
-        &amqp_url(),
-        &env.exchange,
-        &anonymous,
-        lapin::BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .expect("published");
-    assert!(confirm.is_ack());
+    publish_anonymously(&env, &anonymous).await;
 
     let unknown = task_for("alpha", "alpha", "unknown");
     stranger.publish(&env, std::slice::from_ref(&unknown)).await;
@@ -501,7 +493,7 @@ async fn every_identity_reason_is_dead_lettered_and_none_reaches_ecs() {
 async fn attachments_and_smuggled_cluster_names_are_refused_and_allowed_ones_go_through() {
     const OWN: &str = "123456789012";
     const FOREIGN: &str = "210987654321";
-    let user = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let user = agent_name();
     let acl = json!({ user.as_str(): [format!("arn:aws:ecs:*:{OWN}:cluster/prod")] });
     let env = started("producers-edges", acl, |_| {}).await;
     let agent = Producer::create(&user, &env.exchange);
@@ -574,15 +566,7 @@ async fn attachments_and_smuggled_cluster_names_are_refused_and_allowed_ones_go_
     agent.publish(&env, &events).await;
     // No user_id: a raw publish without the property.
     let anonymous = att(OWN, "prod", "anonymous");
-    let confirm = publish_as(
-        &amqp_url(),
-        &env.exchange,
-        &anonymous,
-        lapin::BasicProperties::default().with_delivery_mode(2),
-    )
-    .await
-    .expect("published");
-    assert!(confirm.is_ack());
+    publish_anonymously(&env, &anonymous).await;
 
     for ev in &allowed {
         eventually!(
@@ -627,9 +611,7 @@ fn forged_headers() -> lapin::types::FieldTable {
 /// producer's forged headers never survive the relay's own dead-lettering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
-    use futures_util::StreamExt;
-    use lapin::options::BasicNackOptions;
-    let user = format!("relay-agent-{:08x}", rand::random::<u32>());
+    let user = agent_name();
     let mut env = Env::new("producers-launder", 1).await;
     write_acl(&env, json!({"guest": ["*"], user.as_str(): ["alpha"]}));
     let agent = Producer::create(&user, &env.exchange);
@@ -649,32 +631,8 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
         .await
         .expect("published");
     assert!(confirm.is_ack());
-    let ch = admin.create_channel().await.expect("channel");
-    ch.basic_qos(1, Default::default()).await.expect("qos");
-    let queue = ecs_state_relay::relay::amqp::shard_queue(&env.exchange, 0);
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "test-poison".into(),
-            Default::default(),
-            Default::default(),
-        )
-        .await
-        .expect("consume");
-    let mut deliveries = 0;
-    // Each nack with requeue is one more delivery; past the limit the broker dead-letters it
-    // and the consumer goes quiet.
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-    {
-        deliveries += 1;
-        assert!(deliveries <= 100, "the broker never dead-lettered it");
-        d.nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await
-        .expect("nack");
-    }
+    // Each nack with requeue is one more delivery; past the limit the broker dead-letters it.
+    let deliveries = nack_until_dead_lettered(&env.exchange).await;
     assert!(deliveries > 1, "delivered {deliveries} times");
     let _ = admin.close(200, "done".into()).await;
     assert_eq!(
@@ -714,11 +672,7 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
     assert_eq!(dead_letters(&env).len(), 3);
     let out = env.run_cli(&["dlq", "replay", "--reason", "delivery_limit"]);
     assert!(out.contains("replayed 1"), "{out}");
-    eventually!(
-        Duration::from_secs(20),
-        "the replayed change",
-        arrived(&env, &poisoned)
-    );
+    wait_arrived(&env, &poisoned, "the replayed change").await;
     assert!(!arrived(&env, &refused) && !arrived(&env, &anonymous));
     env.cleanup().await;
 }

@@ -687,6 +687,44 @@ fn next_id(prefix: &str) -> String {
 
 const AT: &str = "2026-11-28T10:00:00Z";
 
+/// Consumes shard 0 of `exchange` on a connection of its own, nacking with requeue every
+/// delivery until the broker dead-letters the message past the delivery limit and the
+/// consumer goes quiet (3 s); returns how many times it was delivered.
+pub async fn nack_until_dead_lettered(exchange: &str) -> i64 {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test nacker")
+        .await
+        .expect("amqp");
+    let ch = c.create_channel().await.expect("channel");
+    ch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let queue = ecs_state_relay::relay::amqp::shard_queue(exchange, 0);
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "test-nacker".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut deliveries = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
+    {
+        deliveries += 1;
+        assert!(deliveries <= 100, "the broker never gave up on the message");
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        ch.basic_nack(d.delivery_tag, requeue).await.expect("nack");
+    }
+    let _ = c.close(200, "done".into()).await;
+    deliveries
+}
+
 /// `n` task ARNs `<prefix>-000`, `<prefix>-001`, …
 pub fn arns(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| arn(&format!("{prefix}-{i:03}"))).collect()
