@@ -189,15 +189,7 @@ pub async fn replay(
         }
         // Republished clean: nothing of an earlier dead-lettering (the relay's headers, the
         // broker's x-death) rides along into the next one.
-        let mut headers = FieldTable::default();
-        if let Some(original) = d.properties.headers() {
-            for (k, v) in original.inner() {
-                let k_str = k.as_str();
-                if !k_str.starts_with(amqp::RELAY_HEADER_PREFIX) && !is_death_header(k_str) {
-                    headers.insert(k.clone(), v.clone());
-                }
-            }
-        }
+        let mut headers = amqp::without_dead_letter_headers(d.properties.headers().as_ref());
         // Published now: the relay's queue stage (publish → delivery) must not count the time
         // the message spent in the dead-letter queue.
         headers.insert(
@@ -214,7 +206,8 @@ pub async fn replay(
                 },
                 &d.data,
                 // Republished as the operator: the operator's ACL entry decides what it may
-                // replay (the producer stays visible in its header).
+                // replay. (The original producer is not carried along: a refused replay's
+                // dead letter names the operator.)
                 amqp::without_producer(&d.properties, headers).with_user_id(operator.clone()),
             )
             .await?
@@ -339,11 +332,6 @@ impl Origin {
             }
         }
     }
-}
-
-/// The broker's dead-lettering headers (RabbitMQ's x-death and its summaries).
-fn is_death_header(name: &str) -> bool {
-    name == "x-death" || name.starts_with("x-first-death-") || name.starts_with("x-last-death-")
 }
 
 /// The reason of the latest x-death entry, if the broker dead-lettered the message.

@@ -350,16 +350,28 @@ pub enum DeadLetterError {
 /// The header that keeps a dead-lettered message's producer (its AMQP `user_id`) visible.
 pub const PRODUCER_HEADER: &str = "x-relay-producer";
 
-/// The relay's own headers start so. What a producer set under this prefix is dropped when the
-/// relay dead-letters a message, and never believed on a message the broker dead-lettered
-/// (`dlq`): a dead letter's reason and producer are the relay's word or nobody's.
+/// The relay's own headers start so. What a producer set under this prefix (or as the broker's
+/// `x-death`) is dropped when the relay dead-letters a message, and never believed on a message
+/// the broker dead-lettered (`dlq`): a dead letter's reason and producer are the relay's word,
+/// or the broker's.
 pub const RELAY_HEADER_PREFIX: &str = "x-relay-";
 
-/// `headers` without the relay's own (see [`RELAY_HEADER_PREFIX`]).
-pub fn without_relay_headers(headers: Option<&FieldTable>) -> FieldTable {
+/// A header that says who dead-lettered a message and why: the relay's own (see
+/// [`RELAY_HEADER_PREFIX`]) or the broker's (`x-death` and its `x-first-death-*` /
+/// `x-last-death-*` summaries). On a message that reaches intake, any of them was set by its
+/// producer (replay strips them), so none is kept.
+pub fn is_dead_letter_header(name: &str) -> bool {
+    name.starts_with(RELAY_HEADER_PREFIX)
+        || name == "x-death"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+}
+
+/// `headers` without any dead-lettering header (see [`is_dead_letter_header`]).
+pub fn without_dead_letter_headers(headers: Option<&FieldTable>) -> FieldTable {
     let mut out = FieldTable::default();
     for (k, v) in headers.map(|h| h.inner().iter()).into_iter().flatten() {
-        if !k.as_str().starts_with(RELAY_HEADER_PREFIX) {
+        if !is_dead_letter_header(k.as_str()) {
             out.insert(k.clone(), v.clone());
         }
     }
@@ -429,7 +441,7 @@ pub async fn dead_letter(
     props: &BasicProperties,
     reason: &str,
 ) -> Result<(), DeadLetterError> {
-    let mut headers = without_relay_headers(props.headers().as_ref());
+    let mut headers = without_dead_letter_headers(props.headers().as_ref());
     headers.insert(s(REJECT_HEADER), AMQPValue::LongString(reason.into()));
     headers.insert(
         s(SOURCE_QUEUE_HEADER),

@@ -605,6 +605,27 @@ fn forged_headers() -> lapin::types::FieldTable {
     h
 }
 
+/// [`forged_headers`] and a well-formed `x-death` entry, as the broker writes one when it drops
+/// a message past the delivery limit: a refusal passed off as the broker's drop.
+fn forged_death(queue: &str) -> lapin::types::FieldTable {
+    use lapin::types::{AMQPValue, FieldArray, FieldTable};
+    let mut death = FieldTable::default();
+    for (k, v) in [
+        ("reason", "delivery_limit"),
+        ("queue", queue),
+        ("exchange", ""),
+    ] {
+        death.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    let mut h = forged_headers();
+    h.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+    );
+    h
+}
+
 /// `dlq replay` cannot launder identity: a message the broker dead-lettered (here after the
 /// delivery limit, carrying a producer's forged `x-relay-*` headers) is listed with the broker's
 /// reason and its real producer and is replayed only when asked for by that reason; a
@@ -656,12 +677,22 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
     publish_as(&amqp_url(), &env.exchange, &anonymous, props)
         .await
         .expect("published");
-    let letters = dead_lettered(&env, 3, "three dead letters").await;
+    // A refusal dressed as the broker's drop (a forged x-death) is the relay's refusal still.
+    let disguised = task_for("beta-1", "beta-1", "disguised");
+    let shard_queue = ecs_state_relay::relay::amqp::shard_queue(&env.exchange, 0);
+    let props = lapin::BasicProperties::default()
+        .with_user_id(user.as_str().into())
+        .with_headers(forged_death(&shard_queue));
+    publish_as(&agent.conn(&env).amqp_url, &env.exchange, &disguised, props)
+        .await
+        .expect("published");
+    let letters = dead_lettered(&env, 4, "four dead letters").await;
     assert_eq!(
         letters,
         vec![
             ("delivery_limit".to_string(), user.clone()),
             ("producer_missing".to_string(), "-".to_string()),
+            ("producer_not_allowed".to_string(), user.clone()),
             ("producer_not_allowed".to_string(), user.clone()),
         ]
     );
@@ -669,11 +700,13 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
     // 3. A plain replay sends none of them back; the broker's drop goes back only by name.
     let out = env.run_cli(&["dlq", "replay"]);
     assert!(out.contains("replayed 0"), "{out}");
-    assert_eq!(dead_letters(&env).len(), 3);
+    assert_eq!(dead_letters(&env).len(), 4);
     let out = env.run_cli(&["dlq", "replay", "--reason", "delivery_limit"]);
     assert!(out.contains("replayed 1"), "{out}");
     wait_arrived(&env, &poisoned, "the replayed change").await;
-    assert!(!arrived(&env, &refused) && !arrived(&env, &anonymous));
+    for ev in [&refused, &anonymous, &disguised] {
+        assert!(!arrived(&env, ev), "a refused change reached ECS: {ev}");
+    }
     env.cleanup().await;
 }
 
