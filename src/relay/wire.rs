@@ -461,10 +461,21 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
         Kind::TaskAttachment | Kind::Attachment => {
             vocab_index(&ATTACHMENT_STATUSES, status, "attachment")?;
             let attachment_arn = m.req_str("attachmentArn", "attachment_arn")?;
-            if Arn::parse(attachment_arn, Resource::Attachment).is_none() {
+            let Some(att) = Arn::parse(attachment_arn, Resource::Attachment) else {
                 return Err(Reject::new(
                     "attachment_arn",
                     format!("attachmentArn {attachment_arn:?} is not an ECS attachment ARN (arn:<partition>:ecs:<region>:<account>:attachment/<id>)"),
+                ));
+            };
+            // A task's attachment lives where the task does: the producer check looks at the
+            // task ARN only, so an attachment of another account or Region must not ride on it.
+            let task = task_arn.and_then(|t| Arn::parse(t, Resource::Task));
+            if task.is_some_and(|t| {
+                (t.partition, t.region, t.account) != (att.partition, att.region, att.account)
+            }) {
+                return Err(Reject::new(
+                    "attachment_arn",
+                    format!("attachmentArn {attachment_arn:?} is in another partition, account or Region than its task"),
                 ));
             }
             let expires_at = m.req_time("expiresAt")?;

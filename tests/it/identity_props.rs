@@ -211,8 +211,13 @@ fn model(case: &Case) -> &'static str {
             None => return "task_arn",
         }
     };
-    if case.kind == "taskAttachment" && key_fields(&case.attachment_arn, "attachment").is_none() {
-        return "attachment_arn";
+    if case.kind == "taskAttachment" {
+        match key_fields(&case.attachment_arn, "attachment") {
+            Some(a)
+                if (&a.partition, &a.region, &a.account)
+                    == (&key.partition, &key.region, &key.account) => {}
+            _ => return "attachment_arn",
+        }
     }
     let cluster = if case.cluster.starts_with("arn:") {
         match fields(&case.cluster) {
