@@ -289,8 +289,12 @@ async fn take(
 }
 
 fn header(d: &Delivery, name: &str) -> Option<String> {
-    let headers = d.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
+    text(d.properties.headers().as_ref()?.inner().get(name)?)
+}
+
+/// A header value that is a string.
+fn text(v: &AMQPValue) -> Option<String> {
+    match v {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         _ => None,
@@ -303,8 +307,8 @@ struct Origin {
     code: String,
     /// What `list` shows as the reason.
     text: String,
-    /// Dead-lettered by the relay: its headers are its own (see
-    /// [`amqp::RELAY_HEADER_PREFIX`]).
+    /// Dead-lettered by the relay: its `x-relay-*` headers are its own (it drops a
+    /// producer's when it dead-letters).
     by_relay: bool,
     producer: Option<String>,
 }
@@ -341,13 +345,7 @@ fn death_reason(d: &Delivery) -> Option<String> {
         return Some("unknown".into());
     };
     let reason = deaths.as_slice().first().and_then(|death| match death {
-        AMQPValue::FieldTable(t) => match t.inner().get("reason") {
-            Some(AMQPValue::LongString(s)) => {
-                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-            }
-            Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_string()),
-            _ => None,
-        },
+        AMQPValue::FieldTable(t) => t.inner().get("reason").and_then(text),
         _ => None,
     });
     Some(reason.unwrap_or_else(|| "unknown".into()))

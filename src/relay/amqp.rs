@@ -354,13 +354,13 @@ pub const PRODUCER_HEADER: &str = "x-relay-producer";
 /// `x-death`) is dropped when the relay dead-letters a message, and never believed on a message
 /// the broker dead-lettered (`dlq`): a dead letter's reason and producer are the relay's word,
 /// or the broker's.
-pub const RELAY_HEADER_PREFIX: &str = "x-relay-";
+const RELAY_HEADER_PREFIX: &str = "x-relay-";
 
 /// A header that says who dead-lettered a message and why: the relay's own (see
 /// [`RELAY_HEADER_PREFIX`]) or the broker's (`x-death` and its `x-first-death-*` /
 /// `x-last-death-*` summaries). On a message that reaches intake, any of them was set by its
 /// producer (replay strips them), so none is kept.
-pub fn is_dead_letter_header(name: &str) -> bool {
+fn is_dead_letter_header(name: &str) -> bool {
     name.starts_with(RELAY_HEADER_PREFIX)
         || name == "x-death"
         || name.starts_with("x-first-death-")

@@ -90,9 +90,9 @@ impl Pattern {
         }
     }
 
-    fn allows(&self, bound: Option<&str>, cluster: &Cluster) -> bool {
+    fn allows(&self, bound: Option<&str>, cluster: &Cluster<'_>) -> bool {
         match self {
-            Pattern::Name(name) => name_matches(name, bound, &cluster.name),
+            Pattern::Name(name) => name_matches(name, bound, cluster.name),
             Pattern::Arn {
                 partition,
                 service,
@@ -101,12 +101,12 @@ impl Pattern {
                 kind,
                 name,
             } => {
-                glob(partition, &cluster.partition)
+                glob(partition, cluster.partition)
                     && glob(service, "ecs")
-                    && glob(region, &cluster.region)
-                    && glob(account, &cluster.account)
+                    && glob(region, cluster.region)
+                    && glob(account, cluster.account)
                     && glob(kind, "cluster")
-                    && name_matches(name, bound, &cluster.name)
+                    && name_matches(name, bound, cluster.name)
             }
         }
     }
@@ -194,11 +194,11 @@ pub struct Acl {
 /// The cluster a message is for, as the fields of its ARN: the name is matched by name
 /// patterns, every field by ARN patterns.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cluster {
-    pub partition: String,
-    pub region: String,
-    pub account: String,
-    pub name: String,
+pub struct Cluster<'a> {
+    pub partition: &'a str,
+    pub region: &'a str,
+    pub account: &'a str,
+    pub name: &'a str,
 }
 
 /// What the ACL says of a user and a cluster.
@@ -269,7 +269,7 @@ impl Acl {
     }
 
     /// An exact key wins; else the template with the longest literal part that fits.
-    pub fn verdict(&self, user: &str, cluster: &Cluster) -> Verdict {
+    pub fn verdict(&self, user: &str, cluster: &Cluster<'_>) -> Verdict {
         let (patterns, bound) = match self.exact.get(user) {
             Some(p) => (p, None),
             None => match self
@@ -415,7 +415,7 @@ impl Producers {
 /// The event's cluster, checked against its key's ARN: a cluster ARN must name the key's
 /// partition, Region and account, and a new-form ARN's cluster segment must be the cluster's
 /// name. The cluster takes the key's partition, Region and account.
-fn cluster_of(ev: &Event, key: &Arn<'_>) -> Result<Cluster, Reject> {
+fn cluster_of<'e>(ev: &'e Event, key: &Arn<'e>) -> Result<Cluster<'e>, Reject> {
     let mismatch = |detail: String| Err(Reject::new("cluster_mismatch", detail));
     let Some(cluster) = ClusterRef::parse(&ev.cluster) else {
         return Err(Reject::new(
@@ -442,10 +442,10 @@ fn cluster_of(ev: &Event, key: &Arn<'_>) -> Result<Cluster, Reject> {
         }
     }
     Ok(Cluster {
-        partition: key.partition.into(),
-        region: key.region.into(),
-        account: key.account.into(),
-        name: name.into(),
+        partition: key.partition,
+        region: key.region,
+        account: key.account,
+        name,
     })
 }
 
@@ -592,12 +592,12 @@ mod tests {
         );
     }
 
-    fn cluster(name: &str) -> Cluster {
+    fn cluster(name: &str) -> Cluster<'_> {
         Cluster {
-            partition: "aws".into(),
-            region: "us-east-1".into(),
-            account: ACCOUNT.into(),
-            name: name.into(),
+            partition: "aws",
+            region: "us-east-1",
+            account: ACCOUNT,
+            name,
         }
     }
 
@@ -674,7 +674,7 @@ mod tests {
         let acl = Acl::parse(r#"{"agent": ["arn:aws:ecs:*:123456789012:cluster/prod"]}"#).unwrap();
         expect(&acl, "agent", "prod", Verdict::Allowed);
         let other = Cluster {
-            account: "210987654321".into(),
+            account: "210987654321",
             ..cluster("prod")
         };
         assert_eq!(acl.verdict("agent", &other), Verdict::NotAllowed);

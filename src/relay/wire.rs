@@ -361,23 +361,24 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
     let cluster = m.req_str("cluster", "cluster")?;
     let occurred_ms = (m.req_time("occurredAt")?.unix_timestamp_nanos() / 1_000_000) as i64;
 
-    let task_arn = if kind == Kind::Attachment {
-        None
+    // The task ARN as text and as fields (parsed once: the attachment check reuses them).
+    let (task_arn, task_fields) = if kind == Kind::Attachment {
+        (None, None)
     } else {
         let arn = m.req_str("taskArn", "task_arn")?;
-        if Arn::parse(arn, Resource::Task).is_none() {
+        let Some(fields) = Arn::parse(arn, Resource::Task) else {
             return Err(Reject::new(
                 "task_arn",
                 format!("taskArn {arn:?} is not an ECS task ARN (arn:<partition>:ecs:<region>:<account>:task/[<cluster>/]<id>)"),
             ));
-        }
+        };
         if arn != routing_key {
             return Err(Reject::new(
                 "routing_key_mismatch",
                 format!("routing key {routing_key:?} differs from taskArn {arn:?}"),
             ));
         }
-        Some(arn)
+        (Some(arn), Some(fields))
     };
     let status = m.req_str("status", "status")?;
 
@@ -469,8 +470,7 @@ pub fn decode(body: &[u8], routing_key: &str) -> Result<Event, Reject> {
             };
             // A task's attachment lives where the task does: the producer check looks at the
             // task ARN only, so an attachment of another account or Region must not ride on it.
-            let task = task_arn.and_then(|t| Arn::parse(t, Resource::Task));
-            if task.is_some_and(|t| {
+            if task_fields.is_some_and(|t| {
                 (t.partition, t.region, t.account) != (att.partition, att.region, att.account)
             }) {
                 return Err(Reject::new(
