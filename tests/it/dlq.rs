@@ -126,13 +126,8 @@ async fn a_replayed_message_is_published_afresh() {
     use futures_util::StreamExt;
 
     let env = Env::new("dlq-fresh", 2).await;
-    let c = amqp::connect(&amqp_url(), &Default::default(), "test dlq fresh")
-        .await
-        .expect("amqp");
     // No worker: the replayed message stays in its shard queue to be looked at.
-    amqp::declare(&c, &env.exchange, env.shards)
-        .await
-        .expect("topology");
+    let c = env.declared().await;
     let ch = amqp::confirm_channel(&c).await.expect("channel");
     let t = arn("stale-publish-time");
     let an_hour_ago = ecs_state_relay::relay::wire::now_ms() - 3_600_000;

@@ -662,12 +662,7 @@ async fn a_shard_that_keeps_failing_is_restarted_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
     let env = Env::new("edge-delivery-limit", 1).await;
-    let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test limit")
-        .await
-        .expect("amqp");
-    ecs_state_relay::relay::amqp::declare(&c, &env.exchange, 1)
-        .await
-        .expect("topology");
+    let broker = env.declared().await;
     let event = task(&arn("limit"), "RUNNING");
     env.publish(std::slice::from_ref(&event)).await;
     let deliveries = nack_until_dead_lettered(&env.exchange).await;
@@ -683,7 +678,7 @@ async fn the_broker_dead_letters_a_message_past_the_delivery_limit() {
         dead[0].1, "",
         "the broker's dead letter has no relay reason"
     );
-    let _ = c.close(200, "done".into()).await;
+    let _ = broker.close(200, "done".into()).await;
     env.cleanup().await;
 }
 

@@ -88,12 +88,7 @@ async fn stop(mut workers: Vec<Proc>) {
 /// The shard queue each of `keys` lands in, learnt before any worker runs: the topology is
 /// declared, one probe per key is published, and every shard queue is read empty.
 async fn shard_of(env: &Env, keys: &[String]) -> HashMap<String, u16> {
-    let conn = amqp::connect(&amqp_url(), &Default::default(), "fairness probes")
-        .await
-        .expect("amqp");
-    amqp::declare(&conn, &env.exchange, env.shards)
-        .await
-        .expect("topology");
+    let conn = env.declared().await;
     let ch = amqp::confirm_channel(&conn).await.expect("channel");
     let mut confirms = Vec::new();
     for key in keys {

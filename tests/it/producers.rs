@@ -636,12 +636,7 @@ async fn replay_cannot_launder_identity_and_forged_relay_headers_are_ignored() {
     let mut env = Env::new("producers-launder", 1).await;
     write_acl(&env, json!({"guest": ["*"], user.as_str(): ["alpha"]}));
     let agent = Producer::create(&user, &env.exchange);
-    let admin = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test")
-        .await
-        .expect("amqp");
-    ecs_state_relay::relay::amqp::declare(&admin, &env.exchange, 1)
-        .await
-        .expect("topology");
+    let admin = env.declared().await;
 
     // 1. The broker dead-letters a message after the delivery limit; no worker runs yet.
     let poisoned = task_for("beta-1", "beta-1", "poisoned");

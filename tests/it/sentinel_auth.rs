@@ -157,12 +157,7 @@ async fn sentinels_and_a_primary_that_require_passwords_are_reached_with_them() 
 
     // `status` reaches the same way and finds every Sentinel answering.
     let cfg = conn(&env, &s, master, Some(&password_file));
-    let broker = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test")
-        .await
-        .expect("amqp");
-    ecs_state_relay::relay::amqp::declare(&broker, &env.exchange, 1)
-        .await
-        .expect("topology");
+    let broker = env.declared().await;
     let _ = broker.close(200, "declared".into()).await;
     let json = run_ok(
         Command::new(env!("CARGO_BIN_EXE_ecs-state-relay"))

@@ -148,6 +148,18 @@ impl Env {
         env
     }
 
+    /// A broker connection (as guest) on which this test's topology (exchange, shard queues,
+    /// dead-letter queue) is declared, as a worker would declare it.
+    pub async fn declared(&self) -> lapin::Connection {
+        let c = ecs_state_relay::relay::amqp::connect(&amqp_url(), &Default::default(), "test")
+            .await
+            .expect("amqp");
+        ecs_state_relay::relay::amqp::declare(&c, &self.exchange, self.shards)
+            .await
+            .expect("topology");
+        c
+    }
+
     /// A proxy to the shared Redis, and a worker configuration that reaches Redis through it.
     pub async fn config_via_redis_proxy(&mut self) -> (Proxy, WorkerConfig) {
         let proxy = Proxy::start(redis_addr()).await;
