@@ -409,6 +409,12 @@ async fn intake_batch(
 
     let mut woken = HashSet::new();
     for ((ev, outcome), d) in events.iter().zip(outcomes).zip(origin) {
+        // The arrival order of a key's changes, and whether a change came back from another
+        // consumer: what an order investigation needs (RUST_LOG=ecs_state_relay::relay::shard=trace).
+        tracing::trace!(event = %ev.event_id, key = %ev.key, owner = %ctx.fence.owner,
+            token = ctx.fence.token, tag = d.delivery_tag,
+            redelivered = d.redelivered, published_ms = ?amqp::published_ms(&d.properties),
+            outcome = ?outcome, "delivery taken");
         match outcome {
             Intake::Duplicate => {
                 m::event_duplicate();

@@ -26,6 +26,7 @@ mod observability;
 mod producers;
 mod rabbit_cluster_fixture;
 mod rabbit_ha;
+mod rabbit_order;
 mod recovery;
 mod redis_ha;
 mod rejects;

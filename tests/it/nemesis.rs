@@ -34,8 +34,7 @@ use crate::common::ha::RedisHa;
 use crate::common::rabbit_cluster::RabbitCluster;
 use crate::common::*;
 use crate::nemesis_plan::{schedule, Act, Fault, Heal, Slots, Step, Tally, Timeline, WORKERS};
-use ecs_state_relay::cli::publish::publish_lines;
-use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
+use ecs_state_relay::relay::config::WorkerConfig;
 use ecs_state_relay::relay::store::Store;
 use ecs_state_relay::sim::{Action, CallRecord, Rule, OUTCOME_CANCELLED, OUTCOME_OK};
 use serde_json::Value;
@@ -354,28 +353,6 @@ impl Cluster {
     }
 }
 
-/// Publishes a round every `every`, in the background. A round the broker did not confirm (a
-/// node lost mid-publish) is published again before the next: the relay drops the repeats by
-/// event id.
-fn retrying_stream(
-    conn: ConnConfig,
-    rounds: Vec<Vec<Value>>,
-    every: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for events in rounds {
-            let lines: Vec<String> = events.iter().map(Value::to_string).collect();
-            let body = lines.join("\n");
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while let Err(e) = publish_lines(&conn, body.as_bytes()).await {
-                assert!(Instant::now() < deadline, "publishing failed for 60 s: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            tokio::time::sleep(every).await;
-        }
-    })
-}
-
 /// Whether the process has installed a SIGTERM handler (bit 15 of `SigCgt` in its
 /// /proc status): until then a SIGTERM ends it by the signal, as for any process.
 fn catches_sigterm(p: &Proc) -> bool {
@@ -565,7 +542,7 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
     let tasks: Vec<String> = (0..rounds * 6)
         .map(|i| arn(&format!("nemesis-{seed}-{i:05}")))
         .collect();
-    let publisher = retrying_stream(
+    let publisher = stream(
         publish_to.clone(),
         lifecycle_rounds(&tasks, 6),
         Duration::from_millis(300),

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ecs_state_relay::cli::publish::publish_lines;
+use ecs_state_relay::cli::publish::{publish_lines, PublishError, Publisher};
 use ecs_state_relay::relay::amqp;
 use ecs_state_relay::relay::config::{ConnConfig, WorkerConfig};
 use ecs_state_relay::relay::ecs::Ecs;
@@ -835,17 +835,69 @@ pub fn lifecycle_rounds(tasks: &[String], per_round: usize) -> Vec<Vec<Value>> {
         .collect()
 }
 
-/// Publishes rounds in the background, one every `every`.
+/// Publishes rounds in the background, one every `every`, as the wire contract asks of an
+/// agent: over one kept connection, and a task's next change only once its previous one is
+/// confirmed. A round goes out in waves (a task at most once per wave), each confirmed before
+/// the next. (A change the broker nacked is published again behind the ones sent after it:
+/// pipelining a task's changes would reorder them on a RabbitMQ node loss.) A wave the
+/// broker has not taken within 60 s fails the test.
 pub fn stream(conn: ConnConfig, rounds: Vec<Vec<Value>>, every: Duration) -> JoinHandle<()> {
     tokio::spawn(async move {
-        for events in rounds {
-            let lines: Vec<String> = events.iter().map(Value::to_string).collect();
-            publish_lines(&conn, lines.join("\n").as_bytes())
-                .await
-                .expect("publish");
+        let mut publisher: Option<Publisher> = None;
+        for round in rounds {
+            for wave in waves(&round) {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while let Err(e) = publish_wave(&mut publisher, &conn, &wave).await {
+                    // The publisher gave up reconnecting: a fresh one sends the whole wave.
+                    publisher = None;
+                    assert!(Instant::now() < deadline, "publishing failed for 60 s: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
             tokio::time::sleep(every).await;
         }
+        if let Some(p) = publisher {
+            let _ = p.close().await;
+        }
     })
+}
+
+/// Splits a round into waves in which each routing key appears at most once, keeping each
+/// key's changes in their order.
+fn waves(round: &[Value]) -> Vec<Vec<String>> {
+    let mut waves: Vec<Vec<String>> = Vec::new();
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for event in round {
+        let key = event
+            .get("taskArn")
+            .or_else(|| event.get("attachmentArn"))
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let n = seen.entry(key).or_default();
+        if waves.len() <= *n {
+            waves.push(Vec::new());
+        }
+        waves[*n].push(event.to_string());
+        *n += 1;
+    }
+    waves
+}
+
+/// Sends a wave through the kept publisher (connecting it first if needed) and waits for its
+/// confirms.
+async fn publish_wave(
+    publisher: &mut Option<Publisher>,
+    conn: &ConnConfig,
+    wave: &[String],
+) -> Result<(), PublishError> {
+    if publisher.is_none() {
+        *publisher = Some(Publisher::connect(conn).await?);
+    }
+    let p = publisher.as_mut().expect("connected above");
+    for (i, line) in wave.iter().enumerate() {
+        p.send(i + 1, line).await?;
+    }
+    p.flush().await.map(|_| ())
 }
 
 /// [`stream`]s the lifecycles of `tasks` to `conn` (8 tasks a round, a round every `every`) and
