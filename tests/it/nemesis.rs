@@ -548,6 +548,15 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
         Duration::from_millis(300),
     );
 
+    let stop_watch = tokio_util::sync::CancellationToken::new();
+    let watcher = cluster.ha.as_ref().map(|h| {
+        watch_consumers(
+            (0..3).map(|i| h.rabbit.management_port(i)).collect(),
+            env.exchange.clone(),
+            store.clone(),
+            stop_watch.clone(),
+        )
+    });
     let mut timeline = Timeline::new(schedule(seed, length, cluster.ha.is_some()));
     let started = Instant::now();
     while let Some(step) = timeline.next_step() {
@@ -590,6 +599,18 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
     result.drained_after = drained_after;
     let dead = env.dead_letters_at(&publish_to.amqp_url).await;
     result.dead_lettered = dead.len();
+    stop_watch.cancel();
+    let strays = match watcher {
+        Some(w) => w.await.expect("the consumer watcher"),
+        None => Vec::new(),
+    };
+    if !strays.is_empty() {
+        println!(
+            "nemesis seed {seed}: consumers on a shard queue whose worker did not own the shard for {} s or more:\n{}",
+            STRAY_AFTER.as_secs(),
+            strays.join("\n")
+        );
+    }
     // The workers lived through the drain too.
     cluster.check_alive(started.elapsed());
     // Did Redis lose the relay's state under it (a primary restarted empty)? The workers say so
@@ -741,6 +762,87 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
     }
     drop(cluster);
     env.cleanup().await;
+}
+
+/// How long a consumer may outlive its worker's lease on the shard before it is noted: a
+/// handover closes the old owner's channel within a second or so.
+const STRAY_AFTER: Duration = Duration::from_secs(5);
+
+/// Watches the shard queues' consumers (management API of the first node that answers) once a
+/// second until `stop`, and notes each consumer whose tag (`<owner>#<shard>`) names a worker
+/// that has not owned the shard's lease for [`STRAY_AFTER`]. Such a consumer is a channel its
+/// worker no longer reads: what it holds comes back only when its connection ends, behind
+/// changes stored since. Returns the notes (times from the watcher's start).
+fn watch_consumers(
+    mgmt_ports: Vec<u16>,
+    exchange: String,
+    store: Store,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let prefix = format!("{exchange}.shard-");
+        let started = Instant::now();
+        let mut first_seen: BTreeMap<(String, String), Duration> = BTreeMap::new();
+        let mut noted: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut notes = Vec::new();
+        while !stop.is_cancelled() {
+            let mut listed: Option<Vec<Value>> = None;
+            for port in &mgmt_ports {
+                let answer = http
+                    .get(format!("http://127.0.0.1:{port}/api/consumers"))
+                    .basic_auth("guest", Some("guest"))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await;
+                if let Ok(r) = answer {
+                    if let Ok(v) = r.json::<Vec<Value>>().await {
+                        listed = Some(v);
+                        break;
+                    }
+                }
+            }
+            let now = started.elapsed();
+            let mut present = BTreeSet::new();
+            for c in listed.unwrap_or_default() {
+                let queue = c["queue"]["name"].as_str().unwrap_or_default();
+                let Some(shard) = queue
+                    .strip_prefix(&prefix)
+                    .and_then(|s| s.parse::<u16>().ok())
+                else {
+                    continue;
+                };
+                let tag = c["consumer_tag"].as_str().unwrap_or_default().to_string();
+                let channel = c["channel_details"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let owner = tag.split('#').next().unwrap_or_default();
+                let lease = store.lease_owner(shard).await.ok().flatten();
+                if lease.as_deref() == Some(owner) {
+                    continue;
+                }
+                let key = (tag.clone(), channel.clone());
+                present.insert(key.clone());
+                let since = *first_seen.entry(key.clone()).or_insert(now);
+                if now - since >= STRAY_AFTER && noted.insert(key) {
+                    notes.push(format!(
+                        "  {:.1}s (seen since {:.1}s): shard {shard}: consumer {tag} on channel {channel}, active {}, {}, while the lease is {lease:?}",
+                        now.as_secs_f64(),
+                        since.as_secs_f64(),
+                        c["active"],
+                        c["activity_status"]
+                    ));
+                }
+            }
+            first_seen.retain(|k, _| present.contains(k));
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        notes
+    })
 }
 
 /// `RELAY_REDIS_MIN_REPLICAS` of the HA run's workers (two replicas): `RELAY_NEMESIS_MIN_REPLICAS`,
