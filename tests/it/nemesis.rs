@@ -600,15 +600,16 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
     let dead = env.dead_letters_at(&publish_to.amqp_url).await;
     result.dead_lettered = dead.len();
     stop_watch.cancel();
-    let strays = match watcher {
-        Some(w) => w.await.expect("the consumer watcher"),
-        None => Vec::new(),
-    };
-    if !strays.is_empty() {
+    if let Some(w) = watcher {
+        let watched = w.await.expect("the consumer watcher");
         println!(
-            "nemesis seed {seed}: consumers on a shard queue whose worker did not own the shard for {} s or more:\n{}",
+            "nemesis seed {seed}: consumer watch: {} samples listed {} shard-queue consumers; {} consumer(s) outlived their worker's lease by {} s or more{}{}",
+            watched.samples,
+            watched.consumers_seen,
+            watched.strays.len(),
             STRAY_AFTER.as_secs(),
-            strays.join("\n")
+            if watched.strays.is_empty() { "" } else { ":\n" },
+            watched.strays.join("\n")
         );
     }
     // The workers lived through the drain too.
@@ -772,20 +773,20 @@ const STRAY_AFTER: Duration = Duration::from_secs(5);
 /// second until `stop`, and notes each consumer whose tag (`<owner>#<shard>`) names a worker
 /// that has not owned the shard's lease for [`STRAY_AFTER`]. Such a consumer is a channel its
 /// worker no longer reads: what it holds comes back only when its connection ends, behind
-/// changes stored since. Returns the notes (times from the watcher's start).
+/// changes stored since. Returns what it saw (times from the watcher's start).
 fn watch_consumers(
     mgmt_ports: Vec<u16>,
     exchange: String,
     store: Store,
     stop: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<Vec<String>> {
+) -> tokio::task::JoinHandle<Watched> {
     tokio::spawn(async move {
         let http = reqwest::Client::new();
+        let mut watched = Watched::default();
         let prefix = format!("{exchange}.shard-");
         let started = Instant::now();
         let mut first_seen: BTreeMap<(String, String), Duration> = BTreeMap::new();
         let mut noted: BTreeSet<(String, String)> = BTreeSet::new();
-        let mut notes = Vec::new();
         while !stop.is_cancelled() {
             let mut listed: Option<Vec<Value>> = None;
             for port in &mgmt_ports {
@@ -804,7 +805,11 @@ fn watch_consumers(
             }
             let now = started.elapsed();
             let mut present = BTreeSet::new();
-            for c in listed.unwrap_or_default() {
+            let listed = listed.unwrap_or_default();
+            if !listed.is_empty() {
+                watched.samples += 1;
+            }
+            for c in listed {
                 let queue = c["queue"]["name"].as_str().unwrap_or_default();
                 let Some(shard) = queue
                     .strip_prefix(&prefix)
@@ -818,6 +823,7 @@ fn watch_consumers(
                     .unwrap_or_default()
                     .to_string();
                 let owner = tag.split('#').next().unwrap_or_default();
+                watched.consumers_seen += 1;
                 let lease = store.lease_owner(shard).await.ok().flatten();
                 if lease.as_deref() == Some(owner) {
                     continue;
@@ -826,7 +832,7 @@ fn watch_consumers(
                 present.insert(key.clone());
                 let since = *first_seen.entry(key.clone()).or_insert(now);
                 if now - since >= STRAY_AFTER && noted.insert(key) {
-                    notes.push(format!(
+                    watched.strays.push(format!(
                         "  {:.1}s (seen since {:.1}s): shard {shard}: consumer {tag} on channel {channel}, active {}, {}, while the lease is {lease:?}",
                         now.as_secs_f64(),
                         since.as_secs_f64(),
@@ -841,8 +847,19 @@ fn watch_consumers(
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
-        notes
+        watched
     })
+}
+
+/// What [`watch_consumers`] saw: its own figures first, so a watcher that could not read the
+/// broker cannot pass for one that found nothing.
+#[derive(Default)]
+struct Watched {
+    /// Samples in which the management API listed consumers.
+    samples: usize,
+    /// Shard-queue consumers listed, summed over the samples.
+    consumers_seen: usize,
+    strays: Vec<String>,
 }
 
 /// `RELAY_REDIS_MIN_REPLICAS` of the HA run's workers (two replicas): `RELAY_NEMESIS_MIN_REPLICAS`,
