@@ -544,7 +544,16 @@ impl Session {
         .await;
         for (shard, ctx, renewed) in renewals {
             match renewed {
-                Ok(true) => ctx.lease_renewed(renewing),
+                Ok(true) => {
+                    // With the log's time (answered), what a lease investigation needs.
+                    tracing::trace!(
+                        shard,
+                        token = ctx.fence.token,
+                        round_trip_ms = renewing.at.elapsed().as_millis(),
+                        "lease renewed"
+                    );
+                    ctx.lease_renewed(renewing)
+                }
                 Ok(false) => {
                     tracing::warn!(shard, "shard lease lost; stopping the shard");
                     ctx.cancel.cancel();
@@ -590,6 +599,7 @@ impl Session {
                         shard,
                         token = taken.fence.token,
                         lapsed = taken.lapsed,
+                        round_trip_ms = acquiring.at.elapsed().as_millis(),
                         "shard taken"
                     );
                     let ctx = Arc::new(ShardCtx::new(
