@@ -611,6 +611,12 @@ async fn nemesis(seed: u64, length: Duration, ha: bool) {
             if watched.strays.is_empty() { "" } else { ":\n" },
             watched.strays.join("\n")
         );
+        println!(
+            "nemesis seed {seed}: consumer watch: {} sample(s) with two active consumers on one shard queue{}{}",
+            watched.two_active.len(),
+            if watched.two_active.is_empty() { "" } else { ":\n" },
+            watched.two_active.join("\n")
+        );
     }
     // The workers lived through the drain too.
     cluster.check_alive(started.elapsed());
@@ -809,6 +815,27 @@ fn watch_consumers(
             if !listed.is_empty() {
                 watched.samples += 1;
             }
+            // Single active consumer means one active consumer per queue: two at once is the
+            // broker handing one queue's messages to two holders.
+            let mut active: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for c in &listed {
+                if c["active"].as_bool() == Some(true) {
+                    if let (Some(q), Some(tag)) =
+                        (c["queue"]["name"].as_str(), c["consumer_tag"].as_str())
+                    {
+                        if q.starts_with(&prefix) {
+                            active.entry(q).or_default().push(tag);
+                        }
+                    }
+                }
+            }
+            for (q, tags) in active.iter().filter(|(_, t)| t.len() > 1) {
+                watched.two_active.push(format!(
+                    "  {:.1}s: {q}: {} consumers active at once: {tags:?}",
+                    now.as_secs_f64(),
+                    tags.len()
+                ));
+            }
             for c in listed {
                 let queue = c["queue"]["name"].as_str().unwrap_or_default();
                 let Some(shard) = queue
@@ -860,6 +887,8 @@ struct Watched {
     /// Shard-queue consumers listed, summed over the samples.
     consumers_seen: usize,
     strays: Vec<String>,
+    /// Samples in which a shard queue listed more than one active consumer.
+    two_active: Vec<String>,
 }
 
 /// `RELAY_REDIS_MIN_REPLICAS` of the HA run's workers (two replicas): `RELAY_NEMESIS_MIN_REPLICAS`,
