@@ -16,7 +16,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 
 use crate::common::rabbit_cluster::RabbitCluster;
@@ -30,26 +30,19 @@ const PREFETCH: u16 = 32;
 /// What storing a batch takes (a Redis round trip under load): the window stays full.
 const STORE: Duration = Duration::from_millis(25);
 
-/// Declares the queue as workers declare a shard queue.
+/// Declares the queue with a shard queue's arguments (those workers declare).
 async fn declare(cluster: &RabbitCluster, queue: &str) {
     let c = amqp::connect(&cluster.amqp_url(0), &Default::default(), "order declare")
         .await
         .expect("connect to node 0");
     let ch = c.create_channel().await.expect("channel");
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(50));
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        args,
+        amqp::shard_queue_args(queue),
     )
     .await
     .expect("declare the queue");
